@@ -1,0 +1,383 @@
+"""ModelSpec: a model's architecture and per-layer sizes, read from headers without loading weights.
+
+Sources: GGUF metadata, a Hugging Face config.json (+ safetensors headers for the real dtypes),
+or a built-in shape by name (for `p2pllm plan` dry runs of models nobody here has on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..errors import ModelFileError, UnsupportedModelError, UsageError
+from .formats import ModelFile, open_model_file
+
+# bytes per parameter of the dtypes a plan may assume (GGUF block types include their scales)
+DTYPE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_k": 144 / 256,
+    "q6_k": 210 / 256,
+}
+
+HF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str  # "llama3" | "linear" | "freq_factors" (GGUF carries llama3 factors as a tensor)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str  # "llama" | "mistral" | "qwen2"
+    name: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    context: int
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    norm_eps: float
+    tied_embeddings: bool
+    qkv_bias: bool
+    # sizes in the file's own dtypes (bytes)
+    layer_bytes: int
+    embedding_bytes: int
+    head_bytes: int  # the output projection; the embedding's size again when tied
+    norm_bytes: int
+    file_dtype: str  # the dtype most of the weight bytes are in, lower case ("f32", "q4_0", ...)
+    format: str  # "gguf" | "hf" | "builtin"
+    path: str | None = None
+    fingerprint: str = ""
+
+    # ---- parameter counts (dtype-free), used to size plans for another dtype
+    @property
+    def layer_params(self) -> int:
+        h, hd = self.hidden, self.head_dim
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        p = h * q + 2 * h * kv + q * h + 3 * h * self.ffn + 2 * h
+        if self.qkv_bias:
+            p += q + 2 * kv
+        return p
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def weight_bytes(self, start: int, end: int, dtype: str | None = None) -> int:
+        """Bytes of the weights a stage owning layers [start, end) holds."""
+        first, last = start == 0, end == self.n_layers
+        if dtype is None:
+            total = (end - start) * self.layer_bytes
+            total += self.embedding_bytes if first else 0
+            total += (self.head_bytes + self.norm_bytes) if last else 0
+            return total
+        per = DTYPE_BYTES[dtype]
+        params = (end - start) * self.layer_params
+        params += self.embedding_params if first else 0
+        params += (self.embedding_params + self.hidden) if last else 0
+        return int(params * per)
+
+    def kv_bytes_per_token(self, n_layers: int, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one token of context costs on a stage with n_layers layers."""
+        return 2 * n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_spec(path: str | os.PathLike, model_file: ModelFile | None = None) -> ModelSpec:
+    """ModelSpec of a .gguf file, a Hugging Face folder, or its config.json (no weights loaded)."""
+    p = Path(path)
+    if p.name == "config.json" and p.is_file() and not any(p.parent.glob("*.safetensors")):
+        return _spec_from_hf_config(p, _load_config(p), None)
+    mf = model_file or open_model_file(p)
+    if mf.format == "gguf":
+        return _spec_from_gguf(mf)
+    return _spec_from_hf_config(mf.path / "config.json", mf.metadata, mf)
+
+
+def resolve_spec(model: str) -> ModelSpec:
+    """A path to a model or config.json, or the name of a built-in shape."""
+    if model in BUILTIN_SHAPES:
+        return builtin_spec(model)
+    if not Path(model).exists():
+        known = ", ".join(sorted(BUILTIN_SHAPES))
+        raise UsageError(f"{model}: no such file, folder or built-in shape (built-in: {known})")
+    return read_spec(model)
+
+
+def _gguf_get(mf: ModelFile, key: str, default=None, required: bool = False):
+    if key in mf.metadata:
+        return mf.metadata[key]
+    if required:
+        raise ModelFileError(mf.path, f"missing metadata {key}")
+    return default
+
+
+def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
+    arch_name = _gguf_get(mf, "general.architecture", required=True)
+    if arch_name not in GGUF_ARCHS:
+        raise UnsupportedModelError(mf.path, f"unsupported architecture {arch_name} (supported: llama, qwen2)")
+    a = arch_name
+    n_layers = int(_gguf_get(mf, f"{a}.block_count", required=True))
+    hidden = int(_gguf_get(mf, f"{a}.embedding_length", required=True))
+    n_heads = int(_gguf_get(mf, f"{a}.attention.head_count", required=True))
+    n_kv = int(_gguf_get(mf, f"{a}.attention.head_count_kv", n_heads))
+    head_dim = int(_gguf_get(mf, f"{a}.attention.key_length", hidden // max(n_heads, 1)))
+    ffn = int(_gguf_get(mf, f"{a}.feed_forward_length", required=True))
+    embd = mf.tensors.get("token_embd.weight")
+    vocab = _gguf_get(mf, f"{a}.vocab_size")
+    if vocab is None:
+        if embd is not None:
+            vocab = embd.shape[0]
+        else:
+            vocab = len(_gguf_get(mf, "tokenizer.ggml.tokens", required=True))
+    rope_scaling = None
+    kind = _gguf_get(mf, f"{a}.rope.scaling.type")
+    if "rope_freqs.weight" in mf.tensors:
+        rope_scaling = RopeScaling("freq_factors")
+    elif kind == "linear":
+        rope_scaling = RopeScaling("linear", float(_gguf_get(mf, f"{a}.rope.scaling.factor", 1.0)))
+    elif kind not in (None, "none"):
+        raise UnsupportedModelError(mf.path, f"unsupported rope scaling {kind}")
+    tied = "output.weight" not in mf.tensors
+    spec = ModelSpec(
+        arch=a,
+        name=str(_gguf_get(mf, "general.name", mf.path.stem)),
+        n_layers=n_layers,
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn=ffn,
+        vocab=int(vocab),
+        context=int(_gguf_get(mf, f"{a}.context_length", 2048)),
+        rope_theta=float(_gguf_get(mf, f"{a}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        norm_eps=float(_gguf_get(mf, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tied_embeddings=tied,
+        qkv_bias=a == "qwen2" or "blk.0.attn_q.bias" in mf.tensors,
+        layer_bytes=0,
+        embedding_bytes=0,
+        head_bytes=0,
+        norm_bytes=0,
+        file_dtype="f32",
+        format="gguf",
+        path=str(mf.path),
+    )
+    _check_dims(mf.path, spec)
+    return _with_sizes(spec, mf, r"blk\.(\d+)\.", "token_embd.weight", "output.weight", "output_norm.weight")
+
+
+def _load_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(path, f"not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, "not a JSON object")
+    return data
+
+
+def _hf_rope(path: Path, cfg: dict) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    src = params if params.get("rope_type", "default") != "default" else scaling
+    kind = src.get("rope_type", src.get("type", "default")) if src else "default"
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            float(src["factor"]),
+            float(src.get("low_freq_factor", 1.0)),
+            float(src.get("high_freq_factor", 4.0)),
+            int(src.get("original_max_position_embeddings", 8192)),
+        )
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(src["factor"]))
+    raise UnsupportedModelError(path, f"unsupported rope scaling {kind}")
+
+
+def _spec_from_hf_config(path: Path, cfg: dict, mf: ModelFile | None) -> ModelSpec:
+    model_type = cfg.get("model_type")
+    if model_type not in HF_ARCHS:
+        raise UnsupportedModelError(
+            path, f"unsupported architecture {model_type} (supported: {', '.join(sorted(HF_ARCHS))})"
+        )
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(path, "unsupported architecture variant: mlp_bias=true")
+    try:
+        hidden = int(cfg["hidden_size"])
+        n_heads = int(cfg["num_attention_heads"])
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+        n_layers = int(cfg["num_hidden_layers"])
+        ffn = int(cfg["intermediate_size"])
+        vocab = int(cfg["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(path, f"missing or malformed field {e}") from None
+    theta, scaling = _hf_rope(path, cfg)
+    context = int(cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
+        context = min(context, int(window))  # we attend to the full context; cap it at the window
+    tied = bool(cfg.get("tie_word_embeddings", model_type == "qwen2" and False))
+    if mf is not None and "lm_head.weight" not in mf.tensors:
+        tied = True
+    spec = ModelSpec(
+        arch=model_type,
+        name=str(cfg.get("_name_or_path") or path.parent.name),
+        n_layers=n_layers,
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn=ffn,
+        vocab=vocab,
+        context=context,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tied_embeddings=tied,
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+        layer_bytes=0,
+        embedding_bytes=0,
+        head_bytes=0,
+        norm_bytes=0,
+        file_dtype=_hf_dtype(cfg),
+        format="hf" if mf is not None else "builtin",
+        path=str(path.parent),
+    )
+    _check_dims(path, spec)
+    if mf is None:  # config only: sizes from parameter counts in the config's dtype
+        return _with_param_sizes(spec)
+    return _with_sizes(
+        spec, mf, r"model\.layers\.(\d+)\.", "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+    )
+
+
+def _hf_dtype(cfg: dict) -> str:
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(name, "bf16")
+
+
+def _check_dims(path, spec: ModelSpec) -> None:
+    for field in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "context"):
+        if getattr(spec, field) <= 0:
+            raise ModelFileError(path, f"metadata {field} = {getattr(spec, field)} must be positive")
+    if spec.n_heads % spec.n_kv_heads:
+        raise ModelFileError(path, f"{spec.n_heads} heads is not a multiple of {spec.n_kv_heads} kv heads")
+    if spec.head_dim % 2:
+        raise ModelFileError(path, f"head dim {spec.head_dim} must be even for rotary embeddings")
+
+
+def _with_sizes(spec: ModelSpec, mf: ModelFile, layer_re: str, embed: str, head: str, norm: str) -> ModelSpec:
+    pattern = re.compile(layer_re)
+    per_layer = [0] * spec.n_layers
+    by_dtype: dict[str, int] = {}
+    for info in mf.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        m = pattern.match(info.name)
+        if m and int(m.group(1)) < spec.n_layers:
+            per_layer[int(m.group(1))] += info.nbytes
+    embed_bytes = mf.require(embed).nbytes
+    head_bytes = mf.tensors[head].nbytes if head in mf.tensors else embed_bytes
+    norm_bytes = mf.tensors[norm].nbytes if norm in mf.tensors else 0
+    dominant = max(by_dtype, key=by_dtype.get).lower() if by_dtype else "f32"
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("path", "name")}, sort_keys=True).encode())
+    for info in sorted(mf.tensors.values(), key=lambda i: i.name):
+        h.update(f"{info.name}:{info.dtype}:{info.shape}:{info.nbytes};".encode())
+    return replace(
+        spec,
+        layer_bytes=max(per_layer),
+        embedding_bytes=embed_bytes,
+        head_bytes=head_bytes,
+        norm_bytes=norm_bytes,
+        file_dtype=dominant,
+        fingerprint=h.hexdigest()[:16],
+    )
+
+
+def _with_param_sizes(spec: ModelSpec) -> ModelSpec:
+    per = DTYPE_BYTES.get(spec.file_dtype, 2.0)
+    emb = int(spec.embedding_params * per)
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(spec).items() if k != "path"}, sort_keys=True).encode())
+    return replace(
+        spec,
+        layer_bytes=int(spec.layer_params * per),
+        embedding_bytes=emb,
+        head_bytes=emb,
+        norm_bytes=int(spec.hidden * per),
+        fingerprint=h.hexdigest()[:16],
+    )
+
+
+# --------------------------------------------------------------------------- built-in shapes
+
+# name: (arch, layers, hidden, heads, kv heads, ffn, vocab, context, rope theta, tied, qkv bias)
+_SHAPES = {
+    "llama-2-7b": ("llama", 32, 4096, 32, 32, 11008, 32000, 4096, 10000.0, False, False),
+    "llama-3-8b": ("llama", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, False, False),
+    "llama-3-70b": ("llama", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0, False, False),
+    "llama-3.1-405b": ("llama", 126, 16384, 128, 8, 53248, 128256, 131072, 500000.0, False, False),
+    "mistral-7b": ("mistral", 32, 4096, 32, 8, 14336, 32768, 32768, 1000000.0, False, False),
+    "qwen2.5-7b": ("qwen2", 28, 3584, 28, 4, 18944, 152064, 32768, 1000000.0, False, True),
+    "qwen2.5-72b": ("qwen2", 80, 8192, 64, 8, 29568, 152064, 32768, 1000000.0, False, True),
+}
+BUILTIN_SHAPES = tuple(_SHAPES)
+
+
+def builtin_spec(name: str) -> ModelSpec:
+    """A well-known model's shape, sized at bf16 (plans may assume another dtype)."""
+    try:
+        arch, n_layers, hidden, heads, kv, ffn, vocab, ctx, theta, tied, bias = _SHAPES[name]
+    except KeyError:
+        raise UsageError(f"unknown built-in shape {name} (known: {', '.join(BUILTIN_SHAPES)})") from None
+    spec = ModelSpec(
+        arch=arch,
+        name=name,
+        n_layers=n_layers,
+        hidden=hidden,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=hidden // heads,
+        ffn=ffn,
+        vocab=vocab,
+        context=ctx,
+        rope_theta=theta,
+        rope_scaling=None,
+        norm_eps=1e-5,
+        tied_embeddings=tied,
+        qkv_bias=bias,
+        layer_bytes=0,
+        embedding_bytes=0,
+        head_bytes=0,
+        norm_bytes=0,
+        file_dtype="bf16",
+        format="builtin",
+    )
+    return _with_param_sizes(spec)
