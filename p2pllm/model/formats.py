@@ -129,7 +129,7 @@ class GGUFModelFile(ModelFile):
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         try:
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                arr = np.asarray(t.data).reshape(info.shape)
+                arr = np.array(t.data).reshape(info.shape)  # a copy: the map is read-only
             else:
                 arr = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(info.shape)
         except Exception as e:

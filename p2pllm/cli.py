@@ -1,0 +1,188 @@
+"""`p2pllm` entry point. Errors users can cause end here as one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import P2PError, UsageError
+
+
+def _progress_printer(label: str):
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args) -> int:
+    from .model.sampling import SamplingParams
+    from .runtime.local import DTYPES, LocalPipeline, parse_split
+    from .model.spec import read_spec
+
+    _set_threads(args.threads)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    spec = read_spec(args.model)
+    cuts = parse_split(args.split, spec.n_layers)
+    pipe = LocalPipeline(args.model, cuts, dtype=DTYPES[args.dtype], device=args.device, spec=spec,
+                         progress=_progress_printer("loading"))
+    prompt = args.prompt
+    if args.chat:
+        prompt = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    prompt_ids = pipe.tokenizer.encode(prompt)
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    res = pipe.generate(prompt_ids, max_tokens=args.max_tokens, sampling=sampling, on_text=stream)
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{len(res.prompt_ids)} prompt tokens at {res.prefill_tokens_per_s:.1f} tok/s, "
+            f"{len(res.ids)} generated at {res.decode_tokens_per_s:.1f} tok/s, finish: {res.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="generate text in one process (no network)",
+                       description="Run a model in one process; --split cuts it into in-process stages.")
+    p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--split", default=None, help="cut before these layers, e.g. 2,4")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_run)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def cmd_make_demo_model(args) -> int:
+    from .model.demo import make_demo_model
+
+    path = make_demo_model(args.path, args.format, args.size, args.seed, args.qtype)
+    print(f"wrote {args.size} demo model ({args.format}) to {path} (random weights: its output is random text)")
+    return 0
+
+
+def _add_make_demo_model(sub) -> None:
+    p = sub.add_parser("make-demo-model", help="write a seeded-random Llama with a real tokenizer",
+                       description="Write a deterministic random-weight Llama model (no download). "
+                                   "Its output is random text.")
+    p.add_argument("path", help="output .gguf file (or folder with --format hf)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "hf"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "125m"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type")
+    p.set_defaults(func=cmd_make_demo_model)
+
+
+def cmd_check_model(args) -> int:
+    from .model.loader import check_model
+
+    spec = check_model(args.path)
+    print(
+        f"{args.path}: ok ({spec.arch}, {spec.n_layers} layers, hidden {spec.hidden}, "
+        f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab}, {spec.file_dtype})"
+    )
+    return 0
+
+
+def _add_check_model(sub) -> None:
+    p = sub.add_parser("check-model", help="validate a model file",
+                       description="Check a .gguf file or HF folder: headers, tensors, shapes, values.")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_model)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pllm", description="Peer-to-peer pipeline-parallel LLM serving.")
+    parser.add_argument("--version", action="version", version=f"p2pllm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_run(sub)
+    _add_make_demo_model(sub)
+    _add_check_model(sub)
+    try:
+        from .cluster.plan_cli import add_plan_parser
+    except ImportError:  # pragma: no cover - only while the planner is absent from a build
+        add_plan_parser = None
+    if add_plan_parser is not None:
+        add_plan_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except P2PError as e:
+        print(f"p2pllm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("p2pllm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("P2PLLM_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"p2pllm: internal error: {type(e).__name__}: {first} (set P2PLLM_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

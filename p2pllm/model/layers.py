@@ -1,0 +1,195 @@
+"""The Llama-family decoder as a runnable slice [start, end) of layers.
+
+One micro-batch packs the tokens of several sequences, each at its own positions (a prefill
+chunk of one sequence beside single decode tokens of others), into one [T, hidden] tensor. The
+matmuls run once over all T tokens; attention runs per sequence against its KV cache.
+Weights arrive in one canonical layout from loader.py (Q/K in rotate-half rope order); q/k/v and
+gate/up are fused here, once, at construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .kvcache import KVCache
+from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .loader import SliceWeights
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """`length` consecutive tokens of one sequence starting at position `start`."""
+
+    seq_id: int
+    start: int
+    length: int
+
+
+@dataclass
+class BatchMeta:
+    chunks: list[SeqChunk]
+    positions: torch.Tensor  # [T] int64: every token's position, chunk after chunk
+    last_rows: torch.Tensor  # [n_chunks] int64: row of each chunk's last token
+
+    @classmethod
+    def build(cls, chunks: list[SeqChunk], device: str | torch.device = "cpu") -> "BatchMeta":
+        pos, rows, row = [], [], 0
+        for c in chunks:
+            pos.extend(range(c.start, c.start + c.length))
+            row += c.length
+            rows.append(row - 1)
+        return cls(
+            list(chunks),
+            torch.tensor(pos, dtype=torch.long, device=device),
+            torch.tensor(rows, dtype=torch.long, device=device),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def rope_tables(spec: ModelSpec, freq_factors: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [context, head_dim] for rotate-half rope, in float32, with the model's scaling."""
+    hd = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    sc = spec.rope_scaling
+    if sc is not None and sc.kind == "llama3":
+        low_wavelen = sc.original_context / sc.low_freq_factor
+        high_wavelen = sc.original_context / sc.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+        smooth = (sc.original_context / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif sc is not None and sc.kind == "linear":
+        inv_freq = inv_freq / sc.factor
+    elif sc is not None and sc.kind == "freq_factors" and freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.float().cpu()
+    t = torch.arange(spec.context, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer:
+    def __init__(self, spec: ModelSpec, w, dtype, device):
+        def t(x):
+            return None if x is None else x.to(device=device, dtype=dtype).contiguous()
+
+        self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.q_dim = self.n_heads * self.hd
+        self.kv_dim = self.n_kv * self.hd
+        self.eps = spec.norm_eps
+        self.attn_norm = t(w.attn_norm)
+        self.ffn_norm = t(w.ffn_norm)
+        self.w_qkv = t(torch.cat([w.wq, w.wk, w.wv], dim=0))
+        self.b_qkv = t(torch.cat([w.bq, w.bk, w.bv])) if w.bq is not None else None
+        self.wo = t(w.wo)
+        self.w_gate_up = t(torch.cat([w.w_gate, w.w_up], dim=0))
+        self.w_down = t(w.w_down)
+        self.ffn = spec.ffn
+
+    def forward(self, x, cos, sin, meta: BatchMeta, kv: KVCache, layer: int) -> torch.Tensor:
+        T = x.shape[0]
+        h = rms_norm(x, self.attn_norm, self.eps)
+        qkv = F.linear(h, self.w_qkv, self.b_qkv)
+        q = qkv[:, : self.q_dim].view(T, self.n_heads, self.hd)
+        k = qkv[:, self.q_dim : self.q_dim + self.kv_dim].view(T, self.n_kv, self.hd)
+        v = qkv[:, self.q_dim + self.kv_dim :].view(T, self.n_kv, self.hd)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = torch.empty((T, self.n_heads, self.hd), dtype=x.dtype, device=x.device)
+        row = 0
+        for c in meta.chunks:
+            sl = slice(row, row + c.length)
+            k_all, v_all = kv.update(layer, c.seq_id, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
+            qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, L, hd]
+            mask, causal = None, False
+            if c.length > 1:
+                if c.start == 0:
+                    causal = True
+                else:  # a prefill chunk after earlier context: query i sees keys up to start + i
+                    qpos = torch.arange(c.start, c.start + c.length, device=x.device).unsqueeze(1)
+                    mask = torch.arange(c.start + c.length, device=x.device).unsqueeze(0) <= qpos
+            o = F.scaled_dot_product_attention(
+                qs, k_all.unsqueeze(0), v_all.unsqueeze(0), attn_mask=mask, is_causal=causal,
+                enable_gqa=self.n_heads != self.n_kv,
+            )
+            out[sl] = o[0].transpose(0, 1)
+            row += c.length
+        x = x + F.linear(out.view(T, self.q_dim), self.wo)
+        h = rms_norm(x, self.ffn_norm, self.eps)
+        gu = F.linear(h, self.w_gate_up)
+        x = x + F.linear(F.silu(gu[:, : self.ffn]) * gu[:, self.ffn :], self.w_down)
+        return x
+
+
+class DecoderSlice:
+    """Layers [start, end) of a model; the first slice embeds tokens, the last one returns logits."""
+
+    def __init__(self, weights: "SliceWeights", *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        spec = weights.spec
+        self.spec = spec
+        self.start, self.end = weights.start, weights.end
+        self.dtype, self.device = dtype, torch.device(device)
+        self.is_first = weights.start == 0
+        self.is_last = weights.end == spec.n_layers
+        self.embed = weights.embed.to(device=device, dtype=dtype) if self.is_first else None
+        self.norm = weights.norm.to(device=device, dtype=dtype) if self.is_last else None
+        self.head = weights.head.to(device=device, dtype=dtype).contiguous() if self.is_last else None
+        self.layers = [DecoderLayer(spec, w, dtype, device) for w in weights.layers]
+        cos, sin = rope_tables(spec, weights.rope_freq_factors, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+    def new_cache(self, max_context: int | None = None) -> KVCache:
+        s = self.spec
+        return KVCache(self.n_layers, s.n_kv_heads, s.head_dim, max_context or s.context, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        """x: token ids [T] on the first slice, hidden states [T, hidden] otherwise.
+
+        Returns hidden states [T, hidden], or on the last slice logits [n_chunks, vocab] for the
+        last token of each chunk (the only ones anyone samples from).
+        """
+        if self.is_first:
+            x = F.embedding(x, self.embed)
+        cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd], broadcast over heads
+        sin = self.sin[meta.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, cos, sin, meta, kv, i)
+        if not self.is_last:
+            return x
+        x = rms_norm(x.index_select(0, meta.last_rows), self.norm, self.spec.norm_eps)
+        return F.linear(x, self.head).float()
+
+    @torch.inference_mode()
+    def forward_all_logits(self, x: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+        """Logits for every token (tests and perplexity-style comparisons; last slice only)."""
+        all_rows = BatchMeta(meta.chunks, meta.positions, torch.arange(meta.n_tokens, device=meta.positions.device))
+        return self.forward(x, all_rows, kv)
