@@ -1,0 +1,240 @@
+"""The engine against references no one here wrote: llama.cpp, transformers, llama2.c's sample."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from p2pllm.model.layers import BatchMeta, DecoderSlice, SeqChunk
+from p2pllm.model.loader import load_slice
+from p2pllm.model.sampling import SamplingParams
+from p2pllm.model.spec import read_spec
+from p2pllm.runtime.local import LocalPipeline
+
+from conftest import run_cli
+
+# published with llama2.c (doc/stories260K.md), temperature 0, and ../shared/models/README.md
+STORIES_SAMPLE = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    "One day, she saw a big, red ball. She wanted to play with it, but it was too high."
+)
+STORIES_FROM_BOS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
+                    267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "Tom had a red ball. He"]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference; scripts/setup.sh installs it")
+
+
+def llama_cpp_model(llama_cpp, path, n_ctx=512):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
+                           seed=0)
+
+
+def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    for _ in range(n):
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        if tok == llm.token_eos():
+            break
+        out.append(tok)
+        llm.eval([tok])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stories_pipe(stories_gguf):
+    return LocalPipeline(str(stories_gguf))
+
+
+def test_stories_from_bos_matches_published_reference_ids(stories_pipe):
+    res = stories_pipe.generate([1], max_tokens=32)
+    assert res.ids == STORIES_FROM_BOS
+
+
+def test_stories_greedy_text_matches_llama2c_published_sample(stories_pipe):
+    prompt = stories_pipe.tokenizer.encode("Once upon a time")
+    assert prompt == [1, 403, 407, 261, 378]
+    res = stories_pipe.generate(prompt, max_tokens=60)
+    text = "Once upon a time" + res.text
+    assert text.startswith(STORIES_SAMPLE), text
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_stories_greedy_ids_equal_llama_cpp(llama_cpp, stories_gguf, stories_pipe, prompt):
+    llm = llama_cpp_model(llama_cpp, stories_gguf)
+    ref_prompt = llm.tokenize(prompt.encode(), add_bos=True)
+    ours_prompt = stories_pipe.tokenizer.encode(prompt)
+    assert ours_prompt == ref_prompt
+    ref = llama_cpp_greedy(llm, ref_prompt, 64)
+    ours = stories_pipe.generate(ours_prompt, max_tokens=64).ids
+    assert ours == ref
+
+
+def _all_splits(n_layers: int):
+    cuts = range(1, n_layers)
+    for r in range(len(cuts) + 1):
+        yield from itertools.combinations(cuts, r)
+
+
+def test_every_split_of_stories_gives_identical_ids(stories_gguf, stories_pipe):
+    prompt = stories_pipe.tokenizer.encode("Lily and Ben went to the park")
+    whole = stories_pipe.generate(prompt, max_tokens=40).ids
+    spec = read_spec(stories_gguf)
+    splits = list(_all_splits(spec.n_layers))
+    assert len(splits) == 2 ** (spec.n_layers - 1)
+    for cuts in splits:
+        pipe = LocalPipeline(str(stories_gguf), list(cuts), spec=spec)
+        assert pipe.generate(prompt, max_tokens=40).ids == whole, cuts
+
+
+def test_cli_run_json_with_split_matches_reference(stories_gguf):
+    proc = run_cli("run", "--model", stories_gguf, "--prompt", "Once upon a time", "--max-tokens", "32",
+                   "--split", "2,4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"text", "prompt_ids", "ids", "prompt_tokens", "completion_tokens", "finish_reason",
+                        "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert out["prompt_ids"] == [1, 403, 407, 261, 378]
+    assert out["prompt_tokens"] == 5 and out["completion_tokens"] == 32 == len(out["ids"])
+    assert out["finish_reason"] == "length"
+    assert ("Once upon a time" + out["text"]).startswith(STORIES_SAMPLE[:100])
+    assert out["decode_tokens_per_s"] > 0
+
+
+def test_mixed_prefill_and_decode_in_one_micro_batch_equal_solo_runs(stories_gguf):
+    """Sequences at different positions share a micro-batch without touching each other's state."""
+    spec = read_spec(stories_gguf)
+    dec = DecoderSlice(load_slice(str(stories_gguf), 0, spec.n_layers, spec=spec))
+    a = [1, 403, 407, 261, 378, 432]
+    b = [1, 317, 338, 261]
+
+    def solo(ids):
+        kv = dec.new_cache()
+        kv.allocate(0, 64)
+        return dec.forward_all_logits(torch.tensor(ids), BatchMeta.build([SeqChunk(0, 0, len(ids))]), kv)
+
+    ref_a, ref_b = solo(a), solo(b)
+    kv = dec.new_cache()
+    kv.allocate(7, 64)
+    kv.allocate(9, 64)
+    # a: prefill 5 tokens alone; then a's 6th token (decode) and b's whole prompt (prefill) together
+    dec.forward(torch.tensor(a[:5]), BatchMeta.build([SeqChunk(7, 0, 5)]), kv)
+    mixed = dec.forward_all_logits(
+        torch.tensor(a[5:] + b), BatchMeta.build([SeqChunk(7, 5, 1), SeqChunk(9, 0, len(b))]), kv
+    )
+    assert torch.allclose(mixed[0], ref_a[5], atol=1e-5)
+    assert torch.allclose(mixed[1:], ref_b, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _hf_model(kind: str, tied: bool, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.3, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif kind == "mistral":
+        cfg, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    else:
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    torch.manual_seed({"llama": 1, "mistral": 2, "qwen2": 3}[kind] + 10 * tied)
+    model = cls(cfg).eval()
+    if kind == "qwen2":  # random biases, so a qkv-bias bug cannot hide behind zeros
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path / f"{kind}-{'tied' if tied else 'untied'}"
+    model.save_pretrained(folder)
+    from p2pllm.model.demo_tokenizer import write_demo_tokenizer_hf
+
+    write_demo_tokenizer_hf(folder, 512)
+    return model, folder
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False),
+                                       ("qwen2", True)])
+def test_hf_random_models_match_transformers(kind, tied, tmp_path):
+    model, folder = _hf_model(kind, tied, tmp_path)
+    spec = read_spec(folder)
+    assert spec.arch == kind and spec.tied_embeddings == tied and spec.qkv_bias == (kind == "qwen2")
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 512, (32,), generator=gen).tolist()
+    with torch.no_grad():
+        ref_logits = model(torch.tensor([prompt])).logits[0]
+    dec = DecoderSlice(load_slice(str(folder), 0, spec.n_layers, spec=spec))
+    kv = dec.new_cache()
+    kv.allocate(0, 64)
+    ours = dec.forward_all_logits(torch.tensor(prompt), BatchMeta.build([SeqChunk(0, 0, 32)]), kv)
+    assert (ours - ref_logits).abs().max().item() < 1e-4
+
+    ref_ids = _transformers_greedy(model, prompt, 32, eos=2)
+    for cuts in ([], [1], [1, 3], [1, 2, 3]):
+        res = LocalPipeline(str(folder), cuts, spec=spec).generate(prompt, max_tokens=32)
+        assert res.ids == ref_ids, cuts
+
+
+def _transformers_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
+    """Greedy decoding by transformers' full forward pass at every step (its cache plays no part)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tok = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if tok == eos:
+                break
+            ids.append(tok)
+    return ids[len(prompt):]
+
+
+# --------------------------------------------------------------------------- quantized GGUF vs llama.cpp
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_quantized_gguf_top1_agrees_with_llama_cpp(llama_cpp, qtype, tmp_path):
+    from p2pllm.model.demo import make_demo_model
+
+    path = make_demo_model(tmp_path / f"tiny-{qtype}.gguf", "gguf", "tiny", qtype=qtype)
+    spec = read_spec(path)
+    assert spec.file_dtype == qtype
+    gen = torch.Generator().manual_seed(7)
+    ids = [1] + torch.randint(3, spec.vocab, (63,), generator=gen).tolist()
+    llm = llama_cpp_model(llama_cpp, path, n_ctx=128)
+    llm.reset()
+    llm.eval(ids)
+    ref = torch.from_numpy(llm.scores[: len(ids)].copy()).argmax(-1)
+    dec = DecoderSlice(load_slice(str(path), 0, spec.n_layers, spec=spec))
+    kv = dec.new_cache()
+    kv.allocate(0, 128)
+    ours = dec.forward_all_logits(torch.tensor(ids), BatchMeta.build([SeqChunk(0, 0, len(ids))]), kv).argmax(-1)
+    agreement = (ours == ref).float().mean().item()
+    assert agreement >= 0.90, agreement
+
+
+def test_demo_model_fp32_greedy_equals_llama_cpp(llama_cpp, demo_tiny_gguf):
+    pipe = LocalPipeline(str(demo_tiny_gguf), [2, 4])
+    llm = llama_cpp_model(llama_cpp, demo_tiny_gguf)
+    prompt = pipe.tokenizer.encode("Hello there, how are you?")
+    assert prompt == llm.tokenize(b"Hello there, how are you?", add_bos=True)
+    assert pipe.generate(prompt, max_tokens=32).ids == llama_cpp_greedy(llm, prompt, 32)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(stories_pipe):
+    prompt = stories_pipe.tokenizer.encode("Once upon a time")
+
+    def sample(seed):
+        return stories_pipe.generate(prompt, max_tokens=24,
+                                     sampling=SamplingParams(temperature=1.0, top_k=40, top_p=0.9, seed=seed)).ids
+
+    assert sample(3) == sample(3)
+    assert len({tuple(sample(s)) for s in range(4)}) > 1

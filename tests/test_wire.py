@@ -1,0 +1,56 @@
+"""Tensors cross the wire as (dtype, shape, bytes) and are checked before use."""
+
+import pytest
+import torch
+
+from p2pllm.transport.wire import (
+    TensorBlob, WireError, blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32])
+def test_round_trip_is_bit_exact(dtype):
+    t = (torch.randn(5, 7) * 100).to(dtype)
+    back = blob_to_tensor(unpack_blob(pack_blob(tensor_to_blob(t))), expect_shape=(5, 7))
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_wire_dtype_casts_activations():
+    t = torch.randn(3, 4)
+    blob = tensor_to_blob(t, "float16")
+    assert blob.dtype == "float16" and len(blob.data) == 3 * 4 * 2
+    back = blob_to_tensor(blob, out_dtype=torch.float32)
+    assert torch.allclose(back, t, atol=1e-2)
+
+
+def test_shape_mismatch_is_refused():
+    blob = tensor_to_blob(torch.zeros(2, 8))
+    with pytest.raises(WireError, match="does not match"):
+        blob_to_tensor(blob, expect_shape=(2, 16))
+    blob_to_tensor(blob, expect_shape=(None, 8))
+
+
+def test_byte_length_must_equal_elements_times_itemsize():
+    with pytest.raises(WireError, match="expected 32"):
+        blob_to_tensor(TensorBlob("float32", (2, 4), b"\0" * 31))
+
+
+def test_disallowed_and_unknown_dtypes_are_refused():
+    blob = tensor_to_blob(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(WireError, match="not allowed"):
+        blob_to_tensor(blob, allowed=("float32",))
+    with pytest.raises(WireError, match="not allowed"):
+        blob_to_tensor(TensorBlob("object", (1,), b"x"))
+
+
+def test_absurd_shapes_are_refused_before_allocating():
+    with pytest.raises(WireError, match="exceeds"):
+        blob_to_tensor(TensorBlob("float32", (1 << 20, 1 << 20), b""))
+    with pytest.raises(WireError, match="bad shape"):
+        blob_to_tensor(TensorBlob("float32", (-1, 4), b""))
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x93\x01\x02", b"\xc1", b"\x81\xa1x\x01", bytes(range(256))])
+def test_garbage_messages_raise_wire_error(garbage):
+    with pytest.raises(WireError):
+        unpack_blob(garbage)
