@@ -110,7 +110,9 @@ class LocalPipeline:
         return x
 
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
-                 stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        """Generate one sequence; `ignore_eos` runs to max_tokens (benchmarks need a fixed length)."""
         ctx = self.spec.context
         if not prompt_ids:
             raise UsageError("the prompt is empty")
@@ -125,7 +127,7 @@ class LocalPipeline:
         for s in self.stages:
             s.begin(seq, capacity)
         res = GenerationResult(list(prompt_ids))
-        eos = self.tokenizer.eos_ids
+        eos = set() if ignore_eos else self.tokenizer.eos_ids
         stream = self.tokenizer.stream_decoder()
         stops = [s for s in (stop or []) if s]
         try:

@@ -1,0 +1,233 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("mem_bytes", "flops", "mem_bw", "net_bw", "cpu_count", "device")
+    MEM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    MEM_BW_FIELD_NUMBER: _ClassVar[int]
+    NET_BW_FIELD_NUMBER: _ClassVar[int]
+    CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    mem_bytes: int
+    flops: float
+    mem_bw: float
+    net_bw: float
+    cpu_count: int
+    device: str
+    def __init__(self, mem_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., mem_bw: _Optional[float] = ..., net_bw: _Optional[float] = ..., cpu_count: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class PeerInfo(_message.Message):
+    __slots__ = ("id", "name", "cluster", "protocol", "address", "gateway_port", "model_fingerprint", "caps", "n_layers")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_PORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    cluster: str
+    protocol: int
+    address: str
+    gateway_port: int
+    model_fingerprint: str
+    caps: Capabilities
+    n_layers: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., cluster: _Optional[str] = ..., protocol: _Optional[int] = ..., address: _Optional[str] = ..., gateway_port: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., caps: _Optional[_Union[Capabilities, _Mapping]] = ..., n_layers: _Optional[int] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("peer",)
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerInfo
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("peer", "compatible", "reason", "known")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    COMPATIBLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerInfo
+    compatible: bool
+    reason: str
+    known: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., compatible: _Optional[bool] = ..., reason: _Optional[str] = ..., known: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ("from_id",)
+    FROM_ID_FIELD_NUMBER: _ClassVar[int]
+    from_id: str
+    def __init__(self, from_id: _Optional[str] = ...) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    epoch: int
+    coordinator: str
+    load_progress: float
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ...) -> None: ...
+
+class StageAssignment(_message.Message):
+    __slots__ = ("peer_id", "address", "start", "end")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    address: str
+    start: int
+    end: int
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class PlanProposal(_message.Message):
+    __slots__ = ("epoch", "coordinator", "stages", "plan_json", "model_fingerprint")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    coordinator: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageAssignment]
+    plan_json: str
+    model_fingerprint: str
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., plan_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("ok", "reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("epoch", "coordinator")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    coordinator: str
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class SequenceStart(_message.Message):
+    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    HAS_SEED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    capacity: int
+    temperature: float
+    top_k: int
+    top_p: float
+    has_seed: bool
+    seed: int
+    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("seq_id", "start", "length", "sample")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    start: int
+    length: int
+    sample: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class KVDelta(_message.Message):
+    __slots__ = ("seq_id", "start", "first_layer", "data")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    start: int
+    first_layer: int
+    data: Tensor
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    micro_batch: int
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    hidden: Tensor
+    starts: _containers.RepeatedCompositeFieldContainer[SequenceStart]
+    finished: _containers.RepeatedScalarFieldContainer[int]
+    sampled: _containers.RepeatedScalarFieldContainer[int]
+    kv: _containers.RepeatedCompositeFieldContainer[KVDelta]
+    error: str
+    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class FrameAck(_message.Message):
+    __slots__ = ("micro_batch", "error")
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    micro_batch: int
+    error: str
+    def __init__(self, micro_batch: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
