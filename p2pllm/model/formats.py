@@ -89,7 +89,8 @@ class GGUFModelFile(ModelFile):
         try:
             self._reader = gguf.GGUFReader(str(self.path), "r")
         except Exception as e:  # the gguf package raises many kinds on corrupt headers
-            raise ModelFileError(self.path, f"corrupt or truncated GGUF header ({_short(e)})") from None
+            problem = _diagnose_gguf(self.path, size) or f"corrupt or truncated GGUF header ({_short(e)})"
+            raise ModelFileError(self.path, problem) from None
         self.metadata = {}
         for key, field in self._reader.fields.items():
             if key.startswith("GGUF."):
@@ -143,6 +144,91 @@ class GGUFModelFile(ModelFile):
         return self.tensors[name].dtype, np.asarray(t.data)
 
 
+# GGUF metadata value type -> byte size of the fixed-size types (8 = string, 9 = array)
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _diagnose_gguf(path: Path, size: int) -> str | None:
+    """Why `gguf.GGUFReader` refused a file, in words: walks the header itself, bounds-checked.
+
+    Returns None where it finds nothing wrong (the caller then reports the reader's own error).
+    """
+    import gguf
+
+    with open(path, "rb") as f:
+        buf = f.read(min(size, _MAX_HEADER))
+    pos = 8
+
+    class Short(Exception):
+        pass
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(buf):
+            raise Short
+        pos += n
+        return buf[pos - n : pos]
+
+    def u32() -> int:
+        return struct.unpack("<I", take(4))[0]
+
+    def u64() -> int:
+        return struct.unpack("<Q", take(8))[0]
+
+    def string() -> bytes:
+        return take(u64())
+
+    def skip_value(vtype: int) -> None:
+        if vtype in _GGUF_SCALAR_SIZES:
+            take(_GGUF_SCALAR_SIZES[vtype])
+        elif vtype == 8:
+            string()
+        elif vtype == 9:
+            sub, count = u32(), u64()
+            if sub in _GGUF_SCALAR_SIZES:
+                take(count * _GGUF_SCALAR_SIZES[sub])
+            else:
+                for _ in range(count):
+                    skip_value(sub)
+        else:
+            raise ValueError(f"unknown metadata value type {vtype}")
+
+    section = "metadata"
+    try:
+        n_tensors, n_kv = u64(), u64()
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            vtype = u32()
+            if key == b"general.alignment" and vtype == 4:
+                alignment = u32()
+            else:
+                skip_value(vtype)
+        section = "tensor table"
+        infos = []
+        for _ in range(n_tensors):
+            name = string().decode("utf-8", "replace")
+            dims = [u64() for _ in range(u32())]
+            infos.append((name, dims, u32(), u64()))
+    except Short:
+        return f"truncated GGUF header: the file ends at byte {size}, inside the {section}"
+    except ValueError as e:
+        return f"corrupt GGUF header: {e}"
+    if alignment <= 0:
+        return f"corrupt GGUF header: alignment {alignment}"
+    data_start = -(-pos // alignment) * alignment
+    for name, dims, ttype, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return f"tensor {name}: unknown GGUF tensor type {ttype}"
+        n = int(np.prod(dims, dtype=object)) if dims else 1
+        end = data_start + offset + n // block * type_size
+        if end > size:
+            return f"tensor {name}: data ends at byte {end}, past the end of the file ({size} bytes; truncated?)"
+    return None
+
+
 # --------------------------------------------------------------------------- safetensors
 
 
@@ -173,6 +259,8 @@ class SafetensorsModelFile(ModelFile):
             shard_path = self.path / shard
             if not shard_path.resolve().is_relative_to(self.path.resolve()):
                 raise ModelFileError(index_path, f"shard {shard} lies outside the model folder")
+            if not shard_path.is_file():
+                raise ModelFileError(shard_path, f"missing shard (listed in {index_path.name})")
             for info, data_start in _read_safetensors_header(shard_path):
                 if info.name in self.tensors:
                     raise ModelFileError(shard_path, f"tensor {info.name} appears in two shards")
