@@ -17,6 +17,7 @@ Each tensor's shape is checked against what the spec says before it is used.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,7 +218,8 @@ def load_slice(
     mf = open_model_file(path)
     try:
         spec = spec or read_spec(path, mf)
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= spec.n_layers):
+        integral = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (start, end))
+        if not (integral and 0 <= start < end <= spec.n_layers):
             raise UsageError(
                 f"layer range [{start}, {end}) is not a non-empty range within the model's "
                 f"{spec.n_layers} layers (0 <= start < end <= {spec.n_layers})"
