@@ -137,6 +137,129 @@ def _add_check_model(sub) -> None:
     p.set_defaults(func=cmd_check_model)
 
 
+# --------------------------------------------------------------------------- cluster
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {value}")
+    return value
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    _port(port)
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
+    return value
+
+
+def cmd_join(args) -> int:
+    import asyncio
+
+    from .cluster.capability import parse_size
+    from .daemon import Daemon, DaemonConfig
+
+    _set_threads(args.threads)
+    cfg = DaemonConfig(
+        model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
+        cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
+        device=args.device, max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
+        context=args.context, reprobe=args.reprobe,
+    )
+    if args.name:
+        cfg.name = args.name
+    daemon = Daemon(cfg)
+    asyncio.run(daemon.run())
+    return 0
+
+
+def _add_join(sub) -> None:
+    p = sub.add_parser("join", help="run a peer daemon in the foreground",
+                       description="Start a peer: find the others, agree on a plan, serve its layers.")
+    p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
+    p.add_argument("--port", type=_port, default=7700, help="gRPC port (default 7700)")
+    p.add_argument("--gateway-port", type=_port, default=8700, help="HTTP gateway port (default 8700)")
+    p.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
+    p.add_argument("--name", default=None, help="this peer's name (default: the hostname)")
+    p.add_argument("--cluster", default="default", help="only peers of the same cluster name join together")
+    p.add_argument("--peer", action="append", type=_host_port, metavar="HOST:PORT",
+                   help="a peer to contact directly (repeatable; for networks without multicast)")
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
+    p.add_argument("--interface", default=None, help="network interface or address to use (default: automatic)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--peer-timeout", type=_seconds, default=3.0, help="seconds of silence before a peer is lost")
+    p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
+    p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
+    p.add_argument("--context", type=_positive_int, default=None, help="tokens of context to plan KV memory for")
+    p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")
+    p.set_defaults(func=cmd_join)
+
+
+def cmd_status(args) -> int:
+    import asyncio
+
+    status = asyncio.run(_fetch_status(args.host))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"coordinator {status['coordinator'][:8]}  epoch {status['epoch']}")
+    print(f"{'peer':<20} {'id':<10} {'address':<22} {'layers':<10} {'health':<8} note")
+    for peer in status["peers"]:
+        layers = f"[{peer['layers'][0]}, {peer['layers'][1]})" if peer["layers"] else "-"
+        health = "ok" if peer["healthy"] else "LOST"
+        note = f"excluded: {peer['excluded_reason']}" if peer["excluded_reason"] else peer.get("state", "")
+        print(f"{peer['name'][:20]:<20} {peer['id'][:8]:<10} {peer['address']:<22} {layers:<10} {health:<8} {note}")
+    plan = status.get("plan")
+    if plan and plan.get("predicted"):
+        pred = plan["predicted"]
+        print(f"predicted: {pred['ms_per_token']:.1f} ms/token, {pred['tokens_per_s_single']:.1f} tok/s single stream")
+    return 0
+
+
+async def _fetch_status(address: str) -> dict:
+    import grpc
+
+    from .transport.client import PeerClient
+
+    client = PeerClient(address)
+    try:
+        reply = await client.status()
+    except grpc.aio.AioRpcError as e:
+        raise P2PError(f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
+    finally:
+        await client.close()
+    try:
+        return json.loads(reply.json)
+    except json.JSONDecodeError:
+        raise P2PError(f"{address} answered with a malformed status") from None
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show the cluster as one peer sees it",
+                       description="Peers, plan epoch, layers, health.")
+    p.add_argument("--host", type=_host_port, default="127.0.0.1:7700", help="a peer's gRPC address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -149,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_make_demo_model(sub)
     _add_check_model(sub)
+    _add_join(sub)
+    _add_status(sub)
     try:
         from .cluster.plan_cli import add_plan_parser
     except ImportError:  # pragma: no cover - only while the planner is absent from a build

@@ -32,8 +32,9 @@ def llama_cpp():
 
 
 def llama_cpp_model(llama_cpp, path, n_ctx=512):
+    # f32 KV cache (type 0): llama.cpp's default f16 cache can flip near-ties in random models
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
-                           seed=0)
+                           seed=0, type_k=0, type_v=0)
 
 
 def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:

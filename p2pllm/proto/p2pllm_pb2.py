@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cp2pllm.proto\x12\tp2pllm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"s\n\x0c\x43\x61pabilities\x12\x11\n\tmem_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x66lops\x18\x02 \x01(\x01\x12\x0e\n\x06mem_bw\x18\x03 \x01(\x01\x12\x0e\n\x06net_bw\x18\x04 \x01(\x01\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xc2\x01\n\x08PeerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cgateway_port\x18\x06 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12%\n\x04\x63\x61ps\x18\x08 \x01(\x0b\x32\x17.p2pllm.v1.Capabilities\x12\x10\n\x08n_layers\x18\t \x01(\r\"1\n\x0cHelloRequest\x12!\n\x04peer\x18\x01 \x01(\x0b\x32\x13.p2pllm.v1.PeerInfo\"w\n\nHelloReply\x12!\n\x04peer\x18\x01 \x01(\x0b\x32\x13.p2pllm.v1.PeerInfo\x12\x12\n\ncompatible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x05known\x18\x04 \x03(\x0b\x32\x13.p2pllm.v1.PeerInfo\" \n\rHealthRequest\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\"c\n\x0bHealthReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x04 \x01(\t\x12\x15\n\rload_progress\x18\x05 \x01(\x02\"O\n\x0fStageAssignment\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"\x8c\x01\n\x0cPlanProposal\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12*\n\x06stages\x18\x03 \x03(\x0b\x32\x1a.p2pllm.v1.StageAssignment\x12\x11\n\tplan_json\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\'\n\tPlanReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"3\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x84\x01\n\rSequenceStart\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"F\n\x05\x43hunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"^\n\x07KVDelta\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x1f\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x11.p2pllm.v1.Tensor\"\xfc\x01\n\x05\x46rame\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x04\x12 \n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x10.p2pllm.v1.Chunk\x12\x0e\n\x06tokens\x18\x04 \x03(\x03\x12!\n\x06hidden\x18\x05 \x01(\x0b\x32\x11.p2pllm.v1.Tensor\x12(\n\x06starts\x18\x06 \x03(\x0b\x32\x18.p2pllm.v1.SequenceStart\x12\x10\n\x08\x66inished\x18\x07 \x03(\x04\x12\x0f\n\x07sampled\x18\x08 \x03(\x03\x12\x1e\n\x02kv\x18\t \x03(\x0b\x32\x12.p2pllm.v1.KVDelta\x12\r\n\x05\x65rror\x18\n \x01(\t\".\n\x08\x46rameAck\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x94\x03\n\x04Peer\x12\x37\n\x05Hello\x12\x17.p2pllm.v1.HelloRequest\x1a\x15.p2pllm.v1.HelloReply\x12:\n\x06Health\x12\x18.p2pllm.v1.HealthRequest\x1a\x16.p2pllm.v1.HealthReply\x12\x38\n\x07Propose\x12\x17.p2pllm.v1.PlanProposal\x1a\x14.p2pllm.v1.PlanReply\x12\x38\n\x06\x43ommit\x12\x18.p2pllm.v1.CommitRequest\x1a\x14.p2pllm.v1.PlanReply\x12:\n\x06Status\x12\x18.p2pllm.v1.StatusRequest\x1a\x16.p2pllm.v1.StatusReply\x12\x34\n\x04Ping\x12\x16.p2pllm.v1.PingRequest\x1a\x14.p2pllm.v1.PingReply\x12\x31\n\x04Ring\x12\x10.p2pllm.v1.Frame\x1a\x13.p2pllm.v1.FrameAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cp2pllm.proto\x12\tp2pllm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"s\n\x0c\x43\x61pabilities\x12\x11\n\tmem_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x66lops\x18\x02 \x01(\x01\x12\x0e\n\x06mem_bw\x18\x03 \x01(\x01\x12\x0e\n\x06net_bw\x18\x04 \x01(\x01\x12\x11\n\tcpu_count\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xc2\x01\n\x08PeerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x14\n\x0cgateway_port\x18\x06 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12%\n\x04\x63\x61ps\x18\x08 \x01(\x0b\x32\x17.p2pllm.v1.Capabilities\x12\x10\n\x08n_layers\x18\t \x01(\r\"1\n\x0cHelloRequest\x12!\n\x04peer\x18\x01 \x01(\x0b\x32\x13.p2pllm.v1.PeerInfo\"w\n\nHelloReply\x12!\n\x04peer\x18\x01 \x01(\x0b\x32\x13.p2pllm.v1.PeerInfo\x12\x12\n\ncompatible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x05known\x18\x04 \x03(\x0b\x32\x13.p2pllm.v1.PeerInfo\" \n\rHealthRequest\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\"7\n\tLinkStats\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05rtt_s\x18\x02 \x01(\x01\x12\n\n\x02\x62w\x18\x03 \x01(\x01\"\x88\x01\n\x0bHealthReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x04 \x01(\t\x12\x15\n\rload_progress\x18\x05 \x01(\x02\x12#\n\x05links\x18\x06 \x03(\x0b\x32\x14.p2pllm.v1.LinkStats\"O\n\x0fStageAssignment\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"\x8c\x01\n\x0cPlanProposal\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12*\n\x06stages\x18\x03 \x03(\x0b\x32\x1a.p2pllm.v1.StageAssignment\x12\x11\n\tplan_json\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\'\n\tPlanReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"3\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x84\x01\n\rSequenceStart\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x10\n\x08has_seed\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"F\n\x05\x43hunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"^\n\x07KVDelta\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x1f\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x11.p2pllm.v1.Tensor\"\xfc\x01\n\x05\x46rame\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x04\x12 \n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x10.p2pllm.v1.Chunk\x12\x0e\n\x06tokens\x18\x04 \x03(\x03\x12!\n\x06hidden\x18\x05 \x01(\x0b\x32\x11.p2pllm.v1.Tensor\x12(\n\x06starts\x18\x06 \x03(\x0b\x32\x18.p2pllm.v1.SequenceStart\x12\x10\n\x08\x66inished\x18\x07 \x03(\x04\x12\x0f\n\x07sampled\x18\x08 \x03(\x03\x12\x1e\n\x02kv\x18\t \x03(\x0b\x32\x12.p2pllm.v1.KVDelta\x12\r\n\x05\x65rror\x18\n \x01(\t\".\n\x08\x46rameAck\x12\x13\n\x0bmicro_batch\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x94\x03\n\x04Peer\x12\x37\n\x05Hello\x12\x17.p2pllm.v1.HelloRequest\x1a\x15.p2pllm.v1.HelloReply\x12:\n\x06Health\x12\x18.p2pllm.v1.HealthRequest\x1a\x16.p2pllm.v1.HealthReply\x12\x38\n\x07Propose\x12\x17.p2pllm.v1.PlanProposal\x1a\x14.p2pllm.v1.PlanReply\x12\x38\n\x06\x43ommit\x12\x18.p2pllm.v1.CommitRequest\x1a\x14.p2pllm.v1.PlanReply\x12:\n\x06Status\x12\x18.p2pllm.v1.StatusRequest\x1a\x16.p2pllm.v1.StatusReply\x12\x34\n\x04Ping\x12\x16.p2pllm.v1.PingRequest\x1a\x14.p2pllm.v1.PingReply\x12\x31\n\x04Ring\x12\x10.p2pllm.v1.Frame\x1a\x13.p2pllm.v1.FrameAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,34 +43,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREPLY']._serialized_end=565
   _globals['_HEALTHREQUEST']._serialized_start=567
   _globals['_HEALTHREQUEST']._serialized_end=599
-  _globals['_HEALTHREPLY']._serialized_start=601
-  _globals['_HEALTHREPLY']._serialized_end=700
-  _globals['_STAGEASSIGNMENT']._serialized_start=702
-  _globals['_STAGEASSIGNMENT']._serialized_end=781
-  _globals['_PLANPROPOSAL']._serialized_start=784
-  _globals['_PLANPROPOSAL']._serialized_end=924
-  _globals['_PLANREPLY']._serialized_start=926
-  _globals['_PLANREPLY']._serialized_end=965
-  _globals['_COMMITREQUEST']._serialized_start=967
-  _globals['_COMMITREQUEST']._serialized_end=1018
-  _globals['_STATUSREQUEST']._serialized_start=1020
-  _globals['_STATUSREQUEST']._serialized_end=1035
-  _globals['_STATUSREPLY']._serialized_start=1037
-  _globals['_STATUSREPLY']._serialized_end=1064
-  _globals['_PINGREQUEST']._serialized_start=1066
-  _globals['_PINGREQUEST']._serialized_end=1117
-  _globals['_PINGREPLY']._serialized_start=1119
-  _globals['_PINGREPLY']._serialized_end=1147
-  _globals['_SEQUENCESTART']._serialized_start=1150
-  _globals['_SEQUENCESTART']._serialized_end=1282
-  _globals['_CHUNK']._serialized_start=1284
-  _globals['_CHUNK']._serialized_end=1354
-  _globals['_KVDELTA']._serialized_start=1356
-  _globals['_KVDELTA']._serialized_end=1450
-  _globals['_FRAME']._serialized_start=1453
-  _globals['_FRAME']._serialized_end=1705
-  _globals['_FRAMEACK']._serialized_start=1707
-  _globals['_FRAMEACK']._serialized_end=1753
-  _globals['_PEER']._serialized_start=1756
-  _globals['_PEER']._serialized_end=2160
+  _globals['_LINKSTATS']._serialized_start=601
+  _globals['_LINKSTATS']._serialized_end=656
+  _globals['_HEALTHREPLY']._serialized_start=659
+  _globals['_HEALTHREPLY']._serialized_end=795
+  _globals['_STAGEASSIGNMENT']._serialized_start=797
+  _globals['_STAGEASSIGNMENT']._serialized_end=876
+  _globals['_PLANPROPOSAL']._serialized_start=879
+  _globals['_PLANPROPOSAL']._serialized_end=1019
+  _globals['_PLANREPLY']._serialized_start=1021
+  _globals['_PLANREPLY']._serialized_end=1060
+  _globals['_COMMITREQUEST']._serialized_start=1062
+  _globals['_COMMITREQUEST']._serialized_end=1113
+  _globals['_STATUSREQUEST']._serialized_start=1115
+  _globals['_STATUSREQUEST']._serialized_end=1130
+  _globals['_STATUSREPLY']._serialized_start=1132
+  _globals['_STATUSREPLY']._serialized_end=1159
+  _globals['_PINGREQUEST']._serialized_start=1161
+  _globals['_PINGREQUEST']._serialized_end=1212
+  _globals['_PINGREPLY']._serialized_start=1214
+  _globals['_PINGREPLY']._serialized_end=1242
+  _globals['_SEQUENCESTART']._serialized_start=1245
+  _globals['_SEQUENCESTART']._serialized_end=1377
+  _globals['_CHUNK']._serialized_start=1379
+  _globals['_CHUNK']._serialized_end=1449
+  _globals['_KVDELTA']._serialized_start=1451
+  _globals['_KVDELTA']._serialized_end=1545
+  _globals['_FRAME']._serialized_start=1548
+  _globals['_FRAME']._serialized_end=1800
+  _globals['_FRAMEACK']._serialized_start=1802
+  _globals['_FRAMEACK']._serialized_end=1848
+  _globals['_PEER']._serialized_start=1851
+  _globals['_PEER']._serialized_end=2255
 # @@protoc_insertion_point(module_scope)

@@ -78,19 +78,31 @@ class HealthRequest(_message.Message):
     from_id: str
     def __init__(self, from_id: _Optional[str] = ...) -> None: ...
 
+class LinkStats(_message.Message):
+    __slots__ = ("peer_id", "rtt_s", "bw")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BW_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    rtt_s: float
+    bw: float
+    def __init__(self, peer_id: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bw: _Optional[float] = ...) -> None: ...
+
 class HealthReply(_message.Message):
-    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress")
+    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     epoch: int
     coordinator: str
     load_progress: float
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkStats]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
     __slots__ = ("peer_id", "address", "start", "end")

@@ -1,0 +1,114 @@
+"""Agreement on one plan: the elected coordinator proposes epoch N+1, every peer loads its layers
+and acks, then the coordinator commits. Peers serve only the committed epoch.
+
+This module decides (what to propose, whether a proposal is acceptable); the daemon carries the
+messages. The plan itself comes from planner.plan, the same function `p2pllm plan` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ..model.spec import ModelSpec
+from ..proto import p2pllm_pb2 as pb
+from .membership import Member, Membership
+from .planner import Links, PeerCaps, Plan, PlanOptions, plan, should_replace
+
+log = logging.getLogger(__name__)
+
+
+def peer_caps(member: Member) -> PeerCaps:
+    c = member.info.caps
+    return PeerCaps(
+        id=member.info.id,
+        name=member.info.name,
+        mem_bytes=int(c.mem_bytes),
+        flops=max(float(c.flops), 1.0),
+        mem_bw=max(float(c.mem_bw), 1.0),
+        net_bw=float(c.net_bw) if c.net_bw > 0 else 125e6,  # unmeasured: assume 1 Gbit/s
+    )
+
+
+def measured_links(members: list[Member]) -> Links:
+    links = Links()
+    ids = {m.info.id for m in members}
+    for m in members:
+        for other, (rtt, bw) in m.links.items():
+            if other in ids and bw > 0:
+                links.set(m.info.id, other, bw, rtt, symmetric=True)
+    return links
+
+
+def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions) -> Plan:
+    members = membership.live_compatible()
+    return plan(spec, [peer_caps(m) for m in members], measured_links(members), options)
+
+
+def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, candidate: Plan,
+                   membership: Membership, hysteresis: float) -> str:
+    """Why a new plan should be proposed now ('' = keep the current one)."""
+    if not candidate.feasible:
+        return ""
+    if current is None:
+        return "no plan yet"
+    lost = [s.peer_id for s in current.stages if not membership.is_live(s.peer_id)]
+    if lost:
+        return f"peer {lost[0][:8]} of the running plan is lost"
+    if current_plan is not None and should_replace(current_plan, candidate, hysteresis):
+        return "a better plan is available"
+    return ""
+
+
+def to_proposal(p: Plan, epoch: int, coordinator: str, membership: Membership, fingerprint: str) -> pb.PlanProposal:
+    stages = [
+        pb.StageAssignment(peer_id=s.peer, address=membership.members[s.peer].info.address, start=s.start, end=s.end)
+        for s in p.stages
+    ]
+    return pb.PlanProposal(
+        epoch=epoch,
+        coordinator=coordinator,
+        stages=stages,
+        plan_json=json.dumps(p.to_json()),
+        model_fingerprint=fingerprint,
+    )
+
+
+def elect(membership: Membership, committed_epoch: int, committed_coordinator: str) -> str:
+    """The coordinator: the one of the newest committed plan while it lives (incumbency keeps the
+    cluster stable when peers join), else the smallest id among live, compatible peers."""
+    best_epoch, best = committed_epoch, committed_coordinator
+    for m in membership.live_compatible():
+        if m.epoch > best_epoch and m.coordinator:
+            best_epoch, best = m.epoch, m.coordinator
+    if best and membership.is_live(best) and best in membership.members and membership.members[best].compatible:
+        return best
+    return membership.coordinator_id()
+
+
+def validate_proposal(proposal: pb.PlanProposal, spec: ModelSpec, fingerprint: str, committed_epoch: int,
+                      coordinator: str) -> str:
+    """Why a proposal must be refused ('' = acceptable)."""
+    if proposal.epoch <= committed_epoch:
+        return f"epoch {proposal.epoch} is not newer than the committed epoch {committed_epoch}"
+    if proposal.model_fingerprint != fingerprint:
+        return "the proposal is for another model"
+    if proposal.coordinator != coordinator:
+        return f"{proposal.coordinator[:8]} is not the coordinator this peer sees ({coordinator[:8]})"
+    expect = 0
+    for s in proposal.stages:
+        if s.start != expect or s.end <= s.start:
+            return f"stages do not cover the layers contiguously (stage at {s.start}, expected {expect})"
+        expect = s.end
+    if expect != spec.n_layers:
+        return f"stages cover {expect} of {spec.n_layers} layers"
+    if len({s.peer_id for s in proposal.stages}) != len(proposal.stages):
+        return "a peer appears twice in the plan"
+    return ""
+
+
+def my_assignment(proposal: pb.PlanProposal, my_id: str) -> tuple[int, int] | None:
+    for s in proposal.stages:
+        if s.peer_id == my_id:
+            return s.start, s.end
+    return None

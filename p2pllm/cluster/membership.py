@@ -1,0 +1,126 @@
+"""The live peer table: who is here, whether they can serve with us, whether they answer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .. import PROTOCOL_VERSION
+from ..proto import p2pllm_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def incompatibility(me: pb.PeerInfo, other: pb.PeerInfo) -> str:
+    """Why `other` cannot serve in our cluster, or '' when it can."""
+    if other.protocol != PROTOCOL_VERSION:
+        return f"protocol version {other.protocol} (ours is {PROTOCOL_VERSION})"
+    if other.cluster != me.cluster:
+        return f"cluster {other.cluster!r} (ours is {me.cluster!r})"
+    if other.model_fingerprint != me.model_fingerprint:
+        return f"another model (fingerprint {other.model_fingerprint[:12]}, ours is {me.model_fingerprint[:12]})"
+    return ""
+
+
+@dataclass
+class Member:
+    info: pb.PeerInfo
+    reason: str = ""  # why excluded; '' when compatible
+    last_seen: float = 0.0
+    state: str = "unknown"
+    epoch: int = 0
+    coordinator: str = ""
+    links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer id -> (rtt s, bytes/s)
+
+    @property
+    def compatible(self) -> bool:
+        return not self.reason
+
+
+class Membership:
+    def __init__(self, me: pb.PeerInfo, peer_timeout: float = 3.0, clock=time.monotonic):
+        self.me = me
+        self.peer_timeout = peer_timeout
+        self.clock = clock
+        self.members: dict[str, Member] = {me.id: Member(me, last_seen=clock())}
+        self.changed_at = clock()
+
+    # ---- learning about peers
+    def upsert(self, info: pb.PeerInfo) -> Member:
+        """Record a peer's self-description (from Hello); returns its entry."""
+        if info.id == self.me.id:
+            return self.members[self.me.id]
+        reason = incompatibility(self.me, info)
+        member = self.members.get(info.id)
+        if member is None:
+            member = self.members[info.id] = Member(info, reason, last_seen=self.clock())
+            self._changed()
+            if reason:
+                log.warning("peer %s (%s) at %s excluded: %s", info.name, info.id[:8], info.address, reason)
+            else:
+                log.info("peer %s (%s) joined at %s", info.name, info.id[:8], info.address)
+        else:
+            if member.info.address != info.address or member.reason != reason:
+                self._changed()
+            member.info, member.reason = info, reason
+            member.last_seen = self.clock()
+        return member
+
+    def heard_from(self, peer_id: str, reply: pb.HealthReply | None = None) -> None:
+        member = self.members.get(peer_id)
+        if member is None:
+            return
+        was_live = self.is_live(peer_id)
+        member.last_seen = self.clock()
+        if reply is not None:
+            member.state, member.epoch, member.coordinator = reply.state, reply.epoch, reply.coordinator
+            member.links = {link.peer_id: (link.rtt_s, link.bw) for link in reply.links}
+        if not was_live:
+            log.info("peer %s (%s) is answering again", member.info.name, peer_id[:8])
+            self._changed()
+
+    def forget(self, peer_id: str) -> None:
+        if peer_id != self.me.id and self.members.pop(peer_id, None) is not None:
+            self._changed()
+
+    def touch_self(self) -> None:
+        self.members[self.me.id].last_seen = self.clock()
+
+    # ---- views
+    def is_live(self, peer_id: str) -> bool:
+        if peer_id == self.me.id:
+            return True
+        member = self.members.get(peer_id)
+        return member is not None and self.clock() - member.last_seen <= self.peer_timeout
+
+    def live_compatible(self) -> list[Member]:
+        return sorted(
+            (m for m in self.members.values() if m.compatible and self.is_live(m.info.id)),
+            key=lambda m: m.info.id,
+        )
+
+    def by_address(self, address: str) -> Member | None:
+        for m in self.members.values():
+            if m.info.address == address:
+                return m
+        return None
+
+    def coordinator_id(self) -> str:
+        """The deterministic election: the smallest id among live, compatible peers."""
+        return self.live_compatible()[0].info.id
+
+    def expire(self) -> list[str]:
+        """Ids of compatible peers that just went silent past the timeout (logged once)."""
+        lost = []
+        for m in self.members.values():
+            if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
+                m.state = "lost"
+                lost.append(m.info.id)
+                log.warning("peer %s (%s) lost: silent for %.1fs", m.info.name, m.info.id[:8], self.peer_timeout)
+        if lost:
+            self._changed()
+        return lost
+
+    def _changed(self) -> None:
+        self.changed_at = self.clock()

@@ -1,0 +1,411 @@
+"""One peer: discovery + membership + transport + stage (+ the head and gateway on the coordinator).
+
+Every loop here only moves information around; decisions live in cluster/ (membership,
+coordinator, planner) and computation in runtime/ and model/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import PROTOCOL_VERSION
+from .cluster import coordinator as coord
+from .cluster.capability import probe
+from .cluster.discovery import Announcement, Discovery, pick_interface_address
+from .cluster.membership import Membership
+from .cluster.planner import Plan, PlanOptions
+from .errors import P2PError
+from .model.spec import read_spec
+from .proto import p2pllm_pb2 as pb
+from .transport.client import ClientPool
+from .transport.server import start_server
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL = 0.5
+HELLO_INTERVAL = 1.0
+SETTLE_SECONDS = 1.0  # membership must be quiet this long before a (re)plan
+LINK_REMEASURE_SECONDS = 60.0
+
+
+@dataclass
+class DaemonConfig:
+    model: str
+    port: int = 7700
+    gateway_port: int = 8700
+    gateway_host: str = "127.0.0.1"
+    name: str = field(default_factory=socket.gethostname)
+    cluster: str = "default"
+    peers: list[str] = field(default_factory=list)
+    mdns: bool = True
+    interface: str | None = None
+    device: str = "cpu"
+    max_memory: int | None = None
+    threads: int | None = None
+    micro_batches: int | None = None
+    kv_replicas: int = 1
+    peer_timeout: float = 3.0
+    strategy: str = "optimal"
+    objective: str = "latency"
+    context: int | None = None
+    batch: int = 8
+    hysteresis: float = 0.10
+    reprobe: bool = False
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig):
+        self.cfg = cfg
+        self.id = secrets.token_hex(8)
+        self.spec = read_spec(cfg.model)
+        self.host = pick_interface_address(cfg.interface)
+        self.address = f"{self.host}:{cfg.port}"
+        self.caps = probe(device=cfg.device, threads=cfg.threads, max_memory=cfg.max_memory, reprobe=cfg.reprobe)
+        self.info = pb.PeerInfo(
+            id=self.id,
+            name=cfg.name,
+            cluster=cfg.cluster,
+            protocol=PROTOCOL_VERSION,
+            address=self.address,
+            gateway_port=cfg.gateway_port,
+            model_fingerprint=self.spec.fingerprint,
+            caps=pb.Capabilities(
+                mem_bytes=int(self.caps.mem_bytes),
+                flops=float(self.caps.flops),
+                mem_bw=float(self.caps.mem_bw),
+                net_bw=0.0,
+                cpu_count=int(self.caps.cpu_count),
+                device=str(self.caps.device),
+            ),
+            n_layers=self.spec.n_layers,
+        )
+        self.membership = Membership(self.info, cfg.peer_timeout)
+        self.clients = ClientPool()
+        self.options = PlanOptions(
+            context=min(cfg.context or self.spec.context, self.spec.context),
+            batch=cfg.batch,
+            objective=cfg.objective,
+            strategy=cfg.strategy,
+            hysteresis=cfg.hysteresis,
+        )
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # plan state
+        self.epoch = 0
+        self.committed: pb.PlanProposal | None = None
+        self.committed_plan: Plan | None = None  # the Plan object, where this peer made it
+        self.pending: dict[int, tuple[pb.PlanProposal, object]] = {}
+        self.stage = None  # runtime.stage.Stage of the committed epoch (None: no layers here)
+        self.loaded: tuple[tuple[int, int], object] | None = None  # ((start, end), Stage) reusable across epochs
+        self.state = "idle"
+        self.load_progress = 0.0
+        self.highest_epoch = 0
+        self._links: dict[str, tuple[float, float]] = {}
+        self._link_measured_at: dict[str, float] = {}
+        self._dial: set[str] = set(cfg.peers)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._proposing = False
+        self.server = None
+        self.discovery = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.server = await start_server(self, "0.0.0.0", self.cfg.port)
+        log.info(
+            "peer %s (%s) listening on %s; model %s: %s, %d layers, %.2f GiB; fingerprint %s",
+            self.cfg.name, self.id[:8], self.address, self.cfg.model, self.spec.arch, self.spec.n_layers,
+            self.spec.weight_bytes(0, self.spec.n_layers) / 2**30, self.spec.fingerprint,
+        )
+        log.info(
+            "capabilities: %.1f GiB usable, %.1f GFLOPS, %.1f GB/s memory bandwidth, %d cores (%s)",
+            self.caps.mem_bytes / 2**30, self.caps.flops / 1e9, self.caps.mem_bw / 1e9, self.caps.cpu_count,
+            self.caps.device,
+        )
+        if self.cfg.mdns:
+            self.discovery = Discovery(self._announcement(), on_found=self._on_found, on_lost=self._on_lost,
+                                       interface_address=self.host)
+            await self.discovery.start()
+            log.info("mDNS: advertising and browsing on %s", self.host)
+        else:
+            log.info("mDNS off; static peers: %s", ", ".join(self.cfg.peers) or "none")
+        self._tasks = [
+            asyncio.create_task(self._hello_loop(), name="hello"),
+            asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self._link_loop(), name="links"),
+            asyncio.create_task(self._coordinator_loop(), name="coordinator"),
+        ]
+        await self._stop.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await self.clients.close()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+    def _announcement(self) -> Announcement:
+        return Announcement(
+            id=self.id, name=self.cfg.name, cluster=self.cfg.cluster, protocol=PROTOCOL_VERSION, host=self.host,
+            grpc_port=self.cfg.port, gateway_port=self.cfg.gateway_port, fingerprint=self.spec.fingerprint,
+            mem_bytes=int(self.caps.mem_bytes), flops=float(self.caps.flops), mem_bw=float(self.caps.mem_bw),
+        )
+
+    # ------------------------------------------------------------------ discovery -> membership
+    def _on_found(self, ann: Announcement) -> None:
+        if ann.id != self.id:
+            self._dial.add(ann.address)
+
+    def _on_lost(self, peer_id: str) -> None:
+        member = self.membership.members.get(peer_id)
+        if member is not None:
+            log.info("peer %s (%s) said goodbye", member.info.name, peer_id[:8])
+            member.last_seen = -1e9  # silent from now on: the next expiry marks it lost
+
+    async def _hello(self, address: str) -> None:
+        try:
+            reply = await self.clients.get(address).hello(self.info)
+        except Exception as e:  # an unreachable or refusing peer: try again later
+            log.debug("hello %s failed: %s", address, e)
+            return
+        self.membership.upsert(reply.peer)
+        self.membership.heard_from(reply.peer.id)
+        for known in reply.known:
+            if known.id != self.id and known.id not in self.membership.members:
+                self._dial.add(known.address)
+
+    async def _hello_loop(self) -> None:
+        while True:
+            targets = set(self._dial)
+            for m in self.membership.members.values():
+                if m.info.id != self.id and not self.membership.is_live(m.info.id):
+                    targets.add(m.info.address)
+            known = {m.info.address for m in self.membership.members.values() if self.membership.is_live(m.info.id)}
+            await asyncio.gather(*(self._hello(a) for a in targets - known - {self.address}))
+            await asyncio.sleep(HELLO_INTERVAL)
+
+    async def _health_one(self, member) -> None:
+        try:
+            reply = await self.clients.get(member.info.address).health(self.id)
+        except Exception as e:
+            log.debug("health %s failed: %s", member.info.address, e)
+            return
+        if reply.id == member.info.id:
+            self.membership.heard_from(member.info.id, reply)
+            self.highest_epoch = max(self.highest_epoch, reply.epoch)
+
+    async def _health_loop(self) -> None:
+        while True:
+            self.membership.touch_self()
+            others = [m for m in self.membership.members.values() if m.info.id != self.id]
+            await asyncio.gather(*(self._health_one(m) for m in others))
+            self.membership.expire()
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def _link_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            for m in self.membership.live_compatible():
+                pid = m.info.id
+                if pid == self.id or now - self._link_measured_at.get(pid, -1e9) < LINK_REMEASURE_SECONDS:
+                    continue
+                try:
+                    rtt, bw = await self.clients.get(m.info.address).measure_link()
+                except Exception as e:
+                    log.debug("link to %s not measured: %s", m.info.address, e)
+                    continue
+                self._links[pid] = (rtt, bw)
+                self._link_measured_at[pid] = now
+                log.info("link to %s: rtt %.2f ms, %.0f MB/s", m.info.name, rtt * 1e3, bw / 1e6)
+            self.membership.members[self.id].links = dict(self._links)
+            await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ coordinator
+    def coordinator(self) -> str:
+        return coord.elect(self.membership, self.epoch, self.committed.coordinator if self.committed else "")
+
+    async def _coordinator_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.coordinator() != self.id or self._proposing:
+                continue
+            if time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
+                continue
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options)
+            if not candidate.feasible:
+                if self.committed is None:
+                    self._log_once(f"no feasible plan yet: {candidate.reason}")
+                continue
+            why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
+                                       self.options.hysteresis)
+            if why:
+                self._proposing = True
+                try:
+                    await self._propose_and_commit(candidate, why)
+                finally:
+                    self._proposing = False
+
+    _last_logged = ""
+
+    def _log_once(self, msg: str) -> None:
+        if msg != self._last_logged:
+            self._last_logged = msg
+            log.warning(msg)
+
+    async def _propose_and_commit(self, candidate: Plan, why: str) -> None:
+        epoch = max(self.epoch, self.highest_epoch, *(m.epoch for m in self.membership.members.values())) + 1
+        proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
+        log.info("proposing plan epoch %d (%s): %s", epoch, why, _describe(proposal, self.membership))
+        targets = [m for m in self.membership.live_compatible()]
+
+        async def ask(member):
+            if member.info.id == self.id:
+                return await self.on_propose(proposal)
+            return await self.clients.get(member.info.address).propose(proposal)
+
+        replies = await asyncio.gather(*(ask(m) for m in targets), return_exceptions=True)
+        failed = [(m, r) for m, r in zip(targets, replies) if isinstance(r, BaseException) or not r.ok]
+        if failed:
+            m, r = failed[0]
+            reason = r if isinstance(r, BaseException) else r.reason
+            log.warning("epoch %d not accepted by %s: %s; will retry", epoch, m.info.name, reason)
+            self.highest_epoch = max(self.highest_epoch, epoch)
+            return
+
+        async def commit(member):
+            if member.info.id == self.id:
+                return await self.on_commit(pb.CommitRequest(epoch=epoch, coordinator=self.id))
+            return await self.clients.get(member.info.address).commit(epoch, self.id)
+
+        await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
+        self.committed_plan = candidate
+
+    # ------------------------------------------------------------------ gRPC handlers
+    async def on_hello(self, req: pb.HelloRequest, peer: str) -> pb.HelloReply:
+        member = self.membership.upsert(req.peer)
+        self.membership.heard_from(req.peer.id)
+        known = [m.info for m in self.membership.members.values() if m.info.id not in (self.id, req.peer.id)]
+        return pb.HelloReply(peer=self.info, compatible=member.compatible, reason=member.reason, known=known)
+
+    def on_health(self, req: pb.HealthRequest) -> pb.HealthReply:
+        if req.from_id in self.membership.members:
+            self.membership.heard_from(req.from_id)
+        links = [pb.LinkStats(peer_id=p, rtt_s=r, bw=b) for p, (r, b) in self._links.items()]
+        return pb.HealthReply(id=self.id, state=self.state, epoch=self.epoch, coordinator=self.coordinator(),
+                              load_progress=self.load_progress, links=links)
+
+    async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply:
+        reason = coord.validate_proposal(req, self.spec, self.spec.fingerprint, self.epoch, self.coordinator())
+        if reason:
+            log.info("refused plan epoch %d: %s", req.epoch, reason)
+            return pb.PlanReply(ok=False, reason=reason)
+        self.highest_epoch = max(self.highest_epoch, req.epoch)
+        mine = coord.my_assignment(req, self.id)
+        try:
+            stage = await self._load(mine) if mine else None
+        except P2PError as e:
+            return pb.PlanReply(ok=False, reason=str(e))
+        self.pending = {e: v for e, v in self.pending.items() if e > self.epoch}
+        self.pending[req.epoch] = (req, stage)
+        if self.state != "serving":
+            self.state = "ready"
+        return pb.PlanReply(ok=True)
+
+    async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
+        entry = self.pending.pop(req.epoch, None)
+        if entry is None:
+            return pb.PlanReply(ok=False, reason=f"epoch {req.epoch} was never accepted here")
+        proposal, stage = entry
+        if proposal.coordinator != req.coordinator:
+            return pb.PlanReply(ok=False, reason="commit from another coordinator than the proposal's")
+        self.epoch, self.committed, self.stage = req.epoch, proposal, stage
+        self.state = "serving"
+        mine = coord.my_assignment(proposal, self.id)
+        where = f"layers [{mine[0]}, {mine[1]})" if mine else "no layers"
+        log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
+                 where)
+        log.info("ready: epoch %d, coordinator %s, %s", self.epoch, proposal.coordinator[:8], where)
+        return pb.PlanReply(ok=True)
+
+    def on_status(self) -> str:
+        return json.dumps(self.status())
+
+    # ------------------------------------------------------------------ loading
+    async def _load(self, rng: tuple[int, int]):
+        if self.loaded is not None and self.loaded[0] == rng:
+            return self.loaded[1]
+        self.state, self.load_progress = "loading", 0.0
+        log.info("loading layers [%d, %d) of %d", rng[0], rng[1], self.spec.n_layers)
+
+        def progress(done: int, total: int) -> None:
+            self.load_progress = done / max(total, 1)
+
+        def build():
+            from .model.layers import DecoderSlice
+            from .model.loader import load_slice
+            from .runtime.stage import Stage
+
+            weights = load_slice(self.cfg.model, rng[0], rng[1], spec=self.spec, progress=progress)
+            return Stage(DecoderSlice(weights, device=self.cfg.device), self.options.context)
+
+        t0 = time.monotonic()
+        stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        self.loaded = (rng, stage)
+        self.load_progress = 1.0
+        log.info("loaded layers [%d, %d) in %.1fs", rng[0], rng[1], time.monotonic() - t0)
+        return stage
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        layers = {}
+        if self.committed is not None:
+            layers = {s.peer_id: [s.start, s.end] for s in self.committed.stages}
+        peers = []
+        for m in sorted(self.membership.members.values(), key=lambda m: m.info.id):
+            peers.append({
+                "id": m.info.id,
+                "name": m.info.name,
+                "address": m.info.address,
+                "layers": layers.get(m.info.id),
+                "healthy": self.membership.is_live(m.info.id),
+                "excluded_reason": m.reason or None,
+                "state": self.state if m.info.id == self.id else m.state,
+                "epoch": self.epoch if m.info.id == self.id else m.epoch,
+            })
+        return {
+            "id": self.id,
+            "coordinator": self.coordinator(),
+            "epoch": self.epoch,
+            "peers": peers,
+            "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
+        }
+
+
+def _describe(proposal: pb.PlanProposal, membership: Membership) -> str:
+    parts = []
+    for s in proposal.stages:
+        m = membership.members.get(s.peer_id)
+        parts.append(f"{m.info.name if m else s.peer_id[:8]}[{s.start},{s.end})")
+    return " -> ".join(parts)

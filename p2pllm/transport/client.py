@@ -1,0 +1,86 @@
+"""Calling other peers: one channel per peer address, explicit limits and keepalive."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from ..proto import p2pllm_pb2 as pb
+from ..proto import p2pllm_pb2_grpc as pb_grpc
+
+# Explicit limits (a hostile peer cannot make us buffer more than this per message).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+
+
+class PeerClient:
+    """Control-plane calls to one peer. Every call has a deadline."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.PeerStub(self.channel)
+
+    async def hello(self, me: pb.PeerInfo, timeout: float = 3.0) -> pb.HelloReply:
+        return await self.stub.Hello(pb.HelloRequest(peer=me), timeout=timeout)
+
+    async def health(self, my_id: str, timeout: float = 2.0) -> pb.HealthReply:
+        return await self.stub.Health(pb.HealthRequest(from_id=my_id), timeout=timeout)
+
+    async def propose(self, proposal: pb.PlanProposal, timeout: float = 1800.0) -> pb.PlanReply:
+        # loading weights may take minutes; health checks keep flowing meanwhile
+        return await self.stub.Propose(proposal, timeout=timeout)
+
+    async def commit(self, epoch: int, coordinator: str, timeout: float = 5.0) -> pb.PlanReply:
+        return await self.stub.Commit(pb.CommitRequest(epoch=epoch, coordinator=coordinator), timeout=timeout)
+
+    async def status(self, timeout: float = 5.0) -> pb.StatusReply:
+        return await self.stub.Status(pb.StatusRequest(), timeout=timeout)
+
+    async def measure_link(self, payload_bytes: int = 2 * 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
+        """(rtt seconds, bytes per second): an empty ping, then a few MiB each way."""
+        rtts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            await self.stub.Ping(pb.PingRequest(), timeout=timeout)
+            rtts.append(time.perf_counter() - t0)
+        rtt = min(rtts)
+        t0 = time.perf_counter()
+        await self.stub.Ping(pb.PingRequest(payload=bytes(payload_bytes), reply_bytes=payload_bytes), timeout=timeout)
+        elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
+        return rtt, 2 * payload_bytes / elapsed
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ClientPool:
+    """One PeerClient per address, reused."""
+
+    def __init__(self):
+        self._clients: dict[str, PeerClient] = {}
+
+    def get(self, address: str) -> PeerClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = PeerClient(address)
+        return client
+
+    async def drop(self, address: str) -> None:
+        client = self._clients.pop(address, None)
+        if client is not None:
+            await client.close()
+
+    async def close(self) -> None:
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()
