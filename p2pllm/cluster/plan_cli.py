@@ -1,0 +1,184 @@
+"""`p2pllm plan`: a dry run of the planner for declared (or this machine's measured) peers.
+
+    p2pllm plan --model llama-3-70b --dtype q4_0 \\
+        --device name=a,mem=32GiB,tflops=8,bw=200GBps,net=1Gbps \\
+        --device name=b,mem=24GiB,tflops=4,bw=100GBps,net=100Mbps,rtt=4ms
+
+Prints per peer its layers, memory used of its limit and ms per token, marks the bottleneck,
+and the predicted speed; `--json` prints Plan.to_json(). Exit 0 when the model fits, 3 when it
+cannot (the reason says by how many GiB), 2 on usage errors (raised as UsageError).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+
+from ..errors import UsageError
+from ..model.spec import DTYPE_BYTES, ModelSpec, resolve_spec
+from .capability import parse_duration, parse_rate, parse_size, probe
+from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, plan
+
+DEVICE_KEYS = ("name", "mem", "tflops", "flops", "bw", "net", "rtt")
+DEFAULT_NET = "1Gbps"
+DEFAULT_RTT = "1ms"
+DISCOVER_NOTE = (
+    "note: --discover planned for this machine only (measured just now or from the capability cache); "
+    "other peers are found once `p2pllm join` discovery exists"
+)
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="dry run: which peer would run which layers, memory used, predicted speed",
+        description="Plan a model's layers over declared peers (--device) or this machine (--discover).",
+    )
+    p.add_argument("--model", required=True, metavar="PATH|CONFIG.json|NAME",
+                   help="a .gguf file, a Hugging Face folder or config.json, or a built-in shape (e.g. llama-3-70b)")
+    p.add_argument("--device", action="append", default=[], metavar="name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps",
+                   help="a peer: mem (usable memory), tflops (or flops=4TFLOPS), bw (memory bandwidth), "
+                        f"net (link, default {DEFAULT_NET}), rtt (to the switch, default {DEFAULT_RTT}); repeatable")
+    p.add_argument("--discover", action="store_true", help="measure this machine and plan for it")
+    p.add_argument("--max-memory", metavar="SIZE", help="with --discover: cap this machine's memory, e.g. 8GiB")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype the weights are held in (default: the file's)")
+    p.add_argument("--context", type=int, default=PlanOptions.context, help="tokens of context per sequence")
+    p.add_argument("--batch", type=int, default=PlanOptions.batch, help="sequences decoded together")
+    p.add_argument("--objective", choices=OBJECTIVES, default=PlanOptions.objective)
+    p.add_argument("--strategy", choices=STRATEGIES, default=PlanOptions.strategy)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def parse_device(text: str, index: int) -> PeerCaps:
+    """PeerCaps from 'name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps[,rtt=2ms]'."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise UsageError(f"--device {text}: expected key=value pairs, got {part!r}")
+        if key not in DEVICE_KEYS:
+            raise UsageError(f"--device {text}: unknown key {key!r} (known: {', '.join(DEVICE_KEYS)})")
+        if key in fields:
+            raise UsageError(f"--device {text}: {key} given twice")
+        fields[key] = value
+    missing = [k for k in ("mem", "bw") if k not in fields]
+    if "tflops" not in fields and "flops" not in fields:
+        missing.append("tflops")
+    if missing:
+        raise UsageError(f"--device {text}: missing {', '.join(missing)}")
+    if "tflops" in fields and "flops" in fields:
+        raise UsageError(f"--device {text}: give tflops or flops, not both")
+    name = fields.get("name", f"peer{index}")
+    if "tflops" in fields:
+        try:
+            flops = float(fields["tflops"]) * 1e12
+        except ValueError:
+            raise UsageError(f"--device {text}: tflops must be a number, got {fields['tflops']!r}") from None
+    else:
+        flops = parse_rate(fields["flops"], "flops")
+    values = {
+        "mem": parse_size(fields["mem"]),
+        "flops": flops,
+        "bw": parse_rate(fields["bw"], "bandwidth"),
+        "net": parse_rate(fields.get("net", DEFAULT_NET), "bandwidth"),
+    }
+    for key, value in values.items():
+        if not value > 0:
+            raise UsageError(f"--device {text}: {key} must be positive")
+    rtt = parse_duration(fields.get("rtt", DEFAULT_RTT))
+    return PeerCaps(name, name, values["mem"], values["flops"], values["bw"], values["net"], rtt)
+
+
+def cmd_plan(args) -> int:
+    spec = resolve_spec(args.model)
+    if args.context < 1 or args.batch < 1:
+        raise UsageError("--context and --batch must be at least 1")
+    if args.context > spec.context:
+        raise UsageError(f"--context {args.context} is beyond {spec.name}'s {spec.context} tokens")
+    if args.max_memory is not None and not args.discover:
+        raise UsageError("--max-memory applies to --discover (for --device, give mem=)")
+    peers = [parse_device(text, i) for i, text in enumerate(args.device)]
+    notes = []
+    if args.discover:
+        caps = probe(max_memory=args.max_memory)
+        host = socket.gethostname() or "this-machine"
+        peer_id = host if host not in {p.id for p in peers} else f"{host}-local"
+        peers.append(caps.to_peer_caps(peer_id, host, parse_rate(DEFAULT_NET), parse_duration(DEFAULT_RTT)))
+        notes.append(DISCOVER_NOTE)
+    if not peers:
+        raise UsageError("no peers: give --device name=a,mem=16GiB,tflops=4,bw=60GBps (repeatable) or --discover")
+    ids = [p.id for p in peers]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UsageError(f"two --device entries are named {dup[0]}; names must be unique")
+    options = PlanOptions(
+        context=args.context, batch=args.batch, dtype=args.dtype, objective=args.objective, strategy=args.strategy
+    )
+    result = plan(spec, peers, None, options)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        for note in notes:
+            print(note, file=sys.stderr)
+    else:
+        print(format_plan(spec, peers, result, options))
+        for note in notes:
+            print(note)
+    return 0 if result.feasible else 3
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _gib_up(n: float) -> str:
+    return f"{max(math.ceil(n / GiB * 100), 1) / 100:.2f}"
+
+
+def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> str:
+    """The human-readable table `p2pllm plan` prints."""
+    dtype = options.dtype or spec.file_dtype
+    lines = [
+        f"{spec.name}: {spec.n_layers} layers, weights in {dtype}, context {options.context} x batch {options.batch}; "
+        f"strategy {result.strategy}, objective {result.objective}"
+    ]
+    if result.stages:
+        header = ("peer", "layers", "n", "weights", "kv", "workspace", "used / limit GiB", "ms/token", "")
+        rows = []
+        for s in result.stages:
+            m = s.memory
+            mark = "<- bottleneck" if s.peer == result.bottleneck else ""
+            if m.total > m.limit:
+                mark = (mark + " " if mark else "") + f"OVER by {_gib_up(m.total - m.limit)} GiB"
+            rows.append((s.peer, f"[{s.start}, {s.end})", str(s.n_layers), _gib(m.weights), _gib(m.kv),
+                         _gib(m.workspace), f"{_gib(m.total)} / {_gib(m.limit)}", f"{s.ms_per_token:.2f}", mark))
+        used = sum(s.memory.total for s in result.stages)
+        limit = sum(s.memory.limit for s in result.stages)
+        rows.append(("total", f"[0, {spec.n_layers})", str(spec.n_layers),
+                     _gib(sum(s.memory.weights for s in result.stages)), _gib(sum(s.memory.kv for s in result.stages)),
+                     _gib(sum(s.memory.workspace for s in result.stages)), f"{_gib(used)} / {_gib(limit)}",
+                     f"{sum(s.ms_per_token for s in result.stages):.2f}", ""))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        for h in result.hops:
+            mark = "  <- bottleneck" if f"{h.src}->{h.dst}" == result.bottleneck else ""
+            lines.append(f"hop {h.src} -> {h.dst} ({h.payload}): {h.ms:.2f} ms{mark}")
+    if result.feasible:
+        lines.append(
+            f"predicted: {result.ms_per_token:.2f} ms/token = {result.tokens_per_s_single:.2f} tokens/s with one "
+            f"micro-batch in flight; {result.tokens_per_s_pipelined:.2f} tokens/s pipelined "
+            f"({result.micro_batches} micro-batch{'es' if result.micro_batches != 1 else ''} in flight); "
+            f"bottleneck {result.bottleneck}"
+        )
+    else:
+        lines.append(f"cannot fit: {result.reason}")
+    for peer, why in result.excluded:
+        lines.append(f"unused: {peer}: {why}")
+    return "\n".join(lines)
+
+
+__all__ = ["add_plan_parser", "cmd_plan", "format_plan", "parse_device"]
