@@ -1,0 +1,657 @@
+"""The OpenAI gateway over real HTTP (uvicorn on loopback) against the real in-process engine.
+
+Clients are the ones users run: the official `openai` package, raw httpx for the error cases,
+and `p2pllm chat` in a subprocess. The server side runs in its own event-loop thread, exactly as
+in the daemon (serve_gateway inside a running loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from p2pllm.errors import P2PError
+from p2pllm.gateway.app import create_app
+from p2pllm.gateway.server import serve_gateway
+from p2pllm.model.sampling import SamplingParams
+from p2pllm.runtime.api import GenerationRequest
+from p2pllm.runtime.local import build_local_engine
+
+STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K.gguf"
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2C_ONCE = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+API_KEY = "sk-test-0123456789"
+
+
+class LoopThread:
+    """An asyncio loop in a background thread: the server side of every test."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Served:
+    def __init__(self, loop: LoopThread, engine, server):
+        self.loop, self.engine, self.server = loop, engine, server
+        self.url = server.url
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
+                             timeout=60, **kw)
+
+    def direct(self, prompt_ids: list[int], max_tokens: int, sampling=SamplingParams(), stop=()) -> tuple[str, int]:
+        """The engine's own answer, without HTTP: (text, completion tokens)."""
+
+        async def go():
+            it = await self.engine.generate(GenerationRequest("direct", prompt_ids, max_tokens, sampling, tuple(stop)))
+            text, n = "", 0
+            async for event in it:
+                text += event.text
+                n += event.token_id is not None
+            return text, n
+
+        return self.loop.run(go())
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def _serve(loop: LoopThread, engine, **kw):
+    return loop.run(serve_gateway(create_app(engine, **kw), "127.0.0.1", 0))
+
+
+@pytest.fixture(scope="module")
+def stories(loop):
+    if not STORIES.exists():
+        pytest.skip(f"{STORIES} is absent (the shared test models live beside the checkout)")
+    engine = loop.run(build_local_engine(str(STORIES)))
+    server = _serve(loop, engine)
+    yield Served(loop, engine, server)
+    loop.run(server.stop())
+    loop.run(engine.stop())
+
+
+@pytest.fixture(scope="module")
+def demo(loop, tmp_path_factory):
+    """The demo model (it has a chat template), behind an API key."""
+    from p2pllm.model.demo import make_demo_model
+
+    path = make_demo_model(tmp_path_factory.mktemp("gw-demo") / "tiny.gguf", "gguf", "tiny")
+    engine = loop.run(build_local_engine(str(path)))
+    server = _serve(loop, engine, api_key=API_KEY)
+    yield Served(loop, engine, server)
+    loop.run(server.stop())
+    loop.run(engine.stop())
+
+
+def _error(reply: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert reply.status_code == status, (reply.status_code, reply.text)
+    body = reply.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    assert reply.headers.get("x-request-id")
+    return err
+
+
+def _wait_idle(engine, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.running == 0 and stats.queued == 0 and not stats.extra.get("active_sequences"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the engine still has sequences: {engine.stats()}")
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_greedy_completion_equals_engine_and_llama2c_text(stories):
+    client = stories.client()
+    model = client.models.list().data[0].id
+    assert model == stories.engine.model_name
+    res = client.completions.create(model=model, prompt="Once upon a time", max_tokens=40, temperature=0)
+    text = res.choices[0].text
+    direct, n = stories.direct(stories.engine.tokenizer.encode("Once upon a time"), 40)
+    assert text == direct
+    assert ("Once upon a time" + text).startswith(LLAMA2C_ONCE)
+    assert res.object == "text_completion" and res.id.startswith("cmpl-") and res.model == model
+    assert res.choices[0].finish_reason == "length" and res.choices[0].index == 0
+    prompt_tokens = len(stories.engine.tokenizer.encode("Once upon a time"))
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens, res.usage.total_tokens) == (
+        prompt_tokens, n, prompt_tokens + n)
+    assert n == 40
+
+
+def test_streamed_completion_deltas_concatenate_to_the_whole_text(stories):
+    client = stories.client()
+    kw = dict(model=stories.engine.model_name, prompt="The cat sat", max_tokens=30, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_prompt_as_token_ids_and_list_of_one_string(stories):
+    client = stories.client()
+    ids = stories.engine.tokenizer.encode("Once upon a time")
+    by_ids = client.completions.create(model=stories.engine.model_name, prompt=ids, max_tokens=12, temperature=0)
+    by_list = client.completions.create(model=stories.engine.model_name, prompt=["Once upon a time"], max_tokens=12,
+                                        temperature=0)
+    assert by_ids.choices[0].text == by_list.choices[0].text == stories.direct(ids, 12)[0]
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_stop_string_ends_text_before_it(stories):
+    client = stories.client()
+    full, _ = stories.direct(stories.engine.tokenizer.encode("Once upon a time"), 40)
+    res = client.completions.create(model=stories.engine.model_name, prompt="Once upon a time", max_tokens=40,
+                                    temperature=0, stop=[" Lily", "zzz"])
+    assert res.choices[0].text == full[: full.index(" Lily")]
+    assert res.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=stories.engine.model_name, prompt="Once upon a time", max_tokens=40,
+                                         temperature=0, stop=" Lily", stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
+
+
+def test_seed_makes_sampling_reproducible(stories):
+    client = stories.client()
+
+    def sample(seed):
+        return client.completions.create(model=stories.engine.model_name, prompt="One day", max_tokens=30,
+                                         temperature=1.0, top_p=0.95, seed=seed,
+                                         extra_body={"top_k": 40}).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(seed) != first for seed in (1, 2, 3))
+
+
+def test_sixteen_concurrent_prompts_each_equal_their_solo_result(stories):
+    client = stories.client()
+    prompts = [f"{name} went to the" for name in
+               ("Tom", "Lily", "Sue", "Ben", "Max", "Anna", "Tim", "Mia", "Sam", "Lucy", "Jack", "Amy", "Bob",
+                "Kim", "Joe", "Zoe")]
+
+    def ask(prompt, max_tokens):
+        return client.completions.create(model=stories.engine.model_name, prompt=prompt, max_tokens=max_tokens,
+                                         temperature=0).choices[0].text
+
+    lengths = [12 + 3 * i for i in range(16)]
+    solo = [ask(p, n) for p, n in zip(prompts, lengths)]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, prompts, lengths))
+    assert together == solo
+    assert len(set(solo)) > 8  # different prompts, different stories
+
+
+def test_client_disconnect_mid_stream_frees_the_sequence(stories):
+    body = {"model": stories.engine.model_name, "prompt": "Once upon a time", "max_tokens": 1500,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            got = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+            assert got
+            assert stories.engine.stats().running == 1
+        # the connection is closed here, long before 1500 tokens
+    _wait_idle(stories.engine)
+    # and the engine still serves
+    res = stories.client().completions.create(model=stories.engine.model_name, prompt="Hi", max_tokens=3,
+                                              temperature=0)
+    assert res.usage.completion_tokens == 3
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer_frees_the_sequence(stories):
+    body = {"model": stories.engine.model_name, "prompt": "Once upon a time", "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=stories.url, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body)
+    _wait_idle(stories.engine)
+
+
+def test_prompt_beyond_the_context_is_a_400_in_openai_shape(stories):
+    client = stories.client()
+    ctx = stories.engine.context
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=stories.engine.model_name, prompt=[5] * ctx, max_tokens=4)
+    assert info.value.status_code == 400
+    assert info.value.code == "context_length_exceeded"
+    assert str(ctx) in info.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=stories.engine.model_name,
+                                       messages=[{"role": "user", "content": "tale " * ctx}], max_tokens=4)
+
+
+def test_max_tokens_beyond_what_fits_is_a_400(stories):
+    client = stories.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=stories.engine.model_name, prompt="Once", max_tokens=stories.engine.context)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_default_max_tokens_fills_at_most_256(stories):
+    with httpx.Client(base_url=stories.url, timeout=60) as http:
+        reply = http.post("/v1/completions", json={"prompt": "Once upon a time", "temperature": 0,
+                                                   "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 256
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def test_chat_completion_with_the_models_template_streamed_and_not(demo):
+    client = demo.client(api_key=API_KEY)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+    res = client.chat.completions.create(model=demo.engine.model_name, messages=messages, max_tokens=20,
+                                         temperature=0)
+    msg = res.choices[0].message
+    assert res.object == "chat.completion" and res.id.startswith("chatcmpl-")
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    prompt_ids = demo.engine.tokenizer.encode_chat(messages)
+    direct, n = demo.direct(prompt_ids, 20)
+    assert msg.content == direct
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (len(prompt_ids), n)
+    assert res.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(client.chat.completions.create(model=demo.engine.model_name, messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == msg.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        res.choices[0].finish_reason]
+    assert chunks[-1].usage.total_tokens == res.usage.total_tokens
+
+
+def test_chat_accepts_text_parts_and_max_completion_tokens(demo):
+    client = demo.client(api_key=API_KEY)
+    res = client.chat.completions.create(
+        model=demo.engine.model_name, temperature=0, max_completion_tokens=5,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]}])
+    same = client.chat.completions.create(model=demo.engine.model_name, temperature=0, max_tokens=5,
+                                          messages=[{"role": "user", "content": "Name a color."}])
+    assert res.choices[0].message.content == same.choices[0].message.content
+    assert res.usage.completion_tokens <= 5
+
+
+# --------------------------------------------------------------------------- auth and bad input
+
+
+def test_api_key_is_required_when_set(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as http:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        _error(http.post("/v1/chat/completions", json=chat), 401, "invalid_api_key")
+        _error(http.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong"}), 401)
+        _error(http.get("/v1/models", headers={"Authorization": API_KEY}), 401)  # no "Bearer"
+        _error(http.get("/metrics"), 401)
+        _error(http.get("/no/such/route"), 401)  # nothing is revealed without the key
+        assert http.get("/health").status_code == 200
+        ok = http.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200, ok.text
+    with pytest.raises(openai.AuthenticationError):
+        demo.client(api_key="sk-wrong").models.list()
+
+
+def _key(demo) -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.mark.parametrize("body, param, code", [
+    (b"{not json", None, None),
+    (b"", None, None),
+    (b"[1, 2]", None, None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": NaN}', None, None),
+    (b"\xff\xfe", None, None),
+    (json.dumps({"messages": "hi"}), "messages", "invalid_type"),
+    (json.dumps({}), "messages", "missing_required_parameter"),
+    (json.dumps({"messages": []}), "messages", "empty_array"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role", "invalid_value"),
+    (json.dumps({"messages": ["hi"]}), "messages[0]", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": 42}]}), "messages[0].content", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+     "messages[0].content", "unsupported_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}), "max_tokens", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}), "max_tokens", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), "max_tokens", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}), "max_tokens",
+     "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}), "max_tokens", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), "temperature",
+     "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}), "temperature", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}), "top_p", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "top_k": -5}), "top_k", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": -1}), "seed", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), "stop",
+     "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": 5}), "stop", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n", "unsupported_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), "stream", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model", "model_not_found"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 7}), "model", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}), "logprobs",
+     "unsupported_parameter"),
+])
+def test_bad_chat_requests_are_400_in_openai_shape(demo, body, param, code):
+    with httpx.Client(base_url=demo.url, timeout=30) as http:
+        reply = http.post("/v1/chat/completions", content=body, headers=_key(demo))
+    err = _error(reply, 400, code, param)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, -3]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+])
+def test_bad_completion_requests_are_400(demo, body, param):
+    with httpx.Client(base_url=demo.url, timeout=30) as http:
+        _error(http.post("/v1/completions", json=body, headers=_key(demo)), 400, param=param)
+
+
+def test_oversized_bodies_are_413(demo):
+    big = json.dumps({"prompt": "x" * (5 << 20)}).encode()
+    with httpx.Client(base_url=demo.url, timeout=60) as http:
+        _error(http.post("/v1/completions", content=big, headers=_key(demo)), 413, "request_too_large")
+
+        def chunked():  # no Content-Length: the limit applies to the bytes as they arrive
+            for i in range(0, len(big), 1 << 16):
+                yield big[i: i + (1 << 16)]
+
+        _error(http.post("/v1/completions", content=chunked(), headers=_key(demo)), 413, "request_too_large")
+        assert http.get("/v1/models", headers=_key(demo)).status_code == 200  # still serving
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(stories):
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        err = _error(http.get("/v1/embeddings"), 404)
+        assert "/v1/embeddings" in err["message"]
+        _error(http.get("/v1/chat/completions"), 405)
+        _error(http.delete("/v1/models"), 405)
+        _error(http.get("/v1/models/some-other-model"), 404, "model_not_found")
+        card = http.get(f"/v1/models/{stories.engine.model_name}").json()
+        assert card["id"] == stories.engine.model_name and card["object"] == "model"
+
+
+def test_request_ids_are_echoed_when_sane_and_made_otherwise(stories):
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        assert http.get("/health", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+        made = http.get("/health", headers={"X-Request-Id": "bad id\twith spaces"}).headers["x-request-id"]
+        assert made != "bad id\twith spaces" and re.fullmatch(r"req-[0-9a-f]{32}", made)
+        assert http.get("/nowhere").headers["x-request-id"]
+
+
+def test_health_reports_an_engine_that_cannot_serve(stories):
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        ok = http.get("/health")
+        assert ok.status_code == 200 and ok.json()["status"] == "ok"
+        stories.engine.ready = False
+        try:
+            down = http.get("/health")
+            assert down.status_code == 503 and down.json()["status"] == "unavailable"
+            _error(http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2}), 503)
+        finally:
+            stories.engine.ready = True
+
+
+def test_metrics_count_requests_tokens_and_latencies(stories):
+    client = stories.client()
+    client.completions.create(model=stories.engine.model_name, prompt="Once upon a time", max_tokens=5,
+                              temperature=0)
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        http.get("/definitely-not-here")
+        text = http.get("/metrics").text
+
+    def value(pattern: str) -> float:
+        match = re.search("^" + pattern + r" ([0-9.e+]+)$", text, re.M)
+        assert match, (pattern, text)
+        return float(match.group(1))
+
+    assert value(r'p2pllm_gateway_requests_total\{endpoint="/v1/completions",status="200"\}') >= 1
+    assert value(r'p2pllm_gateway_requests_total\{endpoint="other",status="404"\}') >= 1
+    assert value("p2pllm_gateway_prompt_tokens_total") >= 5
+    assert value("p2pllm_gateway_completion_tokens_total") >= 5
+    assert value("p2pllm_gateway_time_to_first_token_seconds_count") >= 1
+    assert value("p2pllm_gateway_inter_token_latency_seconds_count") >= 4
+    assert value("p2pllm_engine_running_requests") == 0
+    assert value("p2pllm_engine_queued_requests") == 0
+    assert value("p2pllm_engine_stages") == 1
+
+
+# --------------------------------------------------------------------------- forwarding
+
+
+def test_a_peer_gateway_forwards_to_the_coordinator(stories, demo, loop):
+    """A second app (another peer's gateway) relays /v1 to the first, streaming included."""
+    forwarder = _serve(loop, demo.engine, forward_to=lambda: stories.url)
+    try:
+        via = openai.OpenAI(base_url=forwarder.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert via.models.list().data[0].id == stories.engine.model_name
+        direct, _ = stories.direct(stories.engine.tokenizer.encode("Once upon a time"), 30)
+        res = via.completions.create(model=stories.engine.model_name, prompt="Once upon a time", max_tokens=30,
+                                     temperature=0)
+        assert res.choices[0].text == direct
+        streamed = via.completions.create(model=stories.engine.model_name, prompt="Once upon a time", max_tokens=30,
+                                          temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == direct
+        with httpx.Client(base_url=forwarder.url, timeout=30) as http:
+            # errors come back as the coordinator wrote them; the request id travels along
+            reply = http.post("/v1/completions", json={"prompt": "x", "n": 3}, headers={"X-Request-Id": "fwd-1"})
+            _error(reply, 400, param="n")
+            assert reply.headers["x-request-id"] == "fwd-1"
+            health = http.get("/health").json()  # stays local
+            assert health["mode"] == "forwarding" and health["coordinator"] == stories.url
+            # a client leaving a relayed stream frees the coordinator's sequence
+            body = {"prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                assert next(line for line in r.iter_lines() if line.startswith("data:"))
+        _wait_idle(stories.engine)
+    finally:
+        loop.run(forwarder.stop())
+
+
+def test_forwarding_passes_the_api_key_through(demo, loop):
+    forwarder = _serve(loop, demo.engine, forward_to=lambda: demo.url)
+    try:
+        with httpx.Client(base_url=forwarder.url, timeout=30) as http:
+            _error(http.get("/v1/models"), 401, "invalid_api_key")
+            assert http.get("/v1/models", headers=_key(demo)).status_code == 200
+    finally:
+        loop.run(forwarder.stop())
+
+
+def test_an_unreachable_coordinator_is_a_503(stories, loop):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    forwarder = _serve(loop, stories.engine, forward_to=lambda: dead)
+    try:
+        with httpx.Client(base_url=forwarder.url, timeout=30) as http:
+            err = _error(http.post("/v1/completions", json={"prompt": "x"}), 503, "service_unavailable")
+            assert dead in err["message"]
+            assert http.get("/health").status_code == 200
+    finally:
+        loop.run(forwarder.stop())
+
+
+# --------------------------------------------------------------------------- server
+
+
+def test_a_port_in_use_is_one_clear_error(stories, loop):
+    port = stories.server.port
+    with pytest.raises(P2PError, match=f"cannot bind the gateway to 127.0.0.1:{port}: address already in use"):
+        _serve_on = serve_gateway(create_app(stories.engine), "127.0.0.1", port)
+        loop.run(_serve_on)
+
+
+# --------------------------------------------------------------------------- p2pllm chat
+
+
+def _chat_wired() -> bool:
+    from p2pllm.cli import build_parser
+
+    try:
+        build_parser().parse_args(["chat", "--prompt", "x"])
+    except SystemExit:
+        return False
+    return True
+
+
+def _run_chat(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("P2PLLM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "p2pllm", "chat", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=full_env, input=input)
+
+
+def _host(served) -> str:
+    return f"127.0.0.1:{served.server.port}"
+
+
+def _chat_args(**kw) -> argparse.Namespace:
+    base = dict(host="127.0.0.1:8700", prompt=None, max_tokens=None, temperature=0.0, api_key=None, system=None,
+                seed=None, timeout=60.0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_chat_prompt_prints_one_answer(demo, capsys):
+    direct, _ = demo.direct(demo.engine.tokenizer.encode_chat([{"role": "user", "content": "Say hi."}]), 16)
+    if _chat_wired():
+        proc = _run_chat("--host", _host(demo), "--prompt", "Say hi.", "--max-tokens", "16", "--temperature", "0",
+                         env={"P2PLLM_API_KEY": API_KEY})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == direct + "\n"
+    else:
+        from p2pllm.gateway.chat_cli import cmd_chat
+
+        assert cmd_chat(_chat_args(host=_host(demo), prompt="Say hi.", max_tokens=16, api_key=API_KEY)) == 0
+        assert capsys.readouterr().out == direct + "\n"
+
+
+def test_chat_conversation_keeps_history_and_resets(demo):
+    from p2pllm.gateway.chat_cli import ChatClient
+
+    client = ChatClient(_host(demo), api_key=API_KEY, max_tokens=8, temperature=0.0)
+    try:
+        client.connect()
+        first = "".join(client.ask("Name a color."))
+        second = "".join(client.ask("Another one."))
+        assert [m["role"] for m in client.history] == ["user", "assistant", "user", "assistant"]
+        expected, _ = demo.direct(demo.engine.tokenizer.encode_chat(client.history[:3]), 8)
+        assert second == expected and client.history[1]["content"] == first
+        client.reset()
+        assert client.history == []
+    finally:
+        client.close()
+
+
+def test_chat_repl_reads_turns_until_exit(demo, monkeypatch, capsys):
+    script = "Name a color.\n/reset\n\nName a color.\n/exit\nnot asked\n"
+    if _chat_wired():
+        proc = _run_chat("--host", _host(demo), "--max-tokens", "8", "--temperature", "0", "--api-key", API_KEY,
+                         input=script)
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+    else:
+        from p2pllm.gateway.chat_cli import cmd_chat
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        assert cmd_chat(_chat_args(host=_host(demo), max_tokens=8, api_key=API_KEY)) == 0
+        out = capsys.readouterr().out
+    answers = out.splitlines()
+    assert len(answers) == 2 and answers[0] == answers[1]  # /reset: the second turn starts afresh
+
+
+def test_stopping_an_answer_closes_its_stream_and_keeps_what_came(stories):
+    from p2pllm.gateway.chat_cli import ChatClient
+
+    client = ChatClient(_host(stories), max_tokens=1500, temperature=0.0)
+    try:
+        client.connect()
+        answer = client.ask("Tell me a long story.")
+        pieces = [next(answer) for _ in range(3)]
+        answer.close()  # what Ctrl-C does in the REPL
+        assert client.history[-1] == {"role": "assistant", "content": "".join(pieces)}
+        _wait_idle(stories.engine)
+    finally:
+        client.close()
+
+
+def test_chat_without_a_gateway_is_one_line_exit_1():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{s.getsockname()[1]}"
+    if _chat_wired():
+        proc = _run_chat("--host", host, "--prompt", "hi")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f"p2pllm: error: no gateway at {host} (connection refused)"
+    else:
+        from p2pllm.gateway.chat_cli import cmd_chat
+
+        with pytest.raises(P2PError, match=re.escape(f"no gateway at {host} (connection refused)")):
+            cmd_chat(_chat_args(host=host, prompt="hi"))
+
+
+def test_chat_reports_the_gateways_error_message(demo):
+    if _chat_wired():
+        proc = _run_chat("--host", _host(demo), "--prompt", "hi", env={"P2PLLM_API_KEY": "sk-wrong"})
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Incorrect or missing API key" in lines[0] and "401" in lines[0]
+    else:
+        from p2pllm.gateway.chat_cli import cmd_chat
+
+        with pytest.raises(P2PError, match="Incorrect or missing API key"):
+            cmd_chat(_chat_args(host=_host(demo), prompt="hi", api_key="sk-wrong"))
