@@ -59,10 +59,10 @@ def cmd_run(args) -> int:
     cuts = parse_split(args.split, spec.n_layers)
     pipe = LocalPipeline(args.model, cuts, dtype=DTYPES[args.dtype], device=args.device, spec=spec,
                          progress=_progress_printer("loading"))
-    prompt = args.prompt
     if args.chat:
-        prompt = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    prompt_ids = pipe.tokenizer.encode(prompt)
+        prompt_ids = pipe.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = pipe.tokenizer.encode(args.prompt)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     res = pipe.generate(prompt_ids, max_tokens=args.max_tokens, sampling=sampling, on_text=stream)
     if args.json:

@@ -78,12 +78,12 @@ class Daemon:
             gateway_port=cfg.gateway_port,
             model_fingerprint=self.spec.fingerprint,
             caps=pb.Capabilities(
-                mem_bytes=int(self.caps.mem_bytes),
-                flops=float(self.caps.flops),
+                mem_bytes=int(self.caps.usable_memory),
+                flops=float(self.caps.flops.get(self.caps.compute_dtype(), 0.0)),
                 mem_bw=float(self.caps.mem_bw),
                 net_bw=0.0,
                 cpu_count=int(self.caps.cpu_count),
-                device=str(self.caps.device),
+                device=f"{self.caps.device}:{self.caps.device_name}",
             ),
             n_layers=self.spec.n_layers,
         )
@@ -131,9 +131,10 @@ class Daemon:
             self.spec.weight_bytes(0, self.spec.n_layers) / 2**30, self.spec.fingerprint,
         )
         log.info(
-            "capabilities: %.1f GiB usable, %.1f GFLOPS, %.1f GB/s memory bandwidth, %d cores (%s)",
-            self.caps.mem_bytes / 2**30, self.caps.flops / 1e9, self.caps.mem_bw / 1e9, self.caps.cpu_count,
-            self.caps.device,
+            "capabilities: %.1f GiB usable, %.1f GFLOPS (%s), %.1f GB/s memory bandwidth, %d cores (%s)%s",
+            self.info.caps.mem_bytes / 2**30, self.info.caps.flops / 1e9, self.caps.compute_dtype(),
+            self.caps.mem_bw / 1e9, self.caps.cpu_count, self.info.caps.device,
+            " (cached measurement)" if self.caps.cached else "",
         )
         if self.cfg.mdns:
             self.discovery = Discovery(self._announcement(), on_found=self._on_found, on_lost=self._on_lost,
@@ -170,7 +171,7 @@ class Daemon:
         return Announcement(
             id=self.id, name=self.cfg.name, cluster=self.cfg.cluster, protocol=PROTOCOL_VERSION, host=self.host,
             grpc_port=self.cfg.port, gateway_port=self.cfg.gateway_port, fingerprint=self.spec.fingerprint,
-            mem_bytes=int(self.caps.mem_bytes), flops=float(self.caps.flops), mem_bw=float(self.caps.mem_bw),
+            mem_bytes=int(self.info.caps.mem_bytes), flops=float(self.info.caps.flops), mem_bw=float(self.caps.mem_bw),
         )
 
     # ------------------------------------------------------------------ discovery -> membership

@@ -6,20 +6,26 @@ network uses, so a split run exercises the exact path a cluster does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import UsageError
-from ..model.layers import DecoderSlice, SeqChunk
+from ..errors import P2PError, UsageError
+from ..model.layers import DecoderSlice
 from ..model.loader import load_slice
 from ..model.sampling import Sampler, SamplingParams
 from ..model.spec import ModelSpec, read_spec
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..transport.wire import blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob
+from .api import GenerationRequest
+from .frames import MicroBatch
+from .scheduler import Scheduler
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -76,20 +82,32 @@ def stage_ranges(cuts: list[int], n_layers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-class LocalPipeline:
-    def __init__(self, path: str, cuts: list[int] | None = None, *, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", wire_dtype: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, spec: ModelSpec | None = None):
-        self.spec = spec or read_spec(path)
-        self.tokenizer: Tokenizer = load_tokenizer(path)
+class LocalRing:
+    """A ring whose stages all live in this process, run one micro-batch at a time on one
+    compute thread (so the event loop never blocks on a matmul)."""
+
+    epoch = 0
+
+    def __init__(self, stages: list[Stage], spec: ModelSpec, wire_dtype: str | None = None):
+        self.stages = stages
+        self.spec = spec
         self.wire_dtype = wire_dtype
-        ranges = stage_ranges(cuts or [], self.spec.n_layers)
-        self.stages = [
-            Stage(DecoderSlice(load_slice(path, a, b, spec=self.spec, dtype=dtype, device=device, progress=progress),
-                               dtype=dtype, device=device))
-            for a, b in ranges
-        ]
-        self._next_seq = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    async def run(self, mb: MicroBatch) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_sync, mb)
+
+    def run_sync(self, mb: MicroBatch) -> list[int]:
+        x = None
+        for i, stage in enumerate(self.stages):
+            if i > 0 and x is not None:
+                x = self._hop(x, stage)
+            x = stage.process(mb, x)
+        return x
 
     def _hop(self, hidden: torch.Tensor, next_stage: Stage) -> torch.Tensor:
         """Send hidden states across a cut the way the network would: bytes, then checked."""
@@ -101,68 +119,77 @@ class LocalPipeline:
             out_dtype=next_stage.decoder.dtype,
         )
 
-    def forward(self, tokens: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
-        x = tokens
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                x = self._hop(x, stage)
-            x = stage.step(x, chunks)
-        return x
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalPipeline:
+    """A whole model in this process, as in-process stages cut at `cuts`."""
+
+    def __init__(self, path: str, cuts: list[int] | None = None, *, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu", wire_dtype: str | None = None,
+                 progress: Callable[[int, int], None] | None = None, spec: ModelSpec | None = None):
+        self.path = str(path)
+        self.spec = spec or read_spec(path)
+        self.tokenizer: Tokenizer = load_tokenizer(path)
+        stages = [
+            Stage(DecoderSlice(load_slice(path, a, b, spec=self.spec, dtype=dtype, device=device, progress=progress),
+                               dtype=dtype, device=device))
+            for a, b in stage_ranges(cuts or [], self.spec.n_layers)
+        ]
+        self.ring = LocalRing(stages, self.spec, wire_dtype)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.ring.stages
+
+    def engine(self, **kwargs) -> Scheduler:
+        name = Path(self.path).name
+        return Scheduler(self.ring, self.tokenizer, model_name=name, context=self.spec.context, **kwargs)
 
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
                  stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
                  ignore_eos: bool = False) -> GenerationResult:
         """Generate one sequence; `ignore_eos` runs to max_tokens (benchmarks need a fixed length)."""
-        ctx = self.spec.context
         if not prompt_ids:
             raise UsageError("the prompt is empty")
-        if len(prompt_ids) >= ctx:
-            raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
         if max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-        sampler = Sampler(sampling)
-        seq = self._next_seq
-        self._next_seq += 1
-        capacity = min(ctx, len(prompt_ids) + max_tokens)
-        for s in self.stages:
-            s.begin(seq, capacity)
-        res = GenerationResult(list(prompt_ids))
-        eos = set() if ignore_eos else self.tokenizer.eos_ids
-        stream = self.tokenizer.stream_decoder()
-        stops = [s for s in (stop or []) if s]
+        # as many tokens as fit: a CLI user asking for more than the context gets finish_reason "length"
+        max_tokens = min(max_tokens, self.spec.context - len(prompt_ids))
+        if max_tokens < 1:
+            raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.spec.context}")
+        req = GenerationRequest("run", list(prompt_ids), max_tokens, sampling.validate(), tuple(stop or ()), ignore_eos)
+        return asyncio.run(self._generate(req, on_text))
+
+    async def _generate(self, req: GenerationRequest, on_text) -> GenerationResult:
+        engine = self.engine()
+        await engine.start()
+        res = GenerationResult(list(req.prompt_ids))
         try:
-            pos, tokens = 0, list(prompt_ids)
             t0 = time.perf_counter()
-            while True:
-                logits = self.forward(torch.tensor(tokens, dtype=torch.long), [SeqChunk(seq, pos, len(tokens))])
-                tok = sampler.sample(logits[0])
-                now = time.perf_counter()
-                if not res.ids:
-                    res.prefill_seconds, t0 = now - t0, now
-                pos += len(tokens)
-                if tok in eos:
-                    res.finish_reason = "stop"
-                    break
-                res.ids.append(tok)
-                piece = stream.push(tok)
-                res.text += piece
-                hit = _first_stop(res.text, stops)
-                if hit is not None:
-                    res.text, res.finish_reason = res.text[:hit], "stop"
-                    break
-                if on_text and piece:
-                    on_text(piece)
-                if len(res.ids) >= max_tokens or pos >= ctx:
-                    res.finish_reason = "length"
-                    break
-                tokens = [tok]
+            async for event in await engine.generate(req):
+                if event.token_id is not None:
+                    if not res.ids:
+                        now = time.perf_counter()
+                        res.prefill_seconds, t0 = now - t0, now
+                    res.ids.append(event.token_id)
+                res.text += event.text
+                if on_text and event.text:
+                    on_text(event.text)
+                if event.finish_reason:
+                    if event.finish_reason == "error":
+                        raise P2PError(f"generation failed: {event.error}")
+                    res.finish_reason = event.finish_reason
             res.decode_seconds = time.perf_counter() - t0
         finally:
-            for s in self.stages:
-                s.free(seq)
+            await engine.stop()
         return res
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+async def build_local_engine(model_path: str, cuts: list[int] | None = None, **kwargs) -> Scheduler:
+    """A started, real in-process engine (continuous batching over in-process stages)."""
+    pipe = await asyncio.get_running_loop().run_in_executor(None, lambda: LocalPipeline(model_path, cuts))
+    engine = pipe.engine(**kwargs)
+    await engine.start()
+    return engine

@@ -1,0 +1,68 @@
+"""The one interface the gateway sees of the engine: submit a request, iterate its tokens.
+
+Nothing of the ring leaks through here (vLLM's engine-core boundary): the gateway validates
+HTTP input, builds a GenerationRequest, and streams TokenEvents back to its client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from ..model.sampling import SamplingParams
+from ..model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()  # stop strings; the text before the first one is returned
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request: a token and the text it completes, or the end (finish_reason set)."""
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    queued: int = 0
+    running: int = 0
+    stages: int = 1
+    epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """A request the engine cannot take; `status` is the HTTP status the gateway answers with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class Engine(Protocol):
+    model_name: str
+    context: int  # max prompt + completion tokens of one sequence
+    tokenizer: Tokenizer
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream a request's tokens; the last event has finish_reason set.
+
+        Raises EngineError before the first event when the request cannot be taken (prompt
+        beyond the context: 400; no plan or not enough memory in the cluster: 503). Closing the
+        iterator early (client gone) cancels the request and frees its KV on every stage.
+        """
+        ...
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,42 @@
+"""Plain data the head and the stages exchange: one micro-batch travelling the ring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SeqStart:
+    """A sequence's first appearance: stages preallocate its KV, the last stage makes its sampler."""
+
+    seq_id: int
+    capacity: int
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq_id: int
+    start: int  # position of the chunk's first token
+    length: int
+    sample: bool  # the last stage samples the next token after this chunk
+
+
+@dataclass
+class MicroBatch:
+    epoch: int
+    mb_id: int
+    chunks: list[Chunk]
+    tokens: list[int]  # the inputs of every chunk, in order (the first stage embeds them)
+    starts: list[SeqStart] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)  # free these sequences after this micro-batch
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def n_sampled(self) -> int:
+        return sum(1 for c in self.chunks if c.sample)

@@ -1,0 +1,262 @@
+"""The head: admission, continuous batching, chunked prefill, micro-batches in flight.
+
+The scheduler only decides which sequences go into which micro-batch and what their results
+mean; a Ring executes micro-batches (in-process stages, or the gRPC ring of a cluster). Up to
+`micro_batches` are in flight at once so that every stage has work; a sequence is in at most one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from ..model.tokenizer import Tokenizer
+from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
+from .frames import Chunk, MicroBatch, SeqStart
+
+log = logging.getLogger(__name__)
+
+
+class Ring(Protocol):
+    n_stages: int
+    epoch: int
+
+    async def run(self, mb: MicroBatch) -> list[int]:
+        """Execute one micro-batch through every stage; the sampled ids, one per sampling chunk."""
+        ...
+
+
+class RingUnavailable(Exception):
+    """The ring cannot take work now (no committed plan, a stage lost); the text says why."""
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    seq_id: int
+    tokens: list[int]
+    decoder: object
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pos: int = 0  # tokens whose KV every stage holds
+    generated: int = 0
+    held: str = ""  # text held back while it may be the start of a stop string
+    started: bool = False
+    in_flight: bool = False
+    done: bool = False
+    admitted_at: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    def __init__(self, ring: Ring, tokenizer: Tokenizer, *, model_name: str, context: int,
+                 micro_batches: int | None = None, prefill_chunk: int = 256, token_budget: int = 512,
+                 max_running: int = 64):
+        self.ring = ring
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context = context
+        self.micro_batches = micro_batches
+        self.prefill_chunk = prefill_chunk
+        self.token_budget = max(token_budget, prefill_chunk)
+        self.max_running = max_running
+        self._seqs: dict[int, _Seq] = {}
+        self._ids = itertools.count(1)
+        self._mb_ids = itertools.count(1)
+        self._to_free: list[int] = []
+        self._in_flight: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self.ready = True
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "error", error="the engine is shutting down")
+
+    @property
+    def max_in_flight(self) -> int:
+        return max(1, self.micro_batches or self.ring.n_stages)
+
+    def stats(self) -> EngineStats:
+        running = sum(1 for s in self._seqs.values() if s.started and not s.done)
+        queued = sum(1 for s in self._seqs.values() if not s.started and not s.done)
+        return EngineStats(queued=queued, running=running, stages=self.ring.n_stages, epoch=self.ring.epoch,
+                           extra={"in_flight": len(self._in_flight), "active_sequences": len(self._seqs)})
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if n >= self.context:
+            raise EngineError(
+                f"This model's maximum context length is {self.context} tokens; the prompt has {n} tokens.",
+                code="context_length_exceeded",
+            )
+        if req.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {req.max_tokens}")
+        if n + req.max_tokens > self.context:
+            raise EngineError(
+                f"This model's maximum context length is {self.context} tokens; the prompt ({n}) plus "
+                f"max_tokens ({req.max_tokens}) exceeds it.",
+                code="context_length_exceeded",
+            )
+        if not self.ready:
+            raise EngineError("the cluster is not ready to serve", status=503, code="service_unavailable")
+        # continuation: the text follows the prompt, so a leading space of the first token is kept
+        seq = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
+        self._seqs[seq.seq_id] = seq
+        self._wake.set()
+        return self._events(seq)
+
+    async def _events(self, seq: _Seq) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                event = await seq.events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:  # the client went away: cancel, free its KV once it is not in flight
+                self._finish(seq, "cancelled")
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._in_flight) < self.max_in_flight:
+                mb = self._build()
+                if mb is None:
+                    break
+                task = asyncio.create_task(self._run(mb))
+                self._in_flight.add(task)
+                task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()  # a slot is free
+
+    def _build(self) -> MicroBatch | None:
+        ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
+        running = sum(1 for s in self._seqs.values() if s.started and not s.done)
+        # a fair share per micro-batch, so that every micro-batch in flight has work
+        active = [s for s in ready if s.started] + [s for s in ready if not s.started]
+        share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
+        chunks, tokens, starts, budget = [], [], [], self.token_budget
+        for seq in sorted(active, key=lambda s: (s.pos == 0, s.admitted_at)):  # decodes first
+            if len(chunks) >= share or budget <= 0:
+                break
+            if not seq.started:
+                if running >= self.max_running:
+                    continue
+                running += 1
+                seq.started = True
+                capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
+                starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling))
+            length = min(len(seq.tokens) - seq.pos, self.prefill_chunk, budget)
+            if length <= 0:
+                continue
+            chunks.append(Chunk(seq.seq_id, seq.pos, length, sample=seq.pos + length == len(seq.tokens)))
+            tokens.extend(seq.tokens[seq.pos: seq.pos + length])
+            seq.in_flight = True
+            budget -= length
+        finished, self._to_free = self._to_free, []
+        if not chunks and not finished and not starts:
+            return None
+        return MicroBatch(self.ring.epoch, next(self._mb_ids), chunks, tokens, starts, finished)
+
+    async def _run(self, mb: MicroBatch) -> None:
+        try:
+            sampled = await self.ring.run(mb)
+            if len(sampled) != mb.n_sampled:
+                raise RingUnavailable(f"the ring returned {len(sampled)} tokens for {mb.n_sampled} sequences")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # this micro-batch's sequences fail with the reason; others go on
+            log.warning("micro-batch %d failed: %s", mb.mb_id, e)
+            for c in mb.chunks:
+                seq = self._seqs.get(c.seq_id)
+                if seq is not None:
+                    seq.in_flight = False
+                    self._finish(seq, "error", error=str(e) or type(e).__name__)
+            self._wake.set()
+            return
+        results = iter(sampled)
+        for c in mb.chunks:
+            seq = self._seqs.get(c.seq_id)
+            tok = next(results) if c.sample else None
+            if seq is None:
+                continue
+            seq.in_flight = False
+            if seq.done:  # cancelled while in flight: its KV can go now
+                self._release(seq)
+                continue
+            seq.pos += c.length
+            if tok is not None:
+                self._accept(seq, tok)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ tokens -> events
+    def _accept(self, seq: _Seq, tok: int) -> None:
+        req = seq.req
+        if tok in self.tokenizer.eos_ids and not req.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(tok)
+        seq.generated += 1
+        text = seq.held + seq.decoder.push(tok)
+        cut = _first_stop(text, req.stop)
+        if cut is not None:
+            seq.events.put_nowait(TokenEvent(tok, text[:cut]))
+            self._finish(seq, "stop", flush=False)  # nothing after a stop string is returned
+            return
+        keep = _stop_prefix_len(text, req.stop)
+        seq.held = text[len(text) - keep:] if keep else ""
+        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep]))
+        if seq.generated >= req.max_tokens or len(seq.tokens) >= self.context:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None, flush: bool = True) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
+        seq.held = ""
+        seq.events.put_nowait(TokenEvent(None, tail, reason, error))
+        if not seq.in_flight:
+            self._release(seq)
+        self._wake.set()
+
+    def _release(self, seq: _Seq) -> None:
+        self._seqs.pop(seq.seq_id, None)
+        if seq.started:
+            self._to_free.append(seq.seq_id)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could begin a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
