@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -63,6 +64,14 @@ class Served:
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
                              timeout=60, **kw)
+
+    def stats(self):
+        """The engine's stats, read on its own loop (it mutates them there)."""
+
+        async def read():
+            return self.engine.stats()
+
+        return self.loop.run(read())
 
     def direct(self, prompt_ids: list[int], max_tokens: int, sampling=SamplingParams(), stop=()) -> tuple[str, int]:
         """The engine's own answer, without HTTP: (text, completion tokens)."""
@@ -128,14 +137,14 @@ def _error(reply: httpx.Response, status: int, code: str | None = None, param: s
     return err
 
 
-def _wait_idle(engine, timeout: float = 15.0) -> None:
+def _wait_idle(served: Served, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = engine.stats()
+        stats = served.stats()
         if stats.running == 0 and stats.queued == 0 and not stats.extra.get("active_sequences"):
             return
         time.sleep(0.05)
-    raise AssertionError(f"the engine still has sequences: {engine.stats()}")
+    raise AssertionError(f"the engine still has sequences: {served.stats()}")
 
 
 # --------------------------------------------------------------------------- completions
@@ -233,9 +242,9 @@ def test_client_disconnect_mid_stream_frees_the_sequence(stories):
             lines = reply.iter_lines()
             got = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
             assert got
-            assert stories.engine.stats().running == 1
+            assert stories.stats().running == 1
         # the connection is closed here, long before 1500 tokens
-    _wait_idle(stories.engine)
+    _wait_idle(stories)
     # and the engine still serves
     res = stories.client().completions.create(model=stories.engine.model_name, prompt="Hi", max_tokens=3,
                                               temperature=0)
@@ -248,7 +257,7 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_frees_the_sequence(s
     with httpx.Client(base_url=stories.url, timeout=0.3) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json=body)
-    _wait_idle(stories.engine)
+    _wait_idle(stories)
 
 
 def test_prompt_beyond_the_context_is_a_400_in_openai_shape(stories):
@@ -337,7 +346,7 @@ def test_api_key_is_required_when_set(demo):
         demo.client(api_key="sk-wrong").models.list()
 
 
-def _key(demo) -> dict:
+def _key(demo: Served) -> dict:
     return {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -397,6 +406,38 @@ def test_bad_chat_requests_are_400_in_openai_shape(demo, body, param, code):
 def test_bad_completion_requests_are_400(demo, body, param):
     with httpx.Client(base_url=demo.url, timeout=30) as http:
         _error(http.post("/v1/completions", json=body, headers=_key(demo)), 400, param=param)
+
+
+def test_five_hundred_malformed_requests_never_get_a_5xx(stories):
+    """Mutated bodies of both endpoints: each answer is a 200 or a 4xx in OpenAI's shape."""
+    rng = random.Random(0)
+    values = [None, True, False, 0, -1, 1, 2, 3.5, -1e308, 1e308, 2**64, "", "x", "\u0000", "\ud800", [], [1], ["a"],
+              [[1, 2]], {}, {"role": "user"}, {"type": "text"}, [{"role": "user", "content": "hi"}],
+              [{"role": "user", "content": [{"type": "text", "text": 5}]}], "Once upon a time"]
+    fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+              "seed", "stop", "n", "stream", "stream_options", "logprobs", "echo", "ignore_eos", "tools"]
+    statuses = []
+    with httpx.Client(base_url=stories.url, timeout=60) as http:
+        for i in range(500):
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            body: dict = {"max_tokens": 2}
+            body.update({"messages": [{"role": "user", "content": "hi"}]} if i % 2 else {"prompt": "Once"})
+            for _ in range(rng.randint(1, 3)):
+                body[rng.choice(fields)] = rng.choice(values)
+            raw = json.dumps(body).encode()
+            if i % 10 == 0:  # and some broken bytes
+                cut = rng.randrange(len(raw))
+                raw = raw[:cut] + bytes([rng.randrange(256)]) + raw[cut + 1:]
+            if i % 50 == 0:
+                raw = b"[" * 100_000 + b"]" * 100_000
+            reply = http.post(path, content=raw)
+            statuses.append(reply.status_code)
+            if reply.status_code != 200:
+                _error(reply, reply.status_code)
+                assert 400 <= reply.status_code < 500, reply.text
+    assert statuses.count(200) > 20 and statuses.count(400) > 200
+    assert stories.client().completions.create(model=stories.engine.model_name, prompt="Once", max_tokens=2,
+                                               temperature=0).usage.completion_tokens == 2
 
 
 def test_oversized_bodies_are_413(demo):
@@ -496,7 +537,7 @@ def test_a_peer_gateway_forwards_to_the_coordinator(stories, demo, loop):
             with http.stream("POST", "/v1/completions", json=body) as r:
                 assert r.status_code == 200
                 assert next(line for line in r.iter_lines() if line.startswith("data:"))
-        _wait_idle(stories.engine)
+        _wait_idle(stories)
     finally:
         loop.run(forwarder.stop())
 
@@ -526,6 +567,19 @@ def test_an_unreachable_coordinator_is_a_503(stories, loop):
 
 
 # --------------------------------------------------------------------------- server
+
+
+def test_keep_alive_requests_do_not_wait_for_delayed_acks(stories):
+    """Small responses on a kept-alive connection come back at once (TCP_NODELAY on accepted
+    sockets), not ~40 ms later."""
+    with httpx.Client(base_url=stories.url, timeout=30) as http:
+        http.get("/health")
+        times = []
+        for _ in range(11):
+            t0 = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[5] < 0.03, times
 
 
 def test_a_port_in_use_is_one_clear_error(stories, loop):
@@ -624,7 +678,7 @@ def test_stopping_an_answer_closes_its_stream_and_keeps_what_came(stories):
         pieces = [next(answer) for _ in range(3)]
         answer.close()  # what Ctrl-C does in the REPL
         assert client.history[-1] == {"role": "assistant", "content": "".join(pieces)}
-        _wait_idle(stories.engine)
+        _wait_idle(stories)
     finally:
         client.close()
 

@@ -69,7 +69,25 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return _JSON(self.body(), status_code=self.status, headers=headers)
+
+
+def _dumps(data: Any) -> bytes:
+    """Compact JSON in UTF-8; text a client sent with lone surrogates comes back escaped, not as a 500."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _dumps(content)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -246,8 +264,7 @@ _SSE_HEADERS = [
 
 
 def _sse(data: Any) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    return b"data: " + (data.encode() if isinstance(data, str) else _dumps(data)) + b"\n\n"
 
 
 # --------------------------------------------------------------------------- parameters
@@ -373,7 +390,7 @@ def _message_text(content: Any, index: int, role: str) -> str:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise _bad(f"Invalid content part in {param}: expected objects with a 'type'.", param, "invalid_type")
             if part["type"] != "text":
-                raise _bad(f"Content of type {part['type']!r} is not supported; only text is.", param,
+                raise _bad(f"Content of type {_short(repr(part['type']))} is not supported; only text is.", param,
                            "unsupported_value")
             if not isinstance(part.get("text"), str):
                 raise _bad(f"Invalid text part in {param}: 'text' must be a string.", param, "invalid_type")
@@ -396,7 +413,7 @@ def _chat_messages(body: dict) -> list[dict]:
             raise _bad(f"Invalid type for 'messages[{i}]': expected an object.", f"messages[{i}]", "invalid_type")
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise _bad(f"Invalid value for 'messages[{i}].role': {role!r}; supported roles are "
+            raise _bad(f"Invalid value for 'messages[{i}].role': {_short(repr(role))}; supported roles are "
                        f"{', '.join(sorted(CHAT_ROLES))}.", f"messages[{i}].role", "invalid_value")
         text = _message_text(message.get("content"), i, role)
         out.append({"role": "system" if role == "developer" else role, "content": text})
@@ -492,13 +509,13 @@ class Gateway:
     # ------------------------------------------------------------------ endpoints
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return _JSON({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != self.engine.model_name:
-            raise ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
-        return JSONResponse(self._model_card())
+            raise ApiError(404, f"The model '{_short(name)}' does not exist.", param="model", code="model_not_found")
+        return _JSON(self._model_card())
 
     def _model_card(self) -> dict:
         return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "p2pllm",
@@ -507,7 +524,7 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         target = self.forward_target()
         if target is not None:
-            return JSONResponse({"status": "ok", "mode": "forwarding", "coordinator": target})
+            return _JSON({"status": "ok", "mode": "forwarding", "coordinator": target})
         ready = getattr(self.engine, "ready", True)
         if callable(ready):
             ready = ready()
@@ -518,7 +535,7 @@ class Gateway:
         except Exception as e:
             ready = False
             body.update(status="unavailable", reason=f"engine stats failed: {e}")
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return _JSON(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -538,7 +555,7 @@ class Gateway:
         model = body.get("model")
         params = _common_params(body, engine.context, chat=chat)
         if model is not None and model != engine.model_name:
-            raise _bad(f"The model '{model}' does not exist; this server serves '{engine.model_name}'.", "model",
+            raise _bad(f"The model '{_short(model)}' does not exist; this server serves '{engine.model_name}'.", "model",
                        "model_not_found")
         prompt_ids = await (self._chat_prompt(body) if chat else self._completion_prompt(body))
         if not prompt_ids:
@@ -697,7 +714,7 @@ class _Job:
                       "finish_reason": event.finish_reason}
         else:
             choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": event.finish_reason}
-        return JSONResponse({
+        return _JSON({
             "id": self.cid,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
