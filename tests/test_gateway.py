@@ -552,6 +552,22 @@ def test_forwarding_passes_the_api_key_through(demo, loop):
         loop.run(forwarder.stop())
 
 
+def test_a_peer_without_engine_or_coordinator_answers_503(stories, loop):
+    coordinator: list[str] = []
+    peer = _serve(loop, None, forward_to=lambda: coordinator[0] if coordinator else None)
+    try:
+        with httpx.Client(base_url=peer.url, timeout=30) as http:
+            _error(http.post("/v1/completions", json={"prompt": "x"}), 503, "service_unavailable")
+            _error(http.get("/v1/models"), 503, "service_unavailable")
+            assert http.get("/health").status_code == 503
+            assert http.get("/metrics").status_code == 200
+            coordinator.append(stories.url)  # a coordinator is elected: the same peer now forwards
+            assert http.get("/v1/models").json()["data"][0]["id"] == stories.engine.model_name
+            assert http.get("/health").json()["mode"] == "forwarding"
+    finally:
+        loop.run(peer.stop())
+
+
 def test_an_unreachable_coordinator_is_a_503(stories, loop):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -100,15 +100,18 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
 class _EngineCollector:
     """Queue depth, running sequences and the engine's own numbers, read at scrape time."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, gateway: "Gateway"):
+        self.gateway = gateway
 
     def describe(self):
         return []
 
     def collect(self):
+        engine = self.gateway.engine
+        if engine is None:
+            return
         try:
-            stats = self.engine.stats()
+            stats = engine.stats()
         except Exception:  # a scrape must not fail because the engine is between plans
             log.debug("engine stats unavailable for /metrics", exc_info=True)
             return
@@ -132,7 +135,7 @@ class _EngineCollector:
 
 
 class GatewayMetrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, gateway: "Gateway"):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("p2pllm_gateway_requests", "HTTP requests answered, by endpoint and status.",
@@ -144,7 +147,7 @@ class GatewayMetrics:
                               registry=r)
         self.itl = Histogram("p2pllm_gateway_inter_token_latency_seconds",
                              "Time between two consecutive tokens of one request.", buckets=_ITL_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(gateway))
 
 
 def _endpoint_label(path: str) -> str:
@@ -426,17 +429,24 @@ def _chat_messages(body: dict) -> list[dict]:
 class Gateway:
     """State of one app: the engine, metrics, auth, forwarding."""
 
-    def __init__(self, engine: Engine, *, api_key: str | None, forward_to: Callable[[], str | None] | None,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, engine: Engine | None, *, api_key: str | None,
+                 forward_to: Callable[[], str | None] | None, max_body_bytes: int = MAX_BODY_BYTES):
         self.engine = engine
         self.api_key = api_key.encode() if api_key else None
         self.forward_to = forward_to
         self.max_body_bytes = max_body_bytes
-        self.metrics = GatewayMetrics(engine)
+        self.metrics = GatewayMetrics(self)
         self.started = int(time.time())
         self._http: httpx.AsyncClient | None = None
 
     # ------------------------------------------------------------------ auth, forwarding
+
+    def serving(self) -> Engine:
+        """The engine, or a 503 when this peer has none and no coordinator to forward to."""
+        if self.engine is None:
+            raise ApiError(503, "This peer does not serve the model and knows no coordinator to forward to yet.",
+                           code="service_unavailable")
+        return self.engine
 
     def authorized(self, headers: Headers) -> bool:
         if self.api_key is None:
@@ -513,18 +523,22 @@ class Gateway:
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if name != self.engine.model_name:
+        if name != self.serving().model_name:
             raise ApiError(404, f"The model '{_short(name)}' does not exist.", param="model", code="model_not_found")
         return _JSON(self._model_card())
 
     def _model_card(self) -> dict:
-        return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "p2pllm",
-                "max_model_len": self.engine.context}
+        engine = self.serving()
+        return {"id": engine.model_name, "object": "model", "created": self.started, "owned_by": "p2pllm",
+                "max_model_len": engine.context}
 
     async def health(self, request: Request) -> Response:
         target = self.forward_target()
         if target is not None:
             return _JSON({"status": "ok", "mode": "forwarding", "coordinator": target})
+        if self.engine is None:
+            return _JSON({"status": "unavailable", "reason": "no engine on this peer and no coordinator known"},
+                         status_code=503)
         ready = getattr(self.engine, "ready", True)
         if callable(ready):
             ready = ready()
@@ -551,7 +565,7 @@ class Gateway:
     async def _completion(self, request: Request, *, chat: bool) -> Response:
         arrived = time.perf_counter()
         body = _parse_json_object(await _read_body(request, self.max_body_bytes))
-        engine = self.engine
+        engine = self.serving()
         model = body.get("model")
         params = _common_params(body, engine.context, chat=chat)
         if model is not None and model != engine.model_name:
@@ -840,9 +854,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, forward_to: Callable[[], str | None] | None = None,
+def create_app(engine: Engine | None, *, api_key: str | None = None, forward_to: Callable[[], str | None] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    """The gateway's ASGI app for `engine`.
+    """The gateway's ASGI app for `engine` (None on a peer that only forwards: until it knows a
+    coordinator, /v1 answers 503 and /health says "unavailable").
 
     `api_key`: when set, every request but /health needs `Authorization: Bearer KEY`.
     `forward_to`: called per request; a base URL ("http://10.0.0.2:8700") means this peer is not

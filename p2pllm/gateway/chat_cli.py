@@ -35,7 +35,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--temperature", type=_temperature, default=0.7, help="0 is greedy (default 0.7)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--api-key", default=None, help="the gateway's API key (default: $P2PLLM_API_KEY)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer (default 600)")
+    p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for an answer (default 600)")
     p.set_defaults(func=cmd_chat)
 
 
@@ -48,6 +48,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -219,12 +231,12 @@ def cmd_chat(args) -> int:
 
 
 def _repl(client: ChatClient, model: str, system: str | None) -> int:
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     interactive = sys.stdin.isatty()
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
         print(f"connected to {model} at {client.host}; {HELP}", file=sys.stderr)
     while True:
         try:
