@@ -8,6 +8,7 @@ then frees the sequence on every stage).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -212,6 +213,9 @@ def _check(reply: httpx.Response) -> None:
 
 
 def cmd_chat(args) -> int:
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # httpx logs every request at INFO
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     api_key = args.api_key if args.api_key is not None else os.environ.get("P2PLLM_API_KEY") or None
     client = ChatClient(args.host, api_key=api_key, max_tokens=args.max_tokens, temperature=args.temperature,
                         seed=getattr(args, "seed", None), timeout=getattr(args, "timeout", 600.0))
