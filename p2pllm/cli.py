@@ -9,7 +9,9 @@ import os
 import sys
 
 from . import __version__
-from .errors import P2PError, UsageError
+from .cluster.plan_cli import add_plan_parser
+from .errors import P2PError
+from .gateway.chat_cli import add_chat_parser
 
 
 def _progress_printer(label: str):
@@ -274,12 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_model(sub)
     _add_join(sub)
     _add_status(sub)
-    try:
-        from .cluster.plan_cli import add_plan_parser
-    except ImportError:  # pragma: no cover - only while the planner is absent from a build
-        add_plan_parser = None
-    if add_plan_parser is not None:
-        add_plan_parser(sub)
+    add_plan_parser(sub)
+    add_chat_parser(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 0.5
 HELLO_INTERVAL = 1.0
 SETTLE_SECONDS = 1.0  # membership must be quiet this long before a (re)plan
+STARTUP_GRACE = 2.5  # mDNS answers take about a second: give peers started together time to meet
 LINK_REMEASURE_SECONDS = 60.0
 
 
@@ -111,6 +112,7 @@ class Daemon:
         self._link_measured_at: dict[str, float] = {}
         self._dial: set[str] = set(cfg.peers)
         self._stop = asyncio.Event()
+        self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self._proposing = False
         self.server = None
@@ -216,6 +218,8 @@ class Daemon:
         if reply.id == member.info.id:
             self.membership.heard_from(member.info.id, reply)
             self.highest_epoch = max(self.highest_epoch, reply.epoch)
+            known = {m.info.address for m in self.membership.members.values()}
+            self._dial.update(a for a in reply.peers[:256] if a not in known and a != self.address)
 
     async def _health_loop(self) -> None:
         while True:
@@ -253,6 +257,8 @@ class Daemon:
             if self.coordinator() != self.id or self._proposing:
                 continue
             if time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
+                continue
+            if self.committed is None and time.monotonic() - self.started_at < STARTUP_GRACE:
                 continue
             candidate = coord.candidate_plan(self.spec, self.membership, self.options)
             if not candidate.feasible:
@@ -314,8 +320,10 @@ class Daemon:
         if req.from_id in self.membership.members:
             self.membership.heard_from(req.from_id)
         links = [pb.LinkStats(peer_id=p, rtt_s=r, bw=b) for p, (r, b) in self._links.items()]
+        peers = [m.info.address for m in self.membership.members.values()
+                 if m.info.id != self.id and self.membership.is_live(m.info.id)]
         return pb.HealthReply(id=self.id, state=self.state, epoch=self.epoch, coordinator=self.coordinator(),
-                              load_progress=self.load_progress, links=links)
+                              load_progress=self.load_progress, links=links, peers=peers)
 
     async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply:
         reason = coord.validate_proposal(req, self.spec, self.spec.fingerprint, self.epoch, self.coordinator())
@@ -323,6 +331,9 @@ class Daemon:
             log.info("refused plan epoch %d: %s", req.epoch, reason)
             return pb.PlanReply(ok=False, reason=reason)
         self.highest_epoch = max(self.highest_epoch, req.epoch)
+        for s in req.stages:  # a stage peer we have not met yet: say hello (the ring needs it anyway)
+            if s.peer_id not in self.membership.members and s.peer_id != self.id:
+                self._dial.add(s.address)
         mine = coord.my_assignment(req, self.id)
         try:
             stage = await self._load(mine) if mine else None

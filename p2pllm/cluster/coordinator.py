@@ -55,6 +55,8 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
     lost = [s.peer_id for s in current.stages if not membership.is_live(s.peer_id)]
     if lost:
         return f"peer {lost[0][:8]} of the running plan is lost"
+    if candidate.strategy == "even" and {s.peer_id for s in current.stages} != {s.peer for s in candidate.stages}:
+        return "the strategy is even and the set of peers changed"  # even means every compatible peer
     if current_plan is not None and should_replace(current_plan, candidate, hysteresis):
         return "a better plan is available"
     return ""

@@ -13,25 +13,28 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import ModelFileError
 
-# safetensors dtype name -> (torch dtype, bytes per element)
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> (torch dtype name, bytes per element). torch is imported only where
+# tensors are read, so header-only users (`p2pllm plan`, `status`) start fast.
 _ST_DTYPES = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -124,6 +127,7 @@ class GGUFModelFile(ModelFile):
     def read(self, name: str) -> torch.Tensor:
         """The tensor in torch order; quantized types are dequantized to float32 by `gguf`."""
         import gguf
+        import torch
 
         info = self.require(name)
         t = self._raw[name]
@@ -273,13 +277,15 @@ class SafetensorsModelFile(ModelFile):
         self._maps: dict[Path, np.memmap] = {}
 
     def read(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self.require(name)
         shard_path, data_start = self._where[name]
         mm = self._maps.get(shard_path)
         if mm is None:
             mm = self._maps[shard_path] = np.memmap(shard_path, dtype=np.uint8, mode="r")
         raw = mm[data_start : data_start + info.nbytes]
-        dtype = _ST_DTYPES[info.dtype][0]
+        dtype = getattr(torch, _ST_DTYPES[info.dtype][0])
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(info.shape)

@@ -89,20 +89,22 @@ class LinkStats(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bw: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links")
+    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links", "peers")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     epoch: int
     coordinator: str
     load_progress: float
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
     __slots__ = ("peer_id", "address", "start", "end")

@@ -1,0 +1,121 @@
+"""Daemons on separate network-namespace hosts find each other and agree on one plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from netns import Hosts, hosts, netns_available  # noqa: F401  (hosts is a fixture)
+
+AGREE_WITHIN = 15.0
+
+
+def join(h: Hosts, i: int, model, *extra: str):
+    return h.popen(i, [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"host{i}",
+                       "--strategy", "even", *extra])
+
+
+def status(h: Hosts, i: int) -> dict | None:
+    proc = h.run(i, [sys.executable, "-m", "p2pllm", "status", "--json", "--host", f"{h.addr(i)}:7700"], timeout=30)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def wait_for_agreement(h: Hosts, members: list[int], n_layers: int, timeout: float = AGREE_WITHIN) -> list[dict]:
+    """Poll every member's status until all agree on coordinator, epoch and layers."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        with ThreadPoolExecutor(len(members)) as pool:
+            seen = list(pool.map(lambda i: status(h, i), members))
+        if all(s is not None and s["epoch"] > 0 for s in seen):
+            views = {(s["coordinator"], s["epoch"], _layers(s)) for s in seen}
+            if len(views) == 1 and _covers(seen[0], n_layers, len(members)):
+                return seen
+        time.sleep(0.5)
+    pytest.fail(f"no agreement within {timeout}s: {json.dumps(seen)[:2000]}\n{h.logs()[-6000:]}")
+
+
+def _layers(s: dict) -> tuple:
+    return tuple(sorted((p["id"], tuple(p["layers"])) for p in s["peers"] if p["layers"]))
+
+
+def _covers(s: dict, n_layers: int, n_peers: int) -> bool:
+    spans = sorted(tuple(p["layers"]) for p in s["peers"] if p["layers"])
+    bounds = [0] + [end for _, end in spans]
+    return len(spans) == n_peers and all(a == b for (a, _), b in zip(spans, bounds)) and bounds[-1] == n_layers
+
+
+def test_three_hosts_agree_on_one_plan_over_mdns(hosts, stories_gguf):
+    t0 = time.monotonic()
+    for i in (1, 2, 3):
+        join(hosts, i, stories_gguf)
+    views = wait_for_agreement(hosts, [1, 2, 3], n_layers=5)
+    elapsed = time.monotonic() - t0
+    s = views[0]
+    assert len(s["peers"]) == 3 and all(p["healthy"] and p["excluded_reason"] is None for p in s["peers"])
+    assert s["coordinator"] in {p["id"] for p in s["peers"]}
+    plan = s["plan"]
+    assert plan["feasible"] and plan["strategy"] == "even"
+    assert [st["layers"] for st in plan["stages"]] == sorted(p["layers"] for p in s["peers"])
+    assert elapsed < AGREE_WITHIN
+    log = hosts.logs()
+    assert "ready: epoch" in log and "plan epoch" in log and "joined at" in log
+
+
+def test_static_peers_without_mdns_agree_through_gossip(hosts, stories_gguf):
+    # host 3 knows only host 2, host 2 only host 1: the rest is learned from Hello replies
+    join(hosts, 1, stories_gguf, "--no-mdns")
+    join(hosts, 2, stories_gguf, "--no-mdns", "--peer", f"{hosts.addr(1)}:7700")
+    join(hosts, 3, stories_gguf, "--no-mdns", "--peer", f"{hosts.addr(2)}:7700")
+    views = wait_for_agreement(hosts, [1, 2, 3], n_layers=5)
+    assert len(views[0]["peers"]) == 3
+    assert "mDNS off" in hosts.logs()
+
+
+@pytest.mark.parametrize("hosts", [4], indirect=True)
+def test_a_host_with_another_model_is_excluded_with_its_reason(hosts, stories_gguf, demo_tiny_gguf):
+    for i in (1, 2, 3):
+        join(hosts, i, stories_gguf)
+    join(hosts, 4, demo_tiny_gguf)
+    views = wait_for_agreement(hosts, [1, 2, 3], n_layers=5)
+    deadline = time.monotonic() + 10
+    while True:
+        s = status(hosts, 1)
+        outsider = [p for p in s["peers"] if p["name"] == "host4"]
+        if outsider or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert outsider, json.dumps(s)
+    assert outsider[0]["layers"] is None
+    assert "another model" in outsider[0]["excluded_reason"]
+    assert views[0]["plan"]["stages"] and all(st["peer"] != outsider[0]["id"] for st in views[0]["plan"]["stages"])
+
+
+def test_status_table_and_unreachable_peer(hosts, stories_gguf):
+    join(hosts, 1, stories_gguf)
+    deadline = time.monotonic() + AGREE_WITHIN
+    while time.monotonic() < deadline and not (status(hosts, 1) or {}).get("epoch"):
+        time.sleep(0.5)
+    table = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(1)}:7700"], timeout=30)
+    assert table.returncode == 0, table.stderr
+    assert "epoch 1" in table.stdout and "host1" in table.stdout and "[0, 5)" in table.stdout
+    nobody = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(2)}:7700"], timeout=30)
+    assert_one_line_error(nobody, 1, "no p2pllm peer answers")
+
+
+def test_join_refuses_a_corrupt_model_with_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    assert_one_line_error(run_cli("join", "--model", bad, "--no-mdns"), 2, "bad.gguf", "magic")
+
+
+def test_join_refuses_bad_flags():
+    proc = run_cli("join", "--model", "x.gguf", "--port", "70000")
+    assert proc.returncode == 2 and "port must be between" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("join", "--model", "x.gguf", "--peer", "nohostport")
+    assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
