@@ -182,7 +182,9 @@ def cmd_join(args) -> int:
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
         device=args.device, max_memory=parse_size(args.max_memory) if args.max_memory else None,
         threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
-        context=args.context, reprobe=args.reprobe,
+        context=args.context, reprobe=args.reprobe, micro_batches=args.micro_batches,
+        wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
+        api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None,
     )
     if args.name:
         cfg.name = args.name
@@ -212,6 +214,11 @@ def _add_join(sub) -> None:
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=_positive_int, default=None, help="tokens of context to plan KV memory for")
     p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")
+    p.add_argument("--micro-batches", type=_positive_int, default=None,
+                   help="micro-batches in flight on the ring (default: the number of stages)")
+    p.add_argument("--wire-dtype", default="f32", choices=["f32", "f16", "bf16"],
+                   help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
+    p.add_argument("--api-key", default=None, help="require this bearer key on the gateway (or P2PLLM_API_KEY)")
     p.set_defaults(func=cmd_join)
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import PROTOCOL_VERSION
 from .cluster import coordinator as coord
@@ -25,7 +26,13 @@ from .cluster.planner import Plan, PlanOptions
 from .errors import P2PError
 from .model.spec import read_spec
 from .proto import p2pllm_pb2 as pb
+from .runtime.api import EngineStats
+from .runtime.cluster_engine import ClusterEngine, serve_generate
+from .runtime.cluster_ring import ClusterRing
+from .runtime.ring_stage import Binding, RingStage
+from .runtime.scheduler import Scheduler
 from .transport.client import ClientPool
+from .transport.ring import LinkPool
 from .transport.server import start_server
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,8 @@ class DaemonConfig:
     batch: int = 8
     hysteresis: float = 0.10
     reprobe: bool = False
+    wire_dtype: str | None = None  # activations on the wire: None = the compute dtype (exact)
+    api_key: str | None = None
 
 
 class Daemon:
@@ -67,6 +76,7 @@ class Daemon:
         self.cfg = cfg
         self.id = secrets.token_hex(8)
         self.spec = read_spec(cfg.model)
+        self.model_name = Path(cfg.model).name
         self.host = pick_interface_address(cfg.interface)
         self.address = f"{self.host}:{cfg.port}"
         self.caps = probe(device=cfg.device, threads=cfg.threads, max_memory=cfg.max_memory, reprobe=cfg.reprobe)
@@ -117,6 +127,15 @@ class Daemon:
         self._proposing = False
         self.server = None
         self.discovery = None
+        self.gateway = None
+        # data plane
+        self.links = LinkPool()
+        self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
+        self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
+        self.scheduler: Scheduler | None = None
+        from .model.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.model)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -145,6 +164,7 @@ class Daemon:
             log.info("mDNS: advertising and browsing on %s", self.host)
         else:
             log.info("mDNS off; static peers: %s", ", ".join(self.cfg.peers) or "none")
+        await self._start_gateway()
         self._tasks = [
             asyncio.create_task(self._hello_loop(), name="hello"),
             asyncio.create_task(self._health_loop(), name="health"),
@@ -162,12 +182,60 @@ class Daemon:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        await self.links.close()
         await self.clients.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _start_gateway(self) -> None:
+        from .gateway.app import create_app
+        from .gateway.server import serve_gateway
+
+        engine = ClusterEngine(
+            model_name=self.model_name, context=self.options.context, tokenizer=self.tokenizer,
+            clients=self.clients, local=lambda: self.scheduler, coordinator_address=self._coordinator_address,
+            not_ready=self._not_ready, stats=self._engine_stats,
+        )
+        self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key), self.cfg.gateway_host,
+                                           self.cfg.gateway_port)
+        log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator)", self.gateway_url)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.cfg.gateway_host}:{self.cfg.gateway_port}/v1"
+
+    def _coordinator_address(self) -> str | None:
+        if self.committed is None:
+            return None
+        member = self.membership.members.get(self.committed.coordinator)
+        return member.info.address if member is not None else self.committed.head_address
+
+    def _not_ready(self) -> str:
+        if self.committed is None:
+            return "the cluster has no plan yet (peers are still meeting or loading)"
+        lost = [s.peer_id for s in self.committed.stages if not self.membership.is_live(s.peer_id)]
+        if lost:
+            return f"peer {lost[0][:8]} of the running plan is lost; the cluster is replanning"
+        return ""
+
+    def _engine_stats(self) -> EngineStats:
+        if self.scheduler is not None:
+            stats = self.scheduler.stats()
+        else:
+            stats = EngineStats(stages=len(self.committed.stages) if self.committed else 0, epoch=self.epoch)
+        stats.extra.update({
+            "stage_compute_seconds": self.ring_stage.compute_seconds,
+            "stage_frames": self.ring_stage.frames,
+            "ring_bytes_sent": self.links.bytes_sent(),
+        })
+        return stats
 
     def _announcement(self) -> Announcement:
         return Announcement(
@@ -226,7 +294,12 @@ class Daemon:
             self.membership.touch_self()
             others = [m for m in self.membership.members.values() if m.info.id != self.id]
             await asyncio.gather(*(self._health_one(m) for m in others))
-            self.membership.expire()
+            lost = self.membership.expire()
+            if lost and self.ring is not None and self.committed is not None:
+                stage_peers = {s.peer_id for s in self.committed.stages}
+                for pid in lost:
+                    if pid in stage_peers:
+                        self.ring.fail_all(f"peer {pid[:8]} of the ring was lost")
             await asyncio.sleep(HEALTH_INTERVAL)
 
     async def _link_loop(self) -> None:
@@ -353,16 +426,46 @@ class Daemon:
         if proposal.coordinator != req.coordinator:
             return pb.PlanReply(ok=False, reason="commit from another coordinator than the proposal's")
         self.epoch, self.committed, self.stage = req.epoch, proposal, stage
+        self._bind_ring(proposal, stage)
         self.state = "serving"
         mine = coord.my_assignment(proposal, self.id)
         where = f"layers [{mine[0]}, {mine[1]})" if mine else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
                  where)
-        log.info("ready: epoch %d, coordinator %s, %s", self.epoch, proposal.coordinator[:8], where)
+        log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,
+                 self.gateway_url)
         return pb.PlanReply(ok=True)
 
     def on_status(self) -> str:
         return json.dumps(self.status())
+
+    async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
+        if frame.to_head:
+            if self.ring is None:
+                return pb.FrameAck(micro_batch=frame.micro_batch, error="this peer is not the head")
+            self.ring.deliver(frame)
+            return pb.FrameAck(micro_batch=frame.micro_batch)
+        return pb.FrameAck(micro_batch=frame.micro_batch, error=await self.ring_stage.handle(frame))
+
+    def on_generate(self, req: pb.GenerateRequest):
+        return serve_generate(self.scheduler, req)
+
+    def _bind_ring(self, proposal: pb.PlanProposal, stage) -> None:
+        addresses = [s.address for s in proposal.stages]
+        mine = [i for i, s in enumerate(proposal.stages) if s.peer_id == self.id]
+        nxt = addresses[mine[0] + 1] if mine and mine[0] + 1 < len(addresses) else None
+        self.ring_stage.bind(Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context))
+        if proposal.coordinator == self.id:
+            if self.ring is None:
+                self.ring = ClusterRing(self.links)
+                self.scheduler = Scheduler(self.ring, self.tokenizer, model_name=self.model_name,
+                                           context=self.options.context, vocab=self.spec.vocab,
+                                           micro_batches=self.cfg.micro_batches)
+                asyncio.get_running_loop().create_task(self.scheduler.start())
+            self.ring.configure(proposal.epoch, addresses)
+        elif self.scheduler is not None:  # no longer the head: its requests fail cleanly
+            scheduler, self.scheduler, self.ring = self.scheduler, None, None
+            asyncio.get_running_loop().create_task(scheduler.stop())
 
     # ------------------------------------------------------------------ loading
     async def _load(self, rng: tuple[int, int]):
@@ -406,10 +509,14 @@ class Daemon:
                 "state": self.state if m.info.id == self.id else m.state,
                 "epoch": self.epoch if m.info.id == self.id else m.epoch,
             })
+        engine = self._engine_stats()
         return {
             "id": self.id,
             "coordinator": self.coordinator(),
             "epoch": self.epoch,
+            "gateway": self.gateway_url,
+            "active_sequences": engine.running + engine.queued,
+            "kv_sequences": len(self.stage.kv.sequences()) if self.stage is not None else 0,
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
         }

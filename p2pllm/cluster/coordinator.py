@@ -73,6 +73,7 @@ def to_proposal(p: Plan, epoch: int, coordinator: str, membership: Membership, f
         stages=stages,
         plan_json=json.dumps(p.to_json()),
         model_fingerprint=fingerprint,
+        head_address=membership.members[coordinator].info.address,
     )
 
 

@@ -69,6 +69,11 @@ class PeerStub:
                 request_serializer=p2pllm__pb2.Frame.SerializeToString,
                 response_deserializer=p2pllm__pb2.FrameAck.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/p2pllm.v1.Peer/Generate',
+                request_serializer=p2pllm__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -117,6 +122,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """The coordinator's engine, for the gateways of the other peers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +166,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Ring,
                     request_deserializer=p2pllm__pb2.Frame.FromString,
                     response_serializer=p2pllm__pb2.FrameAck.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=p2pllm__pb2.GenerateRequest.FromString,
+                    response_serializer=p2pllm__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +362,33 @@ class Peer:
             '/p2pllm.v1.Peer/Ring',
             p2pllm__pb2.Frame.SerializeToString,
             p2pllm__pb2.FrameAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/p2pllm.v1.Peer/Generate',
+            p2pllm__pb2.GenerateRequest.SerializeToString,
+            p2pllm__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

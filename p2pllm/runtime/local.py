@@ -145,7 +145,8 @@ class LocalPipeline:
 
     def engine(self, **kwargs) -> Scheduler:
         name = Path(self.path).name
-        return Scheduler(self.ring, self.tokenizer, model_name=name, context=self.spec.context, **kwargs)
+        return Scheduler(self.ring, self.tokenizer, model_name=name, context=self.spec.context, vocab=self.spec.vocab,
+                         **kwargs)
 
     def generate(self, prompt_ids: list[int], *, max_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
                  stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,

@@ -53,7 +53,7 @@ class _Seq:
 class Scheduler:
     def __init__(self, ring: Ring, tokenizer: Tokenizer, *, model_name: str, context: int,
                  micro_batches: int | None = None, prefill_chunk: int = 256, token_budget: int = 512,
-                 max_running: int = 64):
+                 max_running: int = 64, vocab: int | None = None):
         self.ring = ring
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -62,6 +62,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.token_budget = max(token_budget, prefill_chunk)
         self.max_running = max_running
+        self.vocab = vocab or tokenizer.vocab_size
         self._seqs: dict[int, _Seq] = {}
         self._ids = itertools.count(1)
         self._mb_ids = itertools.count(1)
@@ -105,6 +106,8 @@ class Scheduler:
                 f"This model's maximum context length is {self.context} tokens; the prompt has {n} tokens.",
                 code="context_length_exceeded",
             )
+        if not 0 <= min(req.prompt_ids) <= max(req.prompt_ids) < self.vocab:
+            raise EngineError(f"prompt token ids must be between 0 and {self.vocab - 1}")
         if req.max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {req.max_tokens}")
         if n + req.max_tokens > self.context:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import AsyncIterator, Protocol
 
 import grpc
 
@@ -33,6 +33,8 @@ class ControlHandler(Protocol):
     async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply: ...
     async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply: ...
     def on_status(self) -> str: ...
+    async def on_frame(self, frame: pb.Frame) -> pb.FrameAck: ...
+    def on_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]: ...
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -60,11 +62,12 @@ class PeerService(pb_grpc.PeerServicer):
         return pb.PingReply(payload=bytes(request.reply_bytes))
 
     async def Ring(self, request_iterator, context):
-        handler = getattr(self.handler, "on_ring", None)
-        if handler is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer serves no ring yet")
-        async for ack in handler(request_iterator, context):
-            yield ack
+        async for frame in request_iterator:
+            yield await self.handler.on_frame(frame)
+
+    async def Generate(self, request, context):
+        async for event in self.handler.on_generate(request):
+            yield event
 
 
 async def start_server(handler: ControlHandler, host: str, port: int) -> grpc.aio.Server:

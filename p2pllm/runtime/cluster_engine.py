@@ -1,0 +1,124 @@
+"""The engine every peer's gateway talks to: the coordinator's scheduler, here or over gRPC.
+
+On the coordinator a request goes straight to the local Scheduler; on any other peer it is
+forwarded with the Generate RPC (the coordinator's gateway may listen on loopback only, the
+peers' gRPC ports are what the cluster shares). Tokenizing happens on the receiving peer: every
+peer has the same model (fingerprint-checked).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from ..model.sampling import SamplingParams
+from ..model.tokenizer import Tokenizer
+from ..proto import p2pllm_pb2 as pb
+from ..transport.client import ClientPool
+from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ClusterEngine:
+    def __init__(self, *, model_name: str, context: int, tokenizer: Tokenizer, clients: ClientPool,
+                 local: Callable[[], Scheduler | None], coordinator_address: Callable[[], str | None],
+                 not_ready: Callable[[], str], stats: Callable[[], EngineStats]):
+        self.model_name = model_name
+        self.context = context
+        self.tokenizer = tokenizer
+        self._clients = clients
+        self._local = local
+        self._coordinator_address = coordinator_address
+        self._not_ready = not_ready
+        self._stats = stats
+
+    @property
+    def ready(self) -> bool:
+        return not self._not_ready()
+
+    def stats(self) -> EngineStats:
+        return self._stats()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        reason = self._not_ready()
+        if reason:
+            raise EngineError(reason, status=503, code="service_unavailable")
+        local = self._local()
+        if local is not None:
+            return await local.generate(req)
+        address = self._coordinator_address()
+        if address is None:
+            raise EngineError("no coordinator is known yet", status=503, code="service_unavailable")
+        return await _remote_generate(self._clients.get(address).stub, address, req)
+
+
+async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    s = req.sampling
+    call = stub.Generate(pb.GenerateRequest(
+        request_id=req.request_id, prompt_ids=req.prompt_ids, max_tokens=req.max_tokens,
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, has_seed=s.seed is not None, seed=s.seed or 0,
+        stop=list(req.stop), ignore_eos=req.ignore_eos,
+    ))
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as e:
+        raise EngineError(f"the coordinator at {address} is unreachable ({e.code().name.lower()})", status=503,
+                          code="service_unavailable") from None
+    if first is grpc.aio.EOF:
+        raise EngineError(f"the coordinator at {address} closed the request", status=503, code="service_unavailable")
+    if first.status:
+        raise EngineError(first.error, status=first.status, code=first.code or "invalid_request_error")
+    return _stream(call, first, address)
+
+
+async def _stream(call, first: pb.GenerateEvent, address: str) -> AsyncIterator[TokenEvent]:
+    try:
+        event = first
+        while True:
+            yield _event(event)
+            if event.finish_reason:
+                return
+            try:
+                event = await call.read()
+            except grpc.aio.AioRpcError as e:
+                yield TokenEvent(None, "", "error", f"lost the coordinator at {address} ({e.code().name.lower()})")
+                return
+            if event is grpc.aio.EOF:
+                yield TokenEvent(None, "", "error", f"the coordinator at {address} ended the stream early")
+                return
+    finally:
+        call.cancel()  # the client went away: the coordinator cancels the sequence
+
+
+def _event(e: pb.GenerateEvent) -> TokenEvent:
+    return TokenEvent(e.token_id if e.has_token else None, e.text, e.finish_reason or None, e.error or None)
+
+
+async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+    """The coordinator's side of the Generate RPC."""
+    if scheduler is None:
+        yield pb.GenerateEvent(status=503, code="service_unavailable", finish_reason="error",
+                               error="this peer is not the coordinator (the cluster is changing; retry)")
+        return
+    try:
+        sampling = SamplingParams(request.temperature, request.top_k, request.top_p,
+                                  request.seed if request.has_seed else None).validate()
+        req = GenerationRequest(request.request_id, list(request.prompt_ids), request.max_tokens, sampling,
+                                tuple(request.stop[:16]), request.ignore_eos)
+        events = await scheduler.generate(req)
+    except EngineError as e:
+        yield pb.GenerateEvent(status=e.status, code=e.code, error=str(e), finish_reason="error")
+        return
+    except Exception as e:  # bad parameters (UsageError) and the like
+        yield pb.GenerateEvent(status=400, code="invalid_request_error", error=str(e), finish_reason="error")
+        return
+    try:
+        async for ev in events:
+            yield pb.GenerateEvent(has_token=ev.token_id is not None, token_id=ev.token_id or 0, text=ev.text,
+                                   finish_reason=ev.finish_reason or "", error=ev.error or "")
+    finally:
+        await events.aclose()

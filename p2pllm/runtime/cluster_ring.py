@@ -1,0 +1,61 @@
+"""The head's view of the gRPC ring: send a micro-batch to the first stage, await its tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..proto import p2pllm_pb2 as pb
+from ..transport import frames
+from ..transport.ring import LinkPool
+from .frames import MicroBatch
+from .scheduler import RingUnavailable
+
+log = logging.getLogger(__name__)
+
+# A backstop only: a lost peer fails its micro-batches as soon as membership notices.
+MICRO_BATCH_TIMEOUT = 300.0
+
+
+class ClusterRing:
+    def __init__(self, links: LinkPool):
+        self.links = links
+        self.epoch = 0
+        self.first_address: str | None = None
+        self.n_stages = 1
+        self._pending: dict[int, asyncio.Future] = {}
+
+    def configure(self, epoch: int, stage_addresses: list[str]) -> None:
+        """Serve a newly committed plan; micro-batches of the old epoch fail (stages refuse them)."""
+        self.epoch = epoch
+        self.first_address = stage_addresses[0]
+        self.n_stages = len(stage_addresses)
+
+    async def run(self, mb: MicroBatch) -> list[int]:
+        if self.first_address is None:
+            raise RingUnavailable("the cluster has no committed plan yet")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[mb.mb_id] = fut
+        try:
+            await self.links.get(self.first_address).send(frames.encode(mb))
+            return await asyncio.wait_for(fut, MICRO_BATCH_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise RingUnavailable(f"no answer from the ring for {MICRO_BATCH_TIMEOUT:.0f}s") from None
+        finally:
+            self._pending.pop(mb.mb_id, None)
+
+    def deliver(self, frame: pb.Frame) -> None:
+        """A result frame from the last stage (or an error from any stage)."""
+        fut = self._pending.get(frame.micro_batch)
+        if fut is None or fut.done():
+            log.debug("result for unknown micro-batch %d", frame.micro_batch)
+            return
+        if frame.error:
+            fut.set_exception(RingUnavailable(frame.error))
+        else:
+            fut.set_result(list(frame.sampled))
+
+    def fail_all(self, reason: str) -> None:
+        for fut in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(RingUnavailable(reason))

@@ -1,0 +1,80 @@
+"""A peer's part of the ring: check each frame against the committed plan, run its layers,
+pass the result on (to the next stage, or the sampled tokens back to the head)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import P2PError
+from ..model.spec import ModelSpec
+from ..proto import p2pllm_pb2 as pb
+from ..transport import frames
+from ..transport.ring import LinkPool
+from .stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What the committed plan says this peer does."""
+
+    epoch: int
+    stage: Stage | None  # None: no layers here in this epoch
+    next_address: str | None  # None on the last stage
+    head_address: str
+    context: int
+
+
+class RingStage:
+    def __init__(self, spec: ModelSpec, links: LinkPool, compute: ThreadPoolExecutor, wire_dtype: str | None = None):
+        self.spec = spec
+        self.links = links
+        self.compute = compute
+        self.wire_dtype = wire_dtype
+        self.binding: Binding | None = None
+        self.compute_seconds = 0.0
+        self.frames = 0
+
+    def bind(self, binding: Binding) -> None:
+        self.binding = binding
+
+    async def handle(self, frame: pb.Frame) -> str:
+        """Process one frame from the predecessor; returns the refusal reason ('' when accepted)."""
+        b = self.binding
+        try:
+            if b is None or b.stage is None:
+                raise frames.FrameError(f"this peer holds no layers in epoch {b.epoch if b else 0}")
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self.compute, self._process, b, frame)
+        except P2PError as e:
+            log.warning("refused micro-batch %d (epoch %d): %s", frame.micro_batch, frame.epoch, e)
+            if b is not None:
+                await self.links.get(b.head_address).send(frames.result_frame(frame.epoch, frame.micro_batch,
+                                                                              error=str(e)))
+            return str(e)
+        mb, result = out
+        if b.stage.is_last:
+            await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, sampled=result))
+        else:
+            await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
+        return ""
+
+    def _process(self, b: Binding, frame: pb.Frame):
+        t0 = time.perf_counter()
+        stage = b.stage
+        mb, hidden = frames.decode(frame, self.spec, b.epoch, b.context, stage.is_first,
+                                   device=stage.decoder.device, dtype=stage.decoder.dtype)
+        if stage.is_last:
+            missing = [c.seq_id for c in mb.chunks if c.sample and c.seq_id not in stage.samplers
+                       and c.seq_id not in {s.seq_id for s in mb.starts}]
+            if missing:
+                raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
+        result = stage.process(mb, hidden)
+        self.compute_seconds += time.perf_counter() - t0
+        self.frames += 1
+        return mb, result

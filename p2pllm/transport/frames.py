@@ -1,0 +1,100 @@
+"""MicroBatch <-> protobuf Frame, and the checks a received frame must pass before any use.
+
+Every field that comes from the network is checked against the committed plan and the model:
+epoch, sequence ids, positions within the context, token ids within the vocabulary, the hidden
+tensor's dtype, shape and byte length, sampling parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import P2PError, UsageError
+from ..model.sampling import SamplingParams
+from ..model.spec import ModelSpec
+from ..proto import p2pllm_pb2 as pb
+from ..runtime.frames import Chunk, MicroBatch, SeqStart
+from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
+
+MAX_FRAME_TOKENS = 16384
+MAX_FRAME_CHUNKS = 1024
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class FrameError(P2PError):
+    """A frame that does not match the committed plan; refused, never half-applied."""
+
+
+def encode(mb: MicroBatch, hidden: torch.Tensor | None = None, wire_dtype: str | None = None) -> pb.Frame:
+    frame = pb.Frame(
+        epoch=mb.epoch,
+        micro_batch=mb.mb_id,
+        chunks=[pb.Chunk(seq_id=c.seq_id, start=c.start, length=c.length, sample=c.sample) for c in mb.chunks],
+        starts=[_encode_start(s) for s in mb.starts],
+        finished=mb.finished,
+    )
+    if hidden is not None:
+        blob = tensor_to_blob(hidden, wire_dtype)
+        frame.hidden.CopyFrom(pb.Tensor(dtype=blob.dtype, shape=list(blob.shape), data=blob.data))
+    else:
+        frame.tokens.extend(mb.tokens)
+    return frame
+
+
+def result_frame(epoch: int, mb_id: int, sampled: list[int] | None = None, error: str = "") -> pb.Frame:
+    return pb.Frame(epoch=epoch, micro_batch=mb_id, sampled=sampled or [], error=error, to_head=True)
+
+
+def _encode_start(s: SeqStart) -> pb.SequenceStart:
+    p = s.sampling
+    return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, temperature=p.temperature, top_k=p.top_k,
+                            top_p=p.top_p, has_seed=p.seed is not None, seed=p.seed or 0)
+
+
+def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bool,
+           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+           ) -> tuple[MicroBatch, torch.Tensor | None]:
+    """A checked MicroBatch (and hidden states for a non-first stage), or FrameError."""
+    if frame.epoch != epoch:
+        raise FrameError(f"frame of epoch {frame.epoch}, this peer serves epoch {epoch}")
+    if len(frame.chunks) > MAX_FRAME_CHUNKS:
+        raise FrameError(f"{len(frame.chunks)} chunks in one frame (limit {MAX_FRAME_CHUNKS})")
+    chunks, seen, n_tokens = [], set(), 0
+    for c in frame.chunks:
+        if c.length < 1 or c.start + c.length > context:
+            raise FrameError(f"sequence {c.seq_id}: positions [{c.start}, {c.start + c.length}) outside the context")
+        if c.seq_id in seen:
+            raise FrameError(f"sequence {c.seq_id} appears twice in one frame")
+        seen.add(c.seq_id)
+        n_tokens += c.length
+        chunks.append(Chunk(c.seq_id, c.start, c.length, c.sample))
+    if n_tokens > MAX_FRAME_TOKENS:
+        raise FrameError(f"{n_tokens} tokens in one frame (limit {MAX_FRAME_TOKENS})")
+    starts = []
+    for s in frame.starts:
+        if not 0 < s.capacity <= context:
+            raise FrameError(f"sequence {s.seq_id}: capacity {s.capacity} outside the context of {context}")
+        try:
+            params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed if s.has_seed else None).validate()
+        except UsageError as e:
+            raise FrameError(f"sequence {s.seq_id}: {e}") from None
+        starts.append(SeqStart(s.seq_id, s.capacity, params))
+    tokens: list[int] = []
+    hidden = None
+    if first:
+        tokens = list(frame.tokens)
+        if len(tokens) != n_tokens:
+            raise FrameError(f"{len(tokens)} token ids for {n_tokens} positions")
+        if tokens and not 0 <= min(tokens) <= max(tokens) < spec.vocab:
+            raise FrameError(f"token id outside the vocabulary of {spec.vocab}")
+    elif chunks:
+        if not frame.HasField("hidden"):
+            raise FrameError("no hidden states in a frame for a middle stage")
+        t = frame.hidden
+        try:
+            hidden = blob_to_tensor(TensorBlob(t.dtype, tuple(t.shape), t.data), expect_shape=(n_tokens, spec.hidden),
+                                    allowed=ACTIVATION_DTYPES, device=device, out_dtype=dtype)
+        except WireError as e:
+            raise FrameError(f"hidden states: {e}") from None
+    mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished))
+    return mb, hidden
