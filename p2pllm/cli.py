@@ -10,6 +10,7 @@ import sys
 
 from . import __version__
 from .cluster.plan_cli import add_plan_parser
+from .demo_cluster import add_demo_parser
 from .errors import P2PError
 from .gateway.chat_cli import add_chat_parser
 
@@ -176,7 +177,6 @@ def cmd_join(args) -> int:
     from .cluster.capability import parse_size
     from .daemon import Daemon, DaemonConfig
 
-    _set_threads(args.threads)
     cfg = DaemonConfig(
         model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     add_plan_parser(sub)
     add_chat_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("gguf", "httpx", "httpcore"):  # their per-file / per-request INFO lines are not ours to print
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except P2PError as e:
