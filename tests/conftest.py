@@ -59,3 +59,27 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, *nee
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference; scripts/setup.sh installs it")
+
+
+def llama_cpp_model(llama_cpp, path, n_ctx=512):
+    # f32 KV cache (type 0): llama.cpp's default f16 cache can flip near-ties in random models
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
+                           seed=0, type_k=0, type_v=0)
+
+
+def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    for _ in range(n):
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        if tok == llm.token_eos():
+            break
+        out.append(tok)
+        llm.eval([tok])
+    return out

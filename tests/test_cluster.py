@@ -5,49 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from clusterutil import AGREE_WITHIN, join, status, wait_for_agreement
 from conftest import assert_one_line_error, run_cli
-from netns import Hosts, hosts, netns_available  # noqa: F401  (hosts is a fixture)
-
-AGREE_WITHIN = 15.0
-
-
-def join(h: Hosts, i: int, model, *extra: str):
-    return h.popen(i, [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"host{i}",
-                       "--strategy", "even", *extra])
-
-
-def status(h: Hosts, i: int) -> dict | None:
-    proc = h.run(i, [sys.executable, "-m", "p2pllm", "status", "--json", "--host", f"{h.addr(i)}:7700"], timeout=30)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def wait_for_agreement(h: Hosts, members: list[int], n_layers: int, timeout: float = AGREE_WITHIN) -> list[dict]:
-    """Poll every member's status until all agree on coordinator, epoch and layers."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        with ThreadPoolExecutor(len(members)) as pool:
-            seen = list(pool.map(lambda i: status(h, i), members))
-        if all(s is not None and s["epoch"] > 0 for s in seen):
-            views = {(s["coordinator"], s["epoch"], _layers(s)) for s in seen}
-            if len(views) == 1 and _covers(seen[0], n_layers, len(members)):
-                return seen
-        time.sleep(0.5)
-    pytest.fail(f"no agreement within {timeout}s: {json.dumps(seen)[:2000]}\n{h.logs()[-6000:]}")
-
-
-def _layers(s: dict) -> tuple:
-    return tuple(sorted((p["id"], tuple(p["layers"])) for p in s["peers"] if p["layers"]))
-
-
-def _covers(s: dict, n_layers: int, n_peers: int) -> bool:
-    spans = sorted(tuple(p["layers"]) for p in s["peers"] if p["layers"])
-    bounds = [0] + [end for _, end in spans]
-    return len(spans) == n_peers and all(a == b for (a, _), b in zip(spans, bounds)) and bounds[-1] == n_layers
+from netns import hosts  # noqa: F401  (a fixture)
 
 
 def test_three_hosts_agree_on_one_plan_over_mdns(hosts, stories_gguf):

@@ -14,7 +14,7 @@ from p2pllm.model.sampling import SamplingParams
 from p2pllm.model.spec import read_spec
 from p2pllm.runtime.local import LocalPipeline
 
-from conftest import run_cli
+from conftest import llama_cpp_greedy, llama_cpp_model, run_cli
 
 # published with llama2.c (doc/stories260K.md), temperature 0, and ../shared/models/README.md
 STORIES_SAMPLE = (
@@ -24,30 +24,6 @@ STORIES_SAMPLE = (
 STORIES_FROM_BOS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
                     267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "Tom had a red ball. He"]
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference; scripts/setup.sh installs it")
-
-
-def llama_cpp_model(llama_cpp, path, n_ctx=512):
-    # f32 KV cache (type 0): llama.cpp's default f16 cache can flip near-ties in random models
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
-                           seed=0, type_k=0, type_v=0)
-
-
-def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(prompt_ids)
-    out = []
-    for _ in range(n):
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
-        if tok == llm.token_eos():
-            break
-        out.append(tok)
-        llm.eval([tok])
-    return out
 
 
 @pytest.fixture(scope="module")

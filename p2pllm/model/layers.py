@@ -86,6 +86,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+class Linear:
+    """y = x W^T + b over rows x [T, in], with W stored in the layout that streams fastest.
+
+    Decoding multiplies one row by every weight matrix, so it is bound by how fast the matrix
+    streams from memory. On CPU, MKL's single-row GEMM reads a matrix with many more outputs
+    than inputs much faster (1.3-1.9x on an AMD EPYC) when it is stored input-major (W^T
+    contiguous) than in PyTorch's [out, in] layout; matrices with fewer outputs than inputs are
+    faster as they are. The transpose happens once, here, at load time.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        out_f, in_f = weight.shape
+        self.in_major = weight.device.type == "cpu" and out_f > in_f
+        self.weight = weight.t().contiguous() if self.in_major else weight.contiguous()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.in_major:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight)
+        return torch.addmm(self.bias, x, self.weight)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W (an embedding lookup on a tied output head)."""
+        if self.in_major:
+            return self.weight.index_select(1, ids).t()
+        return F.embedding(ids, self.weight)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -96,23 +126,25 @@ class DecoderLayer:
         def t(x):
             return None if x is None else x.to(device=device, dtype=dtype).contiguous()
 
+        def lin(w, b=None):
+            return Linear(w.to(device=device, dtype=dtype), t(b))
+
         self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.q_dim = self.n_heads * self.hd
         self.kv_dim = self.n_kv * self.hd
         self.eps = spec.norm_eps
         self.attn_norm = t(w.attn_norm)
         self.ffn_norm = t(w.ffn_norm)
-        self.w_qkv = t(torch.cat([w.wq, w.wk, w.wv], dim=0))
-        self.b_qkv = t(torch.cat([w.bq, w.bk, w.bv])) if w.bq is not None else None
-        self.wo = t(w.wo)
-        self.w_gate_up = t(torch.cat([w.w_gate, w.w_up], dim=0))
-        self.w_down = t(w.w_down)
+        self.qkv = lin(torch.cat([w.wq, w.wk, w.wv], dim=0), torch.cat([w.bq, w.bk, w.bv]) if w.bq is not None else None)
+        self.wo = lin(w.wo)
+        self.gate_up = lin(torch.cat([w.w_gate, w.w_up], dim=0))
+        self.down = lin(w.w_down)
         self.ffn = spec.ffn
 
     def forward(self, x, cos, sin, meta: BatchMeta, kv: KVCache, layer: int) -> torch.Tensor:
         T = x.shape[0]
         h = rms_norm(x, self.attn_norm, self.eps)
-        qkv = F.linear(h, self.w_qkv, self.b_qkv)
+        qkv = self.qkv(h)
         q = qkv[:, : self.q_dim].view(T, self.n_heads, self.hd)
         k = qkv[:, self.q_dim : self.q_dim + self.kv_dim].view(T, self.n_kv, self.hd)
         v = qkv[:, self.q_dim + self.kv_dim :].view(T, self.n_kv, self.hd)
@@ -137,10 +169,10 @@ class DecoderLayer:
             )
             out[sl] = o[0].transpose(0, 1)
             row += c.length
-        x = x + F.linear(out.view(T, self.q_dim), self.wo)
+        x = x + self.wo(out.view(T, self.q_dim))
         h = rms_norm(x, self.ffn_norm, self.eps)
-        gu = F.linear(h, self.w_gate_up)
-        x = x + F.linear(F.silu(gu[:, : self.ffn]) * gu[:, self.ffn :], self.w_down)
+        gu = self.gate_up(h)
+        x = x + self.down(F.silu(gu[:, : self.ffn]) * gu[:, self.ffn :])
         return x
 
 
@@ -155,9 +187,11 @@ class DecoderSlice:
         self.dtype, self.device = dtype, torch.device(device)
         self.is_first = weights.start == 0
         self.is_last = weights.end == spec.n_layers
-        self.embed = weights.embed.to(device=device, dtype=dtype) if self.is_first else None
         self.norm = weights.norm.to(device=device, dtype=dtype) if self.is_last else None
-        self.head = weights.head.to(device=device, dtype=dtype).contiguous() if self.is_last else None
+        self.head = Linear(weights.head.to(device=device, dtype=dtype)) if self.is_last else None
+        # a tied embedding on a slice holding both ends is not copied: rows come from the head
+        self.embed_from_head = self.is_first and self.is_last and weights.embed is weights.head
+        self.embed = weights.embed.to(device=device, dtype=dtype) if self.is_first and not self.embed_from_head else None
         self.layers = [DecoderLayer(spec, w, dtype, device) for w in weights.layers]
         cos, sin = rope_tables(spec, weights.rope_freq_factors, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
@@ -178,7 +212,7 @@ class DecoderSlice:
         last token of each chunk (the only ones anyone samples from).
         """
         if self.is_first:
-            x = F.embedding(x, self.embed)
+            x = self.head.rows(x) if self.embed_from_head else F.embedding(x, self.embed)
         cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd], broadcast over heads
         sin = self.sin[meta.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
@@ -186,7 +220,7 @@ class DecoderSlice:
         if not self.is_last:
             return x
         x = rms_norm(x.index_select(0, meta.last_rows), self.norm, self.spec.norm_eps)
-        return F.linear(x, self.head).float()
+        return self.head(x).float()
 
     @torch.inference_mode()
     def forward_all_logits(self, x: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:

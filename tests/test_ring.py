@@ -1,0 +1,101 @@
+"""Tokens through a real cluster: three namespace hosts, real gRPC ring, real HTTP, openai client."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from clusterutil import client, coordinator_host, join, status, wait_for_agreement
+from conftest import llama_cpp_model
+from netns import Hosts, netns_available
+from p2pllm.runtime.local import LocalPipeline
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "Tom had a red ball. He"]
+
+
+@pytest.fixture(scope="module")
+def cluster(stories_gguf, tmp_path_factory):
+    """One three-host cluster shared by this module's tests (each test leaves it idle)."""
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    with Hosts(3, log_dir=tmp_path_factory.mktemp("ring-logs")) as h:
+        for i in (1, 2, 3):
+            join(h, i, stories_gguf)
+        views = wait_for_agreement(h, [1, 2, 3], n_layers=5)
+        yield h, views[0]
+
+
+def test_greedy_completions_through_the_ring_equal_llama_cpp(cluster, llama_cpp, stories_gguf):
+    h, view = cluster
+    llm = llama_cpp_model(llama_cpp, stories_gguf)
+    expected = []
+    for p in PROMPTS:
+        llm.reset()
+        expected.append(llm.create_completion(p, max_tokens=40, temperature=0.0)["choices"][0]["text"])
+    # ask through a peer that is not the coordinator: its gateway forwards over gRPC
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    got = client(h, other, {"kind": "complete", "model": "stories260K.gguf", "prompts": PROMPTS,
+                            "max_tokens": 40})
+    assert [g["text"] for g in got] == expected
+    assert all(g["usage"]["completion_tokens"] == 40 and g["finish_reason"] == "length" for g in got)
+    streamed = client(h, other, {"kind": "complete", "model": "stories260K.gguf", "prompts": PROMPTS,
+                                 "max_tokens": 40, "stream": True})
+    assert [s["text"] for s in streamed] == expected
+    assert all(s["chunks"] > 1 for s in streamed)
+
+
+def test_chat_completions_streamed_and_not(cluster):
+    h, view = cluster
+    messages = [{"role": "user", "content": "Tell me about Lily."}]
+    whole = client(h, 1, {"kind": "chat", "model": "stories260K.gguf", "messages": messages})
+    streamed = client(h, 2, {"kind": "chat", "model": "stories260K.gguf", "messages": messages, "stream": True})
+    assert whole["role"] == "assistant" and whole["text"] and whole["finish_reason"] in ("stop", "length")
+    assert streamed["text"] == whole["text"]
+
+
+def test_sixteen_concurrent_requests_each_equal_their_solo_result(cluster, stories_gguf):
+    h, _ = cluster
+    pipe = LocalPipeline(str(stories_gguf))
+    words = ["cat", "dog", "park", "ball", "tree", "sun", "boat", "cake"]
+    prompts = [f"The {words[i % 8]} and the {words[(i * 3 + 1) % 8]}" + "!" * (i // 8) for i in range(16)]
+    solo = [pipe.tokenizer.decode(pipe.generate(pipe.tokenizer.encode(p), max_tokens=24).ids, continuation=True)
+            for p in prompts]
+    got = client(h, 3, {"kind": "concurrent", "model": "stories260K.gguf", "prompts": prompts, "max_tokens": 24})
+    assert got == solo
+
+
+def test_chat_command_on_a_non_coordinator_peer_answers(cluster):
+    h, view = cluster
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    proc = h.run(other, [sys.executable, "-m", "p2pllm", "chat", "--prompt", "Once upon a time", "--max-tokens", "16",
+                         "--temperature", "0"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_client_disconnect_frees_the_sequence_on_every_stage(cluster):
+    h, view = cluster
+    got = client(h, 1, {"kind": "disconnect", "model": "stories260K.gguf", "prompt": "Once upon a time",
+                        "max_tokens": 1500, "after_chunks": 3})
+    assert got["chunks"] == 3
+    deadline = time.monotonic() + 10
+    while True:
+        views = [status(h, i) for i in (1, 2, 3)]
+        busy = [(v["active_sequences"], v["kv_sequences"]) for v in views]
+        if all(a == 0 and k == 0 for a, k in busy) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert all(a == 0 and k == 0 for a, k in busy), busy
+
+
+def test_over_long_prompt_is_a_400_in_openai_shape(cluster):
+    h, _ = cluster
+    body = '{"model": "stories260K.gguf", "prompt": "' + "Once upon a time " * 700 + '", "max_tokens": 4}'
+    got = client(h, 2, {"kind": "raw", "method": "POST", "path": "/completions", "body": body,
+                        "headers": {"content-type": "application/json"}})
+    assert got["status"] == 400
+    err = got["json"]["error"]
+    assert err["code"] == "context_length_exceeded" and "context" in err["message"]
