@@ -176,21 +176,55 @@ def cmd_join(args) -> int:
 
     from .cluster.capability import parse_size
     from .daemon import Daemon, DaemonConfig
+    from .model.spec import read_spec
+    from .transport.security import resolve_secret
 
+    read_spec(args.model)  # a bad model file is reported before any secret is made
+    resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
+    _announce_secret(args, resolved)
     cfg = DaemonConfig(
         model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
         device=args.device, max_memory=parse_size(args.max_memory) if args.max_memory else None,
         threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
-        context=args.context, reprobe=args.reprobe, micro_batches=args.micro_batches,
+        context=args.context, reprobe=args.reprobe, micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None,
+        secret=resolved.secret, insecure=resolved.secret is None,
     )
     if args.name:
         cfg.name = args.name
     daemon = Daemon(cfg)
     asyncio.run(daemon.run())
     return 0
+
+
+def _announce_secret(args, resolved) -> None:
+    """Tell the user how other machines join (the secret was made or read here), or warn loudly."""
+    import shlex
+
+    if resolved.source == "insecure":
+        for line in ("WARNING: --insecure: peers do not authenticate each other and all peer traffic (prompts, "
+                     "activations, tokens) is plaintext.",
+                     "WARNING: anyone on this network can join this cluster, read its traffic or send it frames. "
+                     "Use it only on a network you fully trust."):
+            print(line, file=sys.stderr, flush=True)
+        return
+    if resolved.source not in ("new", "file"):
+        return
+    what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
+    command = shlex.join(["p2pllm", "join", "--model", str(args.model), "--cluster", args.cluster,
+                          "--secret", resolved.secret])
+    print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
+          f"p2pllm: to add another machine to this cluster, run there:\n\n    {command}\n", flush=True)
+
+
+def _add_security_flags(p, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--secret", default=None,
+                   help=f"the cluster secret {what} (or P2PLLM_SECRET; default: the one stored for --cluster)")
+    g.add_argument("--insecure", action="store_true",
+                   help="no secret: plaintext, unauthenticated peer traffic (only on a network you fully trust)")
 
 
 def _add_join(sub) -> None:
@@ -214,18 +248,24 @@ def _add_join(sub) -> None:
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=_positive_int, default=None, help="tokens of context to plan KV memory for")
     p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")
+    p.add_argument("--kv-replicas", type=int, default=1, choices=[0, 1],
+                   help="1: stream KV deltas to the ring successor for warm failover (default); 0: replay instead")
     p.add_argument("--micro-batches", type=_positive_int, default=None,
                    help="micro-batches in flight on the ring (default: the number of stages)")
     p.add_argument("--wire-dtype", default="f32", choices=["f32", "f16", "bf16"],
                    help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
     p.add_argument("--api-key", default=None, help="require this bearer key on the gateway (or P2PLLM_API_KEY)")
+    _add_security_flags(p, "that peers authenticate each other with; made and stored on first use")
     p.set_defaults(func=cmd_join)
 
 
 def cmd_status(args) -> int:
     import asyncio
 
-    status = asyncio.run(_fetch_status(args.host))
+    from .transport.security import resolve_secret, security_for
+
+    security = security_for(resolve_secret(args.cluster, args.secret, args.insecure, create=False))
+    status = asyncio.run(_fetch_status(args.host, security))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -243,16 +283,18 @@ def cmd_status(args) -> int:
     return 0
 
 
-async def _fetch_status(address: str) -> dict:
+async def _fetch_status(address: str, security) -> dict:
     import grpc
 
     from .transport.client import PeerClient
+    from .transport.security import explain_refusal
 
-    client = PeerClient(address)
+    client = PeerClient(address, security)
     try:
         reply = await client.status()
     except grpc.aio.AioRpcError as e:
-        raise P2PError(f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
+        why = explain_refusal(address, e, security.enabled)
+        raise P2PError(why or f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
     finally:
         await client.close()
     try:
@@ -266,6 +308,8 @@ def _add_status(sub) -> None:
                        description="Peers, plan epoch, layers, health.")
     p.add_argument("--host", type=_host_port, default="127.0.0.1:7700", help="a peer's gRPC address")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cluster", default="default", help="whose stored secret to use (default: default)")
+    _add_security_flags(p, "of the peer's cluster")
     p.set_defaults(func=cmd_status)
 
 
@@ -292,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "join":  # gRPC's own INFO lines (e.g. a refused handshake) would break one-line errors
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

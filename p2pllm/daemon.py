@@ -33,6 +33,7 @@ from .runtime.ring_stage import Binding, RingStage
 from .runtime.scheduler import Scheduler
 from .transport.client import ClientPool
 from .transport.ring import LinkPool
+from .transport.security import Security
 from .transport.server import start_server
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class DaemonConfig:
     reprobe: bool = False
     wire_dtype: str | None = None  # activations on the wire: None = the compute dtype (exact)
     api_key: str | None = None
+    secret: str | None = None  # the cluster secret (mutual TLS between peers); None needs insecure=True
+    insecure: bool = False
 
 
 class Daemon:
@@ -100,7 +103,8 @@ class Daemon:
             n_layers=self.spec.n_layers,
         )
         self.membership = Membership(self.info, cfg.peer_timeout)
-        self.clients = ClientPool()
+        self.security = _security(cfg)
+        self.clients = ClientPool(self.security)
         self.options = PlanOptions(
             context=min(cfg.context or self.spec.context, self.spec.context),
             batch=cfg.batch,
@@ -130,7 +134,7 @@ class Daemon:
         self.discovery = None
         self.gateway = None
         # data plane
-        self.links = LinkPool()
+        self.links = LinkPool(self.security)
         self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
         self.scheduler: Scheduler | None = None
@@ -146,7 +150,8 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        self.server = await start_server(self, "0.0.0.0", self.cfg.port)
+        self.server = await start_server(self, "0.0.0.0", self.cfg.port, self.security)
+        log.info("peer traffic: %s", self.security.describe())
         log.info(
             "peer %s (%s) listening on %s; model %s: %s, %d layers, %.2f GiB; fingerprint %s",
             self.cfg.name, self.id[:8], self.address, self.cfg.model, self.spec.arch, self.spec.n_layers,
@@ -521,6 +526,14 @@ class Daemon:
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
         }
+
+
+def _security(cfg: DaemonConfig) -> Security:
+    if cfg.secret:
+        return Security.from_secret(cfg.secret)
+    if not cfg.insecure:
+        raise P2PError("no cluster secret: give one (DaemonConfig.secret, --secret) or opt out with insecure=True")
+    return Security.insecure()
 
 
 def _set_compute_threads(threads: int | None) -> None:

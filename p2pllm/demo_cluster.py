@@ -35,38 +35,43 @@ def cmd_demo(args) -> int:
 
         print(f"writing the demo model to {model} (random weights: it answers with random text)", file=sys.stderr)
         make_demo_model(model, "gguf", "tiny")
+    from .transport.security import Security, generate_secret
+
     logs = Path(tempfile.mkdtemp(prefix="p2pllm-demo-"))
+    secret = generate_secret()  # this demo's own cluster secret: its peers talk mutual TLS, like any cluster
     procs = []
     try:
         for i in range(args.peers):
-            procs.append(_start_peer(i, model, args, logs))
+            procs.append(_start_peer(i, model, args, logs, secret))
         print(f"started {args.peers} peers (logs in {logs}); waiting for them to agree on a plan ...", file=sys.stderr)
-        status = _wait_ready(procs, args.peers, logs, timeout=args.timeout)
+        status = _wait_ready(procs, args.peers, logs, Security.from_secret(secret), timeout=args.timeout)
         answer, seconds, n_tokens = _ask(BASE_GATEWAY, args.prompt, args.max_tokens)
         print(f"\nQ: {args.prompt}\nA: {answer}\n")
         _print_plan(status)
         print(f"\n{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s through {args.peers} peers")
         if args.keep:
             print(f"\nthe cluster keeps running: p2pllm chat --host 127.0.0.1:{BASE_GATEWAY}  |  "
-                  f"p2pllm status --host 127.0.0.1:{BASE_GRPC}  |  stop: kill {' '.join(str(p.pid) for p in procs)}")
+                  f"P2PLLM_SECRET={secret} p2pllm status --host 127.0.0.1:{BASE_GRPC}  |  "
+                  f"stop: kill {' '.join(str(p.pid) for p in procs)}")
             procs = []
         return 0
     finally:
         _stop(procs)
 
 
-def _start_peer(i: int, model: Path, args, logs: Path) -> subprocess.Popen:
+def _start_peer(i: int, model: Path, args, logs: Path, secret: str) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"demo-peer-{i + 1}",
         "--port", str(BASE_GRPC + i), "--gateway-port", str(BASE_GATEWAY + i), "--interface", "127.0.0.1",
         "--no-mdns", "--peer", f"127.0.0.1:{BASE_GRPC}", "--strategy", "even", "--cluster", f"demo-{os.getpid()}",
     ]
     log = open(logs / f"peer-{i + 1}.log", "w")
+    env = dict(os.environ, P2PLLM_SECRET=secret)  # in the environment, not argv: other users can read argv
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
-def _wait_ready(procs, n: int, logs: Path, timeout: float) -> dict:
+def _wait_ready(procs, n: int, logs: Path, security, timeout: float) -> dict:
     import asyncio
 
     from .cli import _fetch_status
@@ -79,7 +84,7 @@ def _wait_ready(procs, n: int, logs: Path, timeout: float) -> dict:
                 tail = (logs / f"peer-{i + 1}.log").read_text()[-600:].strip().splitlines()
                 raise P2PError(f"peer {i + 1} exited ({tail[-1] if tail else 'no output'}); logs in {logs}")
         try:
-            status = asyncio.run(_fetch_status(f"127.0.0.1:{BASE_GRPC}"))
+            status = asyncio.run(_fetch_status(f"127.0.0.1:{BASE_GRPC}", security))
             with_layers = [p for p in status["peers"] if p["layers"]]
             if status["epoch"] > 0 and len(with_layers) == n:
                 return status

@@ -13,16 +13,21 @@ import pytest
 from netns import Hosts
 
 AGREE_WITHIN = 15.0
+TEST_SECRET = "test-cluster-secret-0123456789abcdef"  # cluster tests run secure, like users do
 CLIENT = Path(__file__).with_name("cluster_client.py")
 
 
 def join(h: Hosts, i: int, model, *extra: str):
+    """`p2pllm join` on host i, with the test cluster's secret unless `extra` says --secret/--insecure."""
+    auth = [] if {"--secret", "--insecure"} & set(extra) else ["--secret", TEST_SECRET]
     return h.popen(i, [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"host{i}",
-                       "--strategy", "even", *extra])
+                       "--strategy", "even", *auth, *extra])
 
 
-def status(h: Hosts, i: int) -> dict | None:
-    proc = h.run(i, [sys.executable, "-m", "p2pllm", "status", "--json", "--host", f"{h.addr(i)}:7700"], timeout=30)
+def status(h: Hosts, i: int, *auth: str) -> dict | None:
+    auth = auth or ("--secret", TEST_SECRET)
+    proc = h.run(i, [sys.executable, "-m", "p2pllm", "status", "--json", "--host", f"{h.addr(i)}:7700", *auth],
+                 timeout=30)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from clusterutil import AGREE_WITHIN, join, status, wait_for_agreement
+from clusterutil import AGREE_WITHIN, TEST_SECRET, join, status, wait_for_agreement
 from conftest import assert_one_line_error, run_cli
 from netns import hosts  # noqa: F401  (a fixture)
 
@@ -64,10 +64,12 @@ def test_status_table_and_unreachable_peer(hosts, stories_gguf):
     deadline = time.monotonic() + AGREE_WITHIN
     while time.monotonic() < deadline and not (status(hosts, 1) or {}).get("epoch"):
         time.sleep(0.5)
-    table = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(1)}:7700"], timeout=30)
+    table = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(1)}:7700",
+                          "--secret", TEST_SECRET], timeout=30)
     assert table.returncode == 0, table.stderr
     assert "epoch 1" in table.stdout and "host1" in table.stdout and "[0, 5)" in table.stdout
-    nobody = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(2)}:7700"], timeout=30)
+    nobody = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(2)}:7700",
+                           "--secret", TEST_SECRET], timeout=30)
     assert_one_line_error(nobody, 1, "no p2pllm peer answers")
 
 

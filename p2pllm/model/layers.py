@@ -135,7 +135,8 @@ class DecoderLayer:
         self.eps = spec.norm_eps
         self.attn_norm = t(w.attn_norm)
         self.ffn_norm = t(w.ffn_norm)
-        self.qkv = lin(torch.cat([w.wq, w.wk, w.wv], dim=0), torch.cat([w.bq, w.bk, w.bv]) if w.bq is not None else None)
+        b_qkv = torch.cat([w.bq, w.bk, w.bv]) if w.bq is not None else None
+        self.qkv = lin(torch.cat([w.wq, w.wk, w.wv], dim=0), b_qkv)
         self.wo = lin(w.wo)
         self.gate_up = lin(torch.cat([w.w_gate, w.w_up], dim=0))
         self.down = lin(w.w_down)
@@ -145,13 +146,12 @@ class DecoderLayer:
         T = x.shape[0]
         h = rms_norm(x, self.attn_norm, self.eps)
         qkv = self.qkv(h)
-        q = qkv[:, : self.q_dim].view(T, self.n_heads, self.hd)
-        k = qkv[:, self.q_dim : self.q_dim + self.kv_dim].view(T, self.n_kv, self.hd)
+        # q and k side by side in qkv: one rope over both heads' worth of rows
+        qk = qkv[:, : self.q_dim + self.kv_dim].view(T, self.n_heads + self.n_kv, self.hd)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, self.q_dim + self.kv_dim :].view(T, self.n_kv, self.hd)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = torch.empty((T, self.n_heads, self.hd), dtype=x.dtype, device=x.device)
-        row = 0
+        outs, row = [], 0
         for c in meta.chunks:
             sl = slice(row, row + c.length)
             k_all, v_all = kv.update(layer, c.seq_id, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
@@ -167,9 +167,10 @@ class DecoderLayer:
                 qs, k_all.unsqueeze(0), v_all.unsqueeze(0), attn_mask=mask, is_causal=causal,
                 enable_gqa=self.n_heads != self.n_kv,
             )
-            out[sl] = o[0].transpose(0, 1)
+            outs.append(o[0].transpose(0, 1))  # [L, H, hd]
             row += c.length
-        x = x + self.wo(out.view(T, self.q_dim))
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        x = x + self.wo(attn.reshape(T, self.q_dim))
         h = rms_norm(x, self.ffn_norm, self.eps)
         gu = self.gate_up(h)
         x = x + self.down(F.silu(gu[:, : self.ffn]) * gu[:, self.ffn :])

@@ -68,7 +68,8 @@ class RingStage:
         t0 = time.perf_counter()
         stage = b.stage
         mb, hidden = frames.decode(frame, self.spec, b.epoch, b.context, stage.is_first,
-                                   device=stage.decoder.device, dtype=stage.decoder.dtype)
+                                   device=stage.decoder.device, dtype=stage.decoder.dtype,
+                                   known=stage.kv, live=len(stage.kv.sequences()))
         if stage.is_last:
             missing = [c.seq_id for c in mb.chunks if c.sample and c.seq_id not in stage.samplers
                        and c.seq_id not in {s.seq_id for s in mb.starts}]

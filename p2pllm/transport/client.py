@@ -8,6 +8,7 @@ import grpc
 
 from ..proto import p2pllm_pb2 as pb
 from ..proto import p2pllm_pb2_grpc as pb_grpc
+from .security import Security
 
 # Explicit limits (a hostile peer cannot make us buffer more than this per message).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -25,13 +26,18 @@ CHANNEL_OPTIONS = [
 class PeerClient:
     """Control-plane calls to one peer. Every call has a deadline."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security
+        self.channel = security.channel(address, CHANNEL_OPTIONS)
         self.stub = pb_grpc.PeerStub(self.channel)
 
     async def hello(self, me: pb.PeerInfo, timeout: float = 3.0) -> pb.HelloReply:
-        return await self.stub.Hello(pb.HelloRequest(peer=me), timeout=timeout)
+        try:
+            return await self.stub.Hello(pb.HelloRequest(peer=me), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            self.security.note_failure(self.address, e)  # a peer without our secret: logged with its address
+            raise
 
     async def health(self, my_id: str, timeout: float = 2.0) -> pb.HealthReply:
         return await self.stub.Health(pb.HealthRequest(from_id=my_id), timeout=timeout)
@@ -66,13 +72,14 @@ class PeerClient:
 class ClientPool:
     """One PeerClient per address, reused."""
 
-    def __init__(self):
+    def __init__(self, security: Security):
+        self.security = security
         self._clients: dict[str, PeerClient] = {}
 
     def get(self, address: str) -> PeerClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = PeerClient(address)
+            client = self._clients[address] = PeerClient(address, self.security)
         return client
 
     async def drop(self, address: str) -> None:

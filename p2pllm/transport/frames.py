@@ -7,6 +7,8 @@ tensor's dtype, shape and byte length, sampling parameters.
 
 from __future__ import annotations
 
+from typing import Container
+
 import torch
 
 from ..errors import P2PError, UsageError
@@ -17,7 +19,8 @@ from ..runtime.frames import Chunk, MicroBatch, SeqStart
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
 
 MAX_FRAME_TOKENS = 16384
-MAX_FRAME_CHUNKS = 1024
+MAX_FRAME_CHUNKS = 1024  # also the limit on starts and on finished ids in one frame
+MAX_LIVE_SEQUENCES = 256  # sequences one stage holds KV for (the head runs at most 64 at once)
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -52,13 +55,21 @@ def _encode_start(s: SeqStart) -> pb.SequenceStart:
 
 
 def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bool,
-           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+           known: Container[int] | None = None, live: int = 0,
            ) -> tuple[MicroBatch, torch.Tensor | None]:
-    """A checked MicroBatch (and hidden states for a non-first stage), or FrameError."""
+    """A checked MicroBatch (and hidden states for a non-first stage), or FrameError.
+
+    With `known` (the sequences this stage holds, `live` of them), every chunk must belong to a
+    known sequence or one this frame starts, and the stage may not grow past MAX_LIVE_SEQUENCES.
+    """
     if frame.epoch != epoch:
         raise FrameError(f"frame of epoch {frame.epoch}, this peer serves epoch {epoch}")
-    if len(frame.chunks) > MAX_FRAME_CHUNKS:
-        raise FrameError(f"{len(frame.chunks)} chunks in one frame (limit {MAX_FRAME_CHUNKS})")
+    if frame.to_head or frame.sampled or frame.error:
+        raise FrameError("a result frame sent to a stage")
+    for name, n in (("chunks", len(frame.chunks)), ("starts", len(frame.starts)), ("finished", len(frame.finished))):
+        if n > MAX_FRAME_CHUNKS:
+            raise FrameError(f"{n} {name} in one frame (limit {MAX_FRAME_CHUNKS})")
     chunks, seen, n_tokens = [], set(), 0
     for c in frame.chunks:
         if c.length < 1 or c.start + c.length > context:
@@ -79,8 +90,22 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         except UsageError as e:
             raise FrameError(f"sequence {s.seq_id}: {e}") from None
         starts.append(SeqStart(s.seq_id, s.capacity, params))
+    started = {s.seq_id for s in starts}
+    if len(started) != len(starts):
+        raise FrameError("a sequence is started twice in one frame")
+    if known is not None:
+        unknown = [c.seq_id for c in chunks if c.seq_id not in known and c.seq_id not in started]
+        if unknown:
+            raise FrameError(f"sequence {unknown[0]} was never started on this stage")
+        new = sum(1 for s in started if s not in known)
+        if new and live + new > MAX_LIVE_SEQUENCES:
+            raise FrameError(f"{live + new} sequences on this stage (limit {MAX_LIVE_SEQUENCES})")
     tokens: list[int] = []
     hidden = None
+    if first and frame.HasField("hidden"):
+        raise FrameError("hidden states in a frame for the first stage (it takes token ids)")
+    if not first and frame.tokens:
+        raise FrameError("token ids in a frame for a later stage (it takes hidden states)")
     if first:
         tokens = list(frame.tokens)
         if len(tokens) != n_tokens:
@@ -96,5 +121,7 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
                                     allowed=ACTIVATION_DTYPES, device=device, out_dtype=dtype)
         except WireError as e:
             raise FrameError(f"hidden states: {e}") from None
+        if not bool(torch.isfinite(hidden).all()):
+            raise FrameError("hidden states contain NaN or infinity")
     mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished))
     return mb, hidden

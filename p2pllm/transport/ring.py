@@ -14,6 +14,7 @@ import grpc
 from ..proto import p2pllm_pb2 as pb
 from ..proto import p2pllm_pb2_grpc as pb_grpc
 from .client import CHANNEL_OPTIONS
+from .security import Security
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,10 @@ QUEUE_FRAMES = 32
 
 
 class RingLink:
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security
+        self._channel = security.channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.PeerStub(self._channel)
         self._queue: asyncio.Queue[pb.Frame | None] = asyncio.Queue(QUEUE_FRAMES)
         self._task: asyncio.Task | None = None
@@ -51,7 +53,8 @@ class RingLink:
                 if ack.error:
                     log.warning("%s refused micro-batch %d: %s", self.address, ack.micro_batch, ack.error)
         except grpc.aio.AioRpcError as e:
-            log.warning("ring link to %s broke: %s", self.address, e.code().name.lower())
+            if not self.security.note_failure(self.address, e):
+                log.warning("ring link to %s broke: %s", self.address, e.code().name.lower())
         except asyncio.CancelledError:
             call.cancel()
             raise
@@ -66,13 +69,14 @@ class RingLink:
 class LinkPool:
     """The ring links this peer sends on, by address."""
 
-    def __init__(self):
+    def __init__(self, security: Security):
+        self.security = security
         self._links: dict[str, RingLink] = {}
 
     def get(self, address: str) -> RingLink:
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = RingLink(address)
+            link = self._links[address] = RingLink(address, self.security)
         return link
 
     def bytes_sent(self) -> int:

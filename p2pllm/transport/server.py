@@ -11,6 +11,7 @@ from ..errors import P2PError
 from ..proto import p2pllm_pb2 as pb
 from ..proto import p2pllm_pb2_grpc as pb_grpc
 from .client import MAX_MESSAGE_BYTES
+from .security import Security
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ControlHandler(Protocol):
     def on_status(self) -> str: ...
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck: ...
     def on_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]: ...
+    async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]: ...
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -63,18 +65,45 @@ class PeerService(pb_grpc.PeerServicer):
 
     async def Ring(self, request_iterator, context):
         async for frame in request_iterator:
-            yield await self.handler.on_frame(frame)
+            try:
+                ack = await self.handler.on_frame(frame)
+            except Exception as e:  # a frame that got past the checks and still failed: refuse it, keep serving
+                log.exception("frame (micro-batch %d, epoch %d) from %s failed", frame.micro_batch, frame.epoch,
+                              context.peer())
+                ack = pb.FrameAck(micro_batch=frame.micro_batch, error=f"internal error: {type(e).__name__}")
+            yield ack
+
+    async def FetchKV(self, request, context):
+        for delta in await self.handler.on_fetch_kv(request):
+            yield delta
 
     async def Generate(self, request, context):
         async for event in self.handler.on_generate(request):
             yield event
 
 
-async def start_server(handler: ControlHandler, host: str, port: int) -> grpc.aio.Server:
+class _UndecodableMessages(logging.Filter):
+    """grpc logs a traceback for every request that is not valid protobuf; one warning line is enough
+    (the call already ends with a status, the server goes on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Unexpected [DecodeError] raised by servicer method"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a request that is not valid protobuf on " + msg.rsplit("[", 1)[-1].rstrip("]"), None, None, None)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_UndecodableMessages())
+
+
+async def start_server(handler: ControlHandler, host: str, port: int, security: Security) -> grpc.aio.Server:
+    """The peer's gRPC server; with a secret, only holders of it complete the TLS handshake."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_PeerServicer_to_server(PeerService(handler), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = security.add_port(server, f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
