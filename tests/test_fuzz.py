@@ -45,10 +45,20 @@ PROMPT = "Once upon a time"
 RING = "/p2pllm.v1.Peer/Ring"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open while choosing, so none comes twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class PortTaken(Exception):
+    pass
 
 
 class Cluster:
@@ -56,8 +66,7 @@ class Cluster:
         self.model = model
         self.spec = read_spec(model)
         self.security = Security.from_secret(SECRET)
-        self.ports = [_free_port() for _ in range(2)]
-        self.gateways = [_free_port() for _ in range(2)]
+        self.ports, self.gateways = (lambda p: (p[:2], p[2:]))(_free_ports(4))
         self.logs = [tmp / f"peer{i}.log" for i in range(2)]
         env = dict(os.environ, P2PLLM_SECRET=SECRET, XDG_CONFIG_HOME=str(tmp / "config"), PYTHONUNBUFFERED="1")
         env.pop("P2PLLM_DEBUG", None)
@@ -77,7 +86,10 @@ class Cluster:
     def wait_ready(self, timeout: float = 40) -> dict:
         deadline, last = time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in self.procs), self.tail()
+            if any(p.poll() is not None for p in self.procs):
+                if "in use" in self.tail():
+                    raise PortTaken()
+                pytest.fail(f"a peer exited\n{self.tail()}")
             try:
                 s = self.status()
                 if s["epoch"] > 0 and sum(1 for p in s["peers"] if p["layers"]) == 2:
@@ -101,9 +113,19 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(stories_gguf, tmp_path_factory):
-    c = Cluster(stories_gguf, tmp_path_factory.mktemp("fuzz"))
+    for attempt in range(3):  # a port chosen here may be taken by another process before the daemon binds it
+        c = Cluster(stories_gguf, tmp_path_factory.mktemp("fuzz"))
+        try:
+            status = c.wait_ready()
+            break
+        except PortTaken:
+            c.close()
+        except BaseException:
+            c.close()
+            raise
+    else:
+        pytest.fail(f"no free ports for the fuzzed cluster\n{c.tail()}")
     try:
-        status = c.wait_ready()
         by_id = {p["id"]: p["address"] for p in status["peers"]}
         c.epoch = status["epoch"]
         c.stages = [by_id[st["peer"]] for st in sorted(status["plan"]["stages"], key=lambda st: st["layers"][0])]

@@ -142,8 +142,7 @@ class Security:
         return True
 
 
-_HANDSHAKE_MARKERS = ("handshake", "ssl_error", "certificate", "tls", "ssl routines", "wrong_version_number",
-                      "socket closed")
+_HANDSHAKE_MARKERS = ("handshake", "ssl_error", "certificate_verify", "ssl routines", "wrong_version_number")
 
 
 def refusal_reason(error: grpc.aio.AioRpcError, secure: bool) -> str | None:
