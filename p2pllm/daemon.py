@@ -29,8 +29,11 @@ from .proto import p2pllm_pb2 as pb
 from .runtime.api import EngineStats
 from .runtime.cluster_engine import ClusterEngine, serve_generate
 from .runtime.cluster_ring import ClusterRing
+from .runtime.recovery import plan_sources, restore_kv, serve_fetch
+from .runtime.replica import LayerKV, ReplicaStore
 from .runtime.ring_stage import Binding, RingStage
 from .runtime.scheduler import Scheduler
+from .transport import frames as wire_frames
 from .transport.client import ClientPool
 from .transport.ring import LinkPool
 from .transport.security import Security
@@ -137,6 +140,8 @@ class Daemon:
         self.links = LinkPool(self.security)
         self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
+        self.replicas = ReplicaStore(self.spec, self.options.context)
+        self.leaving = False
         self.scheduler: Scheduler | None = None
         from .model.tokenizer import load_tokenizer
 
@@ -147,7 +152,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self._on_signal)
             except (NotImplementedError, RuntimeError):
                 pass
         self.server = await start_server(self, "0.0.0.0", self.cfg.port, self.security)
@@ -182,6 +187,42 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_signal(self) -> None:
+        """First signal: drain (the cluster replans without us first); a second one: stop now."""
+        if self.leaving:
+            log.warning("stopping now")
+            self.stop()
+            return
+        self.leaving = True
+        if self.scheduler is not None:
+            asyncio.get_running_loop().create_task(self._drain_head())
+        elif self.committed is not None and coord.my_assignment(self.committed, self.id):
+            self.state = "leaving"
+            asyncio.get_running_loop().create_task(self._leave())
+        else:
+            self.stop()
+
+    async def _leave(self, timeout: float = 60.0) -> None:
+        log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.committed is None or not coord.my_assignment(self.committed, self.id):
+                log.info("the cluster no longer needs this peer's layers")
+                break
+            await asyncio.sleep(0.2)
+        self.stop()
+
+    async def _drain_head(self, timeout: float = 120.0) -> None:
+        log.info("draining: no new requests; finishing the ones in flight (a second Ctrl-C stops now)")
+        self.scheduler.ready = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.scheduler.stats()
+            if stats.running + stats.queued == 0:
+                break
+            await asyncio.sleep(0.2)
+        self.stop()
 
     async def shutdown(self) -> None:
         log.info("shutting down")
@@ -226,9 +267,10 @@ class Daemon:
     def _not_ready(self) -> str:
         if self.committed is None:
             return "the cluster has no plan yet (peers are still meeting or loading)"
-        lost = [s.peer_id for s in self.committed.stages if not self.membership.is_live(s.peer_id)]
-        if lost:
-            return f"peer {lost[0][:8]} of the running plan is lost; the cluster is replanning"
+        if self.scheduler is not None:
+            return self.scheduler.unavailable or ""  # the head queues requests through a plan change
+        if not self.membership.is_live(self.committed.coordinator):
+            return "the coordinator was lost; the peers are electing a new one"
         return ""
 
     def _engine_stats(self) -> EngineStats:
@@ -240,6 +282,8 @@ class Daemon:
             "stage_compute_seconds": self.ring_stage.compute_seconds,
             "stage_frames": self.ring_stage.frames,
             "ring_bytes_sent": self.links.bytes_sent(),
+            "kv_replica_bytes_sent": self.ring_stage.replica_bytes,
+            "kv_replica_bytes_held": self.replicas.nbytes(),
         })
         return stats
 
@@ -288,6 +332,8 @@ class Daemon:
             reply = await self.clients.get(member.info.address).health(self.id)
         except Exception as e:
             log.debug("health %s failed: %s", member.info.address, e)
+            if "refused" in str(e).lower():  # nothing listens there any more: lost, no need to wait
+                self.membership.refused(member.info.id)
             return
         if reply.id == member.info.id:
             self.membership.heard_from(member.info.id, reply)
@@ -304,7 +350,8 @@ class Daemon:
             if lost and self.ring is not None and self.committed is not None:
                 stage_peers = {s.peer_id for s in self.committed.stages}
                 for pid in lost:
-                    if pid in stage_peers:
+                    if pid in stage_peers:  # park its sequences; the coordinator loop replans
+                        self.scheduler.pause(f"peer {pid[:8]} of the ring was lost")
                         self.ring.fail_all(f"peer {pid[:8]} of the ring was lost")
             await asyncio.sleep(HEALTH_INTERVAL)
 
@@ -335,14 +382,20 @@ class Daemon:
             await asyncio.sleep(0.5)
             if self.coordinator() != self.id or self._proposing:
                 continue
-            if time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
-                continue
+            broken = self.committed is not None and coord.broken_reason(self.committed, self.membership)
+            if not broken and time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
+                continue  # a lost stage is replanned at once; joins wait for membership to settle
             if self.committed is None and time.monotonic() - self.started_at < STARTUP_GRACE:
                 continue
             candidate = coord.candidate_plan(self.spec, self.membership, self.options)
             if not candidate.feasible:
                 if self.committed is None:
                     self._log_once(f"no feasible plan yet: {candidate.reason}")
+                elif self.scheduler is not None and coord.broken_reason(self.committed, self.membership):
+                    reason = f"the cluster lost capacity and cannot hold the model: {candidate.reason}"
+                    self._log_once(reason)
+                    self.scheduler.pause(reason)
+                    self.scheduler.unavailable = reason
                 continue
             why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
                                        self.options.hysteresis)
@@ -363,7 +416,15 @@ class Daemon:
     async def _propose_and_commit(self, candidate: Plan, why: str) -> None:
         epoch = max(self.epoch, self.highest_epoch, *(m.epoch for m in self.membership.members.values())) + 1
         proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
-        log.info("proposing plan epoch %d (%s): %s", epoch, why, _describe(proposal, self.membership))
+        sched = self.scheduler
+        if sched is not None and self.committed is not None:  # switch between steps, carrying sequences over
+            sched.pause(why)
+            await sched.drain(timeout=10.0)
+            proposal.resume.extend(pb.ResumeSeq(seq_id=s, positions=p) for s, p in sched.resume_points())
+        proposal.sources.extend(plan_sources(self.committed, bool(self.cfg.kv_replicas)))
+        proposal.kv_replicas = self.cfg.kv_replicas
+        log.info("proposing plan epoch %d (%s): %s; carrying %d sequences over", epoch, why,
+                 _describe(proposal, self.membership), len(proposal.resume))
         targets = [m for m in self.membership.live_compatible()]
 
         async def ask(member):
@@ -385,8 +446,11 @@ class Daemon:
                 return await self.on_commit(pb.CommitRequest(epoch=epoch, coordinator=self.id))
             return await self.clients.get(member.info.address).commit(epoch, self.id)
 
+        replay = {s for r in replies for s in r.not_restored}
         await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
         self.committed_plan = candidate
+        if self.scheduler is not None:
+            self.scheduler.resume(f"epoch {epoch}", replay)
 
     # ------------------------------------------------------------------ gRPC handlers
     async def on_hello(self, req: pb.HelloRequest, peer: str) -> pb.HelloReply:
@@ -418,11 +482,18 @@ class Daemon:
             stage = await self._load(mine) if mine else None
         except P2PError as e:
             return pb.PlanReply(ok=False, reason=str(e))
+        # the old epoch stops here: refuse its frames, let the one being computed finish
+        self.ring_stage.bind(None)
+        await asyncio.get_running_loop().run_in_executor(self.compute, lambda: None)
+        not_restored: set[int] = set()
+        if stage is not None:
+            not_restored = await restore_kv(stage, self.stage, self.replicas, list(req.resume), list(req.sources),
+                                            self._fetch_kv, self.spec, self.options.context, self.address)
         self.pending = {e: v for e, v in self.pending.items() if e > self.epoch}
         self.pending[req.epoch] = (req, stage)
-        if self.state != "serving":
+        if self.state not in ("serving", "leaving"):
             self.state = "ready"
-        return pb.PlanReply(ok=True)
+        return pb.PlanReply(ok=True, not_restored=sorted(not_restored))
 
     async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
         entry = self.pending.pop(req.epoch, None)
@@ -432,8 +503,10 @@ class Daemon:
         if proposal.coordinator != req.coordinator:
             return pb.PlanReply(ok=False, reason="commit from another coordinator than the proposal's")
         self.epoch, self.committed, self.stage = req.epoch, proposal, stage
+        self.replicas.clear()  # the new predecessor sends a full snapshot
         self._bind_ring(proposal, stage)
-        self.state = "serving"
+        if self.state != "leaving":
+            self.state = "serving"
         mine = coord.my_assignment(proposal, self.id)
         where = f"layers [{mine[0]}, {mine[1]})" if mine else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
@@ -446,6 +519,16 @@ class Daemon:
         return json.dumps(self.status())
 
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
+        if frame.replica:
+            try:
+                for delta in frame.kv[:4096]:
+                    self.replicas.add(wire_frames.decode_kv(delta, self.spec, self.options.context))
+            except P2PError as e:
+                log.warning("refused a KV replica frame: %s", e)
+                return pb.FrameAck(micro_batch=frame.micro_batch, error=str(e))
+            return pb.FrameAck(micro_batch=frame.micro_batch)
+        for seq_id in frame.finished[:4096]:  # finished sequences need no replica either
+            self.replicas.free(seq_id)
         if frame.to_head:
             if self.ring is None:
                 return pb.FrameAck(micro_batch=frame.micro_batch, error="this peer is not the head")
@@ -456,11 +539,29 @@ class Daemon:
     def on_generate(self, req: pb.GenerateRequest):
         return serve_generate(self.scheduler, req)
 
+    async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]:
+        stage = self.stage
+        return await asyncio.get_running_loop().run_in_executor(
+            self.compute, serve_fetch, req, stage, self.replicas)
+
+    async def _fetch_kv(self, address: str, req: pb.FetchKVRequest) -> list[pb.KVDelta]:
+        member = self.membership.by_address(address)
+        if member is not None and not self.membership.is_live(member.info.id):
+            return []  # lost: asking would only wait for a timeout
+        call = self.clients.get(address).stub.FetchKV(req, timeout=30.0)
+        return [delta async for delta in call]
+
     def _bind_ring(self, proposal: pb.PlanProposal, stage) -> None:
         addresses = [s.address for s in proposal.stages]
         mine = [i for i, s in enumerate(proposal.stages) if s.peer_id == self.id]
         nxt = addresses[mine[0] + 1] if mine and mine[0] + 1 < len(addresses) else None
-        self.ring_stage.bind(Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context))
+        replica = None
+        if mine and proposal.kv_replicas and len(addresses) > 1:
+            replica = addresses[(mine[0] + 1) % len(addresses)]  # the ring successor holds our KV replica
+        binding = Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context, replica)
+        self.ring_stage.bind(binding)
+        if replica and stage is not None and stage.kv.sequences():
+            asyncio.get_running_loop().create_task(self._send_snapshot(binding))
         if proposal.coordinator == self.id:
             if self.ring is None:
                 self.ring = ClusterRing(self.links)
@@ -474,6 +575,16 @@ class Daemon:
             asyncio.get_running_loop().create_task(scheduler.stop())
 
     # ------------------------------------------------------------------ loading
+    async def _send_snapshot(self, b: Binding) -> None:
+        """All of our carried-over KV to the new replica holder (deltas follow step by step)."""
+        def export():
+            return [LayerKV(s, b.stage.start, 0, b.stage.kv.export(s, 0, b.stage.kv.length(s)).data)
+                    for s in b.stage.kv.sequences() if b.stage.kv.length(s) > 0]
+
+        deltas = await asyncio.get_running_loop().run_in_executor(self.compute, export)
+        if deltas:
+            await self.ring_stage.send_replica(b, deltas)
+
     async def _load(self, rng: tuple[int, int]):
         if self.loaded is not None and self.loaded[0] == rng:
             return self.loaded[1]

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-job = json.load(sys.stdin)
+job = json.loads(sys.argv[1]) if len(sys.argv) > 1 else json.load(sys.stdin)
 base = job.get("base", "http://127.0.0.1:8700/v1")
 api = openai.OpenAI(base_url=base, api_key=job.get("api_key", "none"), timeout=120, max_retries=0)
 
@@ -55,6 +55,31 @@ elif kind == "disconnect":
             break
     stream.close()
     out = {"chunks": got}
+elif kind == "streams":  # concurrent streams, with the longest pause between two tokens of each
+    import time
+
+    import threading
+
+    started = threading.Barrier(len(job["prompts"]), action=lambda: print('{"streaming": true}', flush=True))
+
+    def stream(prompt):
+        pieces, times, finish, error = [], [], None, None
+        try:
+            for c in api.completions.create(model=job["model"], prompt=prompt, max_tokens=job["max_tokens"],
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                if c.choices:
+                    pieces.append(c.choices[0].text)
+                    times.append(time.monotonic())
+                    finish = c.choices[0].finish_reason or finish
+                if len(times) == 10:  # every stream is under way: say so (tests fault the cluster now)
+                    started.wait(timeout=60)
+        except openai.APIError as e:
+            error = str(e)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        return {"text": "".join(pieces), "finish_reason": finish, "error": error, "max_gap": max(gaps, default=0)}
+
+    with ThreadPoolExecutor(len(job["prompts"])) as pool:
+        out = list(pool.map(stream, job["prompts"]))
 elif kind == "raw":
     r = httpx.request(job["method"], base + job["path"], content=job.get("body"),
                       headers=job.get("headers", {}), timeout=60)

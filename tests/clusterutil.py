@@ -60,7 +60,7 @@ def client(h: Hosts, i: int, job: dict, timeout: float = 120) -> dict:
     """Run tests/cluster_client.py inside host i against its own gateway; its JSON answer."""
     proc = h.run(i, [sys.executable, str(CLIENT)], timeout=timeout, input=json.dumps(job))
     assert proc.returncode == 0, f"client failed: {proc.stderr[-3000:]}\n{h.logs()[-4000:]}"
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # the answer is the last line
 
 
 def coordinator_host(h: Hosts, members: list[int], view: dict) -> int:

@@ -41,7 +41,7 @@ def measured_links(members: list[Member]) -> Links:
 
 
 def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions) -> Plan:
-    members = membership.live_compatible()
+    members = [m for m in membership.live_compatible() if m.state != "leaving"]
     return plan(spec, [peer_caps(m) for m in members], measured_links(members), options)
 
 
@@ -52,13 +52,24 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
         return ""
     if current is None:
         return "no plan yet"
-    lost = [s.peer_id for s in current.stages if not membership.is_live(s.peer_id)]
-    if lost:
-        return f"peer {lost[0][:8]} of the running plan is lost"
+    broken = broken_reason(current, membership)
+    if broken:
+        return broken
     if candidate.strategy == "even" and {s.peer_id for s in current.stages} != {s.peer for s in candidate.stages}:
         return "the strategy is even and the set of peers changed"  # even means every compatible peer
     if current_plan is not None and should_replace(current_plan, candidate, hysteresis):
         return "a better plan is available"
+    return ""
+
+
+def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:
+    """Why the running plan cannot go on ('' = it can): a stage's peer is lost or leaving."""
+    for s in current.stages:
+        if not membership.is_live(s.peer_id):
+            return f"peer {s.peer_id[:8]} of the running plan is lost"
+        member = membership.members.get(s.peer_id)
+        if member is not None and member.state == "leaving":
+            return f"peer {member.info.name} is leaving"
     return ""
 
 

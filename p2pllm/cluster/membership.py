@@ -32,6 +32,7 @@ class Member:
     epoch: int = 0
     coordinator: str = ""
     links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer id -> (rtt s, bytes/s)
+    refusals: int = 0  # health checks in a row whose connection was refused
 
     @property
     def compatible(self) -> bool:
@@ -73,12 +74,23 @@ class Membership:
             return
         was_live = self.is_live(peer_id)
         member.last_seen = self.clock()
+        member.refusals = 0
         if reply is not None:
             member.state, member.epoch, member.coordinator = reply.state, reply.epoch, reply.coordinator
             member.links = {link.peer_id: (link.rtt_s, link.bw) for link in reply.links}
         if not was_live:
             log.info("peer %s (%s) is answering again", member.info.name, peer_id[:8])
             self._changed()
+
+    def refused(self, peer_id: str, after: int = 2) -> None:
+        """A refused connection is proof nobody listens: `after` in a row and the peer is lost at
+        once, without waiting for the timeout (a cut cable still takes the timeout)."""
+        member = self.members.get(peer_id)
+        if member is None:
+            return
+        member.refusals += 1
+        if member.refusals >= after:
+            member.last_seen = -1e9
 
     def forget(self, peer_id: str) -> None:
         if peer_id != self.me.id and self.members.pop(peer_id, None) is not None:

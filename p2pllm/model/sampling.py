@@ -30,7 +30,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows float32: the distribution is argmax anyway
+        return self.temperature < 1e-4
 
 
 class Sampler:

@@ -118,29 +118,71 @@ class StageAssignment(_message.Message):
     end: int
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
+class ResumeSeq(_message.Message):
+    __slots__ = ("seq_id", "positions")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    positions: int
+    def __init__(self, seq_id: _Optional[int] = ..., positions: _Optional[int] = ...) -> None: ...
+
+class KVSource(_message.Message):
+    __slots__ = ("start", "end", "owner_address", "replica_address")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    owner_address: str
+    replica_address: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., owner_address: _Optional[str] = ..., replica_address: _Optional[str] = ...) -> None: ...
+
 class PlanProposal(_message.Message):
-    __slots__ = ("epoch", "coordinator", "stages", "plan_json", "model_fingerprint", "head_address")
+    __slots__ = ("epoch", "coordinator", "stages", "plan_json", "model_fingerprint", "head_address", "resume", "sources", "kv_replicas")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HEAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    KV_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     coordinator: str
     stages: _containers.RepeatedCompositeFieldContainer[StageAssignment]
     plan_json: str
     model_fingerprint: str
     head_address: str
-    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., plan_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., head_address: _Optional[str] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[ResumeSeq]
+    sources: _containers.RepeatedCompositeFieldContainer[KVSource]
+    kv_replicas: int
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., plan_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., head_address: _Optional[str] = ..., resume: _Optional[_Iterable[_Union[ResumeSeq, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[KVSource, _Mapping]]] = ..., kv_replicas: _Optional[int] = ...) -> None: ...
 
 class PlanReply(_message.Message):
-    __slots__ = ("ok", "reason")
+    __slots__ = ("ok", "reason", "not_restored")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    NOT_RESTORED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    not_restored: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., not_restored: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FetchKVRequest(_message.Message):
+    __slots__ = ("seq_ids", "positions", "start", "end", "from_replica")
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    FROM_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: int
+    start: int
+    end: int
+    from_replica: bool
+    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., from_replica: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("epoch", "coordinator")
@@ -205,19 +247,21 @@ class Chunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., sample: _Optional[bool] = ...) -> None: ...
 
 class KVDelta(_message.Message):
-    __slots__ = ("seq_id", "start", "first_layer", "data")
+    __slots__ = ("seq_id", "start", "first_layer", "data", "epoch")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start: int
     first_layer: int
     data: Tensor
-    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head")
+    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +273,7 @@ class Frame(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TO_HEAD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     micro_batch: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
@@ -240,7 +285,8 @@ class Frame(_message.Message):
     kv: _containers.RepeatedCompositeFieldContainer[KVDelta]
     error: str
     to_head: bool
-    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ...) -> None: ...
+    replica: bool
+    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("micro_batch", "error")

@@ -74,6 +74,11 @@ class PeerStub:
                 request_serializer=p2pllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=p2pllm__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.FetchKV = channel.unary_stream(
+                '/p2pllm.v1.Peer/FetchKV',
+                request_serializer=p2pllm__pb2.FetchKVRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.KVDelta.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -129,6 +134,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchKV(self, request, context):
+        """KV of given sequences and layers, from a stage's cache or a replica (plan changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +183,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=p2pllm__pb2.GenerateRequest.FromString,
                     response_serializer=p2pllm__pb2.GenerateEvent.SerializeToString,
+            ),
+            'FetchKV': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchKV,
+                    request_deserializer=p2pllm__pb2.FetchKVRequest.FromString,
+                    response_serializer=p2pllm__pb2.KVDelta.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +406,33 @@ class Peer:
             '/p2pllm.v1.Peer/Generate',
             p2pllm__pb2.GenerateRequest.SerializeToString,
             p2pllm__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/p2pllm.v1.Peer/FetchKV',
+            p2pllm__pb2.FetchKVRequest.SerializeToString,
+            p2pllm__pb2.KVDelta.FromString,
             options,
             channel_credentials,
             insecure,

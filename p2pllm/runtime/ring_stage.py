@@ -14,6 +14,7 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
+from .replica import LayerKV
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Binding:
     next_address: str | None  # None on the last stage
     head_address: str
     context: int
+    replica_address: str | None = None  # where this stage's KV deltas go (its ring successor)
 
 
 class RingStage:
@@ -39,16 +41,19 @@ class RingStage:
         self.binding: Binding | None = None
         self.compute_seconds = 0.0
         self.frames = 0
+        self.replica_bytes = 0
 
-    def bind(self, binding: Binding) -> None:
+    def bind(self, binding: Binding | None) -> None:
         self.binding = binding
 
     async def handle(self, frame: pb.Frame) -> str:
         """Process one frame from the predecessor; returns the refusal reason ('' when accepted)."""
         b = self.binding
         try:
-            if b is None or b.stage is None:
-                raise frames.FrameError(f"this peer holds no layers in epoch {b.epoch if b else 0}")
+            if b is None:
+                raise frames.FrameError(f"this peer is switching plans (frame of epoch {frame.epoch} refused)")
+            if b.stage is None:
+                raise frames.FrameError(f"this peer holds no layers in epoch {b.epoch}")
             loop = asyncio.get_running_loop()
             out = await loop.run_in_executor(self.compute, self._process, b, frame)
         except P2PError as e:
@@ -57,12 +62,19 @@ class RingStage:
                 await self.links.get(b.head_address).send(frames.result_frame(frame.epoch, frame.micro_batch,
                                                                               error=str(e)))
             return str(e)
-        mb, result = out
+        mb, result, deltas = out
+        if deltas:  # before the result: on the same stream, the successor stores it before going on
+            await self.send_replica(b, deltas)
         if b.stage.is_last:
             await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, sampled=result))
         else:
             await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
         return ""
+
+    async def send_replica(self, b: Binding, deltas: list[LayerKV]) -> None:
+        frame = pb.Frame(epoch=b.epoch, replica=True, kv=[frames.encode_kv(d, b.epoch) for d in deltas])
+        self.replica_bytes += frame.ByteSize()
+        await self.links.get(b.replica_address).send(frame)
 
     def _process(self, b: Binding, frame: pb.Frame):
         t0 = time.perf_counter()
@@ -76,6 +88,10 @@ class RingStage:
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
+        deltas = []
+        if b.replica_address:  # the entries this step added, for the replica holder
+            deltas = [LayerKV(c.seq_id, stage.start, c.start, stage.kv.export(c.seq_id, c.start, c.start + c.length).data)
+                      for c in mb.chunks if c.seq_id in stage.kv]
         self.compute_seconds += time.perf_counter() - t0
         self.frames += 1
-        return mb, result
+        return mb, result, deltas

@@ -71,6 +71,14 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.ready = True
+        # plan changes: while paused no micro-batch starts; sequences whose micro-batch failed are
+        # parked at their last confirmed position and resume (or replay) on the new plan
+        self.paused: str | None = None
+        self.unavailable: str | None = None  # why new requests get a 503 (e.g. survivors too small)
+        self.resume_timeout = 60.0
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -116,8 +124,9 @@ class Scheduler:
                 f"max_tokens ({req.max_tokens}) exceeds it.",
                 code="context_length_exceeded",
             )
-        if not self.ready:
-            raise EngineError("the cluster is not ready to serve", status=503, code="service_unavailable")
+        if not self.ready or self.unavailable:
+            raise EngineError(self.unavailable or "this peer is draining and takes no new requests", status=503,
+                              code="service_unavailable")
         # continuation: the text follows the prompt, so a leading space of the first token is kept
         seq = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
         self._seqs[seq.seq_id] = seq
@@ -140,17 +149,62 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._in_flight) < self.max_in_flight:
+            while not self.paused and len(self._in_flight) < self.max_in_flight:
                 mb = self._build()
                 if mb is None:
                     break
                 task = asyncio.create_task(self._run(mb))
                 self._in_flight.add(task)
+                self._idle.clear()
                 task.add_done_callback(self._landed)
 
     def _landed(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)
+        if not self._in_flight:
+            self._idle.set()
         self._wake.set()  # a slot is free
+
+    # ------------------------------------------------------------------ plan changes
+    def pause(self, reason: str) -> None:
+        """Start no micro-batch until resume(); parked sequences fail after resume_timeout."""
+        if self.paused is None:
+            log.info("pausing the ring: %s", reason)
+            self._pause_timer = asyncio.get_running_loop().call_later(self.resume_timeout, self._give_up)
+        self.paused = reason
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for the micro-batches in flight to land."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d micro-batches still in flight after %.0fs", len(self._in_flight), timeout)
+
+    def resume_points(self) -> list[tuple[int, int]]:
+        """(sequence, positions whose KV every stage holds) of every sequence to carry over."""
+        return [(s.seq_id, s.pos) for s in self._seqs.values() if s.started and not s.done and not s.in_flight]
+
+    def resume(self, epoch_note: str, replay: set[int]) -> None:
+        """The new plan is committed: carried-over sequences go on; `replay` ones start from 0."""
+        for seq in self._seqs.values():
+            if seq.done or not seq.started:
+                continue
+            if seq.seq_id in replay:
+                seq.pos = 0  # prefill the whole history again on the new stages
+            seq.started = False  # announce it again: the new last stage needs its sampler
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        log.info("resuming the ring on %s (%d sequences replayed)", epoch_note, len(replay))
+        self.paused = None
+        self.unavailable = None
+        self._wake.set()
+
+    def _give_up(self) -> None:
+        reason = self.paused or "the ring was paused too long"
+        log.warning("no new plan within %.0fs: failing the parked requests (%s)", self.resume_timeout, reason)
+        for seq in list(self._seqs.values()):
+            if seq.started and not seq.in_flight:
+                self._finish(seq, "error", error=f"the cluster could not recover in time: {reason}")
 
     def _build(self) -> MicroBatch | None:
         ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
@@ -188,13 +242,20 @@ class Scheduler:
                 raise RingUnavailable(f"the ring returned {len(sampled)} tokens for {mb.n_sampled} sequences")
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # this micro-batch's sequences fail with the reason; others go on
-            log.warning("micro-batch %d failed: %s", mb.mb_id, e)
+        except Exception as e:
+            parked = self.paused is not None  # a plan change: park at the last confirmed position
+            log.warning("micro-batch %d %s: %s", mb.mb_id, "parked" if parked else "failed", e)
             for c in mb.chunks:
                 seq = self._seqs.get(c.seq_id)
-                if seq is not None:
-                    seq.in_flight = False
+                if seq is None:
+                    continue
+                seq.in_flight = False
+                if seq.done:
+                    self._release(seq)
+                elif not parked:  # otherwise this micro-batch's sequences fail with the reason
                     self._finish(seq, "error", error=str(e) or type(e).__name__)
+            if parked:
+                self._to_free.extend(mb.finished)  # the frees it carried must travel again
             self._wake.set()
             return
         results = iter(sampled)

@@ -7,7 +7,7 @@ tensor's dtype, shape and byte length, sampling parameters.
 
 from __future__ import annotations
 
-from typing import Container
+from typing import TYPE_CHECKING, Container
 
 import torch
 
@@ -17,6 +17,9 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.frames import Chunk, MicroBatch, SeqStart
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
+
+if TYPE_CHECKING:
+    from ..runtime.replica import LayerKV
 
 MAX_FRAME_TOKENS = 16384
 MAX_FRAME_CHUNKS = 1024  # also the limit on starts and on finished ids in one frame
@@ -125,3 +128,31 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
             raise FrameError("hidden states contain NaN or infinity")
     mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished))
     return mb, hidden
+
+
+def encode_kv(kv: LayerKV, epoch: int = 0) -> pb.KVDelta:
+    blob = tensor_to_blob(kv.data)
+    return pb.KVDelta(seq_id=kv.seq_id, start=kv.start, first_layer=kv.first_layer, epoch=epoch,
+                      data=pb.Tensor(dtype=blob.dtype, shape=list(blob.shape), data=blob.data))
+
+
+def decode_kv(delta: pb.KVDelta, spec: ModelSpec, context: int) -> LayerKV:
+    """A checked KV delta: layers within the model, positions within the context, exact shape."""
+    from ..runtime.replica import LayerKV
+
+    t = delta.data
+    shape = tuple(t.shape)
+    if len(shape) != 5:
+        raise FrameError(f"KV delta of rank {len(shape)}, expected 5")
+    n_layers, length = shape[0], shape[3]
+    if not (0 < n_layers and delta.first_layer + n_layers <= spec.n_layers):
+        raise FrameError(f"KV delta for layers [{delta.first_layer}, {delta.first_layer + n_layers}) outside the model")
+    if delta.start + length > context:
+        raise FrameError(f"KV delta for positions past the context of {context}")
+    try:
+        data = blob_to_tensor(TensorBlob(t.dtype, shape, t.data),
+                              expect_shape=(n_layers, 2, spec.n_kv_heads, length, spec.head_dim),
+                              allowed=ACTIVATION_DTYPES)
+    except WireError as e:
+        raise FrameError(f"KV delta: {e}") from None
+    return LayerKV(delta.seq_id, delta.first_layer, delta.start, data)
