@@ -1,0 +1,138 @@
+"""Membership, election and plan agreement decisions, without a network."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pllm import PROTOCOL_VERSION
+from p2pllm.cluster import coordinator as coord
+from p2pllm.cluster.membership import Membership
+from p2pllm.cluster.planner import PeerCaps, PlanOptions, plan
+from p2pllm.model.spec import builtin_spec
+from p2pllm.proto import p2pllm_pb2 as pb
+
+GiB = 1 << 30
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def info(pid: str, *, fp="fp", cluster="c", protocol=PROTOCOL_VERSION, mem=64 * GiB, flops=1e12, bw=100e9):
+    return pb.PeerInfo(id=pid, name=f"n-{pid}", cluster=cluster, protocol=protocol, address=f"10.0.0.{len(pid)}:7700",
+                       model_fingerprint=fp, caps=pb.Capabilities(mem_bytes=mem, flops=flops, mem_bw=bw, net_bw=1e9))
+
+
+@pytest.fixture
+def table():
+    clock = Clock()
+    m = Membership(info("b"), peer_timeout=3.0, clock=clock)
+    return m, clock
+
+
+def test_incompatible_peers_are_listed_with_the_reason(table):
+    m, _ = table
+    assert m.upsert(info("c", fp="other")).reason.startswith("another model")
+    assert "cluster" in m.upsert(info("d", cluster="x")).reason
+    assert "protocol" in m.upsert(info("e", protocol=PROTOCOL_VERSION + 1)).reason
+    assert [x.info.id for x in m.live_compatible()] == ["b"]
+
+
+def test_silence_past_the_timeout_or_refused_connections_lose_a_peer(table):
+    m, clock = table
+    m.upsert(info("c"))
+    m.upsert(info("d"))
+    clock.t += 2.0
+    m.heard_from("c")
+    clock.t += 2.0
+    assert m.expire() == ["d"]  # d: silent 4 s; c: 2 s
+    m.refused("c")
+    assert m.is_live("c")  # one refusal could be a restart
+    m.refused("c")
+    assert not m.is_live("c") and m.expire() == ["c"]
+
+
+def test_election_is_the_smallest_live_id_unless_an_incumbent_lives(table):
+    m, clock = table
+    m.upsert(info("a"))
+    m.upsert(info("c"))
+    assert coord.elect(m, 0, "") == "a"
+    m.members["c"].epoch, m.members["c"].coordinator = 3, "c"
+    assert coord.elect(m, 0, "") == "c"  # the coordinator of the newest committed plan stays
+    clock.t += 10
+    m.heard_from("a")
+    assert coord.elect(m, 0, "") == "a"  # ... while it lives
+
+
+def _proposal(epoch=5, coordinator="b", stages=((0, 40), (40, 80)), fp="fp"):
+    return pb.PlanProposal(epoch=epoch, coordinator=coordinator, model_fingerprint=fp,
+                           stages=[pb.StageAssignment(peer_id=f"p{i}", start=a, end=b)
+                                   for i, (a, b) in enumerate(stages)])
+
+
+@pytest.mark.parametrize("proposal,committed,why", [
+    (_proposal(epoch=4), 4, "not newer"),
+    (_proposal(fp="x"), 0, "another model"),
+    (_proposal(coordinator="z"), 0, "not the coordinator"),
+    (_proposal(stages=((0, 40), (41, 80))), 0, "contiguously"),
+    (_proposal(stages=((0, 40),)), 0, "cover 40 of 80"),
+])
+def test_proposals_that_do_not_match_are_refused(proposal, committed, why):
+    spec = builtin_spec("llama-3-70b")
+    assert why in coord.validate_proposal(proposal, spec, "fp", committed, "b")
+
+
+def test_a_good_proposal_is_accepted():
+    assert coord.validate_proposal(_proposal(), builtin_spec("llama-3-70b"), "fp", 4, "b") == ""
+
+
+def test_a_joining_peer_replans_only_when_the_gain_passes_the_margin(table):
+    m, _ = table
+    spec = builtin_spec("llama-3-8b")
+    opts = PlanOptions(context=2048, objective="latency")
+    current = plan(spec, [coord.peer_caps(m.members["b"])], options=opts)
+    running = coord.to_proposal(current, 1, "b", m, "fp")
+    # a peer that is barely faster: not worth a switch
+    m.upsert(info("c", bw=105e9))
+    same = coord.candidate_plan(spec, m, opts)
+    assert coord.needs_new_plan(running, current, same, m, 0.10) == ""
+    # a much faster one: switch
+    m.upsert(info("d", bw=400e9))
+    better = coord.candidate_plan(spec, m, opts)
+    assert coord.needs_new_plan(running, current, better, m, 0.10) == "a better plan is available"
+
+
+def test_a_lost_or_leaving_stage_peer_breaks_the_plan(table):
+    m, clock = table
+    m.upsert(info("c"))
+    spec = builtin_spec("llama-3-8b")
+    opts = PlanOptions(context=2048, strategy="even")
+    p = coord.candidate_plan(spec, m, opts)
+    running = coord.to_proposal(p, 1, "b", m, "fp")
+    assert coord.broken_reason(running, m) == ""
+    m.members["c"].state = "leaving"
+    assert "leaving" in coord.broken_reason(running, m)
+    assert {s.peer for s in coord.candidate_plan(spec, m, opts).stages} == {"b"}  # planned without it
+    m.members["c"].state = "serving"
+    clock.t += 5
+    assert "lost" in coord.broken_reason(running, m)
+
+
+def test_plan_sources_point_at_owners_and_their_ring_successors():
+    from p2pllm.runtime.recovery import plan_sources
+
+    running = pb.PlanProposal(stages=[pb.StageAssignment(peer_id="x", address="A", start=0, end=3),
+                                      pb.StageAssignment(peer_id="y", address="B", start=3, end=8)])
+    got = [(s.start, s.end, s.owner_address, s.replica_address) for s in plan_sources(running, True)]
+    assert got == [(0, 3, "A", "B"), (3, 8, "B", "A")]
+    assert all(s.replica_address == "" for s in plan_sources(running, False))
+
+
+def test_peer_caps_come_from_the_advertised_capabilities(table):
+    m, _ = table
+    caps = coord.peer_caps(m.members["b"])
+    assert isinstance(caps, PeerCaps) and caps.mem_bytes == 64 * GiB and caps.net_bw == 1e9
