@@ -1,0 +1,238 @@
+"""One completion's life: tokenize the checked request, submit it to the engine, answer as it goes.
+
+The engine is whatever the app was given (on a peer that is not the coordinator, a ClusterEngine
+that relays to the coordinator over gRPC); this module only sees `generate` and `TokenEvent`s.
+While a request runs its HTTP connection is watched: a client that leaves closes the engine's
+iterator, which cancels the sequence everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive
+
+from ..errors import P2PError
+from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
+from .metrics import GatewayMetrics
+from .responses import JSON, CompletionShape, EventStream, sse, usage
+from .schema import ApiError, CompletionRequest, bad
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+_TEXT_IN_THREAD = 16_384  # characters: longer prompts are tokenized off the event loop
+_CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
+
+
+async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,
+                   arrived: float) -> Response | ASGIApp:
+    """The answer to a checked request: a JSON body, or an event stream once the first token is in."""
+    prompt_ids = await _prompt_ids(engine, req)
+    if not prompt_ids:
+        raise bad("The prompt is empty.", req.prompt_param, "empty_prompt")
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, engine.context - len(prompt_ids)))
+    shape = CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex, engine.model_name, req.chat,
+                            req.include_usage)
+    try:
+        started = engine.generate(GenerationRequest(shape.cid, prompt_ids, max_tokens, req.sampling, req.stop,
+                                                    req.ignore_eos))
+        it = await started if inspect.isawaitable(started) else started
+    except EngineError as e:
+        raise _refused(e, req) from None
+    job = _Job(metrics, request, it, shape, n_prompt=len(prompt_ids), arrived=arrived)
+    metrics.prompt_tokens.inc(len(prompt_ids))
+    try:
+        first = await job.next()
+    except EngineError as e:  # engines may refuse on the first step instead of at submission
+        await job.close()
+        raise _refused(e, req) from None
+    except BaseException:
+        await job.close()
+        raise
+    if first is None:
+        await job.close()
+        return Response(status_code=_CLIENT_GONE)
+    if first.finish_reason is not None and first.finish_reason not in ("stop", "length") and not job.text:
+        await job.close()
+        raise _failure(first)
+    if req.stream:
+        return EventStream(job.events(first))
+    return await job.whole(first)
+
+
+async def _prompt_ids(engine: Engine, req: CompletionRequest) -> list[int]:
+    tok = engine.tokenizer
+    if req.messages is not None:
+        messages = req.messages
+        encode = getattr(tok, "encode_chat", None)
+
+        def render() -> list[int]:
+            try:
+                if encode is not None:
+                    return encode(messages)
+                return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+            except P2PError as e:  # the template refused the conversation (e.g. roles must alternate)
+                raise bad(str(e), "messages", "invalid_messages") from None
+
+        size = sum(len(m["content"]) for m in messages)
+        return await asyncio.to_thread(render) if size > _TEXT_IN_THREAD else render()
+    if isinstance(req.prompt, str):
+        long = len(req.prompt) > _TEXT_IN_THREAD
+        return await asyncio.to_thread(tok.encode, req.prompt) if long else tok.encode(req.prompt)
+    return list(req.prompt or ())
+
+
+def _refused(e: EngineError, req: CompletionRequest) -> ApiError:
+    param = req.prompt_param if e.code == "context_length_exceeded" else None
+    return ApiError(e.status, str(e), code=e.code, param=param)
+
+
+def _failure(event: TokenEvent) -> ApiError:
+    """A request that ended other than by "stop" or "length"."""
+    if event.finish_reason == "error":
+        return ApiError(503, f"Generation failed: {event.error or 'unknown engine error'}", code="engine_error")
+    return ApiError(503, f"The request was {event.finish_reason} by the server.", code="engine_error")
+
+
+class _ClientWatch:
+    """Notices the HTTP client going away while we wait on the engine."""
+
+    def __init__(self, receive: Receive):
+        self._gone = asyncio.ensure_future(self._watch(receive))
+
+    @staticmethod
+    async def _watch(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def next(self, it: AsyncIterator) -> Any:
+        """The iterator's next item; None when the client left first (StopAsyncIteration passes)."""
+        if self._gone.done():
+            return None
+        step = asyncio.ensure_future(it.__anext__())
+        try:
+            await asyncio.wait({step, self._gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            step.cancel()
+            raise
+        if step.done():
+            return step.result()
+        step.cancel()
+        await asyncio.gather(step, return_exceptions=True)
+        return None
+
+    def close(self) -> None:
+        self._gone.cancel()
+
+
+class _Job:
+    """One accepted request: iterates the engine, counts tokens, shapes the answer."""
+
+    def __init__(self, metrics: GatewayMetrics, request: Request, it: AsyncIterator[TokenEvent],
+                 shape: CompletionShape, *, n_prompt: int, arrived: float):
+        self.metrics = metrics
+        self.it = it
+        self.shape = shape
+        self.n_prompt = n_prompt
+        self.arrived = arrived
+        self.request_id = request.scope.get("state", {}).get("request_id", shape.cid)
+        self.watch = _ClientWatch(request.receive)
+        self.n_tokens = 0
+        self.text = ""
+        self.last_token_at: float | None = None
+        self.first_token_at: float | None = None
+        self.closed = False
+        self.outcome = "unfinished"
+
+    async def next(self) -> TokenEvent | None:
+        """The next event, None when the client left; a stream ending without a finish is an error."""
+        try:
+            event = await self.watch.next(self.it)
+        except StopAsyncIteration:
+            event = TokenEvent(None, "", "error", "the engine ended the request without a finish reason")
+        if event is None:
+            self.outcome = "client gone"
+            return None
+        if event.token_id is not None:
+            now = time.perf_counter()
+            if self.last_token_at is None:
+                self.first_token_at = now
+                self.metrics.ttft.observe(now - self.arrived)
+            else:
+                self.metrics.itl.observe(now - self.last_token_at)
+            self.last_token_at = now
+            self.n_tokens += 1
+            self.metrics.completion_tokens.inc()
+        self.text += event.text
+        if event.finish_reason is not None:
+            self.outcome = event.finish_reason
+        return event
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.watch.close()
+        close = getattr(self.it, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                log.debug("closing an engine iterator failed", exc_info=True)
+        elapsed = time.perf_counter() - self.arrived
+        ttft = f"{self.first_token_at - self.arrived:.3f}s" if self.first_token_at else "-"
+        log.info("request %s (%s): %s after %d prompt + %d completion tokens, %.3fs, first token %s",
+                 self.request_id, self.shape.cid, self.outcome, self.n_prompt, self.n_tokens, elapsed, ttft)
+
+    def usage(self) -> dict:
+        return usage(self.n_prompt, self.n_tokens)
+
+    async def whole(self, first: TokenEvent) -> Response:
+        try:
+            event: TokenEvent | None = first
+            while event is not None and event.finish_reason is None:
+                event = await self.next()
+            if event is None:
+                return Response(status_code=_CLIENT_GONE)
+        finally:
+            await self.close()
+        if event.finish_reason not in ("stop", "length"):
+            raise _failure(event)
+        return JSON(self.shape.whole(self.text, event.finish_reason, self.usage()))
+
+    async def events(self, first: TokenEvent) -> AsyncIterator[bytes]:
+        """The answer as server-sent events; a failure after the first token is an error event."""
+        shape = self.shape
+        try:
+            if shape.chat:
+                yield sse(shape.chunk("", role=True))
+            event: TokenEvent | None = first
+            while event is not None:
+                if event.finish_reason is not None:
+                    if event.finish_reason in ("stop", "length"):
+                        if event.text:
+                            yield sse(shape.chunk(event.text))
+                        yield sse(shape.chunk(None, event.finish_reason))
+                        if shape.include_usage:
+                            yield sse(shape.usage_chunk(self.usage()))
+                    else:
+                        yield sse(_failure(event).body())
+                    yield sse("[DONE]")
+                    return
+                if event.text:
+                    yield sse(shape.chunk(event.text))
+                event = await self.next()
+        finally:
+            await self.close()

@@ -1,0 +1,118 @@
+"""OpenAI's response shapes and how they go on the wire: JSON bodies and server-sent events."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from .schema import ApiError
+
+
+def dumps(data: Any) -> bytes:
+    """Compact JSON in UTF-8; text a client sent with lone surrogates comes back escaped, not as a 500."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+class JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSON:
+    return JSON(error.body(), status_code=error.status, headers=headers)
+
+
+# --------------------------------------------------------------------------- completions
+
+
+@dataclass(frozen=True)
+class CompletionShape:
+    """The shapes of one completion's answer, whole or as stream chunks, in OpenAI's exact form."""
+
+    cid: str  # "chatcmpl-…" or "cmpl-…"
+    model: str
+    chat: bool
+    include_usage: bool  # streamed: every chunk has "usage": null and a last chunk carries the counts
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(self.object), "choices": [choice], "usage": usage}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> dict:
+        """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish."""
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        chunk = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
+                "usage": usage}
+
+    def _head(self, object: str) -> dict:
+        return {"id": self.cid, "object": object, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# --------------------------------------------------------------------------- server-sent events
+
+
+def sse(data: Any) -> bytes:
+    """One event: a JSON object, or the literal `[DONE]`."""
+    return b"data: " + (data.encode() if isinstance(data, str) else dumps(data)) + b"\n\n"
+
+
+class EventStream:
+    """Sends server-sent events as they come; when the client leaves, the producer is closed (and
+    with it the engine request), whether we learn it from a failed send or from the producer."""
+
+    headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    ]
+
+    def __init__(self, events: AsyncIterator[bytes]):
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client is gone (uvicorn's ClientDisconnected)
+            pass
+        finally:
+            await self.events.aclose()

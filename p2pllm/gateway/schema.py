@@ -1,0 +1,254 @@
+"""What a client may ask: a JSON body checked field by field into a plain `CompletionRequest`.
+
+Nothing here knows HTTP or the engine. A body and the served model's facts go in; a
+`CompletionRequest` or an `ApiError` (OpenAI's error object, with the field at fault) comes out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..model.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4
+CHAT_ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """A request we answer with an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A checked /v1/chat/completions (`messages`) or /v1/completions (`prompt`) body."""
+
+    chat: bool
+    max_tokens: int | None  # None: the server's default
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+    messages: list[dict] | None = None  # chat: {"role", "content"} with text content, "developer" as "system"
+    prompt: str | list[int] | None = None  # completions: text, or token ids inside the vocabulary
+
+    @property
+    def prompt_param(self) -> str:
+        """The field an error about the prompt names."""
+        return "messages" if self.chat else "prompt"
+
+
+def parse_json_object(body: bytes) -> dict:
+    if not body.strip():
+        raise bad("The request body is empty; expected a JSON object.")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad("The request body must be a JSON object.")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_completion_request(body: dict, *, chat: bool, model_name: str, context: int,
+                             vocab_size: int | None) -> CompletionRequest:
+    """Check `body` against the served model; the first field at fault is the ApiError raised."""
+    params = _common_params(body, context, chat=chat)
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise bad(f"The model '{short(model)}' does not exist; this server serves '{model_name}'.", "model",
+                  "model_not_found")
+    if chat:
+        return CompletionRequest(chat=True, messages=_chat_messages(body), **params)
+    return CompletionRequest(chat=False, prompt=_completion_prompt(body, vocab_size), **params)
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _typed(body: dict, name: str, types: type | tuple[type, ...], expected: str) -> Any:
+    """`body[name]` (None when absent) when it is of `types`; booleans are never numbers."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+        raise bad(f"Invalid type for '{name}': expected {expected}, got {type(value).__name__}.", name,
+                  "invalid_type")
+    return value
+
+
+def _int(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = _typed(body, name, int, "an integer")
+    if value is not None and not lo <= value <= hi:
+        raise bad(f"Invalid value for '{name}': {value} is not between {lo} and {hi}.", name, "invalid_value")
+    return value
+
+
+def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+    value = _typed(body, name, (int, float), "a number")
+    if value is None:
+        return None
+    if value > hi or value < lo or (lo_open and value == lo):
+        low = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise bad(f"Invalid value for '{name}': {value} must be {low} and at most {hi}.", name, "invalid_value")
+    return float(value)
+
+
+def _bool(body: dict, name: str) -> bool | None:
+    return _typed(body, name, bool, "a boolean")
+
+
+def _common_params(body: dict, context: int, *, chat: bool) -> dict[str, Any]:
+    if body.get("n") is not None and _int(body, "n", 1, 128) != 1:
+        raise bad("Only n=1 is supported.", "n", "unsupported_value")
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _int(body, "max_completion_tokens", 1, context)
+    else:
+        max_tokens = _int(body, "max_tokens", 1, context)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = 0 if body.get("top_k") == -1 else _int(body, "top_k", 0, 1 << 31)  # -1: vLLM's spelling of "off"
+    seed = _int(body, "seed", 0, 2**63 - 1)
+    _refuse_unsupported(body)
+    stops = _stop_strings(body.get("stop"))
+    stream = bool(_bool(body, "stream"))
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
+        include_usage = bool(_bool(options, "include_usage"))
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise bad("Invalid type for 'model': expected a string.", "model", "invalid_type")
+    return dict(
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature=1.0 if temperature is None else temperature, top_k=top_k or 0,
+                                top_p=1.0 if top_p is None else top_p, seed=seed),
+        stop=stops,
+        stream=stream,
+        include_usage=include_usage and stream,
+        ignore_eos=bool(_bool(body, "ignore_eos")),
+    )
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Parameters whose answer would not be what the client asked for are a 400, not ignored."""
+    for name in ("logprobs", "echo"):
+        if body.get(name) not in (None, False, 0):
+            raise bad(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
+    if body.get("top_logprobs") not in (None, 0):
+        raise bad("'top_logprobs' is not supported by this server.", "top_logprobs", "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise bad("Only best_of=1 is supported.", "best_of", "unsupported_value")
+    if body.get("suffix") not in (None, ""):
+        raise bad("'suffix' is not supported by this server.", "suffix", "unsupported_parameter")
+    if body.get("tools"):
+        raise bad("Tool calls are not supported by this server.", "tools", "unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise bad("Only response_format {\"type\": \"text\"} is supported.", "response_format",
+                  "unsupported_parameter")
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", "stop", "invalid_value")
+        return tuple(s for s in stop if s)
+    raise bad("Invalid type for 'stop': expected a string or a list of strings.", "stop", "invalid_type")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    if not isinstance(messages, list):
+        raise bad("Invalid type for 'messages': expected an array of objects.", "messages", "invalid_type")
+    if not messages:
+        raise bad("'messages' must contain at least one message.", "messages", "empty_array")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"Invalid type for 'messages[{i}]': expected an object.", f"messages[{i}]", "invalid_type")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"Invalid value for 'messages[{i}].role': {short(repr(role))}; supported roles are "
+                      f"{', '.join(sorted(CHAT_ROLES))}.", f"messages[{i}].role", "invalid_value")
+        text = _message_text(message.get("content"), i, role)
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    return out
+
+
+def _message_text(content: Any, index: int, role: str) -> str:
+    param = f"messages[{index}].content"
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise bad(f"Invalid content part in {param}: expected objects with a 'type'.", param, "invalid_type")
+            if part["type"] != "text":
+                raise bad(f"Content of type {short(repr(part['type']))} is not supported; only text is.", param,
+                          "unsupported_value")
+            if not isinstance(part.get("text"), str):
+                raise bad(f"Invalid text part in {param}: 'text' must be a string.", param, "invalid_type")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"Invalid type for '{param}': expected a string or a list of text parts.", param, "invalid_type")
+
+
+def _completion_prompt(body: dict, vocab_size: int | None) -> str | list[int]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        outside = [t for t in prompt if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if outside:
+            raise bad(f"Token id {outside[0]} is outside the vocabulary "
+                      f"(0 to {vocab_size - 1 if vocab_size else '?'}).", "prompt", "invalid_value")
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("Only one prompt per request is supported.", "prompt", "unsupported_value")
+    raise bad("Invalid type for 'prompt': expected a string, a list of one string, or a list of token ids.",
+              "prompt", "invalid_type")
