@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import __version__
+from .argtypes import host_port, port, positive_int, seconds
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
 from .errors import P2PError
@@ -29,16 +30,6 @@ def _progress_printer(label: str):
         sys.stderr.flush()
 
     return show
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _set_threads(threads: int | None) -> None:
@@ -86,7 +77,7 @@ def _add_run(sub) -> None:
     p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-tokens", type=_positive_int, default=128)
+    p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -94,7 +85,7 @@ def _add_run(sub) -> None:
     p.add_argument("--split", default=None, help="cut before these layers, e.g. 2,4")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
-    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
 
@@ -142,34 +133,6 @@ def _add_check_model(sub) -> None:
 
 
 # --------------------------------------------------------------------------- cluster
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {value}")
-    return value
-
-
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    _port(port)
-    return text
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
-    return value
 
 
 def cmd_join(args) -> int:
@@ -232,26 +195,26 @@ def _add_join(sub) -> None:
     p = sub.add_parser("join", help="run a peer daemon in the foreground",
                        description="Start a peer: find the others, agree on a plan, serve its layers.")
     p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
-    p.add_argument("--port", type=_port, default=7700, help="gRPC port (default 7700)")
-    p.add_argument("--gateway-port", type=_port, default=8700, help="HTTP gateway port (default 8700)")
+    p.add_argument("--port", type=port, default=7700, help="gRPC port (default 7700)")
+    p.add_argument("--gateway-port", type=port, default=8700, help="HTTP gateway port (default 8700)")
     p.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
     p.add_argument("--name", default=None, help="this peer's name (default: the hostname)")
     p.add_argument("--cluster", default="default", help="only peers of the same cluster name join together")
-    p.add_argument("--peer", action="append", type=_host_port, metavar="HOST:PORT",
+    p.add_argument("--peer", action="append", type=host_port, metavar="HOST:PORT",
                    help="a peer to contact directly (repeatable; for networks without multicast)")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--interface", default=None, help="network interface or address to use (default: automatic)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--peer-timeout", type=_seconds, default=3.0, help="seconds of silence before a peer is lost")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--peer-timeout", type=seconds, default=3.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
-    p.add_argument("--context", type=_positive_int, default=None, help="tokens of context to plan KV memory for")
+    p.add_argument("--context", type=positive_int, default=None, help="tokens of context to plan KV memory for")
     p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")
     p.add_argument("--kv-replicas", type=int, default=1, choices=[0, 1],
                    help="1: stream KV deltas to the ring successor for warm failover (default); 0: replay instead")
-    p.add_argument("--micro-batches", type=_positive_int, default=None,
+    p.add_argument("--micro-batches", type=positive_int, default=None,
                    help="micro-batches in flight on the ring (default: the number of stages)")
     p.add_argument("--wire-dtype", default="f32", choices=["f32", "f16", "bf16"],
                    help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
@@ -307,7 +270,7 @@ async def _fetch_status(address: str, security) -> dict:
 def _add_status(sub) -> None:
     p = sub.add_parser("status", help="show the cluster as one peer sees it",
                        description="Peers, plan epoch, layers, health.")
-    p.add_argument("--host", type=_host_port, default="127.0.0.1:7700", help="a peer's gRPC address")
+    p.add_argument("--host", type=host_port, default="127.0.0.1:7700", help="a peer's gRPC address")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cluster", default="default", help="whose stored secret to use (default: default)")
     _add_security_flags(p, "of the peer's cluster")

@@ -130,6 +130,7 @@ class Daemon:
         self._link_measured_at: dict[str, float] = {}
         self._dial: set[str] = set(cfg.peers)
         self._stop = asyncio.Event()
+        self._replan_now = asyncio.Event()
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self._proposing = False
@@ -353,6 +354,8 @@ class Daemon:
                     if pid in stage_peers:  # park its sequences; the coordinator loop replans
                         self.scheduler.pause(f"peer {pid[:8]} of the ring was lost")
                         self.ring.fail_all(f"peer {pid[:8]} of the ring was lost")
+            if lost:
+                self._replan_now.set()
             await asyncio.sleep(HEALTH_INTERVAL)
 
     async def _link_loop(self) -> None:
@@ -379,7 +382,11 @@ class Daemon:
 
     async def _coordinator_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
+            try:  # a lost stage wakes the loop at once; otherwise it looks twice a second
+                await asyncio.wait_for(self._replan_now.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            self._replan_now.clear()
             if self.coordinator() != self.id or self._proposing:
                 continue
             broken = self.committed is not None and coord.broken_reason(self.committed, self.membership)

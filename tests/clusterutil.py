@@ -31,7 +31,7 @@ def status(h: Hosts, i: int, *auth: str) -> dict | None:
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 
-def wait_for_agreement(h: Hosts, members: list[int], n_layers: int, timeout: float = AGREE_WITHIN) -> list[dict]:
+def wait_for_agreement(h: Hosts, members: list[int], n_layers: int, timeout: float = 2 * AGREE_WITHIN) -> list[dict]:
     """Poll every member's status until all agree on coordinator, epoch and layers."""
     deadline = time.monotonic() + timeout
     seen = []

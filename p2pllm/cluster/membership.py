@@ -129,7 +129,8 @@ class Membership:
             if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
                 m.state = "lost"
                 lost.append(m.info.id)
-                log.warning("peer %s (%s) lost: silent for %.1fs", m.info.name, m.info.id[:8], self.peer_timeout)
+                why = "connections refused" if m.refusals >= 2 else f"silent for {self.peer_timeout:.1f}s"
+                log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
         if lost:
             self._changed()
         return lost

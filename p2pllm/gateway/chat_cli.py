@@ -7,7 +7,6 @@ then frees the sequence on every stage).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Iterator
 
 import httpx
 
+from ..argtypes import positive_float, positive_int, temperature
 from ..errors import P2PError
 
 DEFAULT_GATEWAY = "127.0.0.1:8700"
@@ -32,41 +32,13 @@ def add_chat_parser(sub) -> None:
                    help=f"a gateway address, HOST:PORT or a URL (default {DEFAULT_GATEWAY})")
     p.add_argument("--prompt", default=None, help="ask this, print the answer, exit")
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="most tokens per answer (default: the server's, up to 256)")
-    p.add_argument("--temperature", type=_temperature, default=0.7, help="0 is greedy (default 0.7)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="0 is greedy (default 0.7)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--api-key", default=None, help="the gateway's API key (default: $P2PLLM_API_KEY)")
-    p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for an answer (default 600)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for an answer (default 600)")
     p.set_defaults(func=cmd_chat)
-
-
-def _positive_int(text: str) -> int:
-    value = _parse(int, text, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not 0.0 <= value <= 2.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {text}")
-    return value
-
-
-def _parse(kind: type, text: str, expected: str):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
 def base_url(host: str) -> str:

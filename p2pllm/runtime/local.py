@@ -19,7 +19,7 @@ import torch
 from ..errors import P2PError, UsageError
 from ..model.layers import DecoderSlice
 from ..model.loader import load_slice
-from ..model.sampling import Sampler, SamplingParams
+from ..model.sampling import SamplingParams
 from ..model.spec import ModelSpec, read_spec
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..transport.wire import blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob
