@@ -168,7 +168,7 @@ def breakdown(h, daemons: dict[int, object], head: int, victim: int, t_kill: flo
         "kv_rebuilt_at": None if kv_done is None else round(kv_done - t_kill, 3), "resumed_at": rel(resume),
         "next_token_at": round(t_next - t_kill, 3),
         "kv_lines": kv_lines, "loads": loads,
-        "replayed": int(re.search(r"\((\d+) sequences replayed\)", resume[1]).group(1)) if resume else None,
+        "replayed": int(re.search(r"\((\d+) sequences recompute some tokens\)", resume[1]).group(1)) if resume else None,
         "proposal": propose[1] if propose else None,
     }
     marks = [("detection", 0.0, out["lost_at"]), ("replan", out["lost_at"], out["proposed_at"]),

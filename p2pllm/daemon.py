@@ -33,7 +33,6 @@ from .runtime.recovery import plan_sources, restore_kv, serve_fetch
 from .runtime.replica import LayerKV, ReplicaStore
 from .runtime.ring_stage import Binding, RingStage
 from .runtime.scheduler import Scheduler
-from .transport import frames as wire_frames
 from .transport.client import ClientPool
 from .transport.ring import LinkPool
 from .transport.security import Security
@@ -453,11 +452,14 @@ class Daemon:
                 return await self.on_commit(pb.CommitRequest(epoch=epoch, coordinator=self.id))
             return await self.clients.get(member.info.address).commit(epoch, self.id)
 
-        replay = {s for r in replies for s in r.not_restored}
+        resume_at: dict[int, int] = {}  # per sequence: the positions every stage rebuilt
+        for r in replies:
+            for seq in r.restored:
+                resume_at[seq.seq_id] = min(resume_at.get(seq.seq_id, seq.positions), seq.positions)
         await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
         self.committed_plan = candidate
         if self.scheduler is not None:
-            self.scheduler.resume(f"epoch {epoch}", replay)
+            self.scheduler.resume(f"epoch {epoch}", resume_at)
 
     # ------------------------------------------------------------------ gRPC handlers
     async def on_hello(self, req: pb.HelloRequest, peer: str) -> pb.HelloReply:
@@ -492,15 +494,15 @@ class Daemon:
         # the old epoch stops here: refuse its frames, let the one being computed finish
         self.ring_stage.bind(None)
         await asyncio.get_running_loop().run_in_executor(self.compute, lambda: None)
-        not_restored: set[int] = set()
+        rebuilt = {r.seq_id: r.positions for r in req.resume}  # a peer without layers holds no KV
         if stage is not None:
-            not_restored = await restore_kv(stage, self.stage, self.replicas, list(req.resume), list(req.sources),
+            rebuilt = await restore_kv(stage, self.stage, self.replicas, list(req.resume), list(req.sources),
                                             self._fetch_kv, self.spec, self.options.context, self.address)
         self.pending = {e: v for e, v in self.pending.items() if e > self.epoch}
         self.pending[req.epoch] = (req, stage)
         if self.state not in ("serving", "leaving"):
             self.state = "ready"
-        return pb.PlanReply(ok=True, not_restored=sorted(not_restored))
+        return pb.PlanReply(ok=True, restored=[pb.ResumeSeq(seq_id=s, positions=n) for s, n in rebuilt.items()])
 
     async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
         entry = self.pending.pop(req.epoch, None)
@@ -529,7 +531,7 @@ class Daemon:
         if frame.replica:
             try:
                 for delta in frame.kv[:4096]:
-                    self.replicas.add(wire_frames.decode_kv(delta, self.spec, self.options.context))
+                    self.replicas.add(delta)
             except P2PError as e:
                 log.warning("refused a KV replica frame: %s", e)
                 return pb.FrameAck(micro_batch=frame.micro_batch, error=str(e))

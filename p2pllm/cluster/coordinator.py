@@ -57,7 +57,8 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
         return broken
     if candidate.strategy == "even" and {s.peer_id for s in current.stages} != {s.peer for s in candidate.stages}:
         return "the strategy is even and the set of peers changed"  # even means every compatible peer
-    if current_plan is not None and should_replace(current_plan, candidate, hysteresis):
+    same = [(s.peer_id, s.start, s.end) for s in current.stages] == [(s.peer, s.start, s.end) for s in candidate.stages]
+    if not same and current_plan is not None and should_replace(current_plan, candidate, hysteresis):
         return "a better plan is available"
     return ""
 
@@ -90,13 +91,17 @@ def to_proposal(p: Plan, epoch: int, coordinator: str, membership: Membership, f
 
 def elect(membership: Membership, committed_epoch: int, committed_coordinator: str) -> str:
     """The coordinator: the one of the newest committed plan while it lives (incumbency keeps the
-    cluster stable when peers join), else the smallest id among live, compatible peers."""
-    best_epoch, best = committed_epoch, committed_coordinator
-    for m in membership.live_compatible():
-        if m.epoch > best_epoch and m.coordinator:
-            best_epoch, best = m.epoch, m.coordinator
-    if best and membership.is_live(best) and best in membership.members and membership.members[best].compatible:
-        return best
+    cluster stable when peers join), else the smallest id among live, compatible peers.
+
+    Two plans of the same epoch (peers that each planned alone before they met) are ranked by
+    coordinator id, so both sides pick the same one instead of refusing each other forever.
+    """
+    claims = [(committed_epoch, committed_coordinator)] if committed_coordinator else []
+    claims += [(m.epoch, m.coordinator) for m in membership.live_compatible() if m.coordinator and m.epoch]
+    for _, coordinator in sorted(claims, key=lambda c: (-c[0], c[1])):
+        member = membership.members.get(coordinator)
+        if member is not None and member.compatible and membership.is_live(coordinator):
+            return coordinator
     return membership.coordinator_id()
 
 

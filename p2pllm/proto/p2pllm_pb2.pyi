@@ -161,14 +161,14 @@ class PlanProposal(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., plan_json: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., head_address: _Optional[str] = ..., resume: _Optional[_Iterable[_Union[ResumeSeq, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[KVSource, _Mapping]]] = ..., kv_replicas: _Optional[int] = ...) -> None: ...
 
 class PlanReply(_message.Message):
-    __slots__ = ("ok", "reason", "not_restored")
+    __slots__ = ("ok", "reason", "restored")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    NOT_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
-    not_restored: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., not_restored: _Optional[_Iterable[int]] = ...) -> None: ...
+    restored: _containers.RepeatedCompositeFieldContainer[ResumeSeq]
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., restored: _Optional[_Iterable[_Union[ResumeSeq, _Mapping]]] = ...) -> None: ...
 
 class FetchKVRequest(_message.Message):
     __slots__ = ("seq_ids", "positions", "start", "end", "from_replica")

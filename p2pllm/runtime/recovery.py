@@ -42,44 +42,59 @@ def plan_sources(proposal: pb.PlanProposal | None, replicas: bool) -> list[pb.KV
 
 async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStore, resume: list[pb.ResumeSeq],
                      sources: list[pb.KVSource], fetch: Fetch, spec: ModelSpec, context: int,
-                     my_address: str) -> set[int]:
-    """Rebuild `stage`'s KV for the resumed sequences; the ids it could not rebuild."""
+                     my_address: str) -> dict[int, int]:
+    """Rebuild `stage`'s KV for the resumed sequences: per sequence, the positions rebuilt.
+
+    Fewer than asked (a replica one step behind, or none at all) means the head recomputes the
+    rest: the missing tail, or the whole history at worst.
+    """
     keep = {r.seq_id: r.positions for r in resume}
     for seq_id in stage.kv.sequences():  # everything not carried over is dropped
         if seq_id not in keep:
             stage.free(seq_id)
     a, b = stage.start, stage.end
     pieces: dict[int, list[LayerKV]] = {s: [] for s in keep}
+    rebuilt: dict[int, int] = {}
     missing: list[int] = []
     for seq_id, n in keep.items():
-        if n == 0:
+        if n == 0 or (seq_id in stage.kv and stage.kv.length(seq_id) >= n):
+            rebuilt[seq_id] = n
+            if n:
+                stage.kv.truncate(seq_id, n)
             continue
-        if seq_id in stage.kv and stage.kv.length(seq_id) >= n:
-            stage.kv.truncate(seq_id, n)
-            continue
-        local = [p for p in (from_cache(previous.kv, previous.start, seq_id, a, b, n) if previous else None,
-                             *replicas.pieces(seq_id, a, b, n)) if p is not None]
-        pieces[seq_id] = local
-        if assemble(local, a, b, n) is None:
+        held = from_cache(previous.kv, previous.start, seq_id, a, b, n, at_most=True) if previous else None
+        pieces[seq_id] = [p for p in (held, *replicas.pieces(seq_id, a, b, n, at_most=True)) if p is not None]
+        if prefix(pieces[seq_id], a, b, n) < n:
             missing.append(seq_id)
     if missing:
         await _fetch_missing(missing, keep, pieces, a, b, sources, fetch, spec, context, my_address)
-    not_restored = set()
     for seq_id, n in keep.items():
-        if n == 0 or (seq_id in stage.kv and stage.kv.length(seq_id) >= n):
+        if seq_id in rebuilt:
             continue
-        data = assemble(pieces[seq_id], a, b, n)
-        if data is None:
-            not_restored.add(seq_id)
-            stage.free(seq_id)
-            continue
+        h = prefix(pieces[seq_id], a, b, n)
         stage.free(seq_id)
-        stage.kv.allocate(seq_id, n + 256)
-        stage.kv.import_entries(KVEntries(seq_id, 0, data.to(stage.decoder.dtype)))
+        rebuilt[seq_id] = h
+        if h:
+            stage.kv.allocate(seq_id, n + 256)
+            data = assemble(pieces[seq_id], a, b, h)
+            stage.kv.import_entries(KVEntries(seq_id, 0, data.to(stage.decoder.dtype)))
     if keep:
-        log.info("KV for layers [%d, %d): %d sequences carried over, %d to replay", a, b,
-                 len(keep) - len(not_restored), len(not_restored))
-    return not_restored
+        full = sum(1 for s, n in keep.items() if rebuilt[s] == n)
+        none = sum(1 for s, n in keep.items() if n and rebuilt[s] == 0)
+        log.info("KV for layers [%d, %d): %d sequences carried over, %d partly (the head recomputes their last "
+                 "tokens), %d to replay", a, b, full, len(keep) - full - none, none)
+    return rebuilt
+
+
+def prefix(pieces: list[LayerKV], a: int, b: int, n: int) -> int:
+    """How many positions from 0 (at most n) the pieces hold for every layer in [a, b)."""
+    best = {layer: 0 for layer in range(a, b)}
+    for p in pieces:
+        if p.start != 0:
+            continue
+        for layer in range(max(a, p.first_layer), min(b, p.end_layer)):
+            best[layer] = max(best[layer], min(p.length, n))
+    return min(best.values()) if best else 0
 
 
 async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spec, context, my_address) -> None:
@@ -87,7 +102,7 @@ async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spe
         lo, hi = max(a, src.start), min(b, src.end)
         if lo >= hi:
             continue
-        want = [s for s in missing if assemble(pieces[s], lo, hi, keep[s]) is None]
+        want = [s for s in missing if prefix(pieces[s], lo, hi, keep[s]) < keep[s]]
         if not want:
             continue
         positions = max(keep[s] for s in want)
@@ -108,7 +123,7 @@ async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spe
                     continue
                 if kv.seq_id in pieces:
                     pieces[kv.seq_id].append(kv)
-            want = [s for s in want if assemble(pieces[s], lo, hi, keep[s]) is None]
+            want = [s for s in want if prefix(pieces[s], lo, hi, keep[s]) < keep[s]]
             if not want:
                 break
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.kvcache import KVCache, KVEntries
+from ..model.kvcache import KVCache
 from ..model.spec import ModelSpec
+from ..proto import p2pllm_pb2 as pb
+from ..transport import frames
 
 log = logging.getLogger(__name__)
 
@@ -45,49 +47,85 @@ class LayerKV:
 
 
 class ReplicaStore:
-    """The KV replicas this peer holds for its ring predecessor, by (first layer, layer count)."""
+    """The KV replicas this peer holds for its ring predecessor, by (first layer, layer count).
+
+    Deltas are kept as they arrived (raw bytes, headers checked) and decoded — dtype, shape and
+    size checked — only when a plan change needs them: replication stays off the hot path.
+    """
 
     def __init__(self, spec: ModelSpec, context: int):
         self.spec = spec
         self.context = context
-        self._caches: dict[tuple[int, int], KVCache] = {}
+        # (first layer, n layers) -> sequence -> [(start, usable length, delta)], contiguous from 0
+        self._held: dict[tuple[int, int], dict[int, list[tuple[int, int, pb.KVDelta]]]] = {}
+        self._bytes = 0
 
-    def add(self, kv: LayerKV) -> None:
-        key = (kv.first_layer, int(kv.data.shape[0]))
-        cache = self._caches.get(key)
-        if cache is None:
-            cache = self._caches[key] = KVCache(key[1], self.spec.n_kv_heads, self.spec.head_dim, self.context,
-                                                kv.data.dtype)
-        if kv.seq_id in cache:
-            if kv.start > cache.length(kv.seq_id):
-                log.debug("replica of sequence %d has a gap; dropped", kv.seq_id)
-                cache.free(kv.seq_id)
-                return
-            cache.truncate(kv.seq_id, kv.start)  # a replayed step overwrites what follows
-        elif kv.start != 0:
-            return  # the beginning is missing: useless as a replica
-        cache.import_entries(KVEntries(kv.seq_id, kv.start, kv.data))
+    def add(self, delta: pb.KVDelta) -> None:
+        shape = list(delta.data.shape)
+        if len(shape) != 5 or shape[0] < 1 or shape[3] < 1:
+            raise frames.FrameError(f"KV delta of shape {shape}")
+        n, length = int(shape[0]), int(shape[3])
+        if delta.first_layer + n > self.spec.n_layers or delta.start + length > self.context:
+            raise frames.FrameError("KV delta outside the model's layers or context")
+        seqs = self._held.setdefault((delta.first_layer, n), {})
+        chunks = seqs.get(delta.seq_id)
+        if chunks is None:
+            if delta.start != 0:
+                return  # the beginning is missing: useless as a replica
+            chunks = seqs[delta.seq_id] = []
+        held = sum(c[1] for c in chunks)
+        if delta.start > held:
+            log.debug("replica of sequence %d has a gap; dropped", delta.seq_id)
+            self._drop(seqs, delta.seq_id)
+            return
+        while chunks and chunks[-1][0] >= delta.start:  # a replayed step overwrites what follows
+            self._bytes -= chunks.pop()[2].data.ByteSize()
+        if chunks and chunks[-1][0] + chunks[-1][1] > delta.start:
+            first, _, d = chunks[-1]
+            chunks[-1] = (first, delta.start - first, d)
+        chunks.append((delta.start, length, delta))
+        self._bytes += delta.data.ByteSize()
 
     def pieces(self, seq_id: int, a: int, b: int, positions: int, at_most: bool = False) -> list[LayerKV]:
         """What is held of layers [a, b), positions [0, positions), of a sequence."""
-        found = (from_cache(cache, first, seq_id, a, b, positions, at_most) for (first, _), cache in self._caches.items())
-        return [kv for kv in found if kv is not None]
+        out = []
+        for (first, n), seqs in self._held.items():
+            lo, hi = max(a, first), min(b, first + n)
+            chunks = seqs.get(seq_id)
+            if lo >= hi or not chunks:
+                continue
+            held = sum(c[1] for c in chunks)
+            if held < positions and not at_most:
+                continue
+            try:
+                parts = [frames.decode_kv(d, self.spec, self.context).data[:, :, :, :usable]
+                         for _, usable, d in chunks]
+            except frames.FrameError as e:
+                log.warning("replica of sequence %d is corrupt: %s", seq_id, e)
+                continue
+            data = torch.cat(parts, dim=3)[:, :, :, :positions]
+            out.append(LayerKV(seq_id, first, 0, data).layers(lo, hi))
+        return out
 
     def free(self, seq_id: int) -> None:
-        for cache in self._caches.values():
-            cache.free(seq_id)
+        for seqs in self._held.values():
+            self._drop(seqs, seq_id)
 
     def retain(self, seq_ids: set[int]) -> None:
-        for cache in self._caches.values():
-            for s in cache.sequences():
-                if s not in seq_ids:
-                    cache.free(s)
+        for seqs in self._held.values():
+            for s in [s for s in seqs if s not in seq_ids]:
+                self._drop(seqs, s)
 
     def clear(self) -> None:
-        self._caches.clear()
+        self._held.clear()
+        self._bytes = 0
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self._caches.values())
+        return self._bytes
+
+    def _drop(self, seqs: dict, seq_id: int) -> None:
+        for _, _, d in seqs.pop(seq_id, []):
+            self._bytes -= d.data.ByteSize()
 
 
 def from_cache(cache: KVCache, first_layer: int, seq_id: int, a: int, b: int, positions: int,

@@ -63,12 +63,12 @@ class RingStage:
                                                                               error=str(e)))
             return str(e)
         mb, result, deltas = out
-        if deltas:  # before the result: on the same stream, the successor stores it before going on
-            await self.send_replica(b, deltas)
         if b.stage.is_last:
             await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, sampled=result))
         else:
             await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
+        if deltas:  # after the result: off the critical path (a step whose replica never left is replayed)
+            await self.send_replica(b, deltas)
         return ""
 
     async def send_replica(self, b: Binding, deltas: list[LayerKV]) -> None:

@@ -183,18 +183,21 @@ class Scheduler:
         """(sequence, positions whose KV every stage holds) of every sequence to carry over."""
         return [(s.seq_id, s.pos) for s in self._seqs.values() if s.started and not s.done and not s.in_flight]
 
-    def resume(self, epoch_note: str, replay: set[int]) -> None:
-        """The new plan is committed: carried-over sequences go on; `replay` ones start from 0."""
+    def resume(self, epoch_note: str, rebuilt: dict[int, int]) -> None:
+        """The new plan is committed: each carried-over sequence goes on from the positions every
+        stage rebuilt (`rebuilt`); the tokens after that are computed again (all, at worst)."""
+        replayed = 0
         for seq in self._seqs.values():
             if seq.done or not seq.started:
                 continue
-            if seq.seq_id in replay:
-                seq.pos = 0  # prefill the whole history again on the new stages
+            pos = min(seq.pos, rebuilt.get(seq.seq_id, 0))
+            replayed += pos < seq.pos
+            seq.pos = pos
             seq.started = False  # announce it again: the new last stage needs its sampler
         if self._pause_timer is not None:
             self._pause_timer.cancel()
             self._pause_timer = None
-        log.info("resuming the ring on %s (%d sequences replayed)", epoch_note, len(replay))
+        log.info("resuming the ring on %s (%d sequences recompute some tokens)", epoch_note, replayed)
         self.paused = None
         self.unavailable = None
         self._wake.set()
