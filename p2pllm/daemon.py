@@ -401,7 +401,8 @@ class Daemon:
                     reason = f"the cluster lost capacity and cannot hold the model: {candidate.reason}"
                     self._log_once(reason)
                     self.scheduler.pause(reason)
-                    self.scheduler.unavailable = reason
+                    self.scheduler.unavailable = reason  # new requests: 503 until capacity returns
+                    self.scheduler.fail_parked(reason)  # running ones: a clear error now, not a hang
                 continue
             why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
                                        self.options.hysteresis)

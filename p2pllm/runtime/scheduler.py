@@ -205,9 +205,13 @@ class Scheduler:
     def _give_up(self) -> None:
         reason = self.paused or "the ring was paused too long"
         log.warning("no new plan within %.0fs: failing the parked requests (%s)", self.resume_timeout, reason)
+        self.fail_parked(f"the cluster could not recover in time: {reason}")
+
+    def fail_parked(self, reason: str) -> None:
+        """End every parked or queued sequence with a clear error (the cluster cannot carry them on)."""
         for seq in list(self._seqs.values()):
-            if seq.started and not seq.in_flight:
-                self._finish(seq, "error", error=f"the cluster could not recover in time: {reason}")
+            if not seq.in_flight:
+                self._finish(seq, "error", error=reason)
 
     def _build(self) -> MicroBatch | None:
         ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
