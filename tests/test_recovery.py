@@ -103,7 +103,7 @@ def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_mod
     check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}")
     log = hosts.logs()
     assert "carrying 4 sequences over" in log  # the fault hit the streams mid-way
-    rebuilt = [line for line in log.splitlines() if "KV for layers" in line]
+    rebuilt = [line for line in log.splitlines() if "KV for layers" in line and "carried over" in line]
     assert rebuilt, log[-3000:]
     if replicas == "1":  # warm: KV rebuilt from caches and replicas, no history replayed
         assert all(line.endswith(", 0 to replay") for line in rebuilt), rebuilt
