@@ -290,13 +290,7 @@ def _matmul_rate(torch, dev: str, dtype, n: int, budget_s: float) -> float:
             break
         n = max(64, int(n * min(0.5, (budget_s / 8 / one) ** (1 / 3))))
         a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
-    iters, best = 0, math.inf
-    while time.perf_counter() < deadline or iters < 2:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        _sync(torch, dev)
-        best = min(best, time.perf_counter() - t)
-        iters += 1
+    best = _best_seconds(lambda: (torch.mm(a, b), _sync(torch, dev)), deadline, min_iters=2)
     return 2.0 * n**3 / best if best > 0 else 0.0
 
 
@@ -310,15 +304,19 @@ def _measure_bandwidth(torch, dev: str, free: int, budget_s: float = 0.15) -> fl
     x = torch.ones(cols, dtype=torch.float32, device=dev)
     torch.mv(a, x)
     _sync(torch, dev)
+    best = _best_seconds(lambda: (torch.mv(a, x), _sync(torch, dev)), time.perf_counter() + budget_s, min_iters=3)
+    return a.numel() * a.element_size() / best
+
+
+def _best_seconds(run, deadline: float, min_iters: int) -> float:
+    """The fastest of repeated runs until the deadline (at least min_iters of them)."""
     iters, best = 0, math.inf
-    deadline = time.perf_counter() + budget_s
-    while time.perf_counter() < deadline or iters < 3:
+    while time.perf_counter() < deadline or iters < min_iters:
         t = time.perf_counter()
-        torch.mv(a, x)
-        _sync(torch, dev)
+        run()
         best = min(best, time.perf_counter() - t)
         iters += 1
-    return a.numel() * a.element_size() / best
+    return best
 
 
 def _read_cache(path: Path) -> dict:
