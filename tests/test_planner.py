@@ -354,3 +354,15 @@ def test_cli_discover_plans_for_this_machine(tmp_path, monkeypatch):
     assert "p2pllm join" in err
     if j["feasible"]:
         assert len(j["stages"]) == 1
+
+
+def test_plan_from_a_header_only_gguf_sizes_the_model_from_its_metadata():
+    """The shared Llama-2 vocabulary GGUF carries 7B hparams and no tensors: a dry run still works."""
+    from conftest import run_cli, shared_model
+
+    path = shared_model("vocab/ggml-vocab-llama-spm.gguf")
+    proc = run_cli("plan", "--model", path, "--device", "name=a,mem=16GiB,tflops=4,bw=100GBps", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["feasible"] and out["stages"][0]["layers"] == [0, 32]
+    assert 12 << 30 < out["stages"][0]["memory"]["weights"] < 14 << 30  # 6.7B parameters in f16

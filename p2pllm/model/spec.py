@@ -187,6 +187,8 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
         path=str(mf.path),
     )
     _check_dims(mf.path, spec)
+    if not mf.tensors:  # a header-only GGUF (a vocabulary file, say): size it as f16, for dry runs
+        return _with_param_sizes(replace(spec, file_dtype="f16"))
     return _with_sizes(spec, mf, r"blk\.(\d+)\.", "token_embd.weight", "output.weight", "output_norm.weight")
 
 
