@@ -565,9 +565,10 @@ class Daemon:
         addresses = [s.address for s in proposal.stages]
         mine = [i for i, s in enumerate(proposal.stages) if s.peer_id == self.id]
         nxt = addresses[mine[0] + 1] if mine and mine[0] + 1 < len(addresses) else None
+        # the replica holder is the one plan_sources names, so failover looks where deltas went
         replica = None
-        if mine and proposal.kv_replicas and len(addresses) > 1:
-            replica = addresses[(mine[0] + 1) % len(addresses)]  # the ring successor holds our KV replica
+        if mine:
+            replica = plan_sources(proposal, bool(proposal.kv_replicas))[mine[0]].replica_address or None
         binding = Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context, replica)
         self.ring_stage.bind(binding)
         if replica and stage is not None and stage.kv.sequences():

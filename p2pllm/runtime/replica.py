@@ -111,11 +111,6 @@ class ReplicaStore:
         for seqs in self._held.values():
             self._drop(seqs, seq_id)
 
-    def retain(self, seq_ids: set[int]) -> None:
-        for seqs in self._held.values():
-            for s in [s for s in seqs if s not in seq_ids]:
-                self._drop(seqs, s)
-
     def clear(self) -> None:
         self._held.clear()
         self._bytes = 0

@@ -82,11 +82,6 @@ class ClientPool:
             client = self._clients[address] = PeerClient(address, self.security)
         return client
 
-    async def drop(self, address: str) -> None:
-        client = self._clients.pop(address, None)
-        if client is not None:
-            await client.close()
-
     async def close(self) -> None:
         for client in list(self._clients.values()):
             await client.close()
