@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from . import __version__
 from .argtypes import host_port, port, positive_int, seconds
@@ -15,6 +16,7 @@ from .demo_cluster import add_demo_parser
 from .errors import P2PError
 from .gateway.chat_cli import add_chat_parser
 
+log = logging.getLogger("p2pllm")
 
 def _progress_printer(label: str):
     """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
@@ -24,7 +26,7 @@ def _progress_printer(label: str):
     def show(done: int, total: int) -> None:
         width = 30
         filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1)}%")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -44,15 +46,19 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_run(args) -> int:
     from .model.sampling import SamplingParams
-    from .runtime.local import DTYPES, LocalPipeline, parse_split
+    from .runtime.local import LocalPipeline, parse_split
     from .model.spec import read_spec
 
     _set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = read_spec(args.model)
     cuts = parse_split(args.split, spec.n_layers)
-    pipe = LocalPipeline(args.model, cuts, dtype=DTYPES[args.dtype], device=args.device, spec=spec,
+    t0 = time.perf_counter()
+    pipe = LocalPipeline(args.model, cuts, backend=args.backend, dtype=None if args.dtype == "auto" else args.dtype,
+                         kv_dtype=args.kv_dtype, device=args.device, threads=args.threads, spec=spec,
                          progress=_progress_printer("loading"))
+    log.info("loaded %s (%s backend, %d stage%s) in %.1fs", args.model, pipe.backend, len(pipe.stages),
+             "" if len(pipe.stages) == 1 else "s", time.perf_counter() - t0)
     if args.chat:
         prompt_ids = pipe.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -84,10 +90,20 @@ def _add_run(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--split", default=None, help="cut before these layers, e.g. 2,4")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
-    p.add_argument("--threads", type=positive_int, default=None)
+    _add_backend_flags(p)
+    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16"],
+                   help="torch backend weights (auto: a bf16/f16 checkpoint stays so where this device computes it "
+                        "well, else f32); a float dtype on a GGUF file selects the torch backend")
+    p.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: every core)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
+
+
+def _add_backend_flags(p) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "ggml", "torch"],
+                   help="auto (default): ggml on a GGUF file's own encodings on the CPU, torch otherwise")
+    p.add_argument("--kv-dtype", default=None, choices=["f16", "q8_0", "f32"],
+                   help="KV cache precision (default: f16 for ggml stages, the compute dtype for torch)")
 
 
 # --------------------------------------------------------------------------- models
@@ -107,8 +123,9 @@ def _add_make_demo_model(sub) -> None:
                                    "Its output is random text.")
     p.add_argument("path", help="output .gguf file (or folder with --format hf)")
     p.add_argument("--format", default="gguf", choices=["gguf", "hf"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "small", "125m"],
-                   help="tiny: 6 layers, hidden 128; small: 8 layers, hidden 256; 125m: 12 layers, hidden 768")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "125m", "1b"],
+                   help="tiny: 6 layers, hidden 128; small: 8 layers, hidden 256; 125m: 12 layers, hidden 768; "
+                        "1b: 16 layers, hidden 2048 (1.1B parameters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type")
     p.set_defaults(func=cmd_make_demo_model)
@@ -143,13 +160,17 @@ def cmd_join(args) -> int:
     from .model.spec import read_spec
     from .transport.security import resolve_secret
 
-    read_spec(args.model)  # a bad model file is reported before any secret is made
+    from .model.backends import choose_backend, stage_kv_dtype
+
+    spec = read_spec(args.model)  # a bad model file or flag is reported before any secret is made
+    stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
     _announce_secret(args, resolved)
     cfg = DaemonConfig(
         model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
-        device=args.device, max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        device=args.device, backend=args.backend, kv_dtype=args.kv_dtype,
+        max_memory=parse_size(args.max_memory) if args.max_memory else None,
         threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
         context=args.context, reprobe=args.reprobe, micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
@@ -205,6 +226,7 @@ def _add_join(sub) -> None:
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--interface", default=None, help="network interface or address to use (default: automatic)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    _add_backend_flags(p)
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--peer-timeout", type=seconds, default=3.0, help="seconds of silence before a peer is lost")

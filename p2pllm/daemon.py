@@ -24,13 +24,15 @@ from .cluster.discovery import Announcement, Discovery, pick_interface_address
 from .cluster.membership import Membership
 from .cluster.planner import Plan, PlanOptions
 from .errors import P2PError
+from .model.backends import choose_backend, held_dtype, stage_kv_dtype
+from .model.kvcache import kv_bytes_per_value
 from .model.spec import read_spec
 from .proto import p2pllm_pb2 as pb
 from .runtime.api import EngineStats
 from .runtime.cluster_engine import ClusterEngine, serve_generate
 from .runtime.cluster_ring import ClusterRing
 from .runtime.recovery import plan_sources, restore_kv, serve_fetch
-from .runtime.replica import LayerKV, ReplicaStore
+from .runtime.replica import ReplicaStore, exported
 from .runtime.ring_stage import Binding, RingStage
 from .runtime.scheduler import Scheduler
 from .transport.client import ClientPool
@@ -59,6 +61,8 @@ class DaemonConfig:
     mdns: bool = True
     interface: str | None = None
     device: str = "cpu"
+    backend: str = "auto"  # auto | ggml | torch (model.backends.choose_backend)
+    kv_dtype: str | None = None  # None: f16 on ggml stages, the compute dtype on torch stages
     max_memory: int | None = None
     threads: int | None = None
     micro_batches: int | None = None
@@ -80,8 +84,10 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
         self.id = secrets.token_hex(8)
-        _set_compute_threads(cfg.threads)
+        self.threads = _set_compute_threads(cfg.threads)
         self.spec = read_spec(cfg.model)
+        self.backend = choose_backend(self.spec, cfg.backend, cfg.device)
+        self.kv_dtype = stage_kv_dtype(self.spec, self.backend, cfg.device, cfg.kv_dtype)
         self.model_name = Path(cfg.model).name
         self.host = pick_interface_address(cfg.interface)
         self.address = f"{self.host}:{cfg.port}"
@@ -109,6 +115,9 @@ class Daemon:
         self.clients = ClientPool(self.security)
         self.options = PlanOptions(
             context=min(cfg.context or self.spec.context, self.spec.context),
+            dtype=held_dtype(self.spec, self.backend, cfg.device),
+            kv_dtype_bytes=kv_bytes_per_value(self.kv_dtype),
+            backend=self.backend,
             batch=cfg.batch,
             objective=cfg.objective,
             strategy=cfg.strategy,
@@ -124,6 +133,7 @@ class Daemon:
         self.loaded: tuple[tuple[int, int], object] | None = None  # ((start, end), Stage) reusable across epochs
         self.state = "idle"
         self.load_progress = 0.0
+        self.load_seconds = 0.0
         self.highest_epoch = 0
         self._links: dict[str, tuple[float, float]] = {}
         self._link_measured_at: dict[str, float] = {}
@@ -518,7 +528,7 @@ class Daemon:
         if self.state != "leaving":
             self.state = "serving"
         mine = coord.my_assignment(proposal, self.id)
-        where = f"layers [{mine[0]}, {mine[1]})" if mine else "no layers"
+        where = f"layers [{mine[0]}, {mine[1]}) loaded in {self.load_seconds:.1f}s" if mine else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
                  where)
         log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,
@@ -589,8 +599,8 @@ class Daemon:
     async def _send_snapshot(self, b: Binding) -> None:
         """All of our carried-over KV to the new replica holder (deltas follow step by step)."""
         def export():
-            return [LayerKV(s, b.stage.start, 0, b.stage.kv.export(s, 0, b.stage.kv.length(s)).data)
-                    for s in b.stage.kv.sequences() if b.stage.kv.length(s) > 0]
+            kv = b.stage.kv
+            return [exported(kv, b.stage.start, s, 0, kv.length(s)) for s in kv.sequences() if kv.length(s) > 0]
 
         deltas = await asyncio.get_running_loop().run_in_executor(self.compute, export)
         if deltas:
@@ -606,18 +616,20 @@ class Daemon:
             self.load_progress = done / max(total, 1)
 
         def build():
-            from .model.layers import DecoderSlice
-            from .model.loader import load_slice
+            from .model.backends import open_stage
             from .runtime.stage import Stage
 
-            weights = load_slice(self.cfg.model, rng[0], rng[1], spec=self.spec, progress=progress)
-            return Stage(DecoderSlice(weights, device=self.cfg.device), self.options.context)
+            return Stage(open_stage(self.cfg.model, rng[0], rng[1], spec=self.spec, backend=self.backend,
+                                    device=self.cfg.device, kv_dtype=self.kv_dtype, max_context=self.options.context,
+                                    threads=self.threads, progress=progress))
 
         t0 = time.monotonic()
         stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)
         self.loaded = (rng, stage)
         self.load_progress = 1.0
-        log.info("loaded layers [%d, %d) in %.1fs", rng[0], rng[1], time.monotonic() - t0)
+        self.load_seconds = time.monotonic() - t0
+        log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, KV %s)", rng[0], rng[1],
+                 self.load_seconds, stage.backend.name, stage.backend.weight_bytes / 2**20, stage.kv.format.name)
         return stage
 
     # ------------------------------------------------------------------ status
@@ -658,14 +670,17 @@ def _security(cfg: DaemonConfig) -> Security:
     return Security.insecure()
 
 
-def _set_compute_threads(threads: int | None) -> None:
+def _set_compute_threads(threads: int | None) -> int:
     """Leave one core to the event loop and gRPC: torch's spinning worker threads competing with
-    them made every hop ten times slower on a 2-core machine (measured: 31 -> 3 ms per token)."""
+    them made every hop ten times slower on a 2-core machine (measured: 31 -> 3 ms per token).
+    The same count goes to ggml stages."""
     import os
 
     import torch
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    n = threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(n)
+    return n
 
 
 def _describe(proposal: pb.PlanProposal, membership: Membership) -> str:

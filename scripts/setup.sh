@@ -11,8 +11,9 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: the CPU build on local disk, never a multi-GB CUDA download.
 pip install -q -c scripts/constraints.txt torch
-# llama.cpp (the reference implementation the tests compare with) builds from source (~4 min once;
-# pip caches the wheel). Portable flags so a cached wheel runs on any x86-64 of the fleet.
+# ggml (our GGUF stages' kernels, from ggml-python, ~40 s) and llama.cpp (the reference the tests
+# compare with, ~4 min) build from source once; pip caches the wheels. Portable flags (AVX2, no
+# -march=native) so a cached wheel runs on any x86-64 of the fleet, and both get the same kernels.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 pip install -q -c scripts/constraints.txt -e ".[test,bench]"
 echo "p2pllm installed in $(pwd)/.venv" >&2

@@ -66,10 +66,15 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference; scripts/setup.sh installs it")
 
 
-def llama_cpp_model(llama_cpp, path, n_ctx=512):
-    # f32 KV cache (type 0): llama.cpp's default f16 cache can flip near-ties in random models
+LLAMA_CPP_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+def llama_cpp_model(llama_cpp, path, n_ctx=512, kv="f32"):
+    # f32 KV cache by default: llama.cpp's default f16 cache can flip near-ties in random models;
+    # compare like with like (our ggml stages keep f16 by default, as llama.cpp does)
+    t = LLAMA_CPP_KV_TYPES[kv]
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
-                           seed=0, type_k=0, type_v=0)
+                           seed=0, type_k=t, type_v=t, flash_attn=kv == "q8_0")
 
 
 def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:

@@ -22,8 +22,8 @@ def cluster(stories_gguf, tmp_path_factory):
     if reason:
         pytest.skip(reason)
     with Hosts(3, log_dir=tmp_path_factory.mktemp("ring-logs")) as h:
-        for i in (1, 2, 3):
-            join(h, i, stories_gguf)
+        for i in (1, 2, 3):  # f32 KV: bit-for-bit llama.cpp's f32 cache (f16 is compared in test_engine)
+            join(h, i, stories_gguf, "--kv-dtype", "f32")
         views = wait_for_agreement(h, [1, 2, 3], n_layers=5)
         yield h, views[0]
 
@@ -58,7 +58,7 @@ def test_chat_completions_streamed_and_not(cluster):
 
 def test_sixteen_concurrent_requests_each_equal_their_solo_result(cluster, stories_gguf):
     h, _ = cluster
-    pipe = LocalPipeline(str(stories_gguf))
+    pipe = LocalPipeline(str(stories_gguf), kv_dtype="f32")  # as the cluster runs
     words = ["cat", "dog", "park", "ball", "tree", "sun", "boat", "cake"]
     prompts = [f"The {words[i % 8]} and the {words[(i * 3 + 1) % 8]}" + "!" * (i // 8) for i in range(16)]
     solo = [pipe.tokenizer.decode(pipe.generate(pipe.tokenizer.encode(p), max_tokens=24).ids, continuation=True)

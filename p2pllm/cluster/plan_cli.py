@@ -17,6 +17,7 @@ import socket
 import sys
 
 from ..errors import UsageError
+from ..model.kvcache import kv_bytes_per_value
 from ..model.spec import DTYPE_BYTES, ModelSpec, resolve_spec
 from .capability import parse_duration, parse_rate, parse_size, probe
 from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, plan
@@ -44,6 +45,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--discover", action="store_true", help="measure this machine and plan for it")
     p.add_argument("--max-memory", metavar="SIZE", help="with --discover: cap this machine's memory, e.g. 8GiB")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype the weights are held in (default: the file's)")
+    p.add_argument("--kv-dtype", choices=("f16", "q8_0", "f32"), default="f16", help="KV cache precision (default f16)")
     p.add_argument("--context", type=int, default=PlanOptions.context, help="tokens of context per sequence")
     p.add_argument("--batch", type=int, default=PlanOptions.batch, help="sequences decoded together")
     p.add_argument("--objective", choices=OBJECTIVES, default=PlanOptions.objective)
@@ -116,7 +118,8 @@ def cmd_plan(args) -> int:
     if dup:
         raise UsageError(f"two --device entries are named {dup[0]}; names must be unique")
     options = PlanOptions(
-        context=args.context, batch=args.batch, dtype=args.dtype, objective=args.objective, strategy=args.strategy
+        context=args.context, batch=args.batch, dtype=args.dtype, objective=args.objective, strategy=args.strategy,
+        kv_dtype_bytes=kv_bytes_per_value(args.kv_dtype), backend=planned_backend(spec, args.dtype),
     )
     result = plan(spec, peers, None, options)
     if args.json:
@@ -130,6 +133,18 @@ def cmd_plan(args) -> int:
     return 0 if result.feasible else 3
 
 
+_KV_NAMES = {kv_bytes_per_value(d): d for d in ("f16", "q8_0", "f32")}
+
+
+def planned_backend(spec: ModelSpec, dtype: str | None) -> str:
+    """The backend a CPU peer would run this model with: ggml for GGUF files and quantized weights
+    (held as stored), torch for Hugging Face folders held in a float dtype."""
+    held = dtype or spec.file_dtype
+    if spec.format == "gguf" and dtype is None:
+        return "ggml"
+    return "torch" if held in ("f32", "f16", "bf16") else "ggml"
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
@@ -140,9 +155,12 @@ def _gib_up(n: float) -> str:
 
 def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> str:
     """The human-readable table `p2pllm plan` prints."""
-    dtype = options.dtype or spec.file_dtype
+    dtype = options.dtype or (f"the file's own encodings (mostly {spec.file_dtype})" if spec.format == "gguf"
+                              else spec.file_dtype)
     lines = [
-        f"{spec.name}: {spec.n_layers} layers, weights in {dtype}, context {options.context} x batch {options.batch}; "
+        f"{spec.name}: {spec.n_layers} layers, weights in {dtype} ({options.backend} backend), KV in "
+        f"{_KV_NAMES.get(options.kv_dtype_bytes, f'{options.kv_dtype_bytes:g} B/value')}, "
+        f"context {options.context} x batch {options.batch}; "
         f"strategy {result.strategy}, objective {result.objective}"
     ]
     if result.stages:

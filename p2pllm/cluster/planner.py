@@ -4,9 +4,10 @@ Pure functions over plain data (no I/O, no clocks, no torch), so `p2pllm plan`, 
 coordinator, the tests and the benchmarks all run exactly this code. docs/planner.md explains
 the cost model and the search; the short version:
 
-* memory of a stage = weights of its layers (+ embedding on the first, + final norm and head on
-  the last) + KV cache for `context x batch` tokens + workspace (activation, logits and
-  dequantization buffers, plus a runtime margin); it must not exceed the peer's limit;
+* memory of a stage = weights of its layers as the stage holds them (a GGUF stage: the file's own
+  tensor sizes; + embedding on the first, + final norm and head on the last) + KV cache for
+  `context x batch` tokens at the KV dtype + workspace (the backend's activation and logits
+  buffers, plus a runtime margin); it must not exceed the peer's limit;
 * time of a stage per decode step = max(FLOPs / peer FLOPS, bytes read / peer memory bandwidth);
   a hop costs half the link's RTT plus the activation's bytes over the link's bandwidth, and the
   sampled token ids travel back from the last stage to the first;
@@ -104,7 +105,8 @@ class PlanOptions:
     context: int = 2048  # tokens of KV cache per sequence
     batch: int = 1  # sequences decoded together (KV for context x batch tokens on every stage)
     dtype: str | None = None  # dtype the weights are held in; None = the file's dtype
-    kv_dtype_bytes: int = 2
+    kv_dtype_bytes: float = 2.0  # bytes per cached K or V value (f16 2, q8_0 34/32, f32 4)
+    backend: str = "ggml"  # "ggml" (GGUF on the CPU: flash attention, one shared compute buffer) | "torch"
     objective: str = "latency"  # "latency" | "throughput"
     strategy: str = "optimal"  # "optimal" | "proportional" | "even"
     prefill_chunk: int = 512  # tokens prefilled at once (sizes the activation buffers)
@@ -123,6 +125,8 @@ class PlanOptions:
             raise UsageError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype is not None and self.dtype not in DTYPE_BYTES:
             raise UsageError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.backend not in ("ggml", "torch"):
+            raise UsageError(f"backend must be ggml or torch, got {self.backend!r}")
         for name in ("context", "batch", "prefill_chunk", "activation_bytes", "kv_dtype_bytes", "wire_dtype_bytes"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -261,18 +265,28 @@ def _check_range(spec: ModelSpec, start: int, end: int) -> None:
 
 
 def workspace_buffers(spec: ModelSpec, start: int, end: int, options: PlanOptions) -> int:
-    """Activation, logits and dequantization buffers of a stage (bytes), before the margin.
+    """Activation, logits and mask buffers of a stage (bytes), before the margin.
 
-    One layer runs at a time, so the buffers are sized for one layer prefilling a chunk:
-    hidden states, residual and norm output (3 x hidden), q and attention output (2 x q_dim),
-    k and v (2 x kv_dim), MLP gate, up and activation (3 x ffn), and the attention scores of the
-    chunk against the whole context (heads x chunk x context); all for `batch` sequences in the
-    activation dtype. The last stage adds logits and a softmax copy (2 x vocab per sequence).
-    Weights held quantized need one layer matrix dequantized at a time (hidden x ffn).
+    ggml (measured: equal to ggml's graph allocator within 1%): one compute buffer sized by the
+    largest step, a micro-batch of `prefill_chunk` tokens: at the FFN, the residual and norm
+    output (2 x hidden) beside gate, up and their product (3 x ffn) in f32 per token; the
+    attention mask (f16, chunk x every cached token of the batch); flash attention keeps no
+    score matrix. The last stage adds the logits of the sampled rows and a softmax copy.
+
+    torch: one layer runs at a time, sized for one layer prefilling a chunk: hidden states,
+    residual and norm output (3 x hidden), q and attention output (2 x q_dim), k and v
+    (2 x kv_dim), MLP gate, up and activation (3 x ffn), and the attention scores of the chunk
+    against the whole context (heads x chunk x context); all for `batch` sequences. Weights held
+    quantized need one layer matrix dequantized at a time (hidden x ffn).
     """
     _check_range(spec, start, end)
     a = options.activation_bytes
     chunk = min(options.prefill_chunk, options.context)
+    if options.backend == "ggml":
+        total = chunk * a * (2 * spec.hidden + 3 * spec.ffn) + chunk * options.batch * options.context * 2
+        if end == spec.n_layers:
+            total += 2 * options.batch * spec.vocab * a
+        return int(total)
     q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     per_token = 3 * spec.hidden + 2 * q_dim + 2 * kv_dim + 3 * spec.ffn
     total = options.batch * a * (chunk * per_token + spec.n_heads * chunk * options.context)
@@ -283,10 +297,12 @@ def workspace_buffers(spec: ModelSpec, start: int, end: int, options: PlanOption
     return int(total)
 
 
-def stage_memory(spec: ModelSpec, start: int, end: int, options: PlanOptions, limit: int = 0) -> StageMemory:
-    """Memory a stage owning layers [start, end) needs; the same on every peer."""
+def stage_memory(spec: ModelSpec, start: int, end: int, options: PlanOptions, limit: int = 0,
+                 exact: bool = True) -> StageMemory:
+    """Memory a stage owning layers [start, end) needs; the same on every peer. `exact=False`
+    sizes every layer as the largest (the search's uniform-layer bound, never below the truth)."""
     _check_range(spec, start, end)
-    weights = spec.weight_bytes(start, end, options.dtype)
+    weights = spec.weight_bytes(start, end, options.dtype, exact)
     kv = options.batch * options.context * spec.kv_bytes_per_token(end - start, options.kv_dtype_bytes)
     buffers = workspace_buffers(spec, start, end, options)
     margin = options.margin_bytes + math.ceil(options.margin_fraction * (weights + kv + buffers))
@@ -473,7 +489,7 @@ class _Costs:
             for k in range(1, L + 1):
                 se = rng(k)
                 if se is not None:
-                    self.mem[role][k] = stage_memory(spec, *se, options).total
+                    self.mem[role][k] = stage_memory(spec, *se, options, exact=False).total
                     work[role][k] = stage_work(spec, *se, options)
         self.cost = {r: [] for r in ranges}
         for p in self.peers:
@@ -839,10 +855,10 @@ def _memory_arrays(spec: ModelSpec, options: PlanOptions) -> dict[str, np.ndarra
     mem = {r: np.full(L + 1, _INF) for r in ("first", "mid", "last", "solo")}
     mem["first"][0] = mem["mid"][0] = mem["last"][0] = 0.0
     for k in range(1, L):
-        mem["first"][k] = stage_memory(spec, 0, k, options).total
-        mem["last"][k] = stage_memory(spec, L - k, L, options).total
+        mem["first"][k] = stage_memory(spec, 0, k, options, exact=False).total
+        mem["last"][k] = stage_memory(spec, L - k, L, options, exact=False).total
         if k <= L - 2:
-            mem["mid"][k] = stage_memory(spec, 1, 1 + k, options).total
+            mem["mid"][k] = stage_memory(spec, 1, 1 + k, options, exact=False).total
     mem["solo"][L] = stage_memory(spec, 0, L, options).total
     return mem
 

@@ -38,6 +38,8 @@ DEMO_SHAPES = {
     "tiny": DemoShape(n_layers=6, hidden=128, n_heads=4, n_kv_heads=2, ffn=384, vocab=1024),
     "small": DemoShape(n_layers=8, hidden=256, n_heads=4, n_kv_heads=2, ffn=768, vocab=1024),
     "125m": DemoShape(n_layers=12, hidden=768, n_heads=12, n_kv_heads=4, ffn=2048, vocab=32000),
+    # 1.1B parameters (benchmarks: a stage of a real size; quantize it with llama.cpp)
+    "1b": DemoShape(n_layers=16, hidden=2048, n_heads=32, n_kv_heads=8, ffn=8192, vocab=32000),
 }
 
 

@@ -1,9 +1,13 @@
-"""Per-sequence KV cache for the layers one slice owns.
+"""KV cache: the formats KV travels in, and the torch backend's per-sequence cache.
 
-Each sequence gets one buffer [n_layers, 2, n_kv_heads, capacity, head_dim], allocated once when
-the sequence arrives (capacity = the longest it may grow) and dropped when it finishes: no
-allocation on the decode hot path. Entries of positions [a, b) can be exported and imported, which
-is how KV moves between peers (replicas, rebalancing).
+Both stage backends keep KV in their own memory layout but export and import it in one form,
+`KVEntries`: raw rows, one per position, [n_layers, 2 (k, v), length, row_bytes], in the store's
+`KVFormat` (element type and rope layout). That is what replicas, FetchKV and failover move
+between peers; a receiver whose format differs refuses the entries (the head then replays).
+
+The torch cache gives each sequence one buffer [n_layers, 2, n_kv_heads, capacity, head_dim],
+allocated once when the sequence arrives (capacity = the longest it may grow) and dropped when it
+finishes: no allocation on the decode hot path.
 """
 
 from __future__ import annotations
@@ -12,27 +16,79 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import P2PError
+from ..errors import P2PError, UsageError
+
+# bytes of one KV row of `n` elements, per element type (q8_0: blocks of 32 values + an f16 scale)
+KV_DTYPES = ("f16", "q8_0", "f32", "bf16")
+_TORCH_KV = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+ROPE_LAYOUTS = ("half", "pairs")  # rotate-half (HF, ggml NEOX) | adjacent pairs (ggml "normal", GGUF llama)
 
 
 class KVCacheError(P2PError):
     """A request to the cache that would corrupt a sequence (unknown id, a gap, past capacity)."""
 
 
+def kv_row_bytes(dtype: str, n: int) -> int:
+    if dtype == "q8_0":
+        if n % 32:
+            raise UsageError(f"a q8_0 KV cache needs rows that are a multiple of 32 values, not {n}")
+        return n // 32 * 34
+    return n * {"f32": 4, "f16": 2, "bf16": 2}[dtype]
+
+
+def kv_bytes_per_value(dtype: str) -> float:
+    return 34 / 32 if dtype == "q8_0" else {"f32": 4.0, "f16": 2.0, "bf16": 2.0}[dtype]
+
+
+def check_kv_dtype(dtype: str, head_dim: int) -> str:
+    if dtype not in KV_DTYPES:
+        raise UsageError(f"--kv-dtype must be one of {', '.join(KV_DTYPES[:3])}, got {dtype!r}")
+    if dtype == "q8_0" and head_dim % 32:
+        raise UsageError(f"--kv-dtype q8_0 needs a head size that is a multiple of 32; this model's is {head_dim}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How a store encodes KV rows: element type and the rope layout of K's rows."""
+
+    dtype: str
+    rope: str = "half"
+
+    def __post_init__(self):
+        if self.dtype not in KV_DTYPES or self.rope not in ROPE_LAYOUTS:
+            raise KVCacheError(f"unknown KV format {self.dtype}/{self.rope}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype}/{self.rope}"
+
+    @classmethod
+    def parse(cls, text: str) -> "KVFormat":
+        dtype, _, rope = str(text).partition("/")
+        return cls(dtype, rope or "half")
+
+    def row_bytes(self, kv_dim: int) -> int:
+        return kv_row_bytes(self.dtype, kv_dim)
+
+
 @dataclass(frozen=True)
 class KVEntries:
-    """KV of positions [start, start + length) of one sequence, all layers of a slice."""
+    """KV of positions [start, start + length) of one sequence, all layers of a store."""
 
     seq_id: int
     start: int
-    data: torch.Tensor  # [n_layers, 2, n_kv_heads, length, head_dim]
+    data: torch.Tensor  # uint8 [n_layers, 2, length, row_bytes]
+    format: KVFormat
 
     @property
     def length(self) -> int:
-        return int(self.data.shape[3])
+        return int(self.data.shape[2])
 
 
 class KVCache:
+    """The torch backend's cache: one preallocated buffer per sequence."""
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_context: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.n_layers = n_layers
@@ -41,6 +97,7 @@ class KVCache:
         self.max_context = max_context
         self.dtype = dtype
         self.device = torch.device(device)
+        self.format = KVFormat({v: k for k, v in _TORCH_KV.items()}[dtype], "half")
         self._buf: dict[int, torch.Tensor] = {}
         self._len: dict[int, int] = {}
 
@@ -109,13 +166,13 @@ class KVCache:
             raise KVCacheError(f"unknown sequence {seq_id}")
         if not 0 <= start <= end <= self._len[seq_id]:
             raise KVCacheError(f"sequence {seq_id}: cannot export [{start}, {end}) of {self._len[seq_id]} positions")
-        return KVEntries(seq_id, start, self._buf[seq_id][:, :, :, start:end].clone())
+        rows = self._buf[seq_id][:, :, :, start:end].permute(0, 1, 3, 2, 4).to("cpu").contiguous()
+        data = rows.view(torch.uint8).reshape(self.n_layers, 2, end - start, -1)
+        return KVEntries(seq_id, start, data, self.format)
 
     def import_entries(self, entries: KVEntries) -> None:
-        """Append entries (allocating the sequence if new). Gaps are refused: they would corrupt it."""
-        expect = (self.n_layers, 2, self.n_kv_heads, entries.length, self.head_dim)
-        if tuple(entries.data.shape) != expect:
-            raise KVCacheError(f"KV entries of shape {list(entries.data.shape)}, expected {list(expect)}")
+        """Write entries (allocating the sequence if new). Gaps are refused: they would corrupt it."""
+        check_entries(entries, self.format, self.n_layers, self.n_kv_heads * self.head_dim)
         if entries.seq_id not in self._buf:
             self.allocate(entries.seq_id, entries.start + entries.length)
         have = self._len[entries.seq_id]
@@ -123,5 +180,16 @@ class KVCache:
             raise KVCacheError(f"sequence {entries.seq_id}: entries start at {entries.start} but only {have} known")
         end = entries.start + entries.length
         self.reserve(entries.seq_id, end)
-        self._buf[entries.seq_id][:, :, :, entries.start:end] = entries.data.to(self.dtype)
+        rows = entries.data.contiguous().view(self.dtype).reshape(
+            self.n_layers, 2, entries.length, self.n_kv_heads, self.head_dim)
+        self._buf[entries.seq_id][:, :, :, entries.start:end] = rows.permute(0, 1, 3, 2, 4).to(self.device)
         self._len[entries.seq_id] = max(have, end)
+
+
+def check_entries(entries: KVEntries, fmt: KVFormat, n_layers: int, kv_dim: int) -> None:
+    """Entries must be in this store's format and shape, exactly."""
+    if entries.format != fmt:
+        raise KVCacheError(f"KV entries in format {entries.format.name}, this cache holds {fmt.name}")
+    expect = (n_layers, 2, entries.length, fmt.row_bytes(kv_dim))
+    if entries.data.dtype != torch.uint8 or tuple(entries.data.shape) != expect:
+        raise KVCacheError(f"KV entries of shape {list(entries.data.shape)}, expected {list(expect)}")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ModelFileError, UnsupportedModelError, UsageError
-from .formats import ModelFile, open_model_file
+from .formats import ModelFile, TensorInfo, open_model_file
 from .spec import ModelSpec, read_spec
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,42 @@ def _read(mf: ModelFile, spec: ModelSpec, key: str, name: str) -> Tensor:
     return t
 
 
+def _check_layer_range(spec: ModelSpec, start, end) -> None:
+    integral = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (start, end))
+    if not (integral and 0 <= start < end <= spec.n_layers):
+        raise UsageError(
+            f"layer range [{start}, {end}) is not a non-empty range within the model's "
+            f"{spec.n_layers} layers (0 <= start < end <= {spec.n_layers})"
+        )
+
+
 # --------------------------------------------------------------------------- public
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor a stage computes with, as the file stores it (nothing decoded)."""
+
+    key: str  # canonical key: "embed", "head", "norm", "rope_freqs", "layers.{i}.wq", ...
+    info: TensorInfo  # file name, GGUF type, torch-order shape, bytes, file offset
+
+
+def stored_slice(path: str | os.PathLike, start: int, end: int, *,
+                 spec: ModelSpec | None = None) -> tuple[ModelSpec, list[StoredTensor]]:
+    """Where the tensors of a GGUF stage owning layers [start, end) lie in the file, shapes checked
+    against the metadata. Q/K keep the file's rope layout (the ggml backend ropes them as stored)."""
+    mf = open_model_file(path)
+    try:
+        if mf.format != "gguf":
+            raise UsageError(f"{path}: the ggml backend reads GGUF files; use the torch backend for this model")
+        spec = spec or read_spec(path, mf)
+        _check_layer_range(spec, start, end)
+        plan = _plan(spec, mf, start, end)
+        for _key, name, shape in plan:
+            _check_shape(mf, name, shape)
+        return spec, [StoredTensor(key, mf.tensors[name]) for key, name, _shape in plan]
+    finally:
+        mf.close()
 
 
 def load_slice(
@@ -218,12 +253,7 @@ def load_slice(
     mf = open_model_file(path)
     try:
         spec = spec or read_spec(path, mf)
-        integral = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (start, end))
-        if not (integral and 0 <= start < end <= spec.n_layers):
-            raise UsageError(
-                f"layer range [{start}, {end}) is not a non-empty range within the model's "
-                f"{spec.n_layers} layers (0 <= start < end <= {spec.n_layers})"
-            )
+        _check_layer_range(spec, start, end)
         plan = _plan(spec, mf, start, end)
         for _key, name, shape in plan:  # every shape before any data: fail fast on a bad file
             _check_shape(mf, name, shape)

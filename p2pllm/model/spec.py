@@ -66,6 +66,7 @@ class ModelSpec:
     format: str  # "gguf" | "hf" | "builtin"
     path: str | None = None
     fingerprint: str = ""
+    layer_sizes: tuple[int, ...] = ()  # each layer's bytes as stored (files); layer_bytes is their maximum
 
     # ---- parameter counts (dtype-free), used to size plans for another dtype
     @property
@@ -81,18 +82,24 @@ class ModelSpec:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
-    def weight_bytes(self, start: int, end: int, dtype: str | None = None) -> int:
-        """Bytes of the weights a stage owning layers [start, end) holds."""
+    def weight_bytes(self, start: int, end: int, dtype: str | None = None, exact: bool = True) -> int:
+        """Bytes of the weights a stage owning layers [start, end) holds: as stored (dtype None),
+        layer by layer where the file says (`exact`), else every layer as large as the largest.
+        A tied output head on a stage that also embeds is the same tensor: counted once."""
         first, last = start == 0, end == self.n_layers
+        shared_head = first and last and self.tied_embeddings
         if dtype is None:
-            total = (end - start) * self.layer_bytes
+            if exact and len(self.layer_sizes) == self.n_layers:
+                total = sum(self.layer_sizes[start:end])
+            else:
+                total = (end - start) * self.layer_bytes
             total += self.embedding_bytes if first else 0
-            total += (self.head_bytes + self.norm_bytes) if last else 0
+            total += ((0 if shared_head else self.head_bytes) + self.norm_bytes) if last else 0
             return total
         per = DTYPE_BYTES[dtype]
         params = (end - start) * self.layer_params
         params += self.embedding_params if first else 0
-        params += (self.embedding_params + self.hidden) if last else 0
+        params += ((0 if shared_head else self.embedding_params) + self.hidden) if last else 0
         return int(params * per)
 
     def kv_bytes_per_token(self, n_layers: int, dtype_bytes: int = 2) -> int:
@@ -316,6 +323,7 @@ def _with_sizes(spec: ModelSpec, mf: ModelFile, layer_re: str, embed: str, head:
     return replace(
         spec,
         layer_bytes=max(per_layer),
+        layer_sizes=tuple(per_layer),
         embedding_bytes=embed_bytes,
         head_bytes=head_bytes,
         norm_bytes=norm_bytes,

@@ -45,6 +45,7 @@ def write_gguf(
     *,
     qtype: str = "f32",
     name: str = "p2pllm-demo",
+    tensor_dtypes: dict[str, np.dtype] | None = None,
 ) -> None:
     """Write a GGUF file llama.cpp can load.
 
@@ -53,6 +54,7 @@ def write_gguf(
     qtype: "f32" | "f16" | "q8_0" | "q4_0" for the 2-D matrices (the embedding included; norms,
     biases and rope factors stay f32; a matrix whose rows are not a whole number of 32-blocks
     stays f32). tokenizer_fields: GGUF keys ("tokenizer.ggml.tokens", ...) to values.
+    tensor_dtypes: canonical key -> numpy float dtype written instead (tests of odd files).
     """
     import gguf
 
@@ -109,7 +111,9 @@ def write_gguf(
                 t = hf_to_gguf_rope(t, n_kv)
         arr = t.numpy()
         tensor_name = _file_name(GGUF_NAMES, key)
-        if arr.ndim == 2 and qtype in ("q8_0", "q4_0") and arr.shape[1] % 32 == 0:
+        if tensor_dtypes and key in tensor_dtypes:
+            w.add_tensor(tensor_name, arr.astype(tensor_dtypes[key]))
+        elif arr.ndim == 2 and qtype in ("q8_0", "q4_0") and arr.shape[1] % 32 == 0:
             w.add_tensor(tensor_name, gguf.quants.quantize(arr, ggml_type), raw_dtype=ggml_type)
         elif arr.ndim == 2 and qtype == "f16":
             w.add_tensor(tensor_name, arr.astype(np.float16))

@@ -247,18 +247,20 @@ class Chunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., sample: _Optional[bool] = ...) -> None: ...
 
 class KVDelta(_message.Message):
-    __slots__ = ("seq_id", "start", "first_layer", "data", "epoch")
+    __slots__ = ("seq_id", "start", "first_layer", "data", "epoch", "format")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start: int
     first_layer: int
     data: Tensor
     epoch: int
-    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    format: str
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica")

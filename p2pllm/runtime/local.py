@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import P2PError, UsageError
-from ..model.layers import DecoderSlice
-from ..model.loader import load_slice
+from ..model.backends import open_stage
 from ..model.sampling import SamplingParams
 from ..model.spec import ModelSpec, read_spec
 from ..model.tokenizer import Tokenizer, load_tokenizer
@@ -29,8 +28,6 @@ from .scheduler import Scheduler
 from .stage import Stage
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -116,28 +113,41 @@ class LocalRing:
             unpack_blob(data),
             expect_shape=(hidden.shape[0], self.spec.hidden),
             allowed=("float32", "float16", "bfloat16"),
-            out_dtype=next_stage.decoder.dtype,
+            out_dtype=next_stage.backend.activation_dtype,
         )
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        for stage in self.stages:
+            stage.close()
 
 
 class LocalPipeline:
-    """A whole model in this process, as in-process stages cut at `cuts`."""
+    """A whole model in this process, as in-process stages cut at `cuts`.
 
-    def __init__(self, path: str, cuts: list[int] | None = None, *, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", wire_dtype: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, spec: ModelSpec | None = None):
+    `backend`, `dtype`, `kv_dtype`, `device` and `threads` are those of `model.backends.open_stage`
+    (auto: ggml for a GGUF on the CPU, torch otherwise)."""
+
+    def __init__(self, path: str, cuts: list[int] | None = None, *, backend: str = "auto", dtype: str | None = None,
+                 kv_dtype: str | None = None, device: str = "cpu", threads: int | None = None,
+                 wire_dtype: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 spec: ModelSpec | None = None):
         self.path = str(path)
         self.spec = spec or read_spec(path)
         self.tokenizer: Tokenizer = load_tokenizer(path)
         stages = [
-            Stage(DecoderSlice(load_slice(path, a, b, spec=self.spec, dtype=dtype, device=device, progress=progress),
-                               dtype=dtype, device=device))
+            Stage(open_stage(path, a, b, spec=self.spec, backend=backend, device=device, dtype=dtype,
+                             kv_dtype=kv_dtype, threads=threads, progress=progress))
             for a, b in stage_ranges(cuts or [], self.spec.n_layers)
         ]
         self.ring = LocalRing(stages, self.spec, wire_dtype)
+
+    @property
+    def backend(self) -> str:
+        return self.stages[0].backend.name
+
+    def close(self) -> None:
+        self.ring.close()
 
     @property
     def stages(self) -> list[Stage]:

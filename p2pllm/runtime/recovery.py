@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from ..model.kvcache import KVEntries
+from ..model.kvcache import KVEntries, KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
@@ -63,11 +63,11 @@ async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStor
                 stage.kv.truncate(seq_id, n)
             continue
         held = from_cache(previous.kv, previous.start, seq_id, a, b, n, at_most=True) if previous else None
-        pieces[seq_id] = [p for p in (held, *replicas.pieces(seq_id, a, b, n, at_most=True)) if p is not None]
+        pieces[seq_id] = usable([held, *replicas.pieces(seq_id, a, b, n, at_most=True)], stage.kv.format)
         if prefix(pieces[seq_id], a, b, n) < n:
             missing.append(seq_id)
     if missing:
-        await _fetch_missing(missing, keep, pieces, a, b, sources, fetch, spec, context, my_address)
+        await _fetch_missing(missing, keep, pieces, a, b, sources, fetch, spec, context, my_address, stage.kv.format)
     for seq_id, n in keep.items():
         if seq_id in rebuilt:
             continue
@@ -77,13 +77,21 @@ async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStor
         if h:
             stage.kv.allocate(seq_id, n + 256)
             data = assemble(pieces[seq_id], a, b, h)
-            stage.kv.import_entries(KVEntries(seq_id, 0, data.to(stage.decoder.dtype)))
+            stage.kv.import_entries(KVEntries(seq_id, 0, data, stage.kv.format))
     if keep:
         full = sum(1 for s, n in keep.items() if rebuilt[s] == n)
         none = sum(1 for s, n in keep.items() if n and rebuilt[s] == 0)
         log.info("KV for layers [%d, %d): %d sequences carried over, %d partly (the head recomputes their last "
                  "tokens), %d to replay", a, b, full, len(keep) - full - none, none)
     return rebuilt
+
+
+def usable(pieces: list[LayerKV | None], fmt: KVFormat) -> list[LayerKV]:
+    """The pieces a stage of KV format `fmt` can import (another encoding or rope layout: replay)."""
+    out = [p for p in pieces if p is not None and p.format == fmt]
+    if len(out) < sum(p is not None for p in pieces):
+        log.info("KV in another format than this stage's %s ignored (those positions are recomputed)", fmt.name)
+    return out
 
 
 def prefix(pieces: list[LayerKV], a: int, b: int, n: int) -> int:
@@ -97,7 +105,8 @@ def prefix(pieces: list[LayerKV], a: int, b: int, n: int) -> int:
     return min(best.values()) if best else 0
 
 
-async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spec, context, my_address) -> None:
+async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spec, context, my_address,
+                         fmt: KVFormat) -> None:
     for src in sources:
         lo, hi = max(a, src.start), min(b, src.end)
         if lo >= hi:
@@ -122,7 +131,7 @@ async def _fetch_missing(missing, keep, pieces, a, b, sources, fetch: Fetch, spe
                     log.warning("bad KV from %s: %s", address, e)
                     continue
                 if kv.seq_id in pieces:
-                    pieces[kv.seq_id].append(kv)
+                    pieces[kv.seq_id].extend(usable([kv], fmt))
             want = [s for s in want if prefix(pieces[s], lo, hi, keep[s]) < keep[s]]
             if not want:
                 break

@@ -1,7 +1,8 @@
 """KV replicas and moving KV when the plan changes.
 
 Each stage streams the KV entries it adds at every step to its ring successor, which keeps them
-in host memory (ReplicaStore). When the plan changes, a stage taking layers [a, b) rebuilds the
+in host memory (ReplicaStore), as raw rows in the stage's KV format (f16, q8_0 or f32; see
+model/kvcache.py): a q8_0 cache replicates at about half the bytes of f16. When the plan changes, a stage taking layers [a, b) rebuilds the
 KV of every carried-over sequence from, in order: its own previous cache, the replicas it holds,
 and the previous owner of those layers (or that owner's replica holder) over FetchKV. A sequence
 whose KV cannot be rebuilt completely is replayed by the head instead (a prefill).
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.kvcache import KVCache
+from ..model.backends import KVStore
+from ..model.kvcache import KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
@@ -29,7 +31,8 @@ class LayerKV:
     seq_id: int
     first_layer: int
     start: int
-    data: torch.Tensor  # [n_layers, 2, n_kv_heads, length, head_dim]
+    data: torch.Tensor  # uint8 [n_layers, 2, length, row_bytes]: raw rows in `format`
+    format: KVFormat
 
     @property
     def end_layer(self) -> int:
@@ -37,13 +40,13 @@ class LayerKV:
 
     @property
     def length(self) -> int:
-        return int(self.data.shape[3])
+        return int(self.data.shape[2])
 
     def layers(self, a: int, b: int) -> "LayerKV":
-        return LayerKV(self.seq_id, a, self.start, self.data[a - self.first_layer: b - self.first_layer])
+        return LayerKV(self.seq_id, a, self.start, self.data[a - self.first_layer: b - self.first_layer], self.format)
 
     def positions(self, n: int) -> "LayerKV":
-        return LayerKV(self.seq_id, self.first_layer, self.start, self.data[:, :, :, :n])
+        return LayerKV(self.seq_id, self.first_layer, self.start, self.data[:, :, :n], self.format)
 
 
 class ReplicaStore:
@@ -62,9 +65,9 @@ class ReplicaStore:
 
     def add(self, delta: pb.KVDelta) -> None:
         shape = list(delta.data.shape)
-        if len(shape) != 5 or shape[0] < 1 or shape[3] < 1:
+        if len(shape) != 4 or shape[0] < 1 or shape[2] < 1:
             raise frames.FrameError(f"KV delta of shape {shape}")
-        n, length = int(shape[0]), int(shape[3])
+        n, length = int(shape[0]), int(shape[2])
         if delta.first_layer + n > self.spec.n_layers or delta.start + length > self.context:
             raise frames.FrameError("KV delta outside the model's layers or context")
         seqs = self._held.setdefault((delta.first_layer, n), {})
@@ -98,13 +101,15 @@ class ReplicaStore:
             if held < positions and not at_most:
                 continue
             try:
-                parts = [frames.decode_kv(d, self.spec, self.context).data[:, :, :, :usable]
-                         for _, usable, d in chunks]
+                decoded = [frames.decode_kv(d, self.spec, self.context) for _, _, d in chunks]
             except frames.FrameError as e:
                 log.warning("replica of sequence %d is corrupt: %s", seq_id, e)
                 continue
-            data = torch.cat(parts, dim=3)[:, :, :, :positions]
-            out.append(LayerKV(seq_id, first, 0, data).layers(lo, hi))
+            if len({kv.format for kv in decoded}) != 1:
+                log.warning("replica of sequence %d mixes KV formats; dropped", seq_id)
+                continue
+            data = torch.cat([kv.data[:, :, :usable] for kv, (_, usable, _) in zip(decoded, chunks)], dim=2)
+            out.append(LayerKV(seq_id, first, 0, data[:, :, :positions], decoded[0].format).layers(lo, hi))
         return out
 
     def free(self, seq_id: int) -> None:
@@ -123,7 +128,13 @@ class ReplicaStore:
             self._bytes -= d.data.ByteSize()
 
 
-def from_cache(cache: KVCache, first_layer: int, seq_id: int, a: int, b: int, positions: int,
+def exported(cache: KVStore, first_layer: int, seq_id: int, a: int, b: int) -> LayerKV:
+    """Positions [a, b) of a sequence from a stage's KV store whose first layer is `first_layer`."""
+    entries = cache.export(seq_id, a, b)
+    return LayerKV(seq_id, first_layer, a, entries.data, entries.format)
+
+
+def from_cache(cache: KVStore, first_layer: int, seq_id: int, a: int, b: int, positions: int,
                at_most: bool = False) -> LayerKV | None:
     """Layers [a, b), positions [0, positions), of a stage cache that starts at `first_layer`.
 
@@ -138,18 +149,18 @@ def from_cache(cache: KVCache, first_layer: int, seq_id: int, a: int, b: int, po
     lo, hi = max(a, first_layer), min(b, first_layer + cache.n_layers)
     if lo >= hi:
         return None
-    data = cache.export(seq_id, 0, positions).data
-    return LayerKV(seq_id, first_layer, 0, data).layers(lo, hi)
+    return exported(cache, first_layer, seq_id, 0, positions).layers(lo, hi)
 
 
 def assemble(pieces: list[LayerKV], a: int, b: int, positions: int) -> torch.Tensor | None:
-    """Stack pieces into layers [a, b) x positions [0, positions), or None if any layer is missing."""
+    """Stack pieces (of one format) into layers [a, b) x positions [0, positions), or None if any
+    layer is missing."""
     by_layer: dict[int, torch.Tensor] = {}
     for p in pieces:
         if p.start != 0 or p.length < positions:
             continue
         for layer in range(max(a, p.first_layer), min(b, p.end_layer)):
-            by_layer.setdefault(layer, p.data[layer - p.first_layer, :, :, :positions])
+            by_layer.setdefault(layer, p.data[layer - p.first_layer, :, :positions])
     if any(layer not in by_layer for layer in range(a, b)):
         return None
     return torch.stack([by_layer[layer] for layer in range(a, b)])

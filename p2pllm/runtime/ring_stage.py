@@ -14,7 +14,7 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
-from .replica import LayerKV
+from .replica import LayerKV, exported
 from .stage import Stage
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class RingStage:
         t0 = time.perf_counter()
         stage = b.stage
         mb, hidden = frames.decode(frame, self.spec, b.epoch, b.context, stage.is_first,
-                                   device=stage.decoder.device, dtype=stage.decoder.dtype,
+                                   device=stage.backend.device, dtype=stage.backend.activation_dtype,
                                    known=stage.kv, live=len(stage.kv.sequences()))
         if stage.is_last:
             missing = [c.seq_id for c in mb.chunks if c.sample and c.seq_id not in stage.samplers
@@ -90,8 +90,9 @@ class RingStage:
         result = stage.process(mb, hidden)
         deltas = []
         if b.replica_address:  # the entries this step added, for the replica holder
-            deltas = [LayerKV(c.seq_id, stage.start, c.start, stage.kv.export(c.seq_id, c.start, c.start + c.length).data)
+            deltas = [exported(stage.kv, stage.start, c.seq_id, c.start, c.start + c.length)
                       for c in mb.chunks if c.seq_id in stage.kv]
         self.compute_seconds += time.perf_counter() - t0
         self.frames += 1
         return mb, result, deltas
+

@@ -1,31 +1,40 @@
-"""One pipeline stage: this peer's layers plus the KV cache of every sequence passing through."""
+"""One pipeline stage: this peer's layers (either backend) plus the KV of every sequence passing through."""
 
 from __future__ import annotations
 
 import torch
 
-from ..model.kvcache import KVCache, KVCacheError
-from ..model.layers import BatchMeta, DecoderSlice, SeqChunk
+from ..model.backends import StageBackend
+from ..model.batch import BatchMeta, SeqChunk
+from ..model.kvcache import KVCacheError
 from ..model.sampling import Sampler
 from .frames import MicroBatch
 
-# a sequence's KV is first reserved for this many positions (or its known length), growing by doubling
+# a sequence's KV is first reserved for this many positions (or its known length), growing as needed
 _DEFAULT_CAPACITY = 256
 
 
 class Stage:
-    def __init__(self, decoder: DecoderSlice, max_context: int | None = None):
-        self.decoder = decoder
-        self.kv: KVCache = decoder.new_cache(max_context)
+    def __init__(self, backend: StageBackend):
+        self.backend = backend
+        self.kv = backend.kv
         self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence
 
     @property
     def start(self) -> int:
-        return self.decoder.start
+        return self.backend.start
 
     @property
     def end(self) -> int:
-        return self.decoder.end
+        return self.backend.end
+
+    @property
+    def is_first(self) -> bool:
+        return self.backend.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.backend.is_last
 
     def begin(self, seq_id: int, capacity: int) -> None:
         """Preallocate a sequence's KV for `capacity` positions."""
@@ -36,13 +45,8 @@ class Stage:
         self.kv.free(seq_id)
         self.samplers.pop(seq_id, None)
 
-    @property
-    def is_first(self) -> bool:
-        return self.decoder.is_first
-
-    @property
-    def is_last(self) -> bool:
-        return self.decoder.is_last
+    def close(self) -> None:
+        self.backend.close()
 
     def process(self, mb: MicroBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int] | None:
         """One micro-batch: hidden states out, or on the last stage the sampled token ids."""
@@ -60,8 +64,9 @@ class Stage:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []
 
-    def step(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run this stage's layers on one micro-batch (token ids or hidden states)."""
+    def step(self, x: torch.Tensor, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        """Run this stage's layers on one micro-batch (token ids or hidden states); each chunk
+        continues its sequence (a replayed chunk overwrites what followed it)."""
         for c in chunks:
             if c.seq_id not in self.kv:
                 self.kv.allocate(c.seq_id, max(_DEFAULT_CAPACITY, c.start + c.length))
@@ -69,7 +74,6 @@ class Stage:
                 raise KVCacheError(
                     f"sequence {c.seq_id}: chunk starts at {c.start} but only {self.kv.length(c.seq_id)} positions are cached"
                 )
-            self.kv.reserve(c.seq_id, c.start + c.length)
             self.kv.truncate(c.seq_id, c.start)
-        meta = BatchMeta.build(chunks, self.decoder.device)
-        return self.decoder.forward(x.to(self.decoder.device), meta, self.kv)
+        meta = BatchMeta.build(chunks)
+        return self.backend.forward(x, meta.all_rows() if all_logits else meta)

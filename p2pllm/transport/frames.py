@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Container
 import torch
 
 from ..errors import P2PError, UsageError
+from ..model.kvcache import KVFormat
 from ..model.sampling import SamplingParams
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
@@ -133,26 +134,31 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
 def encode_kv(kv: LayerKV, epoch: int = 0) -> pb.KVDelta:
     blob = tensor_to_blob(kv.data)
     return pb.KVDelta(seq_id=kv.seq_id, start=kv.start, first_layer=kv.first_layer, epoch=epoch,
-                      data=pb.Tensor(dtype=blob.dtype, shape=list(blob.shape), data=blob.data))
+                      format=kv.format.name, data=pb.Tensor(dtype=blob.dtype, shape=list(blob.shape), data=blob.data))
 
 
 def decode_kv(delta: pb.KVDelta, spec: ModelSpec, context: int) -> LayerKV:
-    """A checked KV delta: layers within the model, positions within the context, exact shape."""
+    """A checked KV delta: a known format, layers within the model, positions within the context,
+    exact shape and byte length for that format."""
     from ..runtime.replica import LayerKV
 
+    try:
+        fmt = KVFormat.parse(delta.format)
+        row = fmt.row_bytes(spec.n_kv_heads * spec.head_dim)
+    except P2PError:
+        raise FrameError(f"KV delta in unknown format {delta.format[:40]!r}") from None
     t = delta.data
     shape = tuple(t.shape)
-    if len(shape) != 5:
-        raise FrameError(f"KV delta of rank {len(shape)}, expected 5")
-    n_layers, length = shape[0], shape[3]
+    if len(shape) != 4:
+        raise FrameError(f"KV delta of rank {len(shape)}, expected 4")
+    n_layers, length = shape[0], shape[2]
     if not (0 < n_layers and delta.first_layer + n_layers <= spec.n_layers):
         raise FrameError(f"KV delta for layers [{delta.first_layer}, {delta.first_layer + n_layers}) outside the model")
     if delta.start + length > context:
         raise FrameError(f"KV delta for positions past the context of {context}")
     try:
-        data = blob_to_tensor(TensorBlob(t.dtype, shape, t.data),
-                              expect_shape=(n_layers, 2, spec.n_kv_heads, length, spec.head_dim),
-                              allowed=ACTIVATION_DTYPES)
+        data = blob_to_tensor(TensorBlob(t.dtype, shape, t.data), expect_shape=(n_layers, 2, length, row),
+                              allowed=("uint8",))
     except WireError as e:
         raise FrameError(f"KV delta: {e}") from None
-    return LayerKV(delta.seq_id, delta.first_layer, delta.start, data)
+    return LayerKV(delta.seq_id, delta.first_layer, delta.start, data, fmt)

@@ -21,6 +21,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "uint8": torch.uint8,  # raw rows of an encoding torch has no dtype for (q8_0 KV)
 }
 _NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_TENSOR_BYTES = 1 << 30

@@ -1,59 +1,27 @@
-"""The Llama-family decoder as a runnable slice [start, end) of layers.
+"""The torch backend: the Llama-family decoder as a runnable slice [start, end) of layers.
 
-One micro-batch packs the tokens of several sequences, each at its own positions (a prefill
-chunk of one sequence beside single decode tokens of others), into one [T, hidden] tensor. The
-matmuls run once over all T tokens; attention runs per sequence against its KV cache.
-Weights arrive in one canonical layout from loader.py (Q/K in rotate-half rope order); q/k/v and
-gate/up are fused here, once, at construction.
+For Hugging Face folders and GPUs (cuda/mps), in f32/f16/bf16 (GGUF files on the CPU go to the
+ggml backend instead). One micro-batch packs the tokens of several sequences, each at its own
+positions (a prefill chunk of one sequence beside single decode tokens of others), into one
+[T, hidden] tensor. The matmuls run once over all T tokens; attention runs per sequence against
+its KV cache. Weights arrive in one canonical layout from loader.py (Q/K in rotate-half rope
+order); q/k/v and gate/up are fused here, once, at construction.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .kvcache import KVCache
-from .spec import ModelSpec
+from ..batch import BatchMeta
+from ..kvcache import KVCache
+from ..spec import ModelSpec
 
 if TYPE_CHECKING:
-    from .loader import SliceWeights
-
-
-@dataclass(frozen=True)
-class SeqChunk:
-    """`length` consecutive tokens of one sequence starting at position `start`."""
-
-    seq_id: int
-    start: int
-    length: int
-
-
-@dataclass
-class BatchMeta:
-    chunks: list[SeqChunk]
-    positions: torch.Tensor  # [T] int64: every token's position, chunk after chunk
-    last_rows: torch.Tensor  # [n_chunks] int64: row of each chunk's last token
-
-    @classmethod
-    def build(cls, chunks: list[SeqChunk], device: str | torch.device = "cpu") -> "BatchMeta":
-        pos, rows, row = [], [], 0
-        for c in chunks:
-            pos.extend(range(c.start, c.start + c.length))
-            row += c.length
-            rows.append(row - 1)
-        return cls(
-            list(chunks),
-            torch.tensor(pos, dtype=torch.long, device=device),
-            torch.tensor(rows, dtype=torch.long, device=device),
-        )
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.positions.shape[0])
+    from ..loader import SliceWeights
 
 
 def rope_tables(spec: ModelSpec, freq_factors: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +123,8 @@ class DecoderLayer:
         for c in meta.chunks:
             sl = slice(row, row + c.length)
             k_all, v_all = kv.update(layer, c.seq_id, c.start, k[sl].transpose(0, 1), v[sl].transpose(0, 1))
+            if k_all.dtype != x.dtype:  # a KV cache kept in another precision than the compute
+                k_all, v_all = k_all.to(x.dtype), v_all.to(x.dtype)
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, L, hd]
             mask, causal = None, False
             if c.length > 1:
@@ -177,11 +147,15 @@ class DecoderLayer:
         return x
 
 
-class DecoderSlice:
-    """Layers [start, end) of a model; the first slice embeds tokens, the last one returns logits."""
+class TorchStage:
+    """Layers [start, end) of a model and the KV of every sequence passing through them; the
+    first stage embeds tokens, the last one returns logits."""
+
+    name = "torch"
 
     def __init__(self, weights: "SliceWeights", *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", kv_dtype: torch.dtype | None = None,
+                 max_context: int | None = None):
         spec = weights.spec
         self.spec = spec
         self.start, self.end = weights.start, weights.end
@@ -196,22 +170,30 @@ class DecoderSlice:
         self.layers = [DecoderLayer(spec, w, dtype, device) for w in weights.layers]
         cos, sin = rope_tables(spec, weights.rope_freq_factors, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.activation_dtype = dtype
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in _weights(self))
+        context = min(max_context or spec.context, spec.context)
+        self.kv = KVCache(self.n_layers, spec.n_kv_heads, spec.head_dim, context, kv_dtype or dtype, self.device)
 
     @property
     def n_layers(self) -> int:
         return self.end - self.start
 
-    def new_cache(self, max_context: int | None = None) -> KVCache:
-        s = self.spec
-        return KVCache(self.n_layers, s.n_kv_heads, s.head_dim, max_context or s.context, self.dtype, self.device)
+    def close(self) -> None:
+        pass
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] on the first slice, hidden states [T, hidden] otherwise.
 
-        Returns hidden states [T, hidden], or on the last slice logits [n_chunks, vocab] for the
-        last token of each chunk (the only ones anyone samples from).
+        Returns hidden states [T, hidden], or on the last slice logits [n_out, vocab] for the rows
+        meta.last_rows asks for (the last token of each chunk: the only ones anyone samples from).
         """
+        kv = self.kv
+        for c in meta.chunks:
+            kv.reserve(c.seq_id, c.start + c.length)
+        x = x.to(self.device)
+        meta = BatchMeta(meta.chunks, meta.positions.to(self.device), meta.last_rows.to(self.device))
         if self.is_first:
             x = self.head.rows(x) if self.embed_from_head else F.embedding(x, self.embed)
         cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd], broadcast over heads
@@ -223,8 +205,16 @@ class DecoderSlice:
         x = rms_norm(x.index_select(0, meta.last_rows), self.norm, self.spec.norm_eps)
         return self.head(x).float()
 
-    @torch.inference_mode()
-    def forward_all_logits(self, x: torch.Tensor, meta: BatchMeta, kv: KVCache) -> torch.Tensor:
-        """Logits for every token (tests and perplexity-style comparisons; last slice only)."""
-        all_rows = BatchMeta(meta.chunks, meta.positions, torch.arange(meta.n_tokens, device=meta.positions.device))
-        return self.forward(x, all_rows, kv)
+
+def _weights(stage: TorchStage):
+    """Every distinct tensor the stage holds (its resident weight bytes)."""
+    seen = {}
+    for t in (stage.norm, stage.embed, stage.head.weight if stage.head else None, stage.cos, stage.sin):
+        if t is not None:
+            seen[id(t)] = t
+    for layer in stage.layers:
+        for t in (layer.attn_norm, layer.ffn_norm, layer.qkv.weight, layer.qkv.bias, layer.wo.weight,
+                  layer.gate_up.weight, layer.down.weight):
+            if t is not None:
+                seen[id(t)] = t
+    return list(seen.values())
