@@ -16,7 +16,9 @@ ffn 2048, vocab 32000), greedy, a fixed prompt:
 - prefill tokens/s for a 128-token prompt (time to the first token), ours and transformers';
 - one split run (`cuts=[4, 8]`: three in-process stages, hidden states crossing each cut as wire
   bytes) to show the stage overhead;
-- stories260K.gguf (../shared/models) vs llama.cpp (llama-cpp-python, n_threads=2).
+- stories260K.gguf (../shared/models) vs llama.cpp (llama-cpp-python, n_threads=2): a ggml stage
+  against llama.cpp on the same tiny file, so per-token overhead (benchmarks/gguf_stages.py
+  has the real quantized files).
 
 Each measurement is repeated 3 times (`--repeats N`), ours and the reference interleaved; the table shows the
 best of 3 (other processes can only slow a run down), the JSON every raw number and the medians.
@@ -191,7 +193,7 @@ def bench_stories(repeats: int, n_tokens: int, log) -> dict:
         ref = LlamaCppRef(STORIES)
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed"}
-    pipe = LocalPipeline(str(STORIES))
+    pipe = LocalPipeline(str(STORIES), kv_dtype="f32", threads=THREADS)  # ggml stage; f32 KV like the reference
     ids = prompt_of(pipe)
     pipe.generate(ids, max_tokens=4, ignore_eos=True)
     ref.decode(ids, 4)

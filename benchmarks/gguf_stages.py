@@ -9,14 +9,17 @@ Measured side by side in one run, 2 threads each, on this machine:
   own `llama_model_quantize` makes from it (`allow_requantize`; cached in benchmarks/.cache):
   greedy decode of 128 tokens and the prefill of a 128-token prompt, `p2pllm run`'s code path
   (`LocalPipeline`: ggml stage, f16 KV) vs llama.cpp (llama-cpp-python, f16 KV, flash attention),
-  measurements interleaved, best of N; the torch backend (f32 dequantization: what a stage did
-  before) on the Q4_1 file for comparison;
+  each in a fresh process (two ggml builds in one process share OpenMP's threads and slow each
+  other down), ours and llama.cpp's alternating, best of N (other processes only slow a run
+  down; medians in the JSON); the torch backend (f32 dequantization: what a stage did before)
+  on the Q4_1 file for comparison;
 - tokens: greedy ids for 64 tokens (or to the end of text) on 5 prompts (3 chat-formatted, 2
   raw), whole and split in 3 stages, against llama.cpp's; and, as the yardstick, llama.cpp
   against itself with flash attention off (its other default: llama-cpp-python's);
-- max RSS of a `p2pllm run` process (and of a llama.cpp process doing the same) per file;
-- max RSS of `p2pllm run` on a seeded-random ~1.1B Llama (`make-demo-model --size 1b`, written
-  F16, quantized by llama.cpp to Q4_K_M; cached) against the file's size.
+- max RSS of those processes (GNU time), ours and llama.cpp's;
+- max RSS (the largest of N runs) and decode speed of `p2pllm run`'s path on a seeded-random
+  ~1.1B Llama (`make-demo-model --size 1b`, written F16, quantized by llama.cpp to Q4_K_M;
+  cached) against the file's size, and llama.cpp's on the same file.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,22 +89,6 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=THREADS,
                                    n_threads_batch=THREADS, type_k=1, type_v=1, flash_attn=flash_attn, verbose=False)
 
-    def decode(self, ids: list[int], n: int) -> float:
-        out, t_first = 0, 0.0
-        for _ in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
-            out += 1
-            if out == 1:
-                t_first = time.perf_counter()
-            if out == n:
-                break
-        return (n - 1) / (time.perf_counter() - t_first)
-
-    def prefill(self, ids: list[int]) -> float:
-        self.llm.reset()
-        t = time.perf_counter()
-        self.llm.eval(ids)
-        return len(ids) / (time.perf_counter() - t)
-
     def greedy(self, ids: list[int], n: int) -> list[int]:
         """Up to n greedy tokens (top-1 sampling), stopping at the end of text."""
         out: list[int] = []
@@ -138,99 +124,130 @@ def run_measured(cmd: list[str]) -> tuple[int, str]:
     return rss_kb * 1024, proc.stdout
 
 
-def p2pllm_rss(path: Path, backend: str = "auto", tokens: int = 128) -> tuple[int, dict]:
-    rss, out = run_measured([sys.executable, "-m", "p2pllm", "run", "--model", str(path), "--prompt", RAW[0],
-                             "--max-tokens", str(tokens), "--threads", str(THREADS), "--backend", backend, "--json"])
-    return rss, json.loads(out)
+OURS = """
+import json, sys, time, torch
+from p2pllm.runtime.local import LocalPipeline
+path, backend, n, short, long = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+torch.set_num_threads(2)
+t0 = time.perf_counter()
+pipe = LocalPipeline(path, backend=backend, threads=2)  # `p2pllm run`'s code path
+load = time.perf_counter() - t0
+pipe.generate(short, max_tokens=4, ignore_eos=True)
+decode = pipe.generate(short, max_tokens=n, ignore_eos=True).decode_tokens_per_s
+prefill = pipe.generate(long, max_tokens=1, ignore_eos=True).prefill_tokens_per_s if long else 0.0
+print(json.dumps({"decode": decode, "prefill": prefill, "load_seconds": load}))
+"""
 
-
-LLAMA_SCRIPT = """
-import sys, time, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=2, n_threads_batch=2, type_k=1, type_v=1,
+LLAMA = """
+import json, sys, time, llama_cpp
+path, n, short, long = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, type_k=1, type_v=1,
                       flash_attn=True, verbose=False)
-ids = llm.tokenize(sys.argv[2].encode(), add_bos=True)
-n, t0 = 0, 0.0
-for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
-    n += 1
-    if n == 1:
-        t0 = time.perf_counter()
-    if n == int(sys.argv[3]):
-        break
-print((n - 1) / (time.perf_counter() - t0))
+load = time.perf_counter() - t0
+def decode(k):
+    got, t = 0, 0.0
+    for _ in llm.generate(short, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+        got += 1
+        if got == 1:
+            t = time.perf_counter()
+        if got == k:
+            return (k - 1) / (time.perf_counter() - t)
+decode(4)
+rate = decode(n)
+prefill = 0.0
+if long:
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(long)
+    prefill = len(long) / (time.perf_counter() - t)
+print(json.dumps({"decode": rate, "prefill": prefill, "load_seconds": load}))
 """
 
 
-def llama_rss(path: Path, tokens: int = 128) -> tuple[int, float]:
-    rss, out = run_measured([sys.executable, "-c", LLAMA_SCRIPT, str(path), RAW[0], str(tokens)])
-    return rss, float(out.strip().splitlines()[-1])
+def ours_run(path: Path, short: list[int], long: list[int], n: int, backend: str = "auto") -> dict:
+    """One fresh process on our side: max RSS, load time, decode and prefill rates."""
+    rss, out = run_measured([sys.executable, "-c", OURS, str(path), backend, str(n), json.dumps(short), json.dumps(long)])
+    return {**json.loads(out.strip().splitlines()[-1]), "max_rss": rss}
+
+
+def llama_run(path: Path, short: list[int], long: list[int], n: int) -> dict:
+    """The same in a fresh llama.cpp process (f16 KV, flash attention, 2 threads)."""
+    rss, out = run_measured([sys.executable, "-c", LLAMA, str(path), str(n), json.dumps(short), json.dumps(long)])
+    return {**json.loads(out.strip().splitlines()[-1]), "max_rss": rss}
 
 
 def bench_file(path: Path, repeats: int, n_tokens: int, with_torch: bool) -> dict:
-    from p2pllm.runtime.local import LocalPipeline
+    """Speed and memory from fresh processes, ours and llama.cpp's alternating (two ggml builds in
+    one process would share OpenMP's threads); tokens in this process."""
+    from p2pllm.model.tokenizer import load_tokenizer
 
-    pipe = LocalPipeline(str(path), threads=THREADS)
-    ref = LlamaCpp(path)
-    ids, long_ids = pipe.tokenizer.encode(RAW[0]), long_prompt(pipe.tokenizer, 128)
-    pipe.generate(ids, max_tokens=4, ignore_eos=True)  # warm-up (graphs, page faults)
-    ref.decode(ids, 4)
-    r: dict = {"file": path.name, "file_bytes": path.stat().st_size, "llama_cpp_python": ref.version,
-               "decode_tokens": n_tokens, "ours_decode": [], "llama_cpp_decode": [], "ours_prefill128": [],
-               "llama_cpp_prefill128": []}
+    tok = load_tokenizer(path)
+    short, long = tok.encode(RAW[0]), long_prompt(tok, 128)
+    r: dict = {"file": path.name, "file_bytes": path.stat().st_size, "decode_tokens": n_tokens, "ours": [],
+               "llama_cpp": []}
     for i in range(repeats):
-        r["ours_decode"].append(pipe.generate(ids, max_tokens=n_tokens, ignore_eos=True).decode_tokens_per_s)
-        r["llama_cpp_decode"].append(ref.decode(ids, n_tokens))
-        r["ours_prefill128"].append(pipe.generate(long_ids, max_tokens=1, ignore_eos=True).prefill_tokens_per_s)
-        r["llama_cpp_prefill128"].append(ref.prefill(long_ids))
-        log(f"  {path.name} {i + 1}/{repeats}: decode ours {r['ours_decode'][-1]:.1f} vs llama.cpp "
-            f"{r['llama_cpp_decode'][-1]:.1f} tok/s; prefill ours {r['ours_prefill128'][-1]:.0f} vs "
-            f"{r['llama_cpp_prefill128'][-1]:.0f} tok/s")
+        r["ours"].append(ours_run(path, short, long, n_tokens))
+        r["llama_cpp"].append(llama_run(path, short, long, n_tokens))
+        o, ll = r["ours"][-1], r["llama_cpp"][-1]
+        log(f"  {path.name} {i + 1}/{repeats}: decode ours {o['decode']:.1f} vs llama.cpp {ll['decode']:.1f} tok/s; "
+            f"prefill ours {o['prefill']:.0f} vs {ll['prefill']:.0f} tok/s; RSS {o['max_rss'] / 1e6:.0f} vs "
+            f"{ll['max_rss'] / 1e6:.0f} MB")
     if with_torch:
-        before = LocalPipeline(str(path), backend="torch", threads=THREADS)
-        import torch
-
-        torch.set_num_threads(THREADS)
-        r["torch_backend_decode"] = [before.generate(ids, max_tokens=n_tokens, ignore_eos=True).decode_tokens_per_s
-                                     for _ in range(max(1, repeats // 2))]
-        del before
-    # tokens: whole and split in 3, against llama.cpp
-    split = LocalPipeline(str(path), SPLIT, threads=THREADS)
-    other = LlamaCpp(path, flash_attn=False)
-    r["fidelity"] = {"tokens": 64, "prompts": len(CHAT) + len(RAW), "equal_whole": 0, "equal_split": 0,
-                     "llama_cpp_fa_off_equal_fa_on": 0, "first_difference": []}
-    for p in prompts(pipe.tokenizer):
-        want = ref.greedy(p, 64)
-        r["fidelity"]["llama_cpp_fa_off_equal_fa_on"] += other.greedy(p, 64) == want
-        for key, pl in (("equal_whole", pipe), ("equal_split", split)):
-            got = pl.generate(p, max_tokens=64).ids
-            got = got[:-1] if got and got[-1] == pipe.tokenizer.eos_id else got
-            same = got == want
-            r["fidelity"][key] += same
-            if not same:
-                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                r["fidelity"]["first_difference"].append({"config": key, "prompt_tokens": len(p), "at": at})
-    del pipe, split, ref, other
-    rss, out = p2pllm_rss(path)
-    r["ours_max_rss"], r["ours_run_decode"] = rss, out["decode_tokens_per_s"]
-    r["llama_cpp_max_rss"], r["llama_cpp_run_decode"] = llama_rss(path)
+        r["torch_backend"] = ours_run(path, short, [], n_tokens, backend="torch")
+    r["fidelity"] = fidelity(path, tok)
+    best = {side: {k: max(run[k] for run in r[side]) for k in ("decode", "prefill")} for side in ("ours", "llama_cpp")}
+    for side in ("ours", "llama_cpp"):
+        best[side]["max_rss"] = max(run["max_rss"] for run in r[side])  # the worst run: a ceiling
+    r["best"] = best
+    r["median"] = {side: {k: statistics.median(run[k] for run in r[side]) for k in ("decode", "prefill")}
+                   for side in ("ours", "llama_cpp")}
+    r["ratios"] = {"decode": best["ours"]["decode"] / best["llama_cpp"]["decode"],
+                   "prefill128": best["ours"]["prefill"] / best["llama_cpp"]["prefill"],
+                   "decode_median": r["median"]["ours"]["decode"] / r["median"]["llama_cpp"]["decode"]}
     if with_torch:
-        r["torch_backend_max_rss"] = p2pllm_rss(path, "torch")[0]
-    r["best"] = {k: max(r[k]) for k in ("ours_decode", "llama_cpp_decode", "ours_prefill128", "llama_cpp_prefill128")}
-    r["median"] = {k: statistics.median(r[k]) for k in r["best"]}
-    r["ratios"] = {"decode": r["best"]["ours_decode"] / r["best"]["llama_cpp_decode"],
-                   "prefill128": r["best"]["ours_prefill128"] / r["best"]["llama_cpp_prefill128"]}
-    if with_torch:
-        r["ratios"]["torch_backend_decode"] = max(r["torch_backend_decode"]) / r["best"]["llama_cpp_decode"]
+        r["ratios"]["torch_backend_decode"] = r["torch_backend"]["decode"] / best["llama_cpp"]["decode"]
     return r
 
 
-def bench_1b(n_tokens: int) -> dict:
+def fidelity(path: Path, tok) -> dict:
+    """Greedy ids of 64 tokens on every prompt, whole and split in 3, against llama.cpp's."""
+    from p2pllm.runtime.local import LocalPipeline
+
+    whole, split = LocalPipeline(str(path), threads=THREADS), LocalPipeline(str(path), SPLIT, threads=THREADS)
+    ref, other = LlamaCpp(path), LlamaCpp(path, flash_attn=False)
+    f = {"tokens": 64, "prompts": len(CHAT) + len(RAW), "equal_whole": 0, "equal_split": 0,
+         "llama_cpp_fa_off_equal_fa_on": 0, "first_difference": []}
+    for p in prompts(tok):
+        want = ref.greedy(p, 64)
+        f["llama_cpp_fa_off_equal_fa_on"] += other.greedy(p, 64) == want
+        for key, pipe in (("equal_whole", whole), ("equal_split", split)):
+            got = pipe.generate(p, max_tokens=64).ids
+            got = got[:-1] if got and got[-1] == tok.eos_id else got
+            f[key] += got == want
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                f["first_difference"].append({"config": key, "prompt_tokens": len(p), "at": at})
+    return f
+
+
+def bench_1b(n_tokens: int, repeats: int) -> dict:
+    from p2pllm.model.tokenizer import load_tokenizer
+
     path = random_1b()
-    rss, out = p2pllm_rss(path, tokens=n_tokens)
-    llama_rss_bytes, llama_tps = llama_rss(path, n_tokens)
+    short = load_tokenizer(path).encode(RAW[0])
+    runs = {"ours": [], "llama_cpp": []}
+    for i in range(repeats):
+        runs["ours"].append(ours_run(path, short, [], n_tokens))
+        runs["llama_cpp"].append(llama_run(path, short, [], n_tokens))
+        log(f"  {path.name} {i + 1}/{repeats}: decode ours {runs['ours'][-1]['decode']:.1f} vs llama.cpp "
+            f"{runs['llama_cpp'][-1]['decode']:.1f} tok/s; RSS {runs['ours'][-1]['max_rss'] / 1e6:.0f} vs "
+            f"{runs['llama_cpp'][-1]['max_rss'] / 1e6:.0f} MB")
     size = path.stat().st_size
-    return {"file": path.name, "file_bytes": size, "ours_max_rss": rss, "ours_decode": out["decode_tokens_per_s"],
-            "llama_cpp_max_rss": llama_rss_bytes, "llama_cpp_decode": llama_tps,
-            "ours_rss_over_file_bytes": rss - size}
+    best = {side: {"decode": max(r["decode"] for r in rs), "max_rss": max(r["max_rss"] for r in rs),
+                   "load_seconds": min(r["load_seconds"] for r in rs)} for side, rs in runs.items()}
+    return {"file": path.name, "file_bytes": size, "runs": runs, "ours": best["ours"], "llama_cpp": best["llama_cpp"],
+            "ours_rss_over_file_bytes": best["ours"]["max_rss"] - size}
 
 
 def markdown(res: dict) -> str:
@@ -241,22 +258,24 @@ def markdown(res: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for r in res["files"]:
         b, q, f = r["best"], r["ratios"], r["fidelity"]
-        rows.append(f"| {r['file']} ({r['file_bytes'] / mb:.0f} MB) | {b['ours_decode']:.1f} / {b['llama_cpp_decode']:.1f} "
-                    f"| **{q['decode']:.2f}x** | {b['ours_prefill128']:.0f} / {b['llama_cpp_prefill128']:.0f} "
-                    f"| **{q['prefill128']:.2f}x** | {f['equal_whole']}/{f['prompts']}, {f['equal_split']}/{f['prompts']}; "
-                    f"{f['llama_cpp_fa_off_equal_fa_on']}/{f['prompts']} "
-                    f"| {r['ours_max_rss'] / mb:.0f} / {r['llama_cpp_max_rss'] / mb:.0f} |")
+        rows.append(f"| {r['file']} ({r['file_bytes'] / mb:.0f} MB) | {b['ours']['decode']:.1f} / "
+                    f"{b['llama_cpp']['decode']:.1f} | **{q['decode']:.2f}x** | {b['ours']['prefill']:.0f} / "
+                    f"{b['llama_cpp']['prefill']:.0f} | **{q['prefill128']:.2f}x** | {f['equal_whole']}/{f['prompts']}, "
+                    f"{f['equal_split']}/{f['prompts']}; {f['llama_cpp_fa_off_equal_fa_on']}/{f['prompts']} "
+                    f"| {b['ours']['max_rss'] / mb:.0f} / {b['llama_cpp']['max_rss'] / mb:.0f} |")
     first = res["files"][0]
-    if "torch_backend_decode" in first:
-        rows.append(f"| {first['file']}, torch backend (f32 dequantization, before) | "
-                    f"{max(first['torch_backend_decode']):.1f} / {first['best']['llama_cpp_decode']:.1f} "
-                    f"| {first['ratios']['torch_backend_decode']:.2f}x | | | | {first['torch_backend_max_rss'] / mb:.0f} / – |")
+    if "torch_backend" in first:
+        t = first["torch_backend"]
+        rows.append(f"| {first['file']}, torch backend (f32 dequantization: before) | {t['decode']:.1f} / "
+                    f"{first['best']['llama_cpp']['decode']:.1f} | {first['ratios']['torch_backend_decode']:.2f}x "
+                    f"| | | | {t['max_rss'] / mb:.0f} / – |")
     if "random_1b" in res:
         r = res["random_1b"]
-        rows.append(f"| {r['file']} (seeded-random 1.1B, {r['file_bytes'] / mb:.0f} MB) | {r['ours_decode']:.1f} / "
-                    f"{r['llama_cpp_decode']:.1f} | {r['ours_decode'] / r['llama_cpp_decode']:.2f}x | | | "
-                    f"| {r['ours_max_rss'] / mb:.0f} / {r['llama_cpp_max_rss'] / mb:.0f} "
-                    f"(file + **{r['ours_rss_over_file_bytes'] / mb:.0f}**; goal ≤ file + 600) |")
+        rows.append(f"| {r['file']} (seeded-random 1.1B, {r['file_bytes'] / mb:.0f} MB) | {r['ours']['decode']:.1f} / "
+                    f"{r['llama_cpp']['decode']:.1f} | {r['ours']['decode'] / r['llama_cpp']['decode']:.2f}x | | | "
+                    f"| {r['ours']['max_rss'] / mb:.0f} / {r['llama_cpp']['max_rss'] / mb:.0f} "
+                    f"(file + **{r['ours_rss_over_file_bytes'] / mb:.0f}**; goal ≤ file + 600; loaded in "
+                    f"{r['ours']['load_seconds']:.1f} s) |")
     return "\n".join(rows)
 
 
@@ -283,7 +302,7 @@ def main() -> int:
         res["files"].append(bench_file(path, repeats, n_tokens, with_torch=i == 0))
     if not args.quick:
         log("seeded-random 1b Q4_K_M: max RSS ...")
-        res["random_1b"] = bench_1b(32)
+        res["random_1b"] = bench_1b(64, repeats)
     res["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     if not args.quick or args.out != RESULTS:
         args.out.parent.mkdir(parents=True, exist_ok=True)

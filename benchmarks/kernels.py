@@ -120,6 +120,8 @@ def main() -> int:
     if int4 is not None:
         res["ms"]["torch int4 (bf16 activations)"] = 1e3 * int4
     res["bytes"] = {f"ggml {t}": gl.row_bytes(t, N) * N for t in TYPES}
+    res["bytes"] |= {"torch f32": 4 * N * N, "torch bf16": 2 * N * N,
+                     "torch int4 (bf16 activations)": N * N // 2 + (N // 32) * N * 2 * 2}  # nibbles + bf16 scale/zero
     if not args.quick or args.out != RESULTS:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
@@ -131,7 +133,7 @@ def markdown(res: dict) -> str:
     base = res["ms"]["torch f32"]
     rows = ["| kernel | MB streamed | ms per GEMV | GB/s | vs torch f32 |", "|---|---|---|---|---|"]
     for name, ms in sorted(res["ms"].items(), key=lambda kv: kv[1]):
-        nbytes = res["bytes"].get(name, N * N * (4 if "f32" in name else 2 if "bf16" in name else 0.5))
+        nbytes = res["bytes"][name]
         rows.append(f"| {name} | {nbytes / 1e6:.1f} | {ms:.3f} | {nbytes / ms / 1e6:.1f} | {base / ms:.1f}x |")
     return "\n".join(rows)
 

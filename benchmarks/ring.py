@@ -663,7 +663,7 @@ def markdown(res: dict) -> str:
     p1 = res.get("part1")
     if p1 and "configs" in p1:
         one, three = p1["configs"]["1"], p1["configs"]["3"]
-        lines += ["", f"**1. Single stream, 125M demo model, loopback** ({p1['max_tokens']} tokens, median of "
+        lines += ["", f"**1. Single stream, {res.get('model', 'the 125M demo model')}, loopback** ({p1['max_tokens']} tokens, median of "
                       f"{p1['repeats']} alternating repeats; decode = tokens after the first over their time)", "",
                   "| daemons | layers | decode tok/s | ITL mean / p50 / p99 (ms) | compute ms/token (per stage) "
                   "| not computing, ms/token | ring messages/token | ring KiB/token | HTTP e2e tok/s "

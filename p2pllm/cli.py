@@ -57,8 +57,9 @@ def cmd_run(args) -> int:
     pipe = LocalPipeline(args.model, cuts, backend=args.backend, dtype=None if args.dtype == "auto" else args.dtype,
                          kv_dtype=args.kv_dtype, device=args.device, threads=args.threads, spec=spec,
                          progress=_progress_printer("loading"))
+    load_seconds = time.perf_counter() - t0
     log.info("loaded %s (%s backend, %d stage%s) in %.1fs", args.model, pipe.backend, len(pipe.stages),
-             "" if len(pipe.stages) == 1 else "s", time.perf_counter() - t0)
+             "" if len(pipe.stages) == 1 else "s", load_seconds)
     if args.chat:
         prompt_ids = pipe.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -66,7 +67,7 @@ def cmd_run(args) -> int:
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     res = pipe.generate(prompt_ids, max_tokens=args.max_tokens, sampling=sampling, on_text=stream)
     if args.json:
-        print(json.dumps(res.to_json()))
+        print(json.dumps({**res.to_json(), "backend": pipe.backend, "load_seconds": round(load_seconds, 3)}))
     else:
         sys.stdout.write("\n")
         print(

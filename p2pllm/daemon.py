@@ -612,8 +612,13 @@ class Daemon:
         self.state, self.load_progress = "loading", 0.0
         log.info("loading layers [%d, %d) of %d", rng[0], rng[1], self.spec.n_layers)
 
+        shown = [time.monotonic()]
+
         def progress(done: int, total: int) -> None:
             self.load_progress = done / max(total, 1)
+            if time.monotonic() - shown[0] >= 2.0 and done < total:  # a long load says how far it is
+                shown[0] = time.monotonic()
+                log.info("loading layers [%d, %d): %.0f%%", rng[0], rng[1], 100 * self.load_progress)
 
         def build():
             from .model.backends import open_stage

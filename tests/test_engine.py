@@ -185,6 +185,31 @@ def test_hf_random_models_match_transformers(kind, tied, tmp_path):
         assert res.ids == ref_ids, cuts
 
 
+def test_hf_bf16_checkpoint_computes_in_bf16_where_the_cpu_does_it_well_and_matches_transformers_in_bf16(tmp_path):
+    """A bf16 checkpoint is not widened to f32 on a CPU whose bf16 GEMV beats f32's (probed);
+    either way ours equals transformers loading it in the same dtype, and --dtype overrides."""
+    from transformers import AutoModelForCausalLM
+
+    from p2pllm.model.backends import cpu_computes_well
+
+    model, folder = _hf_model("llama", False, tmp_path)
+    model.to(torch.bfloat16).save_pretrained(folder)  # the same weights, stored as bf16
+    spec = read_spec(folder)
+    assert spec.file_dtype == "bf16"
+    gen = torch.Generator().manual_seed(9)
+    prompt = torch.randint(3, 512, (24,), generator=gen).tolist()
+    kept = torch.bfloat16 if cpu_computes_well("bf16") else torch.float32
+    for dtype, stage in ((kept, open_stage(folder, 0, spec.n_layers, spec=spec)),
+                         (torch.float32, open_stage(folder, 0, spec.n_layers, spec=spec, dtype="f32"))):
+        assert stage.activation_dtype == dtype
+        ref_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([prompt])).logits[0].float()
+        ours = all_logits(stage, prompt)
+        assert (ours - ref).abs().max().item() < 1e-3, dtype  # measured: 0.0 in both dtypes
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
 def _transformers_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
     """Greedy decoding by transformers' full forward pass at every step (its cache plays no part)."""
     ids = list(prompt)

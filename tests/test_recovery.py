@@ -92,15 +92,15 @@ def check_identical(baseline: list[dict], faulted: list[dict], what: str) -> flo
     return stall
 
 
-@pytest.mark.parametrize("replicas", ["1", "0"])
-def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_model, replicas):
-    view = start(hosts, small_model, 3, "--kv-replicas", replicas)
+@pytest.mark.parametrize("replicas,kv", [("1", "f16"), ("0", "f16"), ("1", "q8_0")])
+def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_model, replicas, kv):
+    view = start(hosts, small_model, 3, "--kv-replicas", replicas, "--kv-dtype", kv)
     head = host_of(hosts, view, view["coordinator"])
     baseline = client(hosts, head, streams_job())
     proc = start_streams(hosts, head)
     hosts.kill(daemon_of(hosts, middle_host(hosts, view)))
     faulted = finish_streams(proc)
-    check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}")
+    check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}, kv {kv}")
     log = hosts.logs()
     assert "carrying 4 sequences over" in log  # the fault hit the streams mid-way
     rebuilt = [line for line in log.splitlines() if "KV for layers" in line and "carried over" in line]
