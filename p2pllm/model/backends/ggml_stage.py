@@ -88,23 +88,10 @@ class GGMLStage:
         unique = {t.info.name: t.info for t in stored}
         looked_up = {t.info.name for t in stored if t.key == "embed"}  # get_rows reads it: never repacked
         to_f32 = {n for n, i in unique.items() if len(i.shape) == 1 and i.dtype != "F32"}
-        repacked = {n for n, i in unique.items() if len(i.shape) == 2 and n not in looked_up and gl.repacks(i.dtype, i.shape[0])}
+        repacked = {n for n, i in unique.items()
+                    if len(i.shape) == 2 and n not in looked_up and gl.repacks(i.dtype, i.shape[0])}
         copied = to_f32 | {n for n, i in unique.items() if i.offset % gl.TENSOR_ALIGNMENT and n not in repacked}
-        in_map, own, packed = gl.Context(len(unique) + 1), gl.Context(len(copied) + 1), gl.Context(len(repacked) + 1)
-        self._res.contexts += [in_map, own, packed]
-        tensors = {}
-        for name, info in unique.items():
-            ctx = packed if name in repacked else own if name in copied else in_map
-            tensors[name] = ctx.tensor("F32" if name in to_f32 else info.dtype, tuple(reversed(info.shape)))
-        mapped = gl.Buffer.wrapping(file.ctypes.data, file.size, owner=file)
-        self._res.buffers.append(mapped)
-        for name, info in unique.items():
-            if name not in copied and name not in repacked:
-                mapped.place(tensors[name], file.ctypes.data + info.offset)
-        if copied:
-            self._res.buffers.append(gl.Buffer.for_context(own, self.backend))
-        if repacked:
-            self._res.buffers.append(gl.Buffer.for_context_in(packed, gl.repack_buffer_type()))
+        tensors = self._place(file, unique, to_f32, copied, repacked)
         total, done = sum(i.nbytes for i in unique.values()), 0
         with open(path, "rb", buffering=0) as f:
             for name, info in unique.items():
@@ -125,6 +112,26 @@ class GGMLStage:
         self.repacked = len(repacked)
         return {t.key: tensors[t.info.name] for t in stored}
 
+    def _place(self, file: np.ndarray, unique: dict, to_f32: set, copied: set, repacked: set) -> dict:
+        """A ggml tensor per file tensor, given its memory: the map where it lies, or a buffer of
+        our own (copied; f32 for vectors stored otherwise), or ggml's repacking buffer."""
+        in_map, own, packed = gl.Context(len(unique) + 1), gl.Context(len(copied) + 1), gl.Context(len(repacked) + 1)
+        self._res.contexts += [in_map, own, packed]
+        tensors = {}
+        for name, info in unique.items():
+            ctx = packed if name in repacked else own if name in copied else in_map
+            tensors[name] = ctx.tensor("F32" if name in to_f32 else info.dtype, tuple(reversed(info.shape)))
+        mapped = gl.Buffer.wrapping(file.ctypes.data, file.size, owner=file)
+        self._res.buffers.append(mapped)
+        for name, info in unique.items():
+            if name not in copied and name not in repacked:
+                mapped.place(tensors[name], file.ctypes.data + info.offset)
+        if copied:
+            self._res.buffers.append(gl.Buffer.for_context(own, self.backend))
+        if repacked:
+            self._res.buffers.append(gl.Buffer.for_context_in(packed, gl.repack_buffer_type()))
+        return tensors
+
     # ------------------------------------------------------------------ a step
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] on the first stage, hidden states [T, hidden] otherwise.
@@ -132,8 +139,17 @@ class GGMLStage:
         Returns hidden states [T, hidden], or on the last stage logits [n_out, vocab] for the rows
         meta.last_rows asks for."""
         chunks = meta.chunks
-        T = meta.n_tokens
         cells = self.kv.place([c.seq_id for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
+        try:
+            return self._compute(x, meta, cells)
+        except BaseException:  # nothing was written: the sequences end where they did
+            for c in chunks:
+                self.kv.truncate(c.seq_id, c.start)
+            raise
+
+    def _compute(self, x: torch.Tensor, meta: BatchMeta, cells: np.ndarray) -> torch.Tensor:
+        chunks = meta.chunks
+        T = meta.n_tokens
         n_out = int(meta.last_rows.shape[0]) if self.is_last else 0
         graph = self._graph(T, self.kv.window(), n_out)
         if self._allocated is not graph:  # another shape than the last step: lay it out in the shared buffer
