@@ -146,9 +146,6 @@ class LocalPipeline:
     def backend(self) -> str:
         return self.stages[0].backend.name
 
-    def close(self) -> None:
-        self.ring.close()
-
     @property
     def stages(self) -> list[Stage]:
         return self.ring.stages

@@ -64,7 +64,7 @@ class Stage:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []
 
-    def step(self, x: torch.Tensor, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+    def step(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run this stage's layers on one micro-batch (token ids or hidden states); each chunk
         continues its sequence (a replayed chunk overwrites what followed it)."""
         for c in chunks:
@@ -75,5 +75,4 @@ class Stage:
                     f"sequence {c.seq_id}: chunk starts at {c.start} but only {self.kv.length(c.seq_id)} positions are cached"
                 )
             self.kv.truncate(c.seq_id, c.start)
-        meta = BatchMeta.build(chunks)
-        return self.backend.forward(x, meta.all_rows() if all_logits else meta)
+        return self.backend.forward(x, BatchMeta.build(chunks))
