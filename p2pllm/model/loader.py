@@ -200,13 +200,19 @@ def _read(mf: ModelFile, spec: ModelSpec, key: str, name: str) -> Tensor:
     return t
 
 
-def _check_layer_range(spec: ModelSpec, start, end) -> None:
+def _checked_plan(path, mf: ModelFile, spec: ModelSpec | None, start, end):
+    """(spec, plan) of a slice, the range and every tensor's shape checked before any data is read."""
+    spec = spec or read_spec(path, mf)
     integral = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (start, end))
     if not (integral and 0 <= start < end <= spec.n_layers):
         raise UsageError(
             f"layer range [{start}, {end}) is not a non-empty range within the model's "
             f"{spec.n_layers} layers (0 <= start < end <= {spec.n_layers})"
         )
+    plan = _plan(spec, mf, start, end)
+    for _key, name, shape in plan:  # fail fast on a bad file
+        _check_shape(mf, name, shape)
+    return spec, plan
 
 
 # --------------------------------------------------------------------------- public
@@ -228,11 +234,7 @@ def stored_slice(path: str | os.PathLike, start: int, end: int, *,
     try:
         if mf.format != "gguf":
             raise UsageError(f"{path}: the ggml backend reads GGUF files; use the torch backend for this model")
-        spec = spec or read_spec(path, mf)
-        _check_layer_range(spec, start, end)
-        plan = _plan(spec, mf, start, end)
-        for _key, name, shape in plan:
-            _check_shape(mf, name, shape)
+        spec, plan = _checked_plan(path, mf, spec, start, end)
         return spec, [StoredTensor(key, mf.tensors[name]) for key, name, _shape in plan]
     finally:
         mf.close()
@@ -252,11 +254,7 @@ def load_slice(
     and output head if end == n_layers; cast to `dtype` on `device`."""
     mf = open_model_file(path)
     try:
-        spec = spec or read_spec(path, mf)
-        _check_layer_range(spec, start, end)
-        plan = _plan(spec, mf, start, end)
-        for _key, name, shape in plan:  # every shape before any data: fail fast on a bad file
-            _check_shape(mf, name, shape)
+        spec, plan = _checked_plan(path, mf, spec, start, end)
         loaded: dict[str, Tensor] = {}
         cache: dict[str, Tensor] = {}  # a tied head is the embedding we already read
         for done, (key, name, _shape) in enumerate(plan, 1):

@@ -108,8 +108,11 @@ class CellPool:
     def place(self, seq_ids: list[int], starts: list[int], lengths: list[int]) -> np.ndarray:
         """Cells for every token of a micro-batch (chunk after chunk); each chunk continues its sequence."""
         total = sum(lengths)
-        self._ensure(total)
-        free = np.flatnonzero(self.cell_seq < 0)[:total]
+        free = np.flatnonzero(self.cell_seq < 0)
+        if free.size < total:  # the pool grows only when a step would not fit (reservations grow it at allocate)
+            self._ensure(total)
+            free = np.flatnonzero(self.cell_seq < 0)
+        free = free[:total]
         at = 0
         for seq_id, start, n in zip(seq_ids, starts, lengths):
             cells = self._seq_cells[seq_id]
@@ -160,10 +163,9 @@ class CellPool:
         have = len(self._seq_cells[seq_id])
         if start > have:
             raise KVCacheError(f"sequence {seq_id}: entries start at {start} but only {have} known")
-        keep = self._seq_cells[seq_id][start:start + n]  # positions already held are overwritten in place
-        if start + len(keep) < start + n:
-            self.truncate(seq_id, start + len(keep))
-            self.place([seq_id], [start + len(keep)], [n - len(keep)])
+        held = min(n, have - start)  # positions already held are overwritten in place, the rest get cells
+        if held < n:
+            self.place([seq_id], [have], [n - held])
         cells = self._seq_cells[seq_id][start:start + n]
         self.rows[:, :, cells] = entries.data.numpy()
 
