@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "join":  # gRPC's own INFO lines (e.g. a refused handshake) would break one-line errors
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if not args.verbose:  # gRPC's own INFO lines (a refused handshake on every redial) break one-line errors and
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # flood daemon logs; our refusal warning says it once a minute
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

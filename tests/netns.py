@@ -260,14 +260,15 @@ class Hosts:
         except subprocess.TimeoutExpired:
             pass
 
-    def logs(self) -> str:
-        """Every process's log, for an assertion message."""
+    def logs(self, tail: int | None = 4000) -> str:
+        """Every process's log: the last `tail` characters of each for an assertion message, all of it
+        (tail=None) to assert on what a log says."""
         parts = []
         for proc in self._procs:
             path = getattr(proc, "log_path", None)
             if path and Path(path).exists():
                 text = Path(path).read_text(errors="replace")
-                parts.append(f"--- {Path(path).name} (rc={proc.poll()}) ---\n{text[-4000:]}")
+                parts.append(f"--- {Path(path).name} (rc={proc.poll()}) ---\n{text if tail is None else text[-tail:]}")
         return "\n".join(parts)
 
     # -- teardown -----------------------------------------------------------------------------

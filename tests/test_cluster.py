@@ -26,7 +26,7 @@ def test_three_hosts_agree_on_one_plan_over_mdns(hosts, stories_gguf):
         join(hosts, i, stories_gguf)
     # polling status costs seconds on a loaded machine; the daemons' own "ready" lines time the agreement
     views = wait_for_agreement(hosts, [1, 2, 3], n_layers=5)
-    elapsed = _last_ready(hosts.logs()) - t0
+    elapsed = _last_ready(hosts.logs(tail=None)) - t0
     s = views[0]
     assert len(s["peers"]) == 3 and all(p["healthy"] and p["excluded_reason"] is None for p in s["peers"])
     assert s["coordinator"] in {p["id"] for p in s["peers"]}
@@ -34,7 +34,7 @@ def test_three_hosts_agree_on_one_plan_over_mdns(hosts, stories_gguf):
     assert plan["feasible"] and plan["strategy"] == "even"
     assert [st["layers"] for st in plan["stages"]] == sorted(p["layers"] for p in s["peers"])
     assert elapsed < AGREE_WITHIN
-    log = hosts.logs()
+    log = hosts.logs(tail=None)
     assert "ready: epoch" in log and "plan epoch" in log and "joined at" in log
 
 
@@ -45,7 +45,7 @@ def test_static_peers_without_mdns_agree_through_gossip(hosts, stories_gguf):
     join(hosts, 3, stories_gguf, "--no-mdns", "--peer", f"{hosts.addr(2)}:7700")
     views = wait_for_agreement(hosts, [1, 2, 3], n_layers=5)
     assert len(views[0]["peers"]) == 3
-    assert "mDNS off" in hosts.logs()
+    assert "mDNS off" in hosts.logs(tail=None)
 
 
 @pytest.mark.parametrize("hosts", [4], indirect=True)

@@ -101,7 +101,7 @@ def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_mod
     hosts.kill(daemon_of(hosts, middle_host(hosts, view)))
     faulted = finish_streams(proc)
     check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}, kv {kv}")
-    log = hosts.logs()
+    log = hosts.logs(tail=None)
     assert "carrying 4 sequences over" in log  # the fault hit the streams mid-way
     rebuilt = [line for line in log.splitlines() if "KV for layers" in line and "carried over" in line]
     assert rebuilt, log[-3000:]
@@ -119,7 +119,7 @@ def test_cut_cable_is_detected_and_streams_finish(hosts, small_model):
     hosts.link_down(middle_host(hosts, view))
     faulted = finish_streams(proc)
     check_identical(baseline, faulted, "link down")
-    log = hosts.logs()
+    log = hosts.logs(tail=None)
     assert "lost: silent for" in log and "carrying 4 sequences over" in log
 
 
@@ -151,7 +151,8 @@ def test_sigterm_drains_a_peer_without_failing_requests(hosts, small_model):
     os.killpg(daemon.pid, signal.SIGTERM)
     faulted = finish_streams(proc)
     check_identical(baseline, faulted, "SIGTERM drain")
-    assert "is leaving" in hosts.logs() and "carrying 4 sequences over" in hosts.logs()
+    log = hosts.logs(tail=None)
+    assert "is leaving" in log and "carrying 4 sequences over" in log
     daemon.wait(timeout=30)
     assert "no longer needs this peer's layers" in open(daemon.log_path).read()
 
