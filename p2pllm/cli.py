@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import __version__
+from .argparser import Parser
 from .argtypes import host_port, port, positive_int, seconds
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -49,6 +50,9 @@ def cmd_run(args) -> int:
     from .runtime.local import LocalPipeline, parse_split
     from .model.spec import read_spec
 
+    from .cluster.capability import resolve_device
+
+    resolve_device(args.device)  # before loading anything: a missing GPU is a usage error, not a crash
     _set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = read_spec(args.model)
@@ -156,14 +160,15 @@ def _add_check_model(sub) -> None:
 def cmd_join(args) -> int:
     import asyncio
 
-    from .cluster.capability import parse_size
+    from .cluster.capability import parse_size, resolve_device
     from .daemon import Daemon, DaemonConfig
     from .model.spec import read_spec
     from .transport.security import resolve_secret
 
     from .model.backends import choose_backend, stage_kv_dtype
 
-    spec = read_spec(args.model)  # a bad model file or flag is reported before any secret is made
+    resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
+    spec = read_spec(args.model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
     _announce_secret(args, resolved)
@@ -265,8 +270,9 @@ def cmd_status(args) -> int:
         print(f"{peer['name'][:20]:<20} {peer['id'][:8]:<10} {peer['address']:<22} {layers:<10} {health:<8} {note}")
     plan = status.get("plan")
     if plan and plan.get("predicted"):
-        pred = plan["predicted"]
-        print(f"predicted: {pred['ms_per_token']:.1f} ms/token, {pred['tokens_per_s_single']:.1f} tok/s single stream")
+        from .cluster.plan_cli import prediction_line
+
+        print(prediction_line(plan, {p["id"]: p["name"] for p in status["peers"]}))
     return 0
 
 
@@ -304,7 +310,7 @@ def _add_status(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pllm", description="Peer-to-peer pipeline-parallel LLM serving.")
+    parser = Parser(prog="p2pllm", description="Peer-to-peer pipeline-parallel LLM serving.")
     parser.add_argument("--version", action="version", version=f"p2pllm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -92,3 +92,21 @@ def test_join_refuses_bad_flags():
     assert proc.returncode == 2 and "port must be between" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("join", "--model", "x.gguf", "--peer", "nohostport")
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+
+
+def test_plan_discover_plans_over_the_peers_announced_on_the_network(hosts, stories_gguf):
+    join(hosts, 1, stories_gguf)
+    join(hosts, 2, stories_gguf, "--max-memory", "3GiB")
+    wait_for_agreement(hosts, [1, 2], n_layers=5)
+    plan = hosts.run(3, [sys.executable, "-m", "p2pllm", "plan", "--model", str(stories_gguf), "--discover", "--json",
+                         "--interface", hosts.addr(3), "--max-memory", "2GiB", "--strategy", "even"], timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    j = json.loads(plan.stdout)
+    limits = {s["name"]: s["memory"]["limit"] for s in j["stages"]}
+    assert len(limits) == 3 and {"host1", "host2"} <= set(limits), (j, plan.stderr)  # this machine + the two
+    assert limits["host1"] > 3 * 2**30 >= limits["host2"] > 0  # each announced peer brings its advertised memory
+    assert "2 peer(s) announced on" in plan.stderr
+    other = hosts.run(3, [sys.executable, "-m", "p2pllm", "plan", "--model", str(stories_gguf), "--discover",
+                          "--interface", hosts.addr(3), "--cluster", "someone-else"], timeout=60)
+    assert other.returncode == 0 and "0 peer(s) announced" in other.stdout, other.stdout + other.stderr
+    assert "host1 (cluster default)" in other.stdout

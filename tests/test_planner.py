@@ -182,10 +182,13 @@ def test_infeasible_reason_says_how_many_gib():
     peers = [laptop("a", 16, 8, 200), laptop("b", 8, 4, 100)]
     pl = P.plan(spec, peers, options=P.PlanOptions(dtype="f16"))
     assert not pl.feasible and pl.stages == ()
-    m = re.search(r"needs (\d+\.\d\d) GiB more memory.*model needs (\d+\.\d\d) GiB.*peers have (\d+\.\d\d) GiB", pl.reason)
+    m = re.search(r"needs (\d+\.\d\d) GiB more memory on peer \w+ \((\d+\.\d\d) GiB -> (\d+\.\d\d) GiB\), "
+                  r"or one machine with (\d+\.\d\d) GiB .*peers have (\d+\.\d\d) GiB in all", pl.reason)
     assert m, pl.reason
-    extra, need, have = map(float, m.groups())
+    extra, before, after, need, have = map(float, m.groups())
     assert have == pytest.approx(24.0) and need > 130 and extra >= need - have
+    assert after == pytest.approx(before + extra, abs=0.011)  # the numbers in the message add up
+    assert "its own KV and buffers" in pl.reason  # and it says why the split needs more than need - have
     # the shortfall is enough: giving that much to the named peer makes it fit
     who = re.search(r"on peer (\w+)", pl.reason).group(1)
     bigger = [P.PeerCaps(**{**p.__dict__, "mem_bytes": p.mem_bytes + int(extra * GiB)}) if p.id == who else p for p in peers]
@@ -260,7 +263,7 @@ def test_json_shape_exact():
     j = json.loads(json.dumps(pl.to_json()))
     assert {"feasible", "reason", "strategy", "stages", "predicted", "bottleneck"} <= set(j)
     assert j["feasible"] is True and isinstance(j["reason"], str) and j["strategy"] == "optimal"
-    assert set(j["predicted"]) == {"ms_per_token", "tokens_per_s_single", "tokens_per_s_pipelined"}
+    assert set(j["predicted"]) == {"ms_per_token", "tokens_per_s_single", "tokens_per_s_pipelined", "batch"}
     assert j["bottleneck"] in {s["peer"] for s in j["stages"]} or "->" in j["bottleneck"]
     prev = 0
     for s in j["stages"]:
@@ -301,7 +304,13 @@ DEV_B = "name=b,mem=24GiB,tflops=4,bw=100GBps,net=100Mbps,rtt=4ms"
 def test_cli_table_feasible():
     code, out, _ = run_cli("--model", "llama-3-70b", "--device", DEV_A, "--device", DEV_B, "--dtype", "q4_0")
     assert code == 0
-    assert "bottleneck" in out and "ms/token" in out and re.search(r"\ba\b", out) and "tokens/s" in out
+    assert "bottleneck" in out and "ms/step" in out and re.search(r"\ba\b", out) and "tokens/s" in out
+    code, out, _ = run_cli("--model", "llama-3-8b", "--device", DEV_A, "--dtype", "q4_0", "--batch", "4")
+    m = re.search(r"predicted: (\d+\.\d\d) ms per decode step of a batch of 4 sequences = (\d+\.\d) tokens/s per "
+                  r"sequence, (\d+\.\d) tokens/s for the batch", out)
+    assert code == 0 and m, out  # the batch a throughput is for is named, and the numbers agree
+    ms, per_seq, per_batch = map(float, m.groups())
+    assert per_seq == pytest.approx(1000 / ms, rel=0.01) and per_batch == pytest.approx(4 * per_seq, rel=0.01)
 
 
 def test_cli_json_matches_planner():

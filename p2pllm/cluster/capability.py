@@ -151,7 +151,7 @@ def probe(
     """Measure this machine (or read the cached benchmarks) for `device` with `threads` threads."""
     import torch
 
-    dev = _resolve_device(torch, device)
+    dev = resolve_device(device)
     cap = None
     if max_memory is not None:
         cap = parse_size(max_memory)
@@ -203,20 +203,33 @@ def probe(
     )
 
 
-def _resolve_device(torch, device: str) -> str:
+def available_devices(torch) -> list[str]:
+    """The compute devices torch can use on this machine, as --device spells them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(device: str) -> str:
+    """`device` as torch names it, or a UsageError saying which devices this machine has."""
+    import torch
+
+    have = available_devices(torch)
     if device == "cpu":
         return "cpu"
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: torch sees no CUDA GPU here")
         index = device.partition(":")[2] or "0"
-        if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: no such CUDA device (have {torch.cuda.device_count()})")
-        return f"cuda:{index}"
+        if f"cuda:{index}" in have:
+            return f"cuda:{index}"
+        why = "torch sees no CUDA GPU here" if not torch.cuda.is_available() else "no such CUDA device"
+        raise UsageError(f"--device {device}: {why} (this machine has: {', '.join(have)})")
     if device == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise UsageError("--device mps: Metal (MPS) is not available here")
-        return "mps"
+        if "mps" in have:
+            return "mps"
+        raise UsageError(f"--device mps: Metal (MPS) is not available here (this machine has: {', '.join(have)})")
     raise UsageError(f"--device must be cpu, cuda[:N] or mps, got {device!r}")
 
 

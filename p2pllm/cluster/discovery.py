@@ -291,21 +291,8 @@ class Discovery:
         task.add_done_callback(lambda t, key=key: self._resolving.get(key) is t and self._resolving.pop(key))
 
     async def _resolve(self, zeroconf: Zeroconf, name: str, key: str) -> None:
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
-        try:
-            if not await info.async_request(zeroconf, _RESOLVE_TIMEOUT_MS):
-                log.debug("discovery: %s did not answer with SRV/TXT/A in time", name)
-                return
-            addresses = info.parsed_addresses(IPVersion.V4Only)
-            if not addresses:
-                raise ValueError("no IPv4 address")
-            ann = Announcement.from_txt(info.properties, addresses[0])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a hostile peer must never crash the browser
-            log.debug("discovery: ignoring malformed announcement %r: %s", name, exc)
-            return
-        if ann.id == self.me.id:
+        ann = await _resolve_announcement(zeroconf, name)
+        if ann is None or ann.id == self.me.id:
             return
         if self._peers.get(key) == ann:
             return
@@ -328,6 +315,47 @@ class Discovery:
             callback(arg)
         except Exception:  # noqa: BLE001 - a failing listener must not stop discovery
             log.exception("discovery: callback %r failed", callback)
+
+
+async def _resolve_announcement(zeroconf: Zeroconf, name: str) -> Announcement | None:
+    """The announcement behind a service instance name; None when it does not answer or is malformed."""
+    info = AsyncServiceInfo(SERVICE_TYPE, name)
+    try:
+        if not await info.async_request(zeroconf, _RESOLVE_TIMEOUT_MS):
+            log.debug("discovery: %s did not answer with SRV/TXT/A in time", name)
+            return None
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        if not addresses:
+            raise ValueError("no IPv4 address")
+        return Announcement.from_txt(info.properties, addresses[0])
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile peer must never crash the browser
+        log.debug("discovery: ignoring malformed announcement %r: %s", name, exc)
+        return None
+
+
+async def browse(interface_address: str, seconds: float) -> list[Announcement]:
+    """The daemons announced on this interface's network within `seconds`, without announcing
+    anything ourselves (what `p2pllm plan --discover` plans over)."""
+    address = str(ipaddress.IPv4Address(interface_address))
+    try:
+        azc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    except OSError as exc:
+        raise P2PError(f"cannot run mDNS on {address}: {exc.strerror or exc} (pick another --interface)") from exc
+    names: set[str] = set()
+
+    def seen(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        (names.discard if state_change is ServiceStateChange.Removed else names.add)(name)
+
+    browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[seen])
+    try:
+        await asyncio.sleep(seconds)
+        found = await asyncio.gather(*(_resolve_announcement(azc.zeroconf, n) for n in sorted(names)))
+    finally:
+        await browser.async_cancel()
+        await azc.async_close()
+    return list({ann.id: ann for ann in found if ann is not None}.values())
 
 
 def _default_route_interface() -> str | None:

@@ -25,25 +25,26 @@ from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, p
 DEVICE_KEYS = ("name", "mem", "tflops", "flops", "bw", "net", "rtt")
 DEFAULT_NET = "1Gbps"
 DEFAULT_RTT = "1ms"
-DISCOVER_NOTE = (
-    "note: --discover planned for this machine only (measured just now or from the capability cache); "
-    "other peers are found once `p2pllm join` discovery exists"
-)
+DISCOVER_SECONDS = 3.0
 
 
 def add_plan_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
         help="dry run: which peer would run which layers, memory used, predicted speed",
-        description="Plan a model's layers over declared peers (--device) or this machine (--discover).",
+        description="Plan a model's layers over declared peers (--device) and/or this machine and the peers "
+                    "announced on its network (--discover).",
     )
     p.add_argument("--model", required=True, metavar="PATH|CONFIG.json|NAME",
                    help="a .gguf file, a Hugging Face folder or config.json, or a built-in shape (e.g. llama-3-70b)")
     p.add_argument("--device", action="append", default=[], metavar="name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps",
                    help="a peer: mem (usable memory), tflops (or flops=4TFLOPS), bw (memory bandwidth), "
                         f"net (link, default {DEFAULT_NET}), rtt (to the switch, default {DEFAULT_RTT}); repeatable")
-    p.add_argument("--discover", action="store_true", help="measure this machine and plan for it")
+    p.add_argument("--discover", action="store_true",
+                   help="plan for this machine (measured) and the p2pllm peers announced on its network (mDNS)")
     p.add_argument("--max-memory", metavar="SIZE", help="with --discover: cap this machine's memory, e.g. 8GiB")
+    p.add_argument("--interface", default=None, help="with --discover: network interface or address to browse on")
+    p.add_argument("--cluster", default=None, help="with --discover: only peers of this cluster (default: every one)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype the weights are held in (default: the file's)")
     p.add_argument("--kv-dtype", choices=("f16", "q8_0", "f32"), default="f16", help="KV cache precision (default f16)")
     p.add_argument("--context", type=int, default=PlanOptions.context, help="tokens of context per sequence")
@@ -101,16 +102,15 @@ def cmd_plan(args) -> int:
         raise UsageError("--context and --batch must be at least 1")
     if args.context > spec.context:
         raise UsageError(f"--context {args.context} is beyond {spec.name}'s {spec.context} tokens")
-    if args.max_memory is not None and not args.discover:
-        raise UsageError("--max-memory applies to --discover (for --device, give mem=)")
+    for flag in ("max_memory", "interface", "cluster"):
+        if getattr(args, flag) is not None and not args.discover:
+            raise UsageError(f"--{flag.replace('_', '-')} applies to --discover")
     peers = [parse_device(text, i) for i, text in enumerate(args.device)]
     notes = []
     if args.discover:
-        caps = probe(max_memory=args.max_memory)
-        host = socket.gethostname() or "this-machine"
-        peer_id = host if host not in {p.id for p in peers} else f"{host}-local"
-        peers.append(caps.to_peer_caps(peer_id, host, parse_rate(DEFAULT_NET), parse_duration(DEFAULT_RTT)))
-        notes.append(DISCOVER_NOTE)
+        discovered, note = discover_peers(args, {p.id for p in peers})
+        peers += discovered
+        notes.append(note)
     if not peers:
         raise UsageError("no peers: give --device name=a,mem=16GiB,tflops=4,bw=60GBps (repeatable) or --discover")
     ids = [p.id for p in peers]
@@ -133,6 +133,45 @@ def cmd_plan(args) -> int:
     return 0 if result.feasible else 3
 
 
+def discover_peers(args, taken: set[str]) -> tuple[list[PeerCaps], str]:
+    """This machine (measured, or from the capability cache) and the daemons its network announces
+    over mDNS (their advertised memory, FLOPS and bandwidth), with a note saying what was found."""
+    import asyncio
+
+    import psutil
+
+    from .discovery import browse, pick_interface_address
+
+    address = pick_interface_address(args.interface)
+    print(f"measuring this machine and browsing mDNS on {address} for {DISCOVER_SECONDS:g} s ...", file=sys.stderr)
+    caps = probe(max_memory=args.max_memory)
+    announced = asyncio.run(browse(address, DISCOVER_SECONDS))
+    local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    net, rtt = parse_rate(DEFAULT_NET), parse_duration(DEFAULT_RTT)
+    host = socket.gethostname() or "this-machine"
+    me = caps.to_peer_caps(_unique(host, taken), host, net, rtt)
+    peers, skipped = [me], []
+    for ann in sorted(announced, key=lambda a: a.name):
+        if ann.host in local:
+            skipped.append(f"{ann.name} (a daemon on this machine, measured above)")
+        elif args.cluster is not None and ann.cluster != args.cluster:
+            skipped.append(f"{ann.name} (cluster {ann.cluster})")
+        else:
+            name = _unique(ann.name, taken | {p.id for p in peers})
+            peers.append(PeerCaps(name, name, ann.mem_bytes, ann.flops, ann.mem_bw, net, rtt))
+    note = (f"note: --discover planned for this machine and {len(peers) - 1} peer(s) announced on {address} "
+            f"(their advertised memory, FLOPS and bandwidth; links assumed {DEFAULT_NET}, {DEFAULT_RTT} RTT)")
+    if skipped:
+        note += "; not counted: " + ", ".join(skipped)
+    return peers, note
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    return next(f"{name}-{i}" for i in range(2, len(taken) + 3) if f"{name}-{i}" not in taken)
+
+
 _KV_NAMES = {kv_bytes_per_value(d): d for d in ("f16", "q8_0", "f32")}
 
 
@@ -153,6 +192,27 @@ def _gib_up(n: float) -> str:
     return f"{max(math.ceil(n / GiB * 100), 1) / 100:.2f}"
 
 
+def prediction_line(plan: dict, names: dict[str, str] | None = None) -> str:
+    """What a plan predicts, in words: per decode step, per sequence and for the whole batch
+    (`names`: peer id -> name, to name the bottleneck)."""
+    pred, micro = plan["predicted"], plan.get("micro_batches") or 1
+    batch = pred.get("batch", 1)
+    if pred["ms_per_token"] is None:
+        return "predicted: no estimate (a stage's speed is unknown)"
+    step = f"{pred['ms_per_token']:.2f} ms per decode step"
+    single = pred["tokens_per_s_single"] or 0.0
+    if batch == 1:
+        text = f"predicted: {step} = {single:.1f} tokens/s for one sequence"
+    else:
+        text = (f"predicted: {step} of a batch of {batch} sequences = {single / batch:.1f} tokens/s per sequence, "
+                f"{single:.1f} tokens/s for the batch")
+    if micro > 1 and pred["tokens_per_s_pipelined"]:
+        text += f"; {pred['tokens_per_s_pipelined']:.1f} tokens/s with {micro} micro-batches in flight"
+    if plan.get("bottleneck"):
+        text += "; bottleneck " + "->".join((names or {}).get(p, p) for p in plan["bottleneck"].split("->"))
+    return text
+
+
 def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> str:
     """The human-readable table `p2pllm plan` prints."""
     dtype = options.dtype or (f"the file's own encodings (mostly {spec.file_dtype})" if spec.format == "gguf"
@@ -164,7 +224,7 @@ def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> s
         f"strategy {result.strategy}, objective {result.objective}"
     ]
     if result.stages:
-        header = ("peer", "layers", "n", "weights", "kv", "workspace", "used / limit GiB", "ms/token", "")
+        header = ("peer", "layers", "n", "weights", "kv", "workspace", "used / limit GiB", "ms/step", "")
         rows = []
         for s in result.stages:
             m = s.memory
@@ -186,12 +246,7 @@ def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> s
             mark = "  <- bottleneck" if f"{h.src}->{h.dst}" == result.bottleneck else ""
             lines.append(f"hop {h.src} -> {h.dst} ({h.payload}): {h.ms:.2f} ms{mark}")
     if result.feasible:
-        lines.append(
-            f"predicted: {result.ms_per_token:.2f} ms/token = {result.tokens_per_s_single:.2f} tokens/s with one "
-            f"micro-batch in flight; {result.tokens_per_s_pipelined:.2f} tokens/s pipelined "
-            f"({result.micro_batches} micro-batch{'es' if result.micro_batches != 1 else ''} in flight); "
-            f"bottleneck {result.bottleneck}"
-        )
+        lines.append(prediction_line(result.to_json()))
     else:
         lines.append(f"cannot fit: {result.reason}")
     for peer, why in result.excluded:
@@ -199,4 +254,4 @@ def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> s
     return "\n".join(lines)
 
 
-__all__ = ["add_plan_parser", "cmd_plan", "format_plan", "parse_device"]
+__all__ = ["add_plan_parser", "cmd_plan", "format_plan", "parse_device", "prediction_line"]

@@ -238,6 +238,7 @@ class Plan:
                 "ms_per_token": num(self.ms_per_token),
                 "tokens_per_s_single": num(self.tokens_per_s_single),
                 "tokens_per_s_pipelined": num(self.tokens_per_s_pipelined),
+                "batch": self.batch,  # sequences per decode step: the tokens/s above are for all of them
             },
             "bottleneck": self.bottleneck,
             "hops": [{"from": h.src, "to": h.dst, "ms": num(h.ms), "payload": h.payload} for h in self.hops],
@@ -897,13 +898,15 @@ def _infeasible(spec: ModelSpec, peers: Sequence[PeerCaps], options: PlanOptions
     if peers and not any(p.flops > 0 and p.mem_bw > 0 for p in peers) or extra <= 0:
         reason = "no peer has measured compute and memory bandwidth"
     else:
-        where = f" (on peer {who}, or a new peer)" if who else ""
-        reason = (
-            f"needs {_gib_up(extra)} GiB more memory{where}: model needs {_gib(need)} GiB "
-            f"on one machine, peers have {_gib(have)} GiB"
-        )
-        if need <= have:
-            reason += " in all, but every split leaves a peer short (each stage needs its own buffers)"
+        if who:
+            owned = next(p.mem_bytes for p in peers if p.id == who)
+            reason = (f"needs {_gib_up(extra)} GiB more memory on peer {who} ({_gib(owned)} GiB -> "
+                      f"{_gib_up(owned + extra)} GiB), or one machine with {_gib_up(need)} GiB for all of it")
+        else:
+            reason = f"needs one machine with {_gib_up(need)} GiB for all of it"
+        reason += f": the peers have {_gib(have)} GiB in all"
+        if extra > need - have:  # the numbers must add up: say where the difference goes
+            reason += ", and every stage a split adds needs its own KV and buffers"
     if prefix:
         reason = f"{prefix}: {reason}"
     unused = tuple((p.id, "the model does not fit") for p in peers)
