@@ -53,3 +53,14 @@ def seconds(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
     return value
+
+
+def model_ref(text: str) -> str:
+    """--model: a .gguf file or Hugging Face folder, else a model in Ollama, LM Studio or the HF cache
+    (p2pllm/model/stores.py); the path it resolves to."""
+    from .model.stores import ModelRefError, resolve_model
+
+    try:
+        return resolve_model(text)
+    except ModelRefError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -11,9 +11,10 @@ import time
 
 from . import __version__
 from .argparser import Parser
-from .argtypes import host_port, port, positive_int, seconds
+from .argtypes import host_port, model_ref, port, positive_int, seconds
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
+from .model.models_cli import add_models_parser
 from .errors import P2PError
 from .gateway.chat_cli import add_chat_parser
 
@@ -85,7 +86,8 @@ def cmd_run(args) -> int:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="generate text in one process (no network)",
                        description="Run a model in one process; --split cuts it into in-process stages.")
-    p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
+    p.add_argument("--model", required=True, type=model_ref, metavar="PATH|NAME",
+                   help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=positive_int, default=128)
@@ -150,7 +152,7 @@ def cmd_check_model(args) -> int:
 def _add_check_model(sub) -> None:
     p = sub.add_parser("check-model", help="validate a model file",
                        description="Check a .gguf file or HF folder: headers, tensors, shapes, values.")
-    p.add_argument("path")
+    p.add_argument("path", type=model_ref, help="a .gguf file, Hugging Face folder, or store model name")
     p.set_defaults(func=cmd_check_model)
 
 
@@ -204,8 +206,8 @@ def _announce_secret(args, resolved) -> None:
     if resolved.source not in ("new", "file"):
         return
     what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
-    command = shlex.join(["p2pllm", "join", "--model", str(args.model), "--cluster", args.cluster,
-                          "--secret", resolved.secret])
+    model = getattr(args.model, "ref", str(args.model))  # as typed: a store name works on the other machines too
+    command = shlex.join(["p2pllm", "join", "--model", model, "--cluster", args.cluster, "--secret", resolved.secret])
     print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
           f"p2pllm: to add another machine to this cluster, run there:\n\n    {command}\n", flush=True)
 
@@ -221,7 +223,8 @@ def _add_security_flags(p, what: str) -> None:
 def _add_join(sub) -> None:
     p = sub.add_parser("join", help="run a peer daemon in the foreground",
                        description="Start a peer: find the others, agree on a plan, serve its layers.")
-    p.add_argument("--model", required=True, help=".gguf file or Hugging Face model folder")
+    p.add_argument("--model", required=True, type=model_ref, metavar="PATH|NAME",
+                   help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
     p.add_argument("--port", type=port, default=7700, help="gRPC port (default 7700)")
     p.add_argument("--gateway-port", type=port, default=8700, help="HTTP gateway port (default 8700)")
     p.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
@@ -254,10 +257,11 @@ def _add_join(sub) -> None:
 def cmd_status(args) -> int:
     import asyncio
 
+    from .transport.client import fetch_status
     from .transport.security import resolve_secret, security_for
 
     security = security_for(resolve_secret(args.cluster, args.secret, args.insecure, create=False))
-    status = asyncio.run(_fetch_status(args.host, security))
+    status = asyncio.run(fetch_status(args.host, security))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -274,26 +278,6 @@ def cmd_status(args) -> int:
 
         print(prediction_line(plan, {p["id"]: p["name"] for p in status["peers"]}))
     return 0
-
-
-async def _fetch_status(address: str, security) -> dict:
-    import grpc
-
-    from .transport.client import PeerClient
-    from .transport.security import explain_refusal
-
-    client = PeerClient(address, security)
-    try:
-        reply = await client.status()
-    except grpc.aio.AioRpcError as e:
-        why = explain_refusal(address, e, security.enabled)
-        raise P2PError(why or f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
-    finally:
-        await client.close()
-    try:
-        return json.loads(reply.json)
-    except json.JSONDecodeError:
-        raise P2PError(f"{address} answered with a malformed status") from None
 
 
 def _add_status(sub) -> None:
@@ -323,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_chat_parser(sub)
     add_demo_parser(sub)
+    add_models_parser(sub)
     return parser
 
 

@@ -88,7 +88,8 @@ class Daemon:
         self.spec = read_spec(cfg.model)
         self.backend = choose_backend(self.spec, cfg.backend, cfg.device)
         self.kv_dtype = stage_kv_dtype(self.spec, self.backend, cfg.device, cfg.kv_dtype)
-        self.model_name = Path(cfg.model).name
+        ref = getattr(cfg.model, "ref", "")  # what --model said: a store name (llama3.2:1b) names the model best
+        self.model_name = ref if ref and not Path(ref).expanduser().exists() else Path(cfg.model).name
         self.host = pick_interface_address(cfg.interface)
         self.address = f"{self.host}:{cfg.port}"
         self.caps = probe(device=cfg.device, threads=cfg.threads, max_memory=cfg.max_memory, reprobe=cfg.reprobe)
@@ -220,7 +221,13 @@ class Daemon:
             if self.committed is None or not coord.my_assignment(self.committed, self.id):
                 log.info("the cluster no longer needs this peer's layers")
                 break
+            heirs = [m for m in self.membership.live_compatible() if m.info.id != self.id and m.state != "leaving"]
+            if not heirs:  # e.g. the whole cluster was told to stop: waiting would only delay this one
+                log.info("no other peer stays to take this peer's layers; stopping now")
+                break
             await asyncio.sleep(0.2)
+        else:
+            log.warning("the cluster did not replan without this peer within %.0f s; stopping anyway", timeout)
         self.stop()
 
     async def _drain_head(self, timeout: float = 120.0) -> None:

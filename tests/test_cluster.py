@@ -87,10 +87,10 @@ def test_join_refuses_a_corrupt_model_with_one_line(tmp_path):
     assert_one_line_error(run_cli("join", "--model", bad, "--no-mdns"), 2, "bad.gguf", "magic")
 
 
-def test_join_refuses_bad_flags():
-    proc = run_cli("join", "--model", "x.gguf", "--port", "70000")
+def test_join_refuses_bad_flags(demo_tiny_gguf):  # a real model: --model is resolved as it is parsed
+    proc = run_cli("join", "--model", demo_tiny_gguf, "--port", "70000")
     assert proc.returncode == 2 and "port must be between" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("join", "--model", "x.gguf", "--peer", "nohostport")
+    proc = run_cli("join", "--model", demo_tiny_gguf, "--peer", "nohostport")
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from p2pllm.cli import _fetch_status
+from p2pllm.transport.client import fetch_status
 from p2pllm.errors import P2PError
 from p2pllm.model.sampling import SamplingParams
 from p2pllm.model.spec import read_spec
@@ -81,7 +81,7 @@ class Cluster:
                                                    stdin=subprocess.DEVNULL, start_new_session=True))
 
     def status(self, i: int = 0) -> dict:
-        return asyncio.run(_fetch_status(f"127.0.0.1:{self.ports[i]}", self.security))
+        return asyncio.run(fetch_status(f"127.0.0.1:{self.ports[i]}", self.security))
 
     def wait_ready(self, timeout: float = 40) -> dict:
         deadline, last = time.monotonic() + timeout, ""

@@ -111,8 +111,8 @@ def test_first_join_makes_a_secret_prints_the_command_and_the_next_reuses_it(sto
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_insecure_warns_loudly_and_contradictory_flags_are_refused(tmp_path):
-    proc = run_cli("join", "--model", "x.gguf", "--secret", "abc", "--insecure")
+def test_insecure_warns_loudly_and_contradictory_flags_are_refused(tmp_path, demo_tiny_gguf):
+    proc = run_cli("join", "--model", demo_tiny_gguf, "--secret", "abc", "--insecure")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
     proc = run_cli("status", "--host", "127.0.0.1:1", "--secret", "abc", "--insecure")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr

@@ -11,6 +11,7 @@ cannot (the reason says by how many GiB), 2 on usage errors (raised as UsageErro
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import socket
@@ -18,7 +19,8 @@ import sys
 
 from ..errors import UsageError
 from ..model.kvcache import kv_bytes_per_value
-from ..model.spec import DTYPE_BYTES, ModelSpec, resolve_spec
+from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
+from ..model.stores import ModelRefError, resolve_model
 from .capability import parse_duration, parse_rate, parse_size, probe
 from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, plan
 
@@ -35,8 +37,9 @@ def add_plan_parser(subparsers) -> None:
         description="Plan a model's layers over declared peers (--device) and/or this machine and the peers "
                     "announced on its network (--discover).",
     )
-    p.add_argument("--model", required=True, metavar="PATH|CONFIG.json|NAME",
-                   help="a .gguf file, a Hugging Face folder or config.json, or a built-in shape (e.g. llama-3-70b)")
+    p.add_argument("--model", required=True, metavar="PATH|CONFIG.json|NAME", type=plan_model,
+                   help="a .gguf file, a Hugging Face folder or config.json, a built-in shape (e.g. llama-3-70b), "
+                        "or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
     p.add_argument("--device", action="append", default=[], metavar="name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps",
                    help="a peer: mem (usable memory), tflops (or flops=4TFLOPS), bw (memory bandwidth), "
                         f"net (link, default {DEFAULT_NET}), rtt (to the switch, default {DEFAULT_RTT}); repeatable")
@@ -53,6 +56,17 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--strategy", choices=STRATEGIES, default=PlanOptions.strategy)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+
+def plan_model(text: str) -> str:
+    """--model: a built-in shape's name first (they name no file), then a path or a store model."""
+    if text in BUILTIN_SHAPES:
+        return text
+    try:
+        return resolve_model(text)
+    except ModelRefError as e:
+        also = f"; no built-in shape {text!r} ({', '.join(BUILTIN_SHAPES)})" if e.not_found else ""
+        raise argparse.ArgumentTypeError(f"{e}{also}") from None
 
 
 def parse_device(text: str, index: int) -> PeerCaps:

@@ -250,7 +250,8 @@ class SafetensorsModelFile(ModelFile):
         self._where: dict[str, tuple[Path, int]] = {}
         for shard in shards:
             shard_path = self.path / shard
-            if not shard_path.resolve().is_relative_to(self.path.resolve()):
+            # by name, not resolve(): the Hugging Face cache's snapshot files are symlinks into its blobs/
+            if not Path(os.path.normpath(shard_path)).is_relative_to(os.path.normpath(self.path)):
                 raise ModelFileError(index_path, f"shard {shard} lies outside the model folder")
             if not shard_path.is_file():
                 raise ModelFileError(shard_path, f"missing shard (listed in {index_path.name})")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
 
+from ..errors import P2PError
 from ..proto import p2pllm_pb2 as pb
 from ..proto import p2pllm_pb2_grpc as pb_grpc
 from .security import Security
@@ -86,3 +88,21 @@ class ClientPool:
         for client in list(self._clients.values()):
             await client.close()
         self._clients.clear()
+
+
+async def fetch_status(address: str, security: Security) -> dict:
+    """One peer's view of the cluster (`p2pllm status`), or a P2PError saying in one line why not."""
+    from .security import explain_refusal
+
+    client = PeerClient(address, security)
+    try:
+        reply = await client.status()
+    except grpc.aio.AioRpcError as e:
+        why = explain_refusal(address, e, security.enabled)
+        raise P2PError(why or f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
+    finally:
+        await client.close()
+    try:
+        return json.loads(reply.json)
+    except json.JSONDecodeError:
+        raise P2PError(f"{address} answered with a malformed status") from None
