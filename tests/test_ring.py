@@ -99,3 +99,26 @@ def test_over_long_prompt_is_a_400_in_openai_shape(cluster):
     assert got["status"] == 400
     err = got["json"]["error"]
     assert err["code"] == "context_length_exceeded" and "context" in err["message"]
+
+
+def test_penalties_and_logit_bias_reach_the_last_stage_through_a_forwarding_gateway(cluster, stories_gguf):
+    import json
+
+    from p2pllm.model.sampling import SamplingParams
+
+    h, view = cluster
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    pipe = LocalPipeline(str(stories_gguf), kv_dtype="f32")
+    prompt = pipe.tokenizer.encode("Once upon a time")
+    banned = pipe.generate(prompt, max_tokens=1).ids[0]  # the greedy first token, banned below
+    sampling = SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, logit_bias=((banned, -100.0),))
+    def text(**kw) -> str:
+        return pipe.tokenizer.decode(pipe.generate(prompt, max_tokens=40, **kw).ids, continuation=True)
+
+    expected = text(sampling=sampling)
+    body = {"model": "stories260K.gguf", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+            "frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {str(banned): -100}}
+    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
+                            "headers": {"content-type": "application/json"}})
+    assert got["status"] == 200, got
+    assert got["json"]["choices"][0]["text"] == expected != text()

@@ -80,7 +80,7 @@ def _reject_constant(name: str) -> Any:
 def parse_completion_request(body: dict, *, chat: bool, model_name: str, context: int,
                              vocab_size: int | None) -> CompletionRequest:
     """Check `body` against the served model; the first field at fault is the ApiError raised."""
-    params = _common_params(body, context, chat=chat)
+    params = _common_params(body, context, chat=chat, vocab_size=vocab_size)
     model = body.get("model")
     if model is not None and model != model_name:
         raise bad(f"The model '{short(model)}' does not exist; this server serves '{model_name}'.", "model",
@@ -125,7 +125,7 @@ def _bool(body: dict, name: str) -> bool | None:
     return _typed(body, name, bool, "a boolean")
 
 
-def _common_params(body: dict, context: int, *, chat: bool) -> dict[str, Any]:
+def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | None = None) -> dict[str, Any]:
     if body.get("n") is not None and _int(body, "n", 1, 128) != 1:
         raise bad("Only n=1 is supported.", "n", "unsupported_value")
     if chat and body.get("max_completion_tokens") is not None:
@@ -136,6 +136,9 @@ def _common_params(body: dict, context: int, *, chat: bool) -> dict[str, Any]:
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     top_k = 0 if body.get("top_k") == -1 else _int(body, "top_k", 0, 1 << 31)  # -1: vLLM's spelling of "off"
     seed = _int(body, "seed", 0, 2**63 - 1)
+    presence = _number(body, "presence_penalty", -2.0, 2.0) or 0.0
+    frequency = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0
+    logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
     _refuse_unsupported(body)
     stops = _stop_strings(body.get("stop"))
     stream = bool(_bool(body, "stream"))
@@ -150,7 +153,8 @@ def _common_params(body: dict, context: int, *, chat: bool) -> dict[str, Any]:
     return dict(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=1.0 if temperature is None else temperature, top_k=top_k or 0,
-                                top_p=1.0 if top_p is None else top_p, seed=seed),
+                                top_p=1.0 if top_p is None else top_p, seed=seed, presence_penalty=presence,
+                                frequency_penalty=frequency, logit_bias=logit_bias),
         stop=stops,
         stream=stream,
         include_usage=include_usage and stream,
@@ -158,8 +162,47 @@ def _common_params(body: dict, context: int, *, chat: bool) -> dict[str, Any]:
     )
 
 
+def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias}: ids inside the vocabulary, biases in [-100, 100], at most 300."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("Invalid type for 'logit_bias': expected an object mapping token ids to numbers.", "logit_bias",
+                  "invalid_type")
+    if len(value) > SamplingParams.MAX_BIASED_TOKENS:
+        raise bad(f"'logit_bias' may name at most {SamplingParams.MAX_BIASED_TOKENS} tokens, got {len(value)}.",
+                  "logit_bias", "invalid_value")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 else None
+        if token is None or (vocab_size is not None and token >= vocab_size):
+            raise bad(f"Invalid key in 'logit_bias': {short(repr(key))} is not a token id of this model "
+                      f"(0 to {vocab_size - 1 if vocab_size else '?'}).", "logit_bias", "invalid_value")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad(f"Invalid value in 'logit_bias' for token {token}: expected a number from -100 to 100.",
+                      "logit_bias", "invalid_value")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+# OpenAI request fields that never change the text (bookkeeping for OpenAI's platform): accepted, no effect
+NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                    "prompt_cache_options", "safety_identifier", "parallel_tool_calls")
+# fields that would change the answer and that this server does not do: set, they are a 400
+UNSUPPORTED_FIELDS = ("audio", "functions", "function_call", "prediction", "web_search_options", "moderation",
+                      "verbosity", "reasoning_effort")
+
+
 def _refuse_unsupported(body: dict) -> None:
     """Parameters whose answer would not be what the client asked for are a 400, not ignored."""
+    for name in UNSUPPORTED_FIELDS:
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad("Only modalities [\"text\"] is supported.", "modalities", "unsupported_value")
+    if body.get("tool_choice") not in (None, "none"):
+        raise bad("Tool calls are not supported by this server (tool_choice may only be \"none\").", "tool_choice",
+                  "unsupported_parameter")
     for name in ("logprobs", "echo"):
         if body.get(name) not in (None, False, 0):
             raise bad(f"'{name}' is not supported by this server.", name, "unsupported_parameter")

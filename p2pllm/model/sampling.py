@@ -1,8 +1,10 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p, with a per-request seed."""
+"""Choosing the next token: greedy, temperature, top-k, top-p, with a per-request seed; presence and
+frequency penalties over the tokens generated so far and a per-token logit bias (OpenAI's meanings)."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +18,13 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids unique
 
-    def validate(self) -> "SamplingParams":
+    MAX_BIASED_TOKENS = 300  # OpenAI's limit on logit_bias entries
+
+    def validate(self, vocab: int | None = None) -> "SamplingParams":
         if not 0.0 <= self.temperature <= 100.0:
             raise UsageError(f"temperature must be between 0 and 100, got {self.temperature}")
         if self.top_k < 0:
@@ -26,7 +33,23 @@ class SamplingParams:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UsageError(f"seed must be a non-negative 64-bit integer, got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise UsageError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if len(self.logit_bias) > self.MAX_BIASED_TOKENS:
+            raise UsageError(f"logit_bias has {len(self.logit_bias)} entries (at most {self.MAX_BIASED_TOKENS})")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise UsageError("logit_bias names a token twice")
+        for token, bias in self.logit_bias:
+            if token < 0 or (vocab is not None and token >= vocab):
+                raise UsageError(f"logit_bias token {token} is outside the vocabulary")
+            if not -100.0 <= bias <= 100.0:
+                raise UsageError(f"logit_bias for token {token} must be between -100 and 100, got {bias}")
         return self
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -37,8 +60,15 @@ class SamplingParams:
 class Sampler:
     """One per sequence: its generator makes a seeded request reproducible whatever else runs."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, generated: tuple[int, ...] = ()):
+        """`generated`: the tokens this sequence generated before this sampler took over (after a
+        replan), which the penalties count."""
         self.params = params.validate()
+        self._counts = Counter(generated) if params.presence_penalty or params.frequency_penalty else None
+        self._bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
         self._gen = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
@@ -46,6 +76,25 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float32 on any device."""
+        if self.params.adjusts_logits:
+            logits = self._adjusted(logits)
+        token = self._choose(logits)
+        if self._counts is not None:
+            self._counts[token] += 1
+        return token
+
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        logits = logits.float().cpu().clone()
+        if self._counts:
+            ids = torch.tensor(list(self._counts), dtype=torch.long)
+            counts = torch.tensor(list(self._counts.values()), dtype=torch.float32)
+            logits.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
+        if self._bias is not None:
+            logits.index_add_(0, *self._bias)
+        return logits
+
+    def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))

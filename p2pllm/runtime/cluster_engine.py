@@ -13,10 +13,10 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from ..model.sampling import SamplingParams
 from ..model.tokenizer import Tokenizer
 from ..proto import p2pllm_pb2 as pb
 from ..transport.client import ClientPool
+from ..transport.sampling_wire import sampling_fields, sampling_from
 from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
 from .scheduler import Scheduler
 
@@ -57,11 +57,9 @@ class ClusterEngine:
 
 
 async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-    s = req.sampling
     call = stub.Generate(pb.GenerateRequest(
         request_id=req.request_id, prompt_ids=req.prompt_ids, max_tokens=req.max_tokens,
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, has_seed=s.seed is not None, seed=s.seed or 0,
-        stop=list(req.stop), ignore_eos=req.ignore_eos,
+        stop=list(req.stop), ignore_eos=req.ignore_eos, **sampling_fields(req.sampling),
     ))
     try:
         first = await call.read()
@@ -105,8 +103,7 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
                                error="this peer is not the coordinator (the cluster is changing; retry)")
         return
     try:
-        sampling = SamplingParams(request.temperature, request.top_k, request.top_p,
-                                  request.seed if request.has_seed else None).validate()
+        sampling = sampling_from(request, scheduler.vocab)
         req = GenerationRequest(request.request_id, list(request.prompt_ids), request.max_tokens, sampling,
                                 tuple(request.stop[:16]), request.ignore_eos)
         events = await scheduler.generate(req)

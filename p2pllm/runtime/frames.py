@@ -14,6 +14,7 @@ class SeqStart:
     seq_id: int
     capacity: int
     sampling: SamplingParams
+    generated: tuple[int, ...] = ()  # tokens it generated before (a replan): the penalties count them
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,8 @@ class Scheduler:
                 running += 1
                 seq.started = True
                 capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
-                starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling))
+                generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
+                starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated))
             length = min(len(seq.tokens) - seq.pos, self.prefill_chunk, budget)
             if length <= 0:
                 continue

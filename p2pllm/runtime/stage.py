@@ -53,7 +53,7 @@ class Stage:
         for s in mb.starts:
             self.begin(s.seq_id, s.capacity)
             if self.is_last:
-                self.samplers[s.seq_id] = Sampler(s.sampling)
+                self.samplers[s.seq_id] = Sampler(s.sampling, s.generated)
         out = None
         if mb.chunks:
             x = torch.tensor(mb.tokens, dtype=torch.long) if self.is_first else hidden

@@ -13,10 +13,10 @@ import torch
 
 from ..errors import P2PError, UsageError
 from ..model.kvcache import KVFormat
-from ..model.sampling import SamplingParams
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.frames import Chunk, MicroBatch, SeqStart
+from .sampling_wire import sampling_fields, sampling_from
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
 
 if TYPE_CHECKING:
@@ -53,9 +53,8 @@ def result_frame(epoch: int, mb_id: int, sampled: list[int] | None = None, error
 
 
 def _encode_start(s: SeqStart) -> pb.SequenceStart:
-    p = s.sampling
-    return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, temperature=p.temperature, top_k=p.top_k,
-                            top_p=p.top_p, has_seed=p.seed is not None, seed=p.seed or 0)
+    return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, generated=s.generated,
+                            **sampling_fields(s.sampling))
 
 
 def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bool,
@@ -90,10 +89,13 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         if not 0 < s.capacity <= context:
             raise FrameError(f"sequence {s.seq_id}: capacity {s.capacity} outside the context of {context}")
         try:
-            params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed if s.has_seed else None).validate()
+            params = sampling_from(s, spec.vocab)
         except UsageError as e:
             raise FrameError(f"sequence {s.seq_id}: {e}") from None
-        starts.append(SeqStart(s.seq_id, s.capacity, params))
+        if len(s.generated) > context or any(not 0 <= t < spec.vocab for t in s.generated):
+            raise FrameError(f"sequence {s.seq_id}: its generated tokens are longer than the context or outside "
+                             "the vocabulary")
+        starts.append(SeqStart(s.seq_id, s.capacity, params, tuple(s.generated)))
     started = {s.seq_id for s in starts}
     if len(started) != len(starts):
         raise FrameError("a sequence is started twice in one frame")
