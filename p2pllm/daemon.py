@@ -265,7 +265,7 @@ class Daemon:
         engine = ClusterEngine(
             model_name=self.model_name, context=self.options.context, tokenizer=self.tokenizer,
             clients=self.clients, local=lambda: self.scheduler, coordinator_address=self._coordinator_address,
-            not_ready=self._not_ready, stats=self._engine_stats,
+            not_ready=self._not_ready, stats=self._engine_stats, spec=self.spec,
         )
         self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key), self.cfg.gateway_host,
                                            self.cfg.gateway_port)
@@ -633,7 +633,7 @@ class Daemon:
 
             return Stage(open_stage(self.cfg.model, rng[0], rng[1], spec=self.spec, backend=self.backend,
                                     device=self.cfg.device, kv_dtype=self.kv_dtype, max_context=self.options.context,
-                                    threads=self.threads, progress=progress))
+                                    threads=self.threads, progress=progress), self.tokenizer)
 
         t0 = time.monotonic()
         stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)

@@ -122,3 +122,28 @@ def test_penalties_and_logit_bias_reach_the_last_stage_through_a_forwarding_gate
                             "headers": {"content-type": "application/json"}})
     assert got["status"] == 200, got
     assert got["json"]["choices"][0]["text"] == expected != text()
+
+
+def test_a_json_schema_answer_through_the_ring_equals_one_process(cluster, stories_gguf):
+    import json
+
+    from p2pllm.model.grammar import grammar_for_response_format
+    from p2pllm.model.sampling import SamplingParams
+
+    h, view = cluster
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "happy": {"type": "boolean"}}, "required": ["name", "happy"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "kid", "schema": schema}}
+    pipe = LocalPipeline(str(stories_gguf), kv_dtype="f32")
+    prompt = pipe.tokenizer.encode("Lily was a little girl")
+    ids = pipe.generate(prompt, max_tokens=40, sampling=SamplingParams(grammar=grammar_for_response_format(rf))).ids
+    expected = pipe.tokenizer.decode(ids, continuation=True)
+    body = {"model": "stories260K.gguf", "prompt": "Lily was a little girl", "max_tokens": 40, "temperature": 0,
+            "response_format": rf}
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
+                            "headers": {"content-type": "application/json"}})
+    assert got["status"] == 200, got
+    text = got["json"]["choices"][0]["text"]
+    assert text == expected and set(json.loads(text)) == {"name", "happy"}, text

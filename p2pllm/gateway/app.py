@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..runtime.api import Engine
 from .generation import complete
 from .metrics import GatewayMetrics, endpoint_label
+from .ollama import ollama_routes
 from .responses import JSON, error_response
 from .schema import ApiError, parse_completion_request, parse_json_object, short
 
@@ -51,6 +52,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        *ollama_routes(gateway, _read_body),  # Ollama's API: /api/chat, /api/generate, /api/tags, ...
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, ApiError: _api_error})
     app.add_middleware(_GatewayMiddleware, gateway=gateway)

@@ -3,7 +3,8 @@
 The engine is whatever the app was given (on a peer that is not the coordinator, a ClusterEngine
 that relays to the coordinator over gRPC); this module only sees `generate` and `TokenEvent`s.
 While a request runs its HTTP connection is watched: a client that leaves closes the engine's
-iterator, which cancels the sequence everywhere.
+iterator, which cancels the sequence everywhere. How the answer looks on the wire is an `Answer`:
+OpenAI's (server-sent events) here, Ollama's (NDJSON) in `ollama.py`; the loop is the same.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import inspect
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,24 +33,80 @@ _TEXT_IN_THREAD = 16_384  # characters: longer prompts are tokenized off the eve
 _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
 
+class Answer:
+    """How one completion's answer goes on the wire: the whole answer, or the pieces of a stream."""
+
+    cid: str  # the request's id, given to the engine and named in log lines
+    media_type: str  # of a streamed answer
+
+    def whole(self, job: "Job", finish_reason: str) -> Response:
+        raise NotImplementedError
+
+    def opening(self, job: "Job") -> Iterable[bytes]:
+        """What a stream starts with, before the first piece of text."""
+        return ()
+
+    def piece(self, job: "Job", text: str) -> bytes:
+        raise NotImplementedError
+
+    def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
+        """The end of a stream that finished with "stop" or "length"."""
+        raise NotImplementedError
+
+    def failure(self, job: "Job", error: ApiError) -> Iterable[bytes]:
+        """The end of a stream that failed after its first token."""
+        raise NotImplementedError
+
+
+class OpenAIAnswer(Answer):
+    """OpenAI's completion objects and chunks, streamed as server-sent events ending with [DONE]."""
+
+    media_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, shape: CompletionShape):
+        self.shape = shape
+        self.cid = shape.cid
+
+    def whole(self, job: "Job", finish_reason: str) -> Response:
+        return JSON(self.shape.whole(job.text, finish_reason, job.usage()))
+
+    def opening(self, job: "Job") -> Iterable[bytes]:
+        return [sse(self.shape.chunk("", role=True))] if self.shape.chat else []
+
+    def piece(self, job: "Job", text: str) -> bytes:
+        return sse(self.shape.chunk(text))
+
+    def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
+        yield sse(self.shape.chunk(None, finish_reason))
+        if self.shape.include_usage:
+            yield sse(self.shape.usage_chunk(job.usage()))
+        yield sse("[DONE]")
+
+    def failure(self, job: "Job", error: ApiError) -> Iterable[bytes]:
+        return [sse(error.body()), sse("[DONE]")]
+
+
 async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,
-                   arrived: float) -> Response | ASGIApp:
-    """The answer to a checked request: a JSON body, or an event stream once the first token is in."""
+                   arrived: float, answer: Answer | None = None) -> Response | ASGIApp:
+    """The answer to a checked request: a JSON body, or a stream once the first token is in.
+
+    `answer`: the wire format (default: OpenAI's, for /v1/chat/completions and /v1/completions).
+    """
     prompt_ids = await _prompt_ids(engine, req)
     if not prompt_ids:
         raise bad("The prompt is empty.", req.prompt_param, "empty_prompt")
-    max_tokens = req.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, engine.context - len(prompt_ids)))
-    shape = CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex, engine.model_name, req.chat,
-                            req.include_usage)
+    max_tokens = _max_tokens(engine, req, len(prompt_ids))
+    if answer is None:
+        answer = OpenAIAnswer(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
+                                              engine.model_name, req.chat, req.include_usage))
+    submitted = time.perf_counter()
     try:
-        started = engine.generate(GenerationRequest(shape.cid, prompt_ids, max_tokens, req.sampling, req.stop,
+        started = engine.generate(GenerationRequest(answer.cid, prompt_ids, max_tokens, req.sampling, req.stop,
                                                     req.ignore_eos))
         it = await started if inspect.isawaitable(started) else started
     except EngineError as e:
         raise _refused(e, req) from None
-    job = _Job(metrics, request, it, shape, n_prompt=len(prompt_ids), arrived=arrived)
+    job = Job(metrics, request, it, answer, n_prompt=len(prompt_ids), arrived=arrived, submitted=submitted)
     metrics.prompt_tokens.inc(len(prompt_ids))
     try:
         first = await job.next()
@@ -66,8 +123,22 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
         await job.close()
         raise _failure(first)
     if req.stream:
-        return EventStream(job.events(first))
+        return EventStream(job.events(first), media_type=answer.media_type)
     return await job.whole(first)
+
+
+def _max_tokens(engine: Engine, req: CompletionRequest, n_prompt: int) -> int:
+    if req.window is None:  # OpenAI: prompt + max_tokens must fit (else the engine's 400)
+        if req.max_tokens is not None:
+            return req.max_tokens
+        return max(1, min(DEFAULT_MAX_TOKENS, engine.context - n_prompt))
+    window = min(req.window, engine.context)  # Ollama: as many as fit in the window, at most max_tokens
+    room = window - n_prompt
+    if room < 1:
+        raise ApiError(400, f"The prompt has {n_prompt} tokens, which leaves no room in the context window of "
+                            f"{window} tokens (options.num_ctx, at most {engine.context}); prompts are not "
+                            f"truncated.", param=req.prompt_param, code="context_length_exceeded")
+    return room if req.max_tokens is None else min(req.max_tokens, room)
 
 
 async def _prompt_ids(engine: Engine, req: CompletionRequest) -> list[int]:
@@ -137,17 +208,18 @@ class _ClientWatch:
         self._gone.cancel()
 
 
-class _Job:
-    """One accepted request: iterates the engine, counts tokens, shapes the answer."""
+class Job:
+    """One accepted request: iterates the engine, counts tokens and times them, shapes the answer."""
 
     def __init__(self, metrics: GatewayMetrics, request: Request, it: AsyncIterator[TokenEvent],
-                 shape: CompletionShape, *, n_prompt: int, arrived: float):
+                 answer: Answer, *, n_prompt: int, arrived: float, submitted: float):
         self.metrics = metrics
         self.it = it
-        self.shape = shape
+        self.answer = answer
         self.n_prompt = n_prompt
-        self.arrived = arrived
-        self.request_id = request.scope.get("state", {}).get("request_id", shape.cid)
+        self.arrived = arrived  # perf_counter() when the request arrived
+        self.submitted = submitted  # ... when it was handed to the engine
+        self.request_id = request.scope.get("state", {}).get("request_id", answer.cid)
         self.watch = _ClientWatch(request.receive)
         self.n_tokens = 0
         self.text = ""
@@ -194,7 +266,7 @@ class _Job:
         elapsed = time.perf_counter() - self.arrived
         ttft = f"{self.first_token_at - self.arrived:.3f}s" if self.first_token_at else "-"
         log.info("request %s (%s): %s after %d prompt + %d completion tokens, %.3fs, first token %s",
-                 self.request_id, self.shape.cid, self.outcome, self.n_prompt, self.n_tokens, elapsed, ttft)
+                 self.request_id, self.answer.cid, self.outcome, self.n_prompt, self.n_tokens, elapsed, ttft)
 
     def usage(self) -> dict:
         return usage(self.n_prompt, self.n_tokens)
@@ -210,29 +282,28 @@ class _Job:
             await self.close()
         if event.finish_reason not in ("stop", "length"):
             raise _failure(event)
-        return JSON(self.shape.whole(self.text, event.finish_reason, self.usage()))
+        return self.answer.whole(self, event.finish_reason)
 
     async def events(self, first: TokenEvent) -> AsyncIterator[bytes]:
-        """The answer as server-sent events; a failure after the first token is an error event."""
-        shape = self.shape
+        """The answer as a stream of pieces; a failure after the first token ends it with an error."""
+        answer = self.answer
         try:
-            if shape.chat:
-                yield sse(shape.chunk("", role=True))
+            for data in answer.opening(self):
+                yield data
             event: TokenEvent | None = first
             while event is not None:
                 if event.finish_reason is not None:
                     if event.finish_reason in ("stop", "length"):
                         if event.text:
-                            yield sse(shape.chunk(event.text))
-                        yield sse(shape.chunk(None, event.finish_reason))
-                        if shape.include_usage:
-                            yield sse(shape.usage_chunk(self.usage()))
+                            yield answer.piece(self, event.text)
+                        for data in answer.closing(self, event.finish_reason):
+                            yield data
                     else:
-                        yield sse(_failure(event).body())
-                    yield sse("[DONE]")
+                        for data in answer.failure(self, _failure(event)):
+                            yield data
                     return
                 if event.text:
-                    yield sse(shape.chunk(event.text))
+                    yield answer.piece(self, event.text)
                 event = await self.next()
         finally:
             await self.close()

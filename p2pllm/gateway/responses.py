@@ -1,4 +1,8 @@
-"""OpenAI's response shapes and how they go on the wire: JSON bodies and server-sent events."""
+"""OpenAI's response shapes and how they go on the wire: JSON bodies and server-sent events.
+
+Errors are OpenAI's error object, except under /api/ (Ollama's API, `ollama.py`), where they are
+Ollama's `{"error": "message"}`, whoever raises them (the API key check, a body too large, a route).
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,24 @@ class JSON(JSONResponse):
         return dumps(content)
 
 
+OLLAMA_PREFIX = "/api/"  # paths that speak Ollama's API
+
+
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSON:
-    return JSON(error.body(), status_code=error.status, headers=headers)
+    """The error's response: its body is chosen by the path of the request it answers."""
+    return _ErrorResponse(error, headers)
+
+
+class _ErrorResponse(JSON):
+    def __init__(self, error: ApiError, headers: dict[str, str] | None):
+        super().__init__(error.body(), status_code=error.status, headers=headers)
+        self.error = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope.get("path", "")).startswith(OLLAMA_PREFIX):
+            self.body = dumps({"error": self.error.message})
+            self.headers["content-length"] = str(len(self.body))
+        await super().__call__(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- completions
@@ -94,17 +114,17 @@ def sse(data: Any) -> bytes:
 
 
 class EventStream:
-    """Sends server-sent events as they come; when the client leaves, the producer is closed (and
-    with it the engine request), whether we learn it from a failed send or from the producer."""
+    """Sends server-sent events (or, with another `media_type`, NDJSON lines) as they come; when
+    the client leaves, the producer is closed (and with it the engine request), whether we learn it
+    from a failed send or from the producer."""
 
-    headers = [
-        (b"content-type", b"text/event-stream; charset=utf-8"),
-        (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no"),
-    ]
-
-    def __init__(self, events: AsyncIterator[bytes]):
+    def __init__(self, events: AsyncIterator[bytes], media_type: str = "text/event-stream; charset=utf-8"):
         self.events = events
+        self.headers = [
+            (b"content-type", media_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -54,6 +54,9 @@ class CompletionRequest:
     ignore_eos: bool
     messages: list[dict] | None = None  # chat: {"role", "content"} with text content, "developer" as "system"
     prompt: str | list[int] | None = None  # completions: text, or token ids inside the vocabulary
+    # Ollama's num_ctx/num_predict: when set, prompt + completion take at most `window` tokens and
+    # max_tokens (None: no limit) is cut to what fits, rather than a limit the request must fit
+    window: int | None = None
 
     @property
     def prompt_param(self) -> str:
@@ -139,6 +142,7 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
     presence = _number(body, "presence_penalty", -2.0, 2.0) or 0.0
     frequency = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0
     logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
+    grammar = _response_format(body.get("response_format"))
     _refuse_unsupported(body)
     stops = _stop_strings(body.get("stop"))
     stream = bool(_bool(body, "stream"))
@@ -154,12 +158,28 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=1.0 if temperature is None else temperature, top_k=top_k or 0,
                                 top_p=1.0 if top_p is None else top_p, seed=seed, presence_penalty=presence,
-                                frequency_penalty=frequency, logit_bias=logit_bias),
+                                frequency_penalty=frequency, logit_bias=logit_bias, grammar=grammar),
         stop=stops,
         stream=stream,
         include_usage=include_usage and stream,
         ignore_eos=bool(_bool(body, "ignore_eos")),
     )
+
+
+def _response_format(value: Any) -> str:
+    """The grammar a response_format asks for ("" for text): JSON objects and JSON schemas are
+    constrained token by token (model/grammar.py), so the answer always parses."""
+    from ..model.grammar import GrammarError, grammar_for_response_format
+
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad("Invalid type for 'response_format': expected an object with a 'type'.", "response_format",
+                  "invalid_type")
+    try:
+        return grammar_for_response_format(value)
+    except GrammarError as e:
+        raise bad(f"Invalid 'response_format': {e}", "response_format", "invalid_value") from None
 
 
 def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
@@ -214,10 +234,7 @@ def _refuse_unsupported(body: dict) -> None:
         raise bad("'suffix' is not supported by this server.", "suffix", "unsupported_parameter")
     if body.get("tools"):
         raise bad("Tool calls are not supported by this server.", "tools", "unsupported_parameter")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("Only response_format {\"type\": \"text\"} is supported.", "response_format",
-                  "unsupported_parameter")
+
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:

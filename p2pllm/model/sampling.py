@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from .grammar import MAX_GRAMMAR_BYTES, Constraint
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
     frequency_penalty: float = 0.0  # subtracted per time a token was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids unique
+    grammar: str = ""  # an llguidance grammar the text must follow (model/grammar.py), "" for none
 
     MAX_BIASED_TOKENS = 300  # OpenAI's limit on logit_bias entries
 
@@ -45,11 +47,13 @@ class SamplingParams:
                 raise UsageError(f"logit_bias token {token} is outside the vocabulary")
             if not -100.0 <= bias <= 100.0:
                 raise UsageError(f"logit_bias for token {token} must be between -100 and 100, got {bias}")
+        if len(self.grammar.encode()) > MAX_GRAMMAR_BYTES:
+            raise UsageError(f"the grammar is larger than {MAX_GRAMMAR_BYTES // 1024} KiB")
         return self
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -60,10 +64,16 @@ class SamplingParams:
 class Sampler:
     """One per sequence: its generator makes a seeded request reproducible whatever else runs."""
 
-    def __init__(self, params: SamplingParams, generated: tuple[int, ...] = ()):
+    def __init__(self, params: SamplingParams, generated: tuple[int, ...] = (), tokenizer=None):
         """`generated`: the tokens this sequence generated before this sampler took over (after a
-        replan), which the penalties count."""
+        replan), which the penalties count and the grammar replays. `tokenizer`: the model's, which
+        a grammar needs."""
         self.params = params.validate()
+        self._constraint = None
+        if params.grammar:
+            if tokenizer is None:
+                raise UsageError("a grammar-constrained sequence reached a stage without the model's tokenizer")
+            self._constraint = Constraint(params.grammar, tokenizer, generated)
         self._counts = Counter(generated) if params.presence_penalty or params.frequency_penalty else None
         self._bias = None
         if params.logit_bias:
@@ -81,6 +91,8 @@ class Sampler:
         token = self._choose(logits)
         if self._counts is not None:
             self._counts[token] += 1
+        if self._constraint is not None:
+            self._constraint.consume(token)
         return token
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
@@ -92,6 +104,8 @@ class Sampler:
             logits.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
         if self._bias is not None:
             logits.index_add_(0, *self._bias)
+        if self._constraint is not None:  # last: no bias brings back a token the grammar forbids
+            logits = self._constraint.mask(logits)
         return logits
 
     def _choose(self, logits: torch.Tensor) -> int:

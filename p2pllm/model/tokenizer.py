@@ -402,12 +402,14 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encode
 
-    def encode(self, text: str, add_bos: bool | None = None, *, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, *, parse_special: bool = True,
+               continuation: bool = False) -> list[int]:
         """Token ids of `text`. `add_bos` None means the model's default (`self.add_bos`).
 
         With `parse_special` (the default, as for a rendered chat template) the texts of special
         tokens such as `<|im_start|>` become those tokens; without it only user-defined added
-        tokens do, as in llama.cpp.
+        tokens do, as in llama.cpp. `continuation`: `text` goes on from earlier text, so a
+        SentencePiece model's leading-space prefix is not added (what a grammar engine needs).
         """
         text = _clean_text(text)
         if add_bos is None:
@@ -418,7 +420,7 @@ class Tokenizer:
         if self._hf is not None:
             out.extend(self._hf_encode(text, parse_special))
             return out
-        prev_special = True
+        prev_special = not continuation
         for frag in self._splitter.split(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)
@@ -473,6 +475,17 @@ class Tokenizer:
         if token_id in self._hidden or not 0 <= token_id < len(self._piece_bytes):
             return b""
         return self._piece_bytes[token_id]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for; a special token's own text (e.g. b"<|im_end|>")."""
+        if token_id in self._hidden:
+            return self._pieces[token_id].encode()
+        return self._token_bytes(token_id)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens (BOS, EOS, end-of-turn ...): never part of decoded text."""
+        return self._hidden
 
     def token_to_piece(self, token_id: int) -> str:
         """One token for display: its text, special tokens included ("<s>"), bytes as read."""

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from ..model.spec import ModelSpec
 from ..model.tokenizer import Tokenizer
 from ..proto import p2pllm_pb2 as pb
 from ..transport.client import ClientPool
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 class ClusterEngine:
     def __init__(self, *, model_name: str, context: int, tokenizer: Tokenizer, clients: ClientPool,
                  local: Callable[[], Scheduler | None], coordinator_address: Callable[[], str | None],
-                 not_ready: Callable[[], str], stats: Callable[[], EngineStats]):
+                 not_ready: Callable[[], str], stats: Callable[[], EngineStats], spec: ModelSpec | None = None):
         self.model_name = model_name
+        self.spec = spec  # what the model is (Ollama's /api/show, /api/tags describe it)
         self.context = context
         self.tokenizer = tokenizer
         self._clients = clients

@@ -137,7 +137,7 @@ class LocalPipeline:
         self.tokenizer: Tokenizer = load_tokenizer(path)
         stages = [
             Stage(open_stage(path, a, b, spec=self.spec, backend=backend, device=device, dtype=dtype,
-                             kv_dtype=kv_dtype, threads=threads, progress=progress))
+                             kv_dtype=kv_dtype, threads=threads, progress=progress), self.tokenizer)
             for a, b in stage_ranges(cuts or [], self.spec.n_layers)
         ]
         self.ring = LocalRing(stages, self.spec, wire_dtype)

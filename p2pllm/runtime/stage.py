@@ -15,8 +15,9 @@ _DEFAULT_CAPACITY = 256
 
 
 class Stage:
-    def __init__(self, backend: StageBackend):
+    def __init__(self, backend: StageBackend, tokenizer=None):
         self.backend = backend
+        self.tokenizer = tokenizer  # the last stage's samplers need it for grammar-constrained sequences
         self.kv = backend.kv
         self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence
 
@@ -53,7 +54,7 @@ class Stage:
         for s in mb.starts:
             self.begin(s.seq_id, s.capacity)
             if self.is_last:
-                self.samplers[s.seq_id] = Sampler(s.sampling, s.generated)
+                self.samplers[s.seq_id] = Sampler(s.sampling, s.generated, self.tokenizer)
         out = None
         if mb.chunks:
             x = torch.tensor(mb.tokens, dtype=torch.long) if self.is_first else hidden
