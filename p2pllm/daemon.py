@@ -592,7 +592,7 @@ class Daemon:
             asyncio.get_running_loop().create_task(self._send_snapshot(binding))
         if proposal.coordinator == self.id:
             if self.ring is None:
-                self.ring = ClusterRing(self.links)
+                self.ring = ClusterRing(self.links, self.spec.vocab)
                 self.scheduler = Scheduler(self.ring, self.tokenizer, model_name=self.model_name,
                                            context=self.options.context, vocab=self.spec.vocab,
                                            micro_batches=self.cfg.micro_batches)

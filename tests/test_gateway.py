@@ -383,7 +383,8 @@ def _key(demo: Served) -> dict:
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), "stream", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model", "model_not_found"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 7}), "model", "invalid_type"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}), "logprobs",
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}), "logprobs", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools",
      "unsupported_parameter"),
 ])
 def test_bad_chat_requests_are_400_in_openai_shape(demo, body, param, code):
@@ -415,7 +416,8 @@ def test_five_hundred_malformed_requests_never_get_a_5xx(stories):
               [[1, 2]], {}, {"role": "user"}, {"type": "text"}, [{"role": "user", "content": "hi"}],
               [{"role": "user", "content": [{"type": "text", "text": 5}]}], "Once upon a time"]
     fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-              "seed", "stop", "n", "stream", "stream_options", "logprobs", "echo", "ignore_eos", "tools"]
+              "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "ignore_eos",
+              "tools", "response_format", "logit_bias", "presence_penalty", "frequency_penalty"]
     statuses = []
     with httpx.Client(base_url=stories.url, timeout=60) as http:
         for i in range(500):

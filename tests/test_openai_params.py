@@ -131,9 +131,9 @@ def test_bad_penalties_and_biases_are_400(stories, body, param):
 # honoured: each has a test of its effect (here or in test_gateway.py)
 HONOURED = {"messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
             "stop", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
-            "response_format"}  # test_structured_outputs.py
+            "response_format", "logprobs", "top_logprobs"}  # test_structured_outputs.py, test_logprobs.py
 # honoured at their default value only (any other value is refused: the cases below)
-DEFAULT_ONLY = {"n": 2, "logprobs": True, "top_logprobs": 2,
+DEFAULT_ONLY = {"n": 2,
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
                 "tool_choice": "required", "modalities": ["text", "audio"], "echo": True, "best_of": 2,
                 "suffix": "end"}

@@ -147,3 +147,20 @@ def test_a_json_schema_answer_through_the_ring_equals_one_process(cluster, stori
     assert got["status"] == 200, got
     text = got["json"]["choices"][0]["text"]
     assert text == expected and set(json.loads(text)) == {"name", "happy"}, text
+
+
+def test_logprobs_through_the_ring_equal_llama_cpps(cluster, llama_cpp, stories_gguf):
+    import json
+
+    h, view = cluster
+    llm = llama_cpp_model(llama_cpp, stories_gguf)
+    ref = llm.create_completion("Lily and Ben", max_tokens=10, temperature=0.0, logprobs=2)["choices"][0]["logprobs"]
+    body = {"model": "stories260K.gguf", "prompt": "Lily and Ben", "max_tokens": 10, "temperature": 0, "logprobs": 2}
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
+                            "headers": {"content-type": "application/json"}})
+    ours = got["json"]["choices"][0]["logprobs"]
+    assert ours["tokens"] == ref["tokens"]
+    assert ours["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=1e-3)  # f32 KV on both sides
+    for mine, theirs in zip(ours["top_logprobs"], ref["top_logprobs"]):
+        assert set(mine) == set(theirs) and all(mine[t] == pytest.approx(theirs[t], abs=1e-3) for t in mine)

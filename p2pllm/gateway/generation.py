@@ -68,13 +68,13 @@ class OpenAIAnswer(Answer):
         self.cid = shape.cid
 
     def whole(self, job: "Job", finish_reason: str) -> Response:
-        return JSON(self.shape.whole(job.text, finish_reason, job.usage()))
+        return JSON(self.shape.whole(job.text, finish_reason, job.usage(), job.logprobs))
 
     def opening(self, job: "Job") -> Iterable[bytes]:
         return [sse(self.shape.chunk("", role=True))] if self.shape.chat else []
 
     def piece(self, job: "Job", text: str) -> bytes:
-        return sse(self.shape.chunk(text))
+        return sse(self.shape.chunk(text, logprobs=job.unsent_logprobs()))
 
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
         yield sse(self.shape.chunk(None, finish_reason))
@@ -98,7 +98,9 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
     max_tokens = _max_tokens(engine, req, len(prompt_ids))
     if answer is None:
         answer = OpenAIAnswer(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
-                                              engine.model_name, req.chat, req.include_usage))
+                                              engine.model_name, req.chat, req.include_usage,
+                                              tokenizer=engine.tokenizer if req.sampling.top_logprobs is not None
+                                              else None))
     submitted = time.perf_counter()
     try:
         started = engine.generate(GenerationRequest(answer.cid, prompt_ids, max_tokens, req.sampling, req.stop,
@@ -227,6 +229,8 @@ class Job:
         self.first_token_at: float | None = None
         self.closed = False
         self.outcome = "unfinished"
+        self.logprobs: list[tuple[int, float, tuple]] = []  # (token, logprob, alternatives), when asked
+        self._sent_logprobs = 0
 
     async def next(self) -> TokenEvent | None:
         """The next event, None when the client left; a stream ending without a finish is an error."""
@@ -247,6 +251,8 @@ class Job:
             self.last_token_at = now
             self.n_tokens += 1
             self.metrics.completion_tokens.inc()
+            if event.logprob is not None:
+                self.logprobs.append((event.token_id, event.logprob, event.top))
         self.text += event.text
         if event.finish_reason is not None:
             self.outcome = event.finish_reason
@@ -270,6 +276,11 @@ class Job:
 
     def usage(self) -> dict:
         return usage(self.n_prompt, self.n_tokens)
+
+    def unsent_logprobs(self) -> list:
+        """The logprobs of the tokens since the last streamed piece (that piece's text is theirs)."""
+        out, self._sent_logprobs = self.logprobs[self._sent_logprobs:], len(self.logprobs)
+        return out
 
     async def whole(self, first: TokenEvent) -> Response:
         try:

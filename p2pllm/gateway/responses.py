@@ -62,34 +62,61 @@ class CompletionShape:
     chat: bool
     include_usage: bool  # streamed: every chunk has "usage": null and a last chunk carries the counts
     created: int = field(default_factory=lambda: int(time.time()))
+    tokenizer: Any = None  # with it, logprobs are reported (the request asked for them)
 
     @property
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
+    def whole(self, text: str, finish_reason: str, usage: dict, logprobs: list | None = None) -> dict:
+        lp = self.logprobs(logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head(self.object), "choices": [choice], "usage": usage}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> dict:
-        """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish."""
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
+              logprobs: list | None = None) -> dict:
+        """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish;
+        `logprobs`: the (token, logprob, alternatives) of the tokens this piece's text came from."""
+        lp = self.logprobs(logprobs) if logprobs else None
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         chunk = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
+
+    def logprobs(self, entries: list | None) -> dict | None:
+        """OpenAI's logprobs object for (token id, logprob, alternatives) entries; None when not asked."""
+        if self.tokenizer is None or entries is None:
+            return None
+
+        def piece(token: int) -> tuple[str, list[int]]:
+            raw = self.tokenizer.token_bytes(token)
+            return raw.decode("utf-8", "replace"), list(raw)
+
+        if self.chat:
+            content = []
+            for token, logprob, top in entries:
+                text, raw = piece(token)
+                alternatives = [{"token": piece(t)[0], "logprob": lp, "bytes": piece(t)[1]} for t, lp in top]
+                content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alternatives})
+            return {"content": content, "refusal": None}
+        texts = [piece(token)[0] for token, _, _ in entries]
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{piece(t)[0]: lp for t, lp in top} for _, _, top in entries],
+                "text_offset": offsets}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],

@@ -143,6 +143,7 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
     frequency = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0
     logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
     grammar = _response_format(body.get("response_format"))
+    top_logprobs = _logprobs(body, chat)
     _refuse_unsupported(body)
     stops = _stop_strings(body.get("stop"))
     stream = bool(_bool(body, "stream"))
@@ -158,12 +159,28 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=1.0 if temperature is None else temperature, top_k=top_k or 0,
                                 top_p=1.0 if top_p is None else top_p, seed=seed, presence_penalty=presence,
-                                frequency_penalty=frequency, logit_bias=logit_bias, grammar=grammar),
+                                frequency_penalty=frequency, logit_bias=logit_bias, grammar=grammar,
+                                top_logprobs=top_logprobs),
         stop=stops,
         stream=stream,
         include_usage=include_usage and stream,
         ignore_eos=bool(_bool(body, "ignore_eos")),
     )
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to report with each token's logprob; None: no logprobs. Chat takes
+    `logprobs: true` and `top_logprobs` 0-20; completions take `logprobs` 0-5 (OpenAI's limits)."""
+    if chat:
+        wanted = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, SamplingParams.MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value")
+        return (top or 0) if wanted else None
+    if body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' is a chat parameter; completions take 'logprobs': N (0 to 5).", "top_logprobs",
+                  "unsupported_parameter")
+    return _int(body, "logprobs", 0, 5)
 
 
 def _response_format(value: Any) -> str:
@@ -223,11 +240,8 @@ def _refuse_unsupported(body: dict) -> None:
     if body.get("tool_choice") not in (None, "none"):
         raise bad("Tool calls are not supported by this server (tool_choice may only be \"none\").", "tool_choice",
                   "unsupported_parameter")
-    for name in ("logprobs", "echo"):
-        if body.get(name) not in (None, False, 0):
-            raise bad(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
-    if body.get("top_logprobs") not in (None, 0):
-        raise bad("'top_logprobs' is not supported by this server.", "top_logprobs", "unsupported_parameter")
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is not supported by this server.", "echo", "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise bad("Only best_of=1 is supported.", "best_of", "unsupported_value")
     if body.get("suffix") not in (None, ""):

@@ -14,6 +14,15 @@ from .grammar import MAX_GRAMMAR_BYTES, Constraint
 
 
 @dataclass(frozen=True)
+class Sampled:
+    """A token the last stage chose; with its log-probability and the top alternatives when asked."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -23,6 +32,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per time a token was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids unique
     grammar: str = ""  # an llguidance grammar the text must follow (model/grammar.py), "" for none
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely
+
+    MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
     MAX_BIASED_TOKENS = 300  # OpenAI's limit on logit_bias entries
 
@@ -47,6 +59,8 @@ class SamplingParams:
                 raise UsageError(f"logit_bias token {token} is outside the vocabulary")
             if not -100.0 <= bias <= 100.0:
                 raise UsageError(f"logit_bias for token {token} must be between -100 and 100, got {bias}")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
+            raise UsageError(f"top_logprobs must be between 0 and {self.MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if len(self.grammar.encode()) > MAX_GRAMMAR_BYTES:
             raise UsageError(f"the grammar is larger than {MAX_GRAMMAR_BYTES // 1024} KiB")
         return self
@@ -83,6 +97,18 @@ class Sampler:
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
             self._gen = torch.Generator().manual_seed(seed)
+
+    def choose(self, logits: torch.Tensor) -> Sampled:
+        """The next token, with its log-probability and the most likely alternatives when asked:
+        those are the model's own distribution (log-softmax of the raw logits), as OpenAI reports."""
+        token = self.sample(logits)
+        k = self.params.top_logprobs
+        if k is None:
+            return Sampled(token)
+        logprobs = torch.log_softmax(logits.float().cpu(), dim=-1)
+        top = torch.topk(logprobs, k) if k else None
+        alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return Sampled(token, float(logprobs[token]), alternatives)
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float32 on any device."""

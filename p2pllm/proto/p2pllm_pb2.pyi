@@ -217,7 +217,7 @@ class PingReply(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
-    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar")
+    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar", "logprobs", "top_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,8 @@ class SequenceStart(_message.Message):
     BIAS_VALUES_FIELD_NUMBER: _ClassVar[int]
     GENERATED_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     capacity: int
     temperature: float
@@ -244,7 +246,9 @@ class SequenceStart(_message.Message):
     bias_values: _containers.RepeatedScalarFieldContainer[float]
     generated: _containers.RepeatedScalarFieldContainer[int]
     grammar: str
-    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("seq_id", "start", "length", "sample")
@@ -275,7 +279,7 @@ class KVDelta(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica")
+    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica", "sampled_logprobs", "top_counts", "top_ids", "top_logprobs")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +292,10 @@ class Frame(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TO_HEAD_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     micro_batch: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
@@ -300,7 +308,11 @@ class Frame(_message.Message):
     error: str
     to_head: bool
     replica: bool
-    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ...) -> None: ...
+    sampled_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    top_counts: _containers.RepeatedScalarFieldContainer[int]
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("micro_batch", "error")
@@ -311,7 +323,7 @@ class FrameAck(_message.Message):
     def __init__(self, micro_batch: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "has_seed", "seed", "stop", "ignore_eos", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "grammar")
+    __slots__ = ("request_id", "prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "has_seed", "seed", "stop", "ignore_eos", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "grammar", "logprobs", "top_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +339,8 @@ class GenerateRequest(_message.Message):
     BIAS_IDS_FIELD_NUMBER: _ClassVar[int]
     BIAS_VALUES_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -342,10 +356,12 @@ class GenerateRequest(_message.Message):
     bias_ids: _containers.RepeatedScalarFieldContainer[int]
     bias_values: _containers.RepeatedScalarFieldContainer[float]
     grammar: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., grammar: _Optional[str] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code")
+    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code", "has_logprob", "logprob", "top_ids", "top_logprobs")
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +369,10 @@ class GenerateEvent(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    HAS_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     has_token: bool
     token_id: int
     text: str
@@ -360,4 +380,8 @@ class GenerateEvent(_message.Message):
     error: str
     status: int
     code: str
-    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ...) -> None: ...
+    has_logprob: bool
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -31,6 +31,8 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
     error: str | None = None
+    logprob: float | None = None  # the token's, when the request asked for logprobs
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely alternatives
 
 
 @dataclass

@@ -95,7 +95,10 @@ async def _stream(call, first: pb.GenerateEvent, address: str) -> AsyncIterator[
 
 
 def _event(e: pb.GenerateEvent) -> TokenEvent:
-    return TokenEvent(e.token_id if e.has_token else None, e.text, e.finish_reason or None, e.error or None)
+    """An event from the coordinator (a peer of the cluster: its logprobs were checked where sampled)."""
+    top = tuple(zip(e.top_ids, e.top_logprobs)) if e.has_logprob else ()
+    return TokenEvent(e.token_id if e.has_token else None, e.text, e.finish_reason or None, e.error or None,
+                      e.logprob if e.has_logprob else None, top)
 
 
 async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
@@ -118,6 +121,8 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
     try:
         async for ev in events:
             yield pb.GenerateEvent(has_token=ev.token_id is not None, token_id=ev.token_id or 0, text=ev.text,
-                                   finish_reason=ev.finish_reason or "", error=ev.error or "")
+                                   finish_reason=ev.finish_reason or "", error=ev.error or "",
+                                   has_logprob=ev.logprob is not None, logprob=ev.logprob or 0.0,
+                                   top_ids=[t for t, _ in ev.top], top_logprobs=[lp for _, lp in ev.top])
     finally:
         await events.aclose()

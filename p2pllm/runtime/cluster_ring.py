@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ..model.sampling import Sampled
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
@@ -18,8 +19,9 @@ MICRO_BATCH_TIMEOUT = 300.0
 
 
 class ClusterRing:
-    def __init__(self, links: LinkPool):
+    def __init__(self, links: LinkPool, vocab: int):
         self.links = links
+        self.vocab = vocab  # sampled ids are checked against it
         self.epoch = 0
         self.first_address: str | None = None
         self.n_stages = 1
@@ -31,7 +33,7 @@ class ClusterRing:
         self.first_address = stage_addresses[0]
         self.n_stages = len(stage_addresses)
 
-    async def run(self, mb: MicroBatch) -> list[int]:
+    async def run(self, mb: MicroBatch) -> list[Sampled]:
         if self.first_address is None:
             raise RingUnavailable("the cluster has no committed plan yet")
         fut = asyncio.get_running_loop().create_future()
@@ -52,8 +54,11 @@ class ClusterRing:
             return
         if frame.error:
             fut.set_exception(RingUnavailable(frame.error))
-        else:
-            fut.set_result(list(frame.sampled))
+            return
+        try:
+            fut.set_result(frames.decode_result(frame, self.vocab))
+        except frames.FrameError as e:
+            fut.set_exception(RingUnavailable(f"a malformed result: {e}"))
 
     def fail_all(self, reason: str) -> None:
         for fut in list(self._pending.values()):

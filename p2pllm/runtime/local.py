@@ -18,7 +18,7 @@ import torch
 
 from ..errors import P2PError, UsageError
 from ..model.backends import open_stage
-from ..model.sampling import SamplingParams
+from ..model.sampling import Sampled, SamplingParams
 from ..model.spec import ModelSpec, read_spec
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..transport.wire import blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob
@@ -95,10 +95,10 @@ class LocalRing:
     def n_stages(self) -> int:
         return len(self.stages)
 
-    async def run(self, mb: MicroBatch) -> list[int]:
+    async def run(self, mb: MicroBatch) -> list[Sampled]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_sync, mb)
 
-    def run_sync(self, mb: MicroBatch) -> list[int]:
+    def run_sync(self, mb: MicroBatch) -> list[Sampled]:
         x = None
         for i, stage in enumerate(self.stages):
             if i > 0 and x is not None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
 from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
 from .frames import Chunk, MicroBatch, SeqStart
@@ -25,8 +26,8 @@ class Ring(Protocol):
     n_stages: int
     epoch: int
 
-    async def run(self, mb: MicroBatch) -> list[int]:
-        """Execute one micro-batch through every stage; the sampled ids, one per sampling chunk."""
+    async def run(self, mb: MicroBatch) -> list[Sampled]:
+        """Execute one micro-batch through every stage; the sampled tokens, one per sampling chunk."""
         ...
 
 
@@ -269,7 +270,7 @@ class Scheduler:
         results = iter(sampled)
         for c in mb.chunks:
             seq = self._seqs.get(c.seq_id)
-            tok = next(results) if c.sample else None
+            sampled = next(results) if c.sample else None
             if seq is None:
                 continue
             seq.in_flight = False
@@ -277,13 +278,14 @@ class Scheduler:
                 self._release(seq)
                 continue
             seq.pos += c.length
-            if tok is not None:
-                self._accept(seq, tok)
+            if sampled is not None:
+                self._accept(seq, sampled)
         self._wake.set()
 
     # ------------------------------------------------------------------ tokens -> events
-    def _accept(self, seq: _Seq, tok: int) -> None:
-        req = seq.req
+    def _accept(self, seq: _Seq, sampled: Sampled) -> None:
+        req, tok = seq.req, sampled.token
+        logprobs = dict(logprob=sampled.logprob, top=sampled.top)
         if tok in self.tokenizer.eos_ids and not req.ignore_eos:
             self._finish(seq, "stop")
             return
@@ -292,12 +294,12 @@ class Scheduler:
         text = seq.held + seq.decoder.push(tok)
         cut = _first_stop(text, req.stop)
         if cut is not None:
-            seq.events.put_nowait(TokenEvent(tok, text[:cut]))
+            seq.events.put_nowait(TokenEvent(tok, text[:cut], **logprobs))
             self._finish(seq, "stop", flush=False)  # nothing after a stop string is returned
             return
         keep = _stop_prefix_len(text, req.stop)
         seq.held = text[len(text) - keep:] if keep else ""
-        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep]))
+        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep], **logprobs))
         if seq.generated >= req.max_tokens or len(seq.tokens) >= self.context:
             self._finish(seq, "length")
 

@@ -50,7 +50,7 @@ class Stage:
         self.backend.close()
 
     def process(self, mb: MicroBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int] | None:
-        """One micro-batch: hidden states out, or on the last stage the sampled token ids."""
+        """One micro-batch: hidden states out, or on the last stage the sampled tokens (`Sampled`)."""
         for s in mb.starts:
             self.begin(s.seq_id, s.capacity)
             if self.is_last:
@@ -60,7 +60,7 @@ class Stage:
             x = torch.tensor(mb.tokens, dtype=torch.long) if self.is_first else hidden
             out = self.step(x, [SeqChunk(c.seq_id, c.start, c.length) for c in mb.chunks])
             if self.is_last:
-                out = [self.samplers[c.seq_id].sample(out[i]) for i, c in enumerate(mb.chunks) if c.sample]
+                out = [self.samplers[c.seq_id].choose(out[i]) for i, c in enumerate(mb.chunks) if c.sample]
         for seq_id in mb.finished:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []

@@ -7,12 +7,15 @@ tensor's dtype, shape and byte length, sampling parameters.
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING, Container
 
 import torch
 
 from ..errors import P2PError, UsageError
 from ..model.kvcache import KVFormat
+from ..model.sampling import Sampled, SamplingParams
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.frames import Chunk, MicroBatch, SeqStart
@@ -48,8 +51,40 @@ def encode(mb: MicroBatch, hidden: torch.Tensor | None = None, wire_dtype: str |
     return frame
 
 
-def result_frame(epoch: int, mb_id: int, sampled: list[int] | None = None, error: str = "") -> pb.Frame:
-    return pb.Frame(epoch=epoch, micro_batch=mb_id, sampled=sampled or [], error=error, to_head=True)
+def result_frame(epoch: int, mb_id: int, sampled: list[Sampled] | None = None, error: str = "") -> pb.Frame:
+    sampled = sampled or []
+    frame = pb.Frame(epoch=epoch, micro_batch=mb_id, sampled=[s.token for s in sampled], error=error, to_head=True)
+    if any(s.logprob is not None for s in sampled):
+        frame.sampled_logprobs.extend(math.nan if s.logprob is None else s.logprob for s in sampled)
+        frame.top_counts.extend(len(s.top) for s in sampled)
+        frame.top_ids.extend(t for s in sampled for t, _ in s.top)
+        frame.top_logprobs.extend(lp for s in sampled for _, lp in s.top)
+    return frame
+
+
+def decode_result(frame: pb.Frame, vocab: int) -> list[Sampled]:
+    """The tokens a result frame carries (with their logprobs where asked), checked: FrameError
+    for an id outside the vocabulary, a positive log-probability or lists that do not line up."""
+    n = len(frame.sampled)
+    if any(not 0 <= t < vocab for t in frame.sampled):
+        raise FrameError("a sampled token id outside the vocabulary")
+    if not frame.sampled_logprobs:
+        if frame.top_counts or frame.top_ids or frame.top_logprobs:
+            raise FrameError("top logprobs without logprobs")
+        return [Sampled(t) for t in frame.sampled]
+    counts = list(frame.top_counts)
+    if len(frame.sampled_logprobs) != n or len(counts) != n or any(c > SamplingParams.MAX_TOP_LOGPROBS for c in counts) \
+            or sum(counts) != len(frame.top_ids) or len(frame.top_ids) != len(frame.top_logprobs):
+        raise FrameError("logprobs that do not line up with the sampled tokens")
+    if any(not 0 <= t < vocab for t in frame.top_ids) or any(lp > 0 for lp in frame.sampled_logprobs) \
+            or any(not lp <= 0 for lp in frame.top_logprobs):
+        raise FrameError("a logprob above 0 or an alternative outside the vocabulary")
+    out, at = [], 0
+    for token, logprob, count in zip(frame.sampled, frame.sampled_logprobs, counts):
+        top = tuple(zip(frame.top_ids[at: at + count], frame.top_logprobs[at: at + count]))
+        at += count
+        out.append(Sampled(token) if math.isnan(logprob) else Sampled(token, logprob, top))
+    return out
 
 
 def _encode_start(s: SeqStart) -> pb.SequenceStart:

@@ -11,7 +11,8 @@ def sampling_fields(p: SamplingParams) -> dict:
     """Keyword arguments for a pb.SequenceStart or pb.GenerateRequest."""
     return dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, has_seed=p.seed is not None,
                 seed=p.seed or 0, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                bias_ids=[t for t, _ in p.logit_bias], bias_values=[b for _, b in p.logit_bias], grammar=p.grammar)
+                bias_ids=[t for t, _ in p.logit_bias], bias_values=[b for _, b in p.logit_bias], grammar=p.grammar,
+                logprobs=p.top_logprobs is not None, top_logprobs=p.top_logprobs or 0)
 
 
 def sampling_from(msg, vocab: int | None = None) -> SamplingParams:
@@ -20,4 +21,5 @@ def sampling_from(msg, vocab: int | None = None) -> SamplingParams:
         raise UsageError(f"logit_bias has {len(msg.bias_ids)} token ids but {len(msg.bias_values)} values")
     return SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed if msg.has_seed else None,
                           msg.presence_penalty, msg.frequency_penalty,
-                          tuple(zip(msg.bias_ids, msg.bias_values)), msg.grammar).validate(vocab)
+                          tuple(zip(msg.bias_ids, msg.bias_values)), msg.grammar,
+                          msg.top_logprobs if msg.logprobs else None).validate(vocab)
