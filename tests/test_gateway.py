@@ -384,8 +384,8 @@ def _key(demo: Served) -> dict:
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model", "model_not_found"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 7}), "model", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}), "logprobs", "invalid_type"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools",
-     "unsupported_parameter"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools[0]",
+     "invalid_value"),
 ])
 def test_bad_chat_requests_are_400_in_openai_shape(demo, body, param, code):
     with httpx.Client(base_url=demo.url, timeout=30) as http:

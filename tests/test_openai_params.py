@@ -131,18 +131,16 @@ def test_bad_penalties_and_biases_are_400(stories, body, param):
 # honoured: each has a test of its effect (here or in test_gateway.py)
 HONOURED = {"messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
             "stop", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
-            "response_format", "logprobs", "top_logprobs"}  # test_structured_outputs.py, test_logprobs.py
+            "response_format", "logprobs", "top_logprobs",  # test_structured_outputs.py, test_logprobs.py
+            "tools", "tool_choice", "parallel_tool_calls"}  # test_tools.py
 # honoured at their default value only (any other value is refused: the cases below)
-DEFAULT_ONLY = {"n": 2,
-                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-                "tool_choice": "required", "modalities": ["text", "audio"], "echo": True, "best_of": 2,
-                "suffix": "end"}
+DEFAULT_ONLY = {"n": 2, "modalities": ["text", "audio"], "echo": True, "best_of": 2, "suffix": "end"}
 REFUSED_WHEN_SET = {"audio": {"voice": "alloy", "format": "wav"}, "functions": [{"name": "f"}],
                     "function_call": "auto", "prediction": {"type": "content", "content": "x"},
                     "web_search_options": {}, "moderation": {}, "verbosity": "low", "reasoning_effort": "low"}
 NO_EFFECT = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
              "prompt_cache_key": "k", "prompt_cache_retention": "in-memory", "prompt_cache_options": {},
-             "safety_identifier": "s-1", "parallel_tool_calls": False}
+             "safety_identifier": "s-1"}
 
 
 def _openai_fields(module) -> set[str]:

@@ -25,6 +25,7 @@ from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
 from .metrics import GatewayMetrics
 from .responses import JSON, CompletionShape, EventStream, sse, usage
 from .schema import ApiError, CompletionRequest, bad
+from .tools import interpret, render_inputs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,25 @@ class OpenAIAnswer(Answer):
         return [sse(error.body()), sse("[DONE]")]
 
 
+class ToolAnswer(OpenAIAnswer):
+    """A chat answer constrained to the tool-call format (gateway/tools.py): it is read as a whole
+    when it ends, then sent as OpenAI's `tool_calls` or as content; streamed, it arrives in one
+    delta at the end (the JSON means nothing to a client before it is complete)."""
+
+    def whole(self, job: "Job", finish_reason: str) -> Response:
+        content, calls = interpret(job.text)
+        return JSON(self.shape.whole(content, "tool_calls" if calls else finish_reason, job.usage(), job.logprobs,
+                                     calls))
+
+    def piece(self, job: "Job", text: str) -> bytes:
+        return b""
+
+    def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
+        content, calls = interpret(job.text)
+        yield sse(self.shape.chunk(content, logprobs=job.unsent_logprobs(), tool_calls=calls))
+        yield from super().closing(job, "tool_calls" if calls else finish_reason)
+
+
 async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,
                    arrived: float, answer: Answer | None = None) -> Response | ASGIApp:
     """The answer to a checked request: a JSON body, or a stream once the first token is in.
@@ -97,10 +117,10 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
         raise bad("The prompt is empty.", req.prompt_param, "empty_prompt")
     max_tokens = _max_tokens(engine, req, len(prompt_ids))
     if answer is None:
-        answer = OpenAIAnswer(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
-                                              engine.model_name, req.chat, req.include_usage,
-                                              tokenizer=engine.tokenizer if req.sampling.top_logprobs is not None
-                                              else None))
+        kind = ToolAnswer if req.tools is not None and req.tools.constrained else OpenAIAnswer
+        answer = kind(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
+                                      engine.model_name, req.chat, req.include_usage,
+                                      tokenizer=engine.tokenizer if req.sampling.top_logprobs is not None else None))
     submitted = time.perf_counter()
     try:
         started = engine.generate(GenerationRequest(answer.cid, prompt_ids, max_tokens, req.sampling, req.stop,
@@ -146,14 +166,14 @@ def _max_tokens(engine: Engine, req: CompletionRequest, n_prompt: int) -> int:
 async def _prompt_ids(engine: Engine, req: CompletionRequest) -> list[int]:
     tok = engine.tokenizer
     if req.messages is not None:
-        messages = req.messages
+        messages, extra = render_inputs(req.messages, req.tools, getattr(tok, "chat_template", None))
         encode = getattr(tok, "encode_chat", None)
 
         def render() -> list[int]:
             try:
                 if encode is not None:
-                    return encode(messages)
-                return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+                    return encode(messages, **extra)
+                return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **extra))
             except P2PError as e:  # the template refused the conversation (e.g. roles must alternate)
                 raise bad(str(e), "messages", "invalid_messages") from None
 

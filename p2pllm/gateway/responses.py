@@ -68,17 +68,20 @@ class CompletionShape:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def whole(self, text: str, finish_reason: str, usage: dict, logprobs: list | None = None) -> dict:
+    def whole(self, text: str | None, finish_reason: str, usage: dict, logprobs: list | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         lp = self.logprobs(logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                      "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head(self.object), "choices": [choice], "usage": usage}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
-              logprobs: list | None = None) -> dict:
+              logprobs: list | None = None, tool_calls: list[dict] | None = None) -> dict:
         """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish;
         `logprobs`: the (token, logprob, alternatives) of the tokens this piece's text came from."""
         lp = self.logprobs(logprobs) if logprobs else None
@@ -88,6 +91,8 @@ class CompletionShape:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:  # streamed as OpenAI does: each call whole, with its index
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}

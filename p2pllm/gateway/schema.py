@@ -13,7 +13,7 @@ from typing import Any
 from ..model.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class ApiError(Exception):
@@ -57,6 +57,7 @@ class CompletionRequest:
     # Ollama's num_ctx/num_predict: when set, prompt + completion take at most `window` tokens and
     # max_tokens (None: no limit) is cut to what fits, rather than a limit the request must fit
     window: int | None = None
+    tools: Any = None  # chat: a gateway.tools.ToolPlan when the request offers tools
 
     @property
     def prompt_param(self) -> str:
@@ -89,8 +90,33 @@ def parse_completion_request(body: dict, *, chat: bool, model_name: str, context
         raise bad(f"The model '{short(model)}' does not exist; this server serves '{model_name}'.", "model",
                   "model_not_found")
     if chat:
-        return CompletionRequest(chat=True, messages=_chat_messages(body), **params)
+        return CompletionRequest(chat=True, messages=_chat_messages(body), tools=_tools(body, params), **params)
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is a chat parameter: use /v1/chat/completions.", name, "unsupported_parameter")
     return CompletionRequest(chat=False, prompt=_completion_prompt(body, vocab_size), **params)
+
+
+def _tools(body: dict, params: dict) -> Any:
+    """The request's ToolPlan; its answers are constrained to the tool-call format (gateway/tools.py)."""
+    from dataclasses import replace
+
+    from ..model.grammar import GrammarError, grammar_for_response_format
+    from .tools import parse_tools, reply_schema
+
+    plan = parse_tools(body)
+    if plan is None or not plan.constrained:
+        return plan
+    if params["sampling"].grammar:
+        raise bad("'response_format' and 'tools' cannot be combined: a tool call's arguments already follow the "
+                  "function's schema.", "response_format", "invalid_value")
+    try:
+        grammar = grammar_for_response_format({"type": "json_schema",
+                                               "json_schema": {"name": "tool_calls", "schema": reply_schema(plan)}})
+    except GrammarError as e:
+        raise bad(f"A tool's parameters cannot be used: {e}", "tools", "invalid_value") from None
+    params["sampling"] = replace(params["sampling"], grammar=grammar)
+    return plan
 
 
 # --------------------------------------------------------------------------- fields
@@ -224,7 +250,7 @@ def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], 
 
 # OpenAI request fields that never change the text (bookkeeping for OpenAI's platform): accepted, no effect
 NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
-                    "prompt_cache_options", "safety_identifier", "parallel_tool_calls")
+                    "prompt_cache_options", "safety_identifier")
 # fields that would change the answer and that this server does not do: set, they are a 400
 UNSUPPORTED_FIELDS = ("audio", "functions", "function_call", "prediction", "web_search_options", "moderation",
                       "verbosity", "reasoning_effort")
@@ -237,17 +263,12 @@ def _refuse_unsupported(body: dict) -> None:
             raise bad(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
     if body.get("modalities") not in (None, ["text"]):
         raise bad("Only modalities [\"text\"] is supported.", "modalities", "unsupported_value")
-    if body.get("tool_choice") not in (None, "none"):
-        raise bad("Tool calls are not supported by this server (tool_choice may only be \"none\").", "tool_choice",
-                  "unsupported_parameter")
     if body.get("echo") not in (None, False):
         raise bad("'echo' is not supported by this server.", "echo", "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise bad("Only best_of=1 is supported.", "best_of", "unsupported_value")
     if body.get("suffix") not in (None, ""):
         raise bad("'suffix' is not supported by this server.", "suffix", "unsupported_parameter")
-    if body.get("tools"):
-        raise bad("Tool calls are not supported by this server.", "tools", "unsupported_parameter")
 
 
 
@@ -283,8 +304,32 @@ def _chat_messages(body: dict) -> list[dict]:
             raise bad(f"Invalid value for 'messages[{i}].role': {short(repr(role))}; supported roles are "
                       f"{', '.join(sorted(CHAT_ROLES))}.", f"messages[{i}].role", "invalid_value")
         text = _message_text(message.get("content"), i, role)
-        out.append({"role": "system" if role == "developer" else role, "content": text})
+        checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        if role == "assistant" and message.get("tool_calls"):
+            checked["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad(f"Missing 'messages[{i}].tool_call_id': a tool message answers a call by its id.",
+                          f"messages[{i}].tool_call_id", "missing_required_parameter")
+            checked["tool_call_id"] = call_id
+        out.append(checked)
     return out
+
+
+def _tool_calls(calls: Any, index: int) -> list[dict]:
+    """An assistant message's earlier tool calls: [{id, type: function, function: {name, arguments}}]."""
+    param = f"messages[{index}].tool_calls"
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments", ""), str)
+        for c in calls)
+    if not ok:
+        raise bad(f"Invalid '{param}': expected [{{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                  f"\"arguments\": JSON text}}}}].", param, "invalid_type")
+    return [{"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                                                             "arguments": c["function"].get("arguments", "")}}
+            for c in calls]
 
 
 def _message_text(content: Any, index: int, role: str) -> str:
