@@ -172,3 +172,18 @@ def test_bookkeeping_fields_are_accepted_and_change_nothing(demo):
         plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         tagged = http.post("/v1/chat/completions", json={**body, **NO_EFFECT})
     assert tagged.status_code == 200 and tagged.json()["choices"][0]["message"]["content"] == plain
+
+
+def test_a_seed_gives_the_same_sampled_text_however_the_model_is_split():
+    from conftest import shared_model
+    from p2pllm.runtime.local import LocalPipeline
+
+    path = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    texts = []
+    for cuts in ([], [7, 19]):
+        pipe = LocalPipeline(str(path), cuts)
+        prompt = pipe.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
+        texts.append(pipe.generate(prompt, max_tokens=20, sampling=sampling).ids)
+        assert texts[-1] != pipe.generate(prompt, max_tokens=20, sampling=SamplingParams(0.9, 0, 0.95, 99)).ids
+    assert texts[0] == texts[1]
