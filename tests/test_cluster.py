@@ -110,3 +110,21 @@ def test_plan_discover_plans_over_the_peers_announced_on_the_network(hosts, stor
                           "--interface", hosts.addr(3), "--cluster", "someone-else"], timeout=60)
     assert other.returncode == 0 and "0 peer(s) announced" in other.stdout, other.stdout + other.stderr
     assert "host1 (cluster default)" in other.stdout
+
+
+@pytest.mark.parametrize("hosts", [2], indirect=True)
+def test_a_peer_restarted_at_the_same_address_replaces_its_old_identity(hosts, stories_gguf):
+    join(hosts, 1, stories_gguf)
+    first = join(hosts, 2, stories_gguf)
+    before = wait_for_agreement(hosts, [1, 2], n_layers=5)[0]
+    hosts.kill(first)  # kill -9, then the same host starts again: a new daemon id at the same address
+    join(hosts, 2, stories_gguf)
+    deadline = time.monotonic() + 2 * AGREE_WITHIN
+    while time.monotonic() < deadline:
+        s = status(hosts, 1)
+        ids = {p["id"] for p in s["peers"]} if s else set()
+        if s and len(ids) == 2 and ids != {p["id"] for p in before["peers"]} and all(p["healthy"] for p in s["peers"]):
+            break
+        time.sleep(0.5)
+    assert s and len(s["peers"]) == 2 and all(p["healthy"] for p in s["peers"]), s  # no LOST ghost beside it
+    assert "replaces" in hosts.logs(tail=None)

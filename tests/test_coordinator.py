@@ -22,8 +22,9 @@ class Clock:
         return self.t
 
 
-def info(pid: str, *, fp="fp", cluster="c", protocol=PROTOCOL_VERSION, mem=64 * GiB, flops=1e12, bw=100e9):
-    return pb.PeerInfo(id=pid, name=f"n-{pid}", cluster=cluster, protocol=protocol, address=f"10.0.0.{len(pid)}:7700",
+def info(pid: str, *, fp="fp", cluster="c", protocol=PROTOCOL_VERSION, mem=64 * GiB, flops=1e12, bw=100e9,
+         address: str | None = None):
+    return pb.PeerInfo(id=pid, name=f"n-{pid}", cluster=cluster, protocol=protocol, address=address or f"{pid}.test:7700",
                        model_fingerprint=fp, caps=pb.Capabilities(mem_bytes=mem, flops=flops, mem_bw=bw, net_bw=1e9))
 
 
@@ -54,6 +55,25 @@ def test_silence_past_the_timeout_or_refused_connections_lose_a_peer(table):
     assert m.is_live("c")  # one refusal could be a restart
     m.refused("c")
     assert not m.is_live("c") and m.expire() == ["c"]
+
+
+def test_a_restarted_daemon_replaces_its_ghost_and_lost_peers_are_forgotten_in_time(table):
+    m, clock = table
+    m.upsert(info("c", address="10.0.0.3:7700"))
+    m.upsert(info("d"))
+    m.upsert(info("e", fp="other"))  # incompatible: listed, never "lost"
+    clock.t += 4.0
+    assert sorted(m.expire()) == ["c", "d"]
+    m.upsert(info("f", address="10.0.0.3:7700"))  # c's host, restarted: a new id at the same address
+    assert "c" not in m.members and m.members["f"].info.address == "10.0.0.3:7700"
+    clock.t += m.forget_after - 2
+    m.expire()
+    assert "d" in m.members and "e" not in m.members  # d lost forget_after - 2 s ago; e silent for longer
+    clock.t += 3
+    m.expire()
+    assert set(m.members) == {"b", "f"} and m.forget_after >= 4 * m.peer_timeout
+    m.upsert(info("d"))  # a forgotten peer that answers again is simply a member again
+    assert m.is_live("d")
 
 
 def test_election_is_the_smallest_live_id_unless_an_incumbent_lives(table):

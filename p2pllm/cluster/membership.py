@@ -33,16 +33,22 @@ class Member:
     coordinator: str = ""
     links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer id -> (rtt s, bytes/s)
     refusals: int = 0  # health checks in a row whose connection was refused
+    lost_at: float = 0.0  # when it was marked lost
 
     @property
     def compatible(self) -> bool:
         return not self.reason
 
 
+FORGET_AFTER = 120.0  # seconds: a lost peer silent this long leaves the table (its address is still dialled)
+
+
 class Membership:
-    def __init__(self, me: pb.PeerInfo, peer_timeout: float = 3.0, clock=time.monotonic):
+    def __init__(self, me: pb.PeerInfo, peer_timeout: float = 3.0, clock=time.monotonic,
+                 forget_after: float = FORGET_AFTER):
         self.me = me
         self.peer_timeout = peer_timeout
+        self.forget_after = max(forget_after, 4 * peer_timeout)
         self.clock = clock
         self.members: dict[str, Member] = {me.id: Member(me, last_seen=clock())}
         self.changed_at = clock()
@@ -55,6 +61,7 @@ class Membership:
         reason = incompatibility(self.me, info)
         member = self.members.get(info.id)
         if member is None:
+            self._replace_ghosts(info)
             member = self.members[info.id] = Member(info, reason, last_seen=self.clock())
             self._changed()
             if reason:
@@ -92,6 +99,14 @@ class Membership:
         if member.refusals >= after:
             member.last_seen = -1e9
 
+    def _replace_ghosts(self, info: pb.PeerInfo) -> None:
+        """A new identity at an address we know: the daemon there restarted (one address holds one
+        daemon), so its old entry is a ghost and goes, rather than staying listed as lost."""
+        for old in [m for m in self.members.values() if m.info.address == info.address and m.info.id != self.me.id]:
+            log.info("peer %s (%s) at %s replaces %s (%s), which was there before", info.name, info.id[:8],
+                     info.address, old.info.name, old.info.id[:8])
+            self.forget(old.info.id)
+
     def forget(self, peer_id: str) -> None:
         if peer_id != self.me.id and self.members.pop(peer_id, None) is not None:
             self._changed()
@@ -127,10 +142,17 @@ class Membership:
         lost = []
         for m in self.members.values():
             if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
-                m.state = "lost"
+                m.state, m.lost_at = "lost", self.clock()
                 lost.append(m.info.id)
                 why = "connections refused" if m.refusals >= 2 else f"silent for {self.peer_timeout:.1f}s"
                 log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
+        now = self.clock()
+        for m in [m for m in self.members.values() if m.info.id != self.me.id and not self.is_live(m.info.id)]:
+            if (now - m.lost_at if m.state == "lost" else now - m.last_seen if not m.compatible else 0) > \
+                    self.forget_after:
+                log.info("forgetting peer %s (%s): lost for over %.0f s", m.info.name, m.info.id[:8],
+                         self.forget_after)
+                self.forget(m.info.id)
         if lost:
             self._changed()
         return lost
