@@ -10,6 +10,7 @@ It is then returned as OpenAI's `tool_calls` (finish_reason "tool_calls") or as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -120,12 +121,22 @@ def render_inputs(messages: list[dict], plan: ToolPlan | None, template: str | N
 
 
 def _native(m: dict) -> dict:
-    """A message as Hugging Face templates expect it: call arguments as objects, not JSON text."""
+    """A message as Hugging Face templates expect it: call arguments as objects, not JSON text, and
+    call ids as 9 letters and digits (Mistral's templates refuse any other; others ignore ids)."""
     if m.get("tool_calls"):
-        calls = [{"id": c.get("id"), "type": "function",
+        calls = [{"id": template_call_id(c.get("id", "")), "type": "function",
                   "function": {"name": c["function"]["name"], "arguments": _arguments(c)}} for c in m["tool_calls"]]
         return {**m, "content": m.get("content") or "", "tool_calls": calls}
+    if m["role"] == "tool":
+        return {**m, "tool_call_id": template_call_id(m.get("tool_call_id", ""))}
     return m
+
+
+def template_call_id(call_id: str) -> str:
+    """A client's call id as 9 letters and digits, the same for the call and for its result."""
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(alphabet[(digest // 62 ** i) % 62] for i in range(9))
 
 
 def _arguments(call: dict) -> Any:

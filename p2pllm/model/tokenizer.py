@@ -22,6 +22,7 @@ Python objects or the filesystem.
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import json
 import logging
@@ -362,7 +363,6 @@ class Tokenizer:
         self._add_bos = add_bos
         self._strip = strip_leading_space
         self._chat_template = chat_template
-        self._template = None
         self._hf = hf  # Hugging Face folders: the library does its own special-token splitting
         self._hf_raw = None
         self.source = source
@@ -515,28 +515,9 @@ class Tokenizer:
         `extra` reaches the template as variables (e.g. `tools`). A template that fails raises
         P2PError with one line.
         """
-        template = self._compiled_template()
-        try:
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_text,
-                eos_token=self.eos_text,
-                **extra,
-            )
-        except P2PError:
-            raise
-        except Exception as e:  # jinja2 errors and whatever the template's own operations raise
-            raise P2PError(f"chat template failed: {_one_line(e)}") from None
-
-    def _compiled_template(self):
-        if self._template is None:
-            source = self._chat_template if self._chat_template is not None else FALLBACK_CHAT_TEMPLATE
-            try:
-                self._template = _template_env().from_string(source)
-            except Exception as e:
-                raise P2PError(f"chat template does not compile: {_one_line(e)}") from None
-        return self._template
+        source = self._chat_template if self._chat_template is not None else FALLBACK_CHAT_TEMPLATE
+        return render_chat_template(source, messages, add_generation_prompt, bos_token=self.bos_text,
+                                    eos_token=self.eos_text, **extra)
 
 
 class StreamDecoder:
@@ -587,6 +568,28 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 _ENV = None
+
+
+def render_chat_template(source: str, messages: list[dict], add_generation_prompt: bool = True, *,
+                         bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    """A chat template rendered in a sandbox, as transformers renders it; one-line P2PError when
+    it does not compile or fails (a template's raise_exception included)."""
+    template = _compiled(source)
+    try:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                               eos_token=eos_token, **extra)
+    except P2PError:
+        raise
+    except Exception as e:  # jinja2 errors and whatever the template's own operations raise
+        raise P2PError(f"chat template failed: {_one_line(e)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str):
+    try:
+        return _template_env().from_string(source)
+    except Exception as e:
+        raise P2PError(f"chat template does not compile: {_one_line(e)}") from None
 
 
 def _template_env():
