@@ -10,14 +10,11 @@ import pytest
 from pydantic import BaseModel
 
 from conftest import shared_model
-from p2pllm.gateway.app import create_app
-from p2pllm.gateway.server import serve_gateway
 from p2pllm.model.grammar import grammar_for_response_format
 from p2pllm.model.sampling import SamplingParams
-from p2pllm.runtime.local import LocalPipeline, build_local_engine
-from test_gateway import LoopThread, Served, _error
-
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from p2pllm.runtime.local import LocalPipeline
+from test_gateway import _error
+from test_tools import SMOLLM2, smol  # noqa: F401  (the SmolLM2 gateway fixture)
 MOOD = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "sleepy"]}, "age": {"type": "integer"}},
         "required": ["mood", "age"], "additionalProperties": False}
 
@@ -25,18 +22,6 @@ MOOD = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "slee
 class Country(BaseModel):
     name: str
     capital: str
-
-
-@pytest.fixture(scope="module")
-def smol():
-    path = shared_model(SMOLLM2)
-    loop = LoopThread()
-    engine = loop.run(build_local_engine(str(path)))
-    server = loop.run(serve_gateway(create_app(engine), "127.0.0.1", 0))
-    yield Served(loop, engine, server)
-    loop.run(server.stop())
-    loop.run(engine.stop())
-    loop.close()
 
 
 def test_the_openai_structured_output_helper_gets_a_parsed_answer(smol):
