@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,66 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
         out.append(tok)
         llm.eval([tok])
     return out
+
+
+class LiveCluster:
+    """`p2pllm join` processes on loopback serving one model; clients talk to `url`."""
+
+    def __init__(self, url: str, model: str):
+        self.url, self.model = url, model
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def smol_cluster(tmp_path_factory):
+    """SmolLM2 on a live 2-peer cluster (real gRPC ring, mutual TLS, each peer half the layers);
+    `url` is the gateway of the peer that is not the coordinator, so requests are forwarded."""
+    import httpx
+
+    path = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    logs = tmp_path_factory.mktemp("smol-cluster")
+    env = dict(os.environ, P2PLLM_SECRET="smol-cluster-test-secret-0123456789", HOME=str(logs))
+    procs = []
+    for i in range(2):
+        argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(path), "--name", f"smol-{i + 1}",
+                "--port", str(7761 + i), "--gateway-port", str(8761 + i), "--interface", "127.0.0.1", "--no-mdns",
+                "--peer", "127.0.0.1:7761", "--strategy", "even", "--cluster", "smol-test"]
+        procs.append(subprocess.Popen(argv, stdout=open(logs / f"peer-{i + 1}.log", "w"), stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True))
+    try:
+        deadline, healthy = time.monotonic() + 90, []
+        while time.monotonic() < deadline and len(healthy) < 2:
+            assert all(p.poll() is None for p in procs), [(logs / f"peer-{i + 1}.log").read_text()[-2000:]
+                                                         for i in range(2)]
+            healthy = [port for port in (8761, 8762) if _stages_of(httpx, port) == 2]
+            time.sleep(0.5)
+        assert len(healthy) == 2, [(logs / f"peer-{i + 1}.log").read_text()[-2000:] for i in range(2)]
+        import asyncio
+
+        from p2pllm.transport.client import fetch_status
+        from p2pllm.transport.security import Security
+
+        status = asyncio.run(fetch_status("127.0.0.1:7761", Security.from_secret(env["P2PLLM_SECRET"])))
+        coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
+        other_gateway = 8762 if coordinator.endswith(":7761") else 8761
+        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+
+
+def _stages_of(httpx, port: int) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json().get("stages") or 0
+    except (httpx.HTTPError, ValueError):
+        return 0

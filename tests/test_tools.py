@@ -8,11 +8,7 @@ import json
 import httpx
 import pytest
 
-from conftest import shared_model
-from p2pllm.gateway.app import create_app
-from p2pllm.gateway.server import serve_gateway
-from p2pllm.runtime.local import build_local_engine
-from test_gateway import LoopThread, Served, _error
+from test_gateway import _error
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEATHER = {"type": "function", "function": {
@@ -28,15 +24,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
 
 
 @pytest.fixture(scope="module")
-def smol():
-    path = shared_model(SMOLLM2)
-    loop = LoopThread()
-    engine = loop.run(build_local_engine(str(path)))
-    server = loop.run(serve_gateway(create_app(engine), "127.0.0.1", 0))
-    yield Served(loop, engine, server)
-    loop.run(server.stop())
-    loop.run(engine.stop())
-    loop.close()
+def smol(smol_cluster):
+    """A live 2-peer cluster on SmolLM2, reached through the gateway of the peer that forwards."""
+    return smol_cluster
 
 
 def _valid(call, tool: dict) -> dict:
