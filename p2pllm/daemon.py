@@ -29,7 +29,7 @@ from .model.kvcache import kv_bytes_per_value
 from .model.spec import read_spec
 from .proto import p2pllm_pb2 as pb
 from .runtime.api import EngineStats
-from .runtime.cluster_engine import ClusterEngine, serve_generate
+from .runtime.cluster_engine import ClusterEngine, serve_embed, serve_generate
 from .runtime.cluster_ring import ClusterRing
 from .runtime.recovery import plan_sources, restore_kv, serve_fetch
 from .runtime.replica import ReplicaStore, exported
@@ -566,6 +566,9 @@ class Daemon:
     def on_generate(self, req: pb.GenerateRequest):
         return serve_generate(self.scheduler, req)
 
+    async def on_embed(self, req: pb.EmbedRequest) -> pb.EmbedReply:
+        return await serve_embed(self.scheduler, req, self.spec.hidden)
+
     async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]:
         stage = self.stage
         return await asyncio.get_running_loop().run_in_executor(
@@ -592,7 +595,7 @@ class Daemon:
             asyncio.get_running_loop().create_task(self._send_snapshot(binding))
         if proposal.coordinator == self.id:
             if self.ring is None:
-                self.ring = ClusterRing(self.links, self.spec.vocab)
+                self.ring = ClusterRing(self.links, self.spec.vocab, self.spec.hidden)
                 self.scheduler = Scheduler(self.ring, self.tokenizer, model_name=self.model_name,
                                            context=self.options.context, vocab=self.spec.vocab,
                                            micro_batches=self.cfg.micro_batches)

@@ -109,7 +109,14 @@ def smol_cluster(tmp_path_factory):
     `url` is the gateway of the peer that is not the coordinator, so requests are forwarded."""
     import httpx
 
+    import socket
+
     path = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    for port in (7761, 7762, 8761, 8762):  # another test session's cluster must not answer for this one
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
     logs = tmp_path_factory.mktemp("smol-cluster")
     env = dict(os.environ, P2PLLM_SECRET="smol-cluster-test-secret-0123456789", HOME=str(logs))
     procs = []

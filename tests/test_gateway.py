@@ -457,8 +457,8 @@ def test_oversized_bodies_are_413(demo):
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(stories):
     with httpx.Client(base_url=stories.url, timeout=30) as http:
-        err = _error(http.get("/v1/embeddings"), 404)
-        assert "/v1/embeddings" in err["message"]
+        err = _error(http.get("/v1/images/generations"), 404)
+        assert "/v1/images/generations" in err["message"]
         _error(http.get("/v1/chat/completions"), 405)
         _error(http.delete("/v1/models"), 405)
         _error(http.get("/v1/models/some-other-model"), 404, "model_not_found")

@@ -164,3 +164,48 @@ def test_logprobs_through_the_ring_equal_llama_cpps(cluster, llama_cpp, stories_
     assert ours["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=1e-3)  # f32 KV on both sides
     for mine, theirs in zip(ours["top_logprobs"], ref["top_logprobs"]):
         assert set(mine) == set(theirs) and all(mine[t] == pytest.approx(theirs[t], abs=1e-3) for t in mine)
+
+
+def test_embeddings_through_a_forwarding_gateway_equal_one_process(cluster, stories_gguf):
+    """/v1/embeddings on a peer that is not the coordinator: the Embed RPC, every input prefilled
+    around the ring, pooled on the last stage; the vectors equal one process's, and no stage keeps
+    anything afterwards."""
+    import asyncio
+    import json
+
+    import numpy as np
+
+    h, view = cluster
+    texts = ["Once upon a time", "Lily and Ben went to the park. " * 40]  # the second spans two prefill chunks
+    pipe = LocalPipeline(str(stories_gguf), kv_dtype="f32")  # as the cluster runs
+
+    async def local():
+        engine = pipe.engine()
+        await engine.start()
+        try:
+            return await engine.embed([pipe.tokenizer.encode(t) for t in texts])
+        finally:
+            await engine.stop()
+
+    expected = [v.numpy() for v in asyncio.run(local())]
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    body = {"model": "stories260K.gguf", "input": texts}
+    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/embeddings", "body": json.dumps(body),
+                            "headers": {"content-type": "application/json"}})
+    assert got["status"] == 200, got
+    data = got["json"]["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    assert got["json"]["usage"]["prompt_tokens"] == sum(len(pipe.tokenizer.encode(t)) for t in texts)
+    for d, e in zip(data, expected):
+        assert np.abs(np.array(d["embedding"], dtype=np.float32) - e).max() < 1e-4
+    bad = client(h, other, {"kind": "raw", "method": "POST", "path": "/embeddings",
+                            "body": json.dumps({"input": [[1] * 300000]}),
+                            "headers": {"content-type": "application/json"}})
+    assert bad["status"] == 400 and bad["json"]["error"]["param"] == "input", bad
+    deadline = time.monotonic() + 10
+    while True:
+        busy = [(v["active_sequences"], v["kv_sequences"]) for v in (status(h, i) for i in (1, 2, 3))]
+        if all(a == 0 and k == 0 for a, k in busy) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert all(a == 0 and k == 0 for a, k in busy), busy

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.api import Engine
+from .embeddings import embeddings_route
 from .generation import complete
 from .metrics import GatewayMetrics, endpoint_label
 from .ollama import ollama_routes
@@ -50,6 +51,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
+        embeddings_route(gateway, _read_body),  # POST /v1/embeddings
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         *ollama_routes(gateway, _read_body),  # Ollama's API: /api/chat, /api/generate, /api/tags, ...

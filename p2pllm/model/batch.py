@@ -3,7 +3,8 @@ positions (a prefill chunk of one sequence beside single decode tokens of others
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Container, NamedTuple
 
 import torch
 
@@ -17,24 +18,40 @@ class SeqChunk:
     length: int
 
 
+def _no_rows() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
 @dataclass
 class BatchMeta:
     chunks: list[SeqChunk]
     positions: torch.Tensor  # [T] int64: every token's position, chunk after chunk
-    last_rows: torch.Tensor  # [n_chunks] int64: row of each chunk's last token
+    last_rows: torch.Tensor  # [n] int64: row of each chunk's last token (the last stage's logits rows)
+    # rows whose final-normed hidden state the last stage returns instead of logits (embeddings:
+    # every token of a pooled sequence's chunk; such chunks have no entry in last_rows)
+    normed_rows: torch.Tensor = field(default_factory=_no_rows)
 
     @classmethod
-    def build(cls, chunks: list[SeqChunk], device: str | torch.device = "cpu") -> "BatchMeta":
-        pos, rows, row = [], [], 0
+    def build(cls, chunks: list[SeqChunk], device: str | torch.device = "cpu",
+              pooled: Container[int] = ()) -> "BatchMeta":
+        """`pooled`: sequences whose chunks ask for every row's final-normed hidden state, not logits."""
+        pos, rows, normed, row = [], [], [], 0
         for c in chunks:
             pos.extend(range(c.start, c.start + c.length))
+            if c.seq_id in pooled:
+                normed.extend(range(row, row + c.length))
+            else:
+                rows.append(row + c.length - 1)
             row += c.length
-            rows.append(row - 1)
         return cls(
             list(chunks),
             torch.tensor(pos, dtype=torch.long, device=device),
             torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(normed, dtype=torch.long, device=device),
         )
+
+    def to(self, device: str | torch.device) -> "BatchMeta":
+        return BatchMeta(self.chunks, self.positions.to(device), self.last_rows.to(device), self.normed_rows.to(device))
 
     def all_rows(self) -> "BatchMeta":
         """The same batch asking for every token's output (tests and perplexity-style comparisons)."""
@@ -43,3 +60,10 @@ class BatchMeta:
     @property
     def n_tokens(self) -> int:
         return int(self.positions.shape[0])
+
+
+class LastOutputs(NamedTuple):
+    """What the last stage computes for a micro-batch (`forward_last`)."""
+
+    logits: torch.Tensor  # float32 [len(last_rows), vocab]
+    normed: torch.Tensor  # float32 [len(normed_rows), hidden]: after the final norm, before the output head

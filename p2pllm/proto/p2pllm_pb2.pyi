@@ -217,7 +217,7 @@ class PingReply(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
-    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar", "logprobs", "top_logprobs")
+    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar", "logprobs", "top_logprobs", "embed")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class SequenceStart(_message.Message):
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     capacity: int
     temperature: float
@@ -248,7 +249,8 @@ class SequenceStart(_message.Message):
     grammar: str
     logprobs: bool
     top_logprobs: int
-    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    embed: bool
+    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., embed: _Optional[bool] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("seq_id", "start", "length", "sample")
@@ -279,7 +281,7 @@ class KVDelta(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica", "sampled_logprobs", "top_counts", "top_ids", "top_logprobs")
+    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica", "sampled_logprobs", "top_counts", "top_ids", "top_logprobs", "pooled_seqs", "pooled")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +298,8 @@ class Frame(_message.Message):
     TOP_COUNTS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_SEQS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     micro_batch: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
@@ -312,7 +316,9 @@ class Frame(_message.Message):
     top_counts: _containers.RepeatedScalarFieldContainer[int]
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    pooled_seqs: _containers.RepeatedScalarFieldContainer[int]
+    pooled: Tensor
+    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., pooled_seqs: _Optional[_Iterable[int]] = ..., pooled: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("micro_batch", "error")
@@ -385,3 +391,29 @@ class GenerateEvent(_message.Message):
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "inputs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class EmbedReply(_message.Message):
+    __slots__ = ("vectors", "status", "code", "error")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    vectors: Tensor
+    status: int
+    code: str
+    error: str
+    def __init__(self, vectors: _Optional[_Union[Tensor, _Mapping]] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

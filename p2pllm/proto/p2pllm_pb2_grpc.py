@@ -74,6 +74,11 @@ class PeerStub:
                 request_serializer=p2pllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=p2pllm__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/p2pllm.v1.Peer/Embed',
+                request_serializer=p2pllm__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.EmbedReply.FromString,
+                _registered_method=True)
         self.FetchKV = channel.unary_stream(
                 '/p2pllm.v1.Peer/FetchKV',
                 request_serializer=p2pllm__pb2.FetchKVRequest.SerializeToString,
@@ -134,6 +139,12 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchKV(self, request, context):
         """KV of given sequences and layers, from a stage's cache or a replica (plan changes).
         """
@@ -183,6 +194,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=p2pllm__pb2.GenerateRequest.FromString,
                     response_serializer=p2pllm__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=p2pllm__pb2.EmbedRequest.FromString,
+                    response_serializer=p2pllm__pb2.EmbedReply.SerializeToString,
             ),
             'FetchKV': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchKV,
@@ -406,6 +422,33 @@ class Peer:
             '/p2pllm.v1.Peer/Generate',
             p2pllm__pb2.GenerateRequest.SerializeToString,
             p2pllm__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pllm.v1.Peer/Embed',
+            p2pllm__pb2.EmbedRequest.SerializeToString,
+            p2pllm__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

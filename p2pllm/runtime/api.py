@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+import torch
+
 from ..model.sampling import SamplingParams
 from ..model.tokenizer import Tokenizer
+
+MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,16 @@ class Engine(Protocol):
         Raises EngineError before the first event when the request cannot be taken (prompt
         beyond the context: 400; no plan or not enough memory in the cluster: 503). Closing the
         iterator early (client gone) cancels the request and frees its KV on every stage.
+        """
+        ...
+
+    async def embed(self, inputs: list[list[int]], request_id: str = "embed") -> list[torch.Tensor]:
+        """Each input's (token ids, 1 to `context` of them) embedding: the final hidden states after
+        the final norm, mean-pooled over its tokens and L2-normalized, float32 [hidden] each.
+
+        Raises EngineError: 400 for an empty input, one beyond the context or ids outside the
+        vocabulary, more than MAX_EMBED_INPUTS; 503 when the cluster cannot serve or an input's
+        computation failed.
         """
         ...
 

@@ -2,8 +2,8 @@
 
 On the coordinator a request goes straight to the local Scheduler; on any other peer it is
 forwarded with the Generate RPC (the coordinator's gateway may listen on loopback only, the
-peers' gRPC ports are what the cluster shares). Tokenizing happens on the receiving peer: every
-peer has the same model (fingerprint-checked).
+peers' gRPC ports are what the cluster shares); embeddings likewise, with the Embed RPC.
+Tokenizing happens on the receiving peer: every peer has the same model (fingerprint-checked).
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import logging
 from typing import AsyncIterator, Callable
 
 import grpc
+import torch
 
 from ..model.spec import ModelSpec
 from ..model.tokenizer import Tokenizer
 from ..proto import p2pllm_pb2 as pb
-from ..transport.client import ClientPool
+from ..transport.client import MAX_MESSAGE_BYTES, ClientPool
 from ..transport.sampling_wire import sampling_fields, sampling_from
-from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
+from ..transport.vectors import vectors_from, vectors_message
+from ..transport.wire import WireError
+from .api import MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,21 @@ class ClusterEngine:
             raise EngineError("no coordinator is known yet", status=503, code="service_unavailable")
         return await _remote_generate(self._clients.get(address).stub, address, req)
 
+    async def embed(self, inputs: list[list[int]], request_id: str = "embed") -> list[torch.Tensor]:
+        reason = self._not_ready()
+        if reason:
+            raise EngineError(reason, status=503, code="service_unavailable")
+        local = self._local()
+        if local is not None:
+            return await local.embed(inputs, request_id)
+        address = self._coordinator_address()
+        if address is None:
+            raise EngineError("no coordinator is known yet", status=503, code="service_unavailable")
+        if self.spec is None:
+            raise EngineError("this peer does not know the model's hidden size", status=503,
+                              code="service_unavailable")
+        return await _remote_embed(self._clients.get(address).stub, address, inputs, request_id, self.spec.hidden)
+
 
 async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
     call = stub.Generate(pb.GenerateRequest(
@@ -73,6 +91,36 @@ async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncI
     if first.status:
         raise EngineError(first.error, status=first.status, code=first.code or "invalid_request_error")
     return _stream(call, first, address)
+
+
+# a reply carries every vector in one message: (inputs x hidden) float32 must fit the gRPC limit
+_REPLY_OVERHEAD = 4096
+_EMBED_TIMEOUT = 600.0  # a backstop only: a lost coordinator fails the call as soon as gRPC notices
+
+
+def _fits_one_reply(n: int, hidden: int) -> bool:
+    return n * hidden * 4 + _REPLY_OVERHEAD <= MAX_MESSAGE_BYTES
+
+
+async def _remote_embed(stub, address: str, inputs: list[list[int]], request_id: str,
+                        hidden: int) -> list[torch.Tensor]:
+    if len(inputs) > MAX_EMBED_INPUTS or not _fits_one_reply(len(inputs), hidden):
+        raise EngineError(f"{len(inputs)} inputs are too many for one request", code="request_too_large")
+    request = pb.EmbedRequest(request_id=request_id, inputs=[pb.TokenIds(ids=ids) for ids in inputs])
+    if request.ByteSize() > MAX_MESSAGE_BYTES:
+        raise EngineError("the inputs are too large for one request", code="request_too_large")
+    try:
+        reply = await stub.Embed(request, timeout=_EMBED_TIMEOUT)
+    except grpc.aio.AioRpcError as e:
+        raise EngineError(f"the coordinator at {address} did not answer ({e.code().name.lower()})", status=503,
+                          code="service_unavailable") from None
+    if reply.status:
+        raise EngineError(reply.error, status=reply.status, code=reply.code or "invalid_request_error")
+    try:  # a peer of the cluster, but its answer is still checked before it reaches a client
+        return vectors_from(reply.vectors, len(inputs), hidden)
+    except WireError as e:
+        raise EngineError(f"the coordinator at {address} sent malformed embeddings ({e})", status=503,
+                          code="engine_error") from None
 
 
 async def _stream(call, first: pb.GenerateEvent, address: str) -> AsyncIterator[TokenEvent]:
@@ -126,3 +174,19 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
                                    top_ids=[t for t, _ in ev.top], top_logprobs=[lp for _, lp in ev.top])
     finally:
         await events.aclose()
+
+
+async def serve_embed(scheduler: Scheduler | None, request: pb.EmbedRequest, hidden: int) -> pb.EmbedReply:
+    """The coordinator's side of the Embed RPC (`hidden`: the model's hidden size)."""
+    if scheduler is None:
+        return pb.EmbedReply(status=503, code="service_unavailable",
+                             error="this peer is not the coordinator (the cluster is changing; retry)")
+    inputs = [list(i.ids) for i in request.inputs]
+    if len(inputs) > MAX_EMBED_INPUTS or not _fits_one_reply(len(inputs), hidden):
+        return pb.EmbedReply(status=400, code="request_too_large",
+                             error=f"{len(inputs)} inputs are too many for one request")
+    try:
+        vectors = await scheduler.embed(inputs, request.request_id[:128] or "embed")
+    except EngineError as e:
+        return pb.EmbedReply(status=e.status, code=e.code, error=str(e))
+    return pb.EmbedReply(vectors=vectors_message(vectors))

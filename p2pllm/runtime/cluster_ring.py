@@ -1,4 +1,5 @@
-"""The head's view of the gRPC ring: send a micro-batch to the first stage, await its tokens."""
+"""The head's view of the gRPC ring: send a micro-batch to the first stage, await its answers
+(sampled tokens, and the vectors of embedding sequences)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..model.sampling import Sampled
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
-from .frames import MicroBatch
+from .frames import MicroBatch, Pooled
 from .scheduler import RingUnavailable
 
 log = logging.getLogger(__name__)
@@ -19,13 +20,15 @@ MICRO_BATCH_TIMEOUT = 300.0
 
 
 class ClusterRing:
-    def __init__(self, links: LinkPool, vocab: int):
+    def __init__(self, links: LinkPool, vocab: int, hidden: int):
         self.links = links
         self.vocab = vocab  # sampled ids are checked against it
+        self.hidden = hidden  # ... and embeddings' sizes against this
         self.epoch = 0
         self.first_address: str | None = None
         self.n_stages = 1
-        self._pending: dict[int, asyncio.Future] = {}
+        # per micro-batch in flight: its answer, and the sequences of its chunks that answer
+        self._pending: dict[int, tuple[asyncio.Future, list[int]]] = {}
 
     def configure(self, epoch: int, stage_addresses: list[str]) -> None:
         """Serve a newly committed plan; micro-batches of the old epoch fail (stages refuse them)."""
@@ -33,11 +36,11 @@ class ClusterRing:
         self.first_address = stage_addresses[0]
         self.n_stages = len(stage_addresses)
 
-    async def run(self, mb: MicroBatch) -> list[Sampled]:
+    async def run(self, mb: MicroBatch) -> list[Sampled | Pooled]:
         if self.first_address is None:
             raise RingUnavailable("the cluster has no committed plan yet")
         fut = asyncio.get_running_loop().create_future()
-        self._pending[mb.mb_id] = fut
+        self._pending[mb.mb_id] = (fut, [c.seq_id for c in mb.chunks if c.sample])
         try:
             await self.links.get(self.first_address).send(frames.encode(mb))
             return await asyncio.wait_for(fut, MICRO_BATCH_TIMEOUT)
@@ -48,7 +51,7 @@ class ClusterRing:
 
     def deliver(self, frame: pb.Frame) -> None:
         """A result frame from the last stage (or an error from any stage)."""
-        fut = self._pending.get(frame.micro_batch)
+        fut, answering = self._pending.get(frame.micro_batch, (None, []))
         if fut is None or fut.done():
             log.debug("result for unknown micro-batch %d", frame.micro_batch)
             return
@@ -56,11 +59,11 @@ class ClusterRing:
             fut.set_exception(RingUnavailable(frame.error))
             return
         try:
-            fut.set_result(frames.decode_result(frame, self.vocab))
+            fut.set_result(frames.decode_result(frame, self.vocab, answering, self.hidden))
         except frames.FrameError as e:
             fut.set_exception(RingUnavailable(f"a malformed result: {e}"))
 
     def fail_all(self, reason: str) -> None:
-        for fut in list(self._pending.values()):
+        for fut, _ in list(self._pending.values()):
             if not fut.done():
                 fut.set_exception(RingUnavailable(reason))

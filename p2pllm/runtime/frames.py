@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..model.sampling import SamplingParams
 
 
@@ -15,6 +17,17 @@ class SeqStart:
     capacity: int
     sampling: SamplingParams
     generated: tuple[int, ...] = ()  # tokens it generated before (a replan): the penalties count them
+    # an embedding: the last stage mean-pools its final-normed hidden states instead of sampling,
+    # and answers after its last chunk (sample=True) with the vector (a Pooled)
+    embed: bool = False
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """An embedding sequence's answer from the last stage."""
+
+    seq_id: int
+    vector: torch.Tensor  # float32 [hidden]: final-normed hidden states, mean over its tokens, unit L2 norm
 
 
 @dataclass(frozen=True)

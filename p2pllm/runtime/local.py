@@ -23,7 +23,7 @@ from ..model.spec import ModelSpec, read_spec
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..transport.wire import blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob
 from .api import GenerationRequest
-from .frames import MicroBatch
+from .frames import MicroBatch, Pooled
 from .scheduler import Scheduler
 from .stage import Stage
 
@@ -95,10 +95,10 @@ class LocalRing:
     def n_stages(self) -> int:
         return len(self.stages)
 
-    async def run(self, mb: MicroBatch) -> list[Sampled]:
+    async def run(self, mb: MicroBatch) -> list[Sampled | Pooled]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_sync, mb)
 
-    def run_sync(self, mb: MicroBatch) -> list[Sampled]:
+    def run_sync(self, mb: MicroBatch) -> list[Sampled | Pooled]:
         x = None
         for i, stage in enumerate(self.stages):
             if i > 0 and x is not None:

@@ -1,5 +1,5 @@
 """A peer's part of the ring: check each frame against the committed plan, run its layers,
-pass the result on (to the next stage, or the sampled tokens back to the head)."""
+pass the result on (to the next stage, or the sampled tokens and pooled embeddings back to the head)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class RingStage:
             return str(e)
         mb, result, deltas = out
         if b.stage.is_last:
-            await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, sampled=result))
+            await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, result))
         else:
             await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
         if deltas:  # after the result: off the critical path (a step whose replica never left is replayed)
@@ -84,14 +84,15 @@ class RingStage:
                                    known=stage.kv, live=len(stage.kv.sequences()))
         if stage.is_last:
             missing = [c.seq_id for c in mb.chunks if c.sample and c.seq_id not in stage.samplers
-                       and c.seq_id not in {s.seq_id for s in mb.starts}]
+                       and c.seq_id not in stage.pools and c.seq_id not in {s.seq_id for s in mb.starts}]
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
         deltas = []
-        if b.replica_address:  # the entries this step added, for the replica holder
+        if b.replica_address:  # the entries this step added, for the replica holder (not an embedding's:
+            # after a plan change it is computed again from its start, its pooled sum being gone)
             deltas = [exported(stage.kv, stage.start, c.seq_id, c.start, c.start + c.length)
-                      for c in mb.chunks if c.seq_id in stage.kv]
+                      for c in mb.chunks if c.seq_id in stage.kv and c.seq_id not in stage.embeddings]
         self.compute_seconds += time.perf_counter() - t0
         self.frames += 1
         return mb, result, deltas

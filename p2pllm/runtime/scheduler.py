@@ -3,6 +3,8 @@
 The scheduler only decides which sequences go into which micro-batch and what their results
 mean; a Ring executes micro-batches (in-process stages, or the gRPC ring of a cluster). Up to
 `micro_batches` are in flight at once so that every stage has work; a sequence is in at most one.
+An embedding input is a sequence too, prefilled like a prompt and batched with the others; its
+answer is a vector instead of tokens.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+import torch
+
 from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
-from .api import EngineError, EngineStats, GenerationRequest, TokenEvent
-from .frames import Chunk, MicroBatch, SeqStart
+from .api import MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
+from .frames import Chunk, MicroBatch, Pooled, SeqStart
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +30,9 @@ class Ring(Protocol):
     n_stages: int
     epoch: int
 
-    async def run(self, mb: MicroBatch) -> list[Sampled]:
-        """Execute one micro-batch through every stage; the sampled tokens, one per sampling chunk."""
+    async def run(self, mb: MicroBatch) -> list[Sampled | Pooled]:
+        """Execute one micro-batch through every stage; one answer per chunk with `sample`: a
+        sampled token, or an embedding sequence's vector."""
         ...
 
 
@@ -49,6 +54,7 @@ class _Seq:
     in_flight: bool = False
     done: bool = False
     admitted_at: float = field(default_factory=time.monotonic)
+    embedding: asyncio.Future | None = None  # an embedding input: its vector (no tokens, no events)
 
 
 class Scheduler:
@@ -145,6 +151,37 @@ class Scheduler:
             if not seq.done:  # the client went away: cancel, free its KV once it is not in flight
                 self._finish(seq, "cancelled")
 
+    async def embed(self, inputs: list[list[int]], request_id: str = "embed") -> list[torch.Tensor]:
+        """Each input's final hidden states after the final norm, mean-pooled over its tokens and
+        L2-normalized (float32 [hidden] each). The inputs run as sequences like prompts, batched
+        with whatever else runs; cancelling the call cancels those still running."""
+        if not inputs:
+            raise EngineError("there are no inputs to embed")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise EngineError(f"{len(inputs)} inputs; at most {MAX_EMBED_INPUTS} may be embedded at once")
+        for i, ids in enumerate(inputs):
+            if not ids:
+                raise EngineError(f"input {i} is empty")
+            if len(ids) > self.context:
+                raise EngineError(f"This model's maximum context length is {self.context} tokens; input {i} has "
+                                  f"{len(ids)} tokens.", code="context_length_exceeded")
+            if not 0 <= min(ids) <= max(ids) < self.vocab:
+                raise EngineError(f"input {i}: token ids must be between 0 and {self.vocab - 1}")
+        if not self.ready or self.unavailable:
+            raise EngineError(self.unavailable or "this peer is draining and takes no new requests", status=503,
+                              code="service_unavailable")
+        loop = asyncio.get_running_loop()
+        seqs = [_Seq(GenerationRequest(request_id, list(ids), 0), next(self._ids), list(ids), None,
+                     embedding=loop.create_future()) for ids in inputs]
+        for seq in seqs:
+            self._seqs[seq.seq_id] = seq
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(seq.embedding for seq in seqs)))
+        finally:
+            for seq in seqs:  # the caller left, or another input failed: the rest need not run
+                self._finish(seq, "cancelled")
+
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
         while True:
@@ -181,8 +218,10 @@ class Scheduler:
             log.warning("%d micro-batches still in flight after %.0fs", len(self._in_flight), timeout)
 
     def resume_points(self) -> list[tuple[int, int]]:
-        """(sequence, positions whose KV every stage holds) of every sequence to carry over."""
-        return [(s.seq_id, s.pos) for s in self._seqs.values() if s.started and not s.done and not s.in_flight]
+        """(sequence, positions whose KV every stage holds) of every sequence to carry over (not
+        embeddings: they start again from position 0)."""
+        return [(s.seq_id, s.pos) for s in self._seqs.values()
+                if s.started and not s.done and not s.in_flight and s.embedding is None]
 
     def resume(self, epoch_note: str, rebuilt: dict[int, int]) -> None:
         """The new plan is committed: each carried-over sequence goes on from the positions every
@@ -191,7 +230,8 @@ class Scheduler:
         for seq in self._seqs.values():
             if seq.done or not seq.started:
                 continue
-            pos = min(seq.pos, rebuilt.get(seq.seq_id, 0))
+            # an embedding's pooled sum lived on the old last stage: it is computed again from its start
+            pos = 0 if seq.embedding is not None else min(seq.pos, rebuilt.get(seq.seq_id, 0))
             replayed += pos < seq.pos
             seq.pos = pos
             seq.started = False  # announce it again: the new last stage needs its sampler
@@ -231,7 +271,8 @@ class Scheduler:
                 seq.started = True
                 capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
                 generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
-                starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated))
+                starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated,
+                                       embed=seq.embedding is not None))
             length = min(len(seq.tokens) - seq.pos, self.prefill_chunk, budget)
             if length <= 0:
                 continue
@@ -246,9 +287,9 @@ class Scheduler:
 
     async def _run(self, mb: MicroBatch) -> None:
         try:
-            sampled = await self.ring.run(mb)
-            if len(sampled) != mb.n_sampled:
-                raise RingUnavailable(f"the ring returned {len(sampled)} tokens for {mb.n_sampled} sequences")
+            answers = await self.ring.run(mb)
+            if len(answers) != mb.n_sampled:
+                raise RingUnavailable(f"the ring returned {len(answers)} answers for {mb.n_sampled} sequences")
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -267,10 +308,10 @@ class Scheduler:
                 self._to_free.extend(mb.finished)  # the frees it carried must travel again
             self._wake.set()
             return
-        results = iter(sampled)
+        results = iter(answers)
         for c in mb.chunks:
             seq = self._seqs.get(c.seq_id)
-            sampled = next(results) if c.sample else None
+            answer = next(results) if c.sample else None
             if seq is None:
                 continue
             seq.in_flight = False
@@ -278,8 +319,16 @@ class Scheduler:
                 self._release(seq)
                 continue
             seq.pos += c.length
-            if sampled is not None:
-                self._accept(seq, sampled)
+            if answer is None:
+                continue
+            if isinstance(answer, Pooled) != (seq.embedding is not None):
+                self._finish(seq, "error", error=f"the last stage answered sequence {seq.seq_id} with "
+                                                 f"{'a vector' if isinstance(answer, Pooled) else 'a token'}")
+            elif isinstance(answer, Pooled):
+                seq.embedding.set_result(answer.vector)
+                self._finish(seq, "stop")
+            else:
+                self._accept(seq, answer)
         self._wake.set()
 
     # ------------------------------------------------------------------ tokens -> events
@@ -307,9 +356,15 @@ class Scheduler:
         if seq.done:
             return
         seq.done = True
-        tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
-        seq.held = ""
-        seq.events.put_nowait(TokenEvent(None, tail, reason, error))
+        if seq.embedding is not None:
+            if reason == "error" and not seq.embedding.done():
+                seq.embedding.set_exception(EngineError(f"Embedding failed: {error or 'unknown engine error'}",
+                                                        status=503, code="engine_error"))
+            seq.embedding.cancel()  # (a no-op once its vector or error is set)
+        else:
+            tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
+            seq.held = ""
+            seq.events.put_nowait(TokenEvent(None, tail, reason, error))
         if not seq.in_flight:
             self._release(seq)
         self._wake.set()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Container
+
 import torch
 
 from ..model.backends import StageBackend
-from ..model.batch import BatchMeta, SeqChunk
+from ..model.batch import BatchMeta, LastOutputs, SeqChunk
 from ..model.kvcache import KVCacheError
-from ..model.sampling import Sampler
-from .frames import MicroBatch
+from ..model.sampling import Sampled, Sampler
+from .frames import MicroBatch, Pooled
+from .pooling import MeanPool, PoolError
 
 # a sequence's KV is first reserved for this many positions (or its known length), growing as needed
 _DEFAULT_CAPACITY = 256
@@ -19,7 +22,9 @@ class Stage:
         self.backend = backend
         self.tokenizer = tokenizer  # the last stage's samplers need it for grammar-constrained sequences
         self.kv = backend.kv
-        self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence
+        self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence ...
+        self.pools: dict[int, MeanPool] = {}  # ... but embeddings, which it pools
+        self.embeddings: set[int] = set()  # sequences started as embeddings (every stage: no KV replicas)
 
     @property
     def start(self) -> int:
@@ -45,29 +50,68 @@ class Stage:
     def free(self, seq_id: int) -> None:
         self.kv.free(seq_id)
         self.samplers.pop(seq_id, None)
+        self.pools.pop(seq_id, None)
+        self.embeddings.discard(seq_id)
 
     def close(self) -> None:
         self.backend.close()
 
-    def process(self, mb: MicroBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int] | None:
-        """One micro-batch: hidden states out, or on the last stage the sampled tokens (`Sampled`)."""
+    def process(self, mb: MicroBatch, hidden: torch.Tensor | None = None
+                ) -> torch.Tensor | list[Sampled | Pooled] | None:
+        """One micro-batch: hidden states out, or on the last stage one answer per chunk with
+        `sample` (in chunk order): a sampled token, or an embedding sequence's pooled vector."""
         for s in mb.starts:
             self.begin(s.seq_id, s.capacity)
+            if s.embed:
+                self.embeddings.add(s.seq_id)
+            else:
+                self.embeddings.discard(s.seq_id)
             if self.is_last:
-                self.samplers[s.seq_id] = Sampler(s.sampling, s.generated, self.tokenizer)
+                if s.embed:  # (again, after a plan change: pooling restarts with position 0)
+                    self.pools[s.seq_id] = MeanPool(self.backend.spec.hidden)
+                    self.samplers.pop(s.seq_id, None)
+                else:
+                    self.samplers[s.seq_id] = Sampler(s.sampling, s.generated, self.tokenizer)
+                    self.pools.pop(s.seq_id, None)
         out = None
         if mb.chunks:
             x = torch.tensor(mb.tokens, dtype=torch.long) if self.is_first else hidden
-            out = self.step(x, [SeqChunk(c.seq_id, c.start, c.length) for c in mb.chunks])
+            chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in mb.chunks]
             if self.is_last:
-                out = [self.samplers[c.seq_id].choose(out[i]) for i, c in enumerate(mb.chunks) if c.sample]
+                for c in chunks:  # refused before anything is computed or cached
+                    if c.seq_id in self.pools and self.pools[c.seq_id].count != c.start:
+                        raise PoolError(f"sequence {c.seq_id}: a pooled chunk starts at {c.start}, but "
+                                        f"{self.pools[c.seq_id].count} positions were pooled here")
+                out = self._answer(mb, self.step(x, chunks, pooled=self.pools))
+            else:
+                out = self.step(x, chunks)
         for seq_id in mb.finished:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []
 
-    def step(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:
+    def _answer(self, mb: MicroBatch, outputs: LastOutputs) -> list[Sampled | Pooled]:
+        """Logits rows go to their samplers, normed rows to their pools (rows come chunk by chunk)."""
+        answers: list[Sampled | Pooled] = []
+        logit_row = normed_row = 0
+        for c in mb.chunks:
+            pool = self.pools.get(c.seq_id)
+            if pool is not None:
+                pool.add(c.seq_id, c.start, outputs.normed[normed_row: normed_row + c.length])
+                normed_row += c.length
+                if c.sample:
+                    answers.append(Pooled(c.seq_id, pool.vector()))
+            else:
+                if c.sample:
+                    answers.append(self.samplers[c.seq_id].choose(outputs.logits[logit_row]))
+                logit_row += 1
+        return answers
+
+    def step(self, x: torch.Tensor, chunks: list[SeqChunk], pooled: Container[int] | None = None
+             ) -> torch.Tensor | LastOutputs:
         """Run this stage's layers on one micro-batch (token ids or hidden states); each chunk
-        continues its sequence (a replayed chunk overwrites what followed it)."""
+        continues its sequence (a replayed chunk overwrites what followed it). With `pooled` (the
+        last stage), the outputs of forward_last: logits, and every row of the `pooled` sequences
+        after the final norm."""
         for c in chunks:
             if c.seq_id not in self.kv:
                 self.kv.allocate(c.seq_id, max(_DEFAULT_CAPACITY, c.start + c.length))
@@ -76,4 +120,6 @@ class Stage:
                     f"sequence {c.seq_id}: chunk starts at {c.start} but only {self.kv.length(c.seq_id)} positions are cached"
                 )
             self.kv.truncate(c.seq_id, c.start)
-        return self.backend.forward(x, BatchMeta.build(chunks))
+        if pooled is None:
+            return self.backend.forward(x, BatchMeta.build(chunks))
+        return self.backend.forward_last(x, BatchMeta.build(chunks, pooled=pooled))

@@ -18,8 +18,9 @@ from ..model.kvcache import KVFormat
 from ..model.sampling import Sampled, SamplingParams
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
-from ..runtime.frames import Chunk, MicroBatch, SeqStart
+from ..runtime.frames import Chunk, MicroBatch, Pooled, SeqStart
 from .sampling_wire import sampling_fields, sampling_from
+from .vectors import vectors_from, vectors_message
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
 
 if TYPE_CHECKING:
@@ -51,20 +52,49 @@ def encode(mb: MicroBatch, hidden: torch.Tensor | None = None, wire_dtype: str |
     return frame
 
 
-def result_frame(epoch: int, mb_id: int, sampled: list[Sampled] | None = None, error: str = "") -> pb.Frame:
-    sampled = sampled or []
+def result_frame(epoch: int, mb_id: int, answers: list[Sampled | Pooled] | None = None, error: str = "") -> pb.Frame:
+    """The last stage's answers to the head: sampled tokens in `sampled`, embeddings' vectors in
+    `pooled` (with their sequences in `pooled_seqs`), each list in chunk order."""
+    answers = answers or []
+    sampled = [a for a in answers if isinstance(a, Sampled)]
+    pooled = [a for a in answers if isinstance(a, Pooled)]
     frame = pb.Frame(epoch=epoch, micro_batch=mb_id, sampled=[s.token for s in sampled], error=error, to_head=True)
     if any(s.logprob is not None for s in sampled):
         frame.sampled_logprobs.extend(math.nan if s.logprob is None else s.logprob for s in sampled)
         frame.top_counts.extend(len(s.top) for s in sampled)
         frame.top_ids.extend(t for s in sampled for t, _ in s.top)
         frame.top_logprobs.extend(lp for s in sampled for _, lp in s.top)
+    if pooled:
+        frame.pooled_seqs.extend(p.seq_id for p in pooled)
+        frame.pooled.CopyFrom(vectors_message([p.vector for p in pooled]))
     return frame
 
 
-def decode_result(frame: pb.Frame, vocab: int) -> list[Sampled]:
-    """The tokens a result frame carries (with their logprobs where asked), checked: FrameError
-    for an id outside the vocabulary, a positive log-probability or lists that do not line up."""
+def decode_result(frame: pb.Frame, vocab: int, answering: list[int], hidden: int) -> list[Sampled | Pooled]:
+    """The answers a result frame carries for the micro-batch's answering chunks (`answering`: their
+    sequences, in chunk order), checked: FrameError for a count that does not match, an id outside
+    the vocabulary, a positive log-probability, lists that do not line up, pooled sequences that are
+    not answering chunks of this micro-batch in order, or a vector of the wrong size or not finite."""
+    pooled_seqs = list(frame.pooled_seqs)
+    if len(frame.sampled) + len(pooled_seqs) != len(answering):
+        raise FrameError(f"{len(frame.sampled)} tokens and {len(pooled_seqs)} embeddings for "
+                         f"{len(answering)} sequences")
+    embedded = set(pooled_seqs)
+    if [s for s in answering if s in embedded] != pooled_seqs:
+        raise FrameError("embeddings for sequences that do not answer in this micro-batch")
+    vectors: list = []
+    if pooled_seqs:
+        try:
+            vectors = vectors_from(frame.pooled, len(pooled_seqs), hidden)
+        except WireError as e:
+            raise FrameError(f"embeddings: {e}") from None
+    elif frame.HasField("pooled"):
+        raise FrameError("embedding vectors without their sequences")
+    tokens, by_seq = iter(_decode_sampled(frame, vocab)), dict(zip(pooled_seqs, vectors))
+    return [Pooled(s, by_seq[s]) if s in by_seq else next(tokens) for s in answering]
+
+
+def _decode_sampled(frame: pb.Frame, vocab: int) -> list[Sampled]:
     n = len(frame.sampled)
     if any(not 0 <= t < vocab for t in frame.sampled):
         raise FrameError("a sampled token id outside the vocabulary")
@@ -88,7 +118,7 @@ def decode_result(frame: pb.Frame, vocab: int) -> list[Sampled]:
 
 
 def _encode_start(s: SeqStart) -> pb.SequenceStart:
-    return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, generated=s.generated,
+    return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, generated=s.generated, embed=s.embed,
                             **sampling_fields(s.sampling))
 
 
@@ -103,7 +133,7 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
     """
     if frame.epoch != epoch:
         raise FrameError(f"frame of epoch {frame.epoch}, this peer serves epoch {epoch}")
-    if frame.to_head or frame.sampled or frame.error:
+    if frame.to_head or frame.sampled or frame.error or frame.pooled_seqs or frame.HasField("pooled"):
         raise FrameError("a result frame sent to a stage")
     for name, n in (("chunks", len(frame.chunks)), ("starts", len(frame.starts)), ("finished", len(frame.finished))):
         if n > MAX_FRAME_CHUNKS:
@@ -130,7 +160,7 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         if len(s.generated) > context or any(not 0 <= t < spec.vocab for t in s.generated):
             raise FrameError(f"sequence {s.seq_id}: its generated tokens are longer than the context or outside "
                              "the vocabulary")
-        starts.append(SeqStart(s.seq_id, s.capacity, params, tuple(s.generated)))
+        starts.append(SeqStart(s.seq_id, s.capacity, params, tuple(s.generated), s.embed))
     started = {s.seq_id for s in starts}
     if len(started) != len(starts):
         raise FrameError("a sequence is started twice in one frame")

@@ -36,6 +36,7 @@ class ControlHandler(Protocol):
     def on_status(self) -> str: ...
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck: ...
     def on_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]: ...
+    async def on_embed(self, req: pb.EmbedRequest) -> pb.EmbedReply: ...
     async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]: ...
 
 
@@ -80,6 +81,9 @@ class PeerService(pb_grpc.PeerServicer):
     async def Generate(self, request, context):
         async for event in self.handler.on_generate(request):
             yield event
+
+    async def Embed(self, request, context):
+        return await self.handler.on_embed(request)
 
 
 class _UndecodableMessages(logging.Filter):

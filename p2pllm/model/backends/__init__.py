@@ -7,7 +7,8 @@
 
 What the runtime (stage, scheduler, ring, replicas, recovery) relies on, whatever the backend:
 `start`, `end`, `is_first`, `is_last`, `spec`, `device`, `activation_dtype` (hidden states in and
-out), `weight_bytes`, `forward(x, meta)` and `kv` (allocate/free/length/truncate/sequences,
+out), `weight_bytes`, `forward(x, meta)`, on the last stage `forward_last(x, meta)` (logits and,
+for embeddings, final-normed hidden states) and `kv` (allocate/free/length/truncate/sequences,
 `export`/`import_entries` of KVEntries in its `format`, `nbytes`), `close()`.
 """
 
@@ -21,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 
 from ...errors import UsageError
-from ..batch import BatchMeta
+from ..batch import BatchMeta, LastOutputs
 from ..kvcache import KVEntries, KVFormat, check_kv_dtype
 from ..spec import ModelSpec, read_spec
 
@@ -59,6 +60,7 @@ class StageBackend(Protocol):
     kv: KVStore
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor: ...
+    def forward_last(self, x: torch.Tensor, meta: BatchMeta) -> LastOutputs: ...
     def close(self) -> None: ...
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ...errors import ModelFileError, UsageError
-from ..batch import BatchMeta
+from ..batch import BatchMeta, LastOutputs
 from ..kvcache import KVFormat
 from ..loader import StoredTensor, stored_slice
 from ..spec import ModelSpec
@@ -138,6 +138,17 @@ class GGMLStage:
 
         Returns hidden states [T, hidden], or on the last stage logits [n_out, vocab] for the rows
         meta.last_rows asks for."""
+        out = self._step(x, meta)
+        return out.logits if self.is_last else out
+
+    def forward_last(self, x: torch.Tensor, meta: BatchMeta) -> LastOutputs:
+        """The last stage's outputs: logits for meta.last_rows and final-normed hidden states for
+        meta.normed_rows (embeddings; the output head never runs on them)."""
+        if not self.is_last:
+            raise ValueError("forward_last runs on the last stage only")
+        return self._step(x, meta)
+
+    def _step(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor | LastOutputs:
         chunks = meta.chunks
         cells = self.kv.place([c.seq_id for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
         try:
@@ -147,11 +158,12 @@ class GGMLStage:
                 self.kv.truncate(c.seq_id, c.start)
             raise
 
-    def _compute(self, x: torch.Tensor, meta: BatchMeta, cells: np.ndarray) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, meta: BatchMeta, cells: np.ndarray) -> torch.Tensor | LastOutputs:
         chunks = meta.chunks
         T = meta.n_tokens
-        n_out = int(meta.last_rows.shape[0]) if self.is_last else 0
-        graph = self._graph(T, self.kv.window(), n_out)
+        n_logits = int(meta.last_rows.shape[0]) if self.is_last else 0
+        n_normed = int(meta.normed_rows.shape[0]) if self.is_last else 0
+        graph = self._graph(T, self.kv.window(), n_logits, n_normed)
         if self._allocated is not graph:  # another shape than the last step: lay it out in the shared buffer
             graph.unplace()
             if not self.g.ggml_gallocr_alloc_graph(self._alloc, graph.gf):
@@ -168,17 +180,22 @@ class GGMLStage:
         graph.cells[:] = cells
         self.kv.fill_mask(graph.mask, tok_seq, pos)
         if self.is_last:
-            graph.out_rows[:] = meta.last_rows.numpy()
+            graph.out_rows[:n_logits] = meta.last_rows.numpy()
+            graph.out_rows[n_logits:] = meta.normed_rows.numpy()
         self.g.ggml_backend_graph_compute(self.backend, graph.gf)
-        return torch.from_numpy(graph.output.copy())
+        if not self.is_last:
+            return torch.from_numpy(graph.output.copy())
+        logits = torch.from_numpy(graph.logits.copy()) if n_logits else torch.empty(0, self.spec.vocab)
+        normed = torch.from_numpy(graph.normed.copy()) if n_normed else torch.empty(0, self.spec.hidden)
+        return LastOutputs(logits, normed)
 
-    def _graph(self, n_tokens: int, n_kv: int, n_out: int) -> "_Graph":
-        key = (n_tokens, n_kv, n_out, self.kv.generation)
+    def _graph(self, n_tokens: int, n_kv: int, n_logits: int, n_normed: int) -> "_Graph":
+        key = (n_tokens, n_kv, n_logits, n_normed, self.kv.generation)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(self, n_tokens, n_kv, n_out)
+            graph = _Graph(self, n_tokens, n_kv, n_logits, n_normed)
             self._graphs[key] = graph
-            while len(self._graphs) > MAX_GRAPHS or any(k[3] != self.kv.generation for k in self._graphs):
+            while len(self._graphs) > MAX_GRAPHS or any(k[-1] != self.kv.generation for k in self._graphs):
                 _, old = self._graphs.popitem(last=False)
                 if old is self._allocated:
                     self._allocated = None
@@ -197,8 +214,9 @@ class GGMLStage:
 class _Graph:
     """One step's ggml graph and its inputs; laid out in the stage's compute buffer before it runs."""
 
-    def __init__(self, st: GGMLStage, T: int, n_kv: int, n_out: int):
+    def __init__(self, st: GGMLStage, T: int, n_kv: int, n_logits: int, n_normed: int):
         g, spec, w = st.g, st.spec, st.w
+        n_out = n_logits + n_normed  # rows the last stage keeps: logits rows first, then normed rows
         nodes = 40 * st.n_layers + 64
         self.ctx = ctx = gl.Context(nodes, nodes)
         c = ctx.ptr
@@ -242,14 +260,23 @@ class _Graph:
             h = g.ggml_mul(c, g.ggml_rms_norm(c, x, eps), w[p + "ffn_norm"])
             ffn = g.ggml_swiglu_split(c, g.ggml_mul_mat(c, w[p + "w_gate"], h), g.ggml_mul_mat(c, w[p + "w_up"], h))
             x = g.ggml_add(c, x, g.ggml_mul_mat(c, w[p + "w_down"], ffn))
+        normed = logits = None
         if st.is_last:
-            x = g.ggml_mul(c, g.ggml_rms_norm(c, x, eps), w["norm"])
-            x = g.ggml_mul_mat(c, w["head"], x)
+            x = normed = g.ggml_mul(c, g.ggml_rms_norm(c, x, eps), w["norm"])
+            if n_logits:  # the output head runs on the logits rows only (embedding rows skip it)
+                rows = normed
+                if n_normed:
+                    rows = g.ggml_view_2d(c, normed, spec.hidden, n_logits, normed.contents.nb[1], 0)
+                x = logits = g.ggml_mul_mat(c, w["head"], rows)
+            if n_normed:
+                g.ggml_set_output(normed)
         g.ggml_set_output(x)
         self.gf = g.ggml_new_graph_custom(c, nodes, False)
         g.ggml_build_forward_expand(self.gf, x)
-        self._tensors = (inp, pos, cells, mask, out_rows, x)
-        self.shape = (st.is_first, st.is_last, T, n_kv, n_out, spec.hidden, spec.vocab)
+        if normed is not None and x is not normed:
+            g.ggml_build_forward_expand(self.gf, normed)
+        self._tensors = (inp, pos, cells, mask, out_rows, x, normed, logits)
+        self.shape = (st.is_first, st.is_last, T, n_kv, n_logits, n_normed, spec.hidden, spec.vocab)
 
     def unplace(self) -> None:
         """Forget where the allocator put this graph's tensors (another graph has used the buffer
@@ -263,8 +290,8 @@ class _Graph:
 
     def bind(self) -> None:
         """numpy views of the inputs and the output where the allocator just placed them."""
-        inp, pos, cells, mask, out_rows, x = self._tensors
-        first, last, T, n_kv, n_out, hidden, vocab = self.shape
+        inp, pos, cells, mask, out_rows, x, normed, logits = self._tensors
+        first, last, T, n_kv, n_logits, n_normed, hidden, vocab = self.shape
         if first:
             self.tokens = gl.view(inp, np.int32, (T,))
         else:
@@ -273,8 +300,12 @@ class _Graph:
         self.cells = gl.view(cells, np.int64, (T,))
         self.mask = gl.view(mask, np.float16, (T, n_kv))
         if last:
-            self.out_rows = gl.view(out_rows, np.int32, (n_out,))
-        self.output = gl.view(x, np.float32, (n_out, vocab) if last else (T, hidden))
+            self.out_rows = gl.view(out_rows, np.int32, (n_logits + n_normed,))
+            # the normed rows follow the logits rows (only kept as an output when some are asked for)
+            self.normed = gl.view(normed, np.float32, (n_logits + n_normed, hidden))[n_logits:] if n_normed else None
+            self.logits = gl.view(logits, np.float32, (n_logits, vocab)) if n_logits else None
+        else:
+            self.output = gl.view(x, np.float32, (T, hidden))
 
     def free(self) -> None:
         if self.ctx is not None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..batch import BatchMeta
+from ..batch import BatchMeta, LastOutputs
 from ..kvcache import KVCache
 from ..spec import ModelSpec
 
@@ -182,18 +182,29 @@ class TorchStage:
     def close(self) -> None:
         pass
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] on the first slice, hidden states [T, hidden] otherwise.
 
         Returns hidden states [T, hidden], or on the last slice logits [n_out, vocab] for the rows
         meta.last_rows asks for (the last token of each chunk: the only ones anyone samples from).
         """
+        out = self._run(x, meta)
+        return out.logits if self.is_last else out
+
+    def forward_last(self, x: torch.Tensor, meta: BatchMeta) -> LastOutputs:
+        """The last slice's outputs: logits for meta.last_rows and final-normed hidden states for
+        meta.normed_rows (embeddings; the output head never runs on them)."""
+        if not self.is_last:
+            raise ValueError("forward_last runs on the last slice only")
+        return self._run(x, meta)
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor | LastOutputs:
         kv = self.kv
         for c in meta.chunks:
             kv.reserve(c.seq_id, c.start + c.length)
         x = x.to(self.device)
-        meta = BatchMeta(meta.chunks, meta.positions.to(self.device), meta.last_rows.to(self.device))
+        meta = meta.to(self.device)
         if self.is_first:
             x = self.head.rows(x) if self.embed_from_head else F.embedding(x, self.embed)
         cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd], broadcast over heads
@@ -202,8 +213,10 @@ class TorchStage:
             x = layer.forward(x, cos, sin, meta, kv, i)
         if not self.is_last:
             return x
-        x = rms_norm(x.index_select(0, meta.last_rows), self.norm, self.spec.norm_eps)
-        return self.head(x).float()
+        n = int(meta.last_rows.shape[0])
+        x = rms_norm(x.index_select(0, torch.cat([meta.last_rows, meta.normed_rows])), self.norm, self.spec.norm_eps)
+        logits = self.head(x[:n]).float() if n else torch.empty(0, self.spec.vocab, device=self.device)
+        return LastOutputs(logits, x[n:].float())
 
 
 def _weights(stage: TorchStage):
