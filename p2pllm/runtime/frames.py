@@ -1,4 +1,5 @@
-"""Plain data the head and the stages exchange: one micro-batch travelling the ring."""
+"""Plain data the head and the stages exchange: one micro-batch travelling the ring, and KV rows
+moving between stages (replicas, plan changes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.kvcache import KVFormat
 from ..model.sampling import SamplingParams
 
 
@@ -54,3 +56,28 @@ class MicroBatch:
     @property
     def n_sampled(self) -> int:
         return sum(1 for c in self.chunks if c.sample)
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """KV of layers [first_layer, first_layer + n) of one sequence, positions [start, start + length)."""
+
+    seq_id: int
+    first_layer: int
+    start: int
+    data: torch.Tensor  # uint8 [n_layers, 2, length, row_bytes]: raw rows in `format`
+    format: KVFormat
+
+    @property
+    def end_layer(self) -> int:
+        return self.first_layer + int(self.data.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.data.shape[2])
+
+    def layers(self, a: int, b: int) -> "LayerKV":
+        return LayerKV(self.seq_id, a, self.start, self.data[a - self.first_layer: b - self.first_layer], self.format)
+
+    def positions(self, n: int) -> "LayerKV":
+        return LayerKV(self.seq_id, self.first_layer, self.start, self.data[:, :, :n], self.format)

@@ -19,7 +19,8 @@ from ..model.kvcache import KVEntries, KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
-from .replica import LayerKV, ReplicaStore, assemble, from_cache
+from .frames import LayerKV
+from .replica import ReplicaStore, assemble, from_cache
 from .stage import Stage
 
 log = logging.getLogger(__name__)

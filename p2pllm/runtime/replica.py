@@ -11,7 +11,6 @@ whose KV cannot be rebuilt completely is replayed by the head instead (a prefill
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -20,33 +19,9 @@ from ..model.kvcache import KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
+from .frames import LayerKV
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerKV:
-    """KV of layers [first_layer, first_layer + n) of one sequence, positions [start, start + length)."""
-
-    seq_id: int
-    first_layer: int
-    start: int
-    data: torch.Tensor  # uint8 [n_layers, 2, length, row_bytes]: raw rows in `format`
-    format: KVFormat
-
-    @property
-    def end_layer(self) -> int:
-        return self.first_layer + int(self.data.shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.data.shape[2])
-
-    def layers(self, a: int, b: int) -> "LayerKV":
-        return LayerKV(self.seq_id, a, self.start, self.data[a - self.first_layer: b - self.first_layer], self.format)
-
-    def positions(self, n: int) -> "LayerKV":
-        return LayerKV(self.seq_id, self.first_layer, self.start, self.data[:, :, :n], self.format)
 
 
 class ReplicaStore:

@@ -14,7 +14,8 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
-from .replica import LayerKV, exported
+from .frames import LayerKV
+from .replica import exported
 from .stage import Stage
 
 log = logging.getLogger(__name__)

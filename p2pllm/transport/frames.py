@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from typing import TYPE_CHECKING, Container
+from typing import Container
 
 import torch
 
@@ -18,13 +18,10 @@ from ..model.kvcache import KVFormat
 from ..model.sampling import Sampled, SamplingParams
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
-from ..runtime.frames import Chunk, MicroBatch, Pooled, SeqStart
+from ..runtime.frames import Chunk, LayerKV, MicroBatch, Pooled, SeqStart
 from .sampling_wire import sampling_fields, sampling_from
 from .vectors import vectors_from, vectors_message
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
-
-if TYPE_CHECKING:
-    from ..runtime.replica import LayerKV
 
 MAX_FRAME_TOKENS = 16384
 MAX_FRAME_CHUNKS = 1024  # also the limit on starts and on finished ids in one frame
@@ -207,8 +204,6 @@ def encode_kv(kv: LayerKV, epoch: int = 0) -> pb.KVDelta:
 def decode_kv(delta: pb.KVDelta, spec: ModelSpec, context: int) -> LayerKV:
     """A checked KV delta: a known format, layers within the model, positions within the context,
     exact shape and byte length for that format."""
-    from ..runtime.replica import LayerKV
-
     try:
         fmt = KVFormat.parse(delta.format)
         row = fmt.row_bytes(spec.n_kv_heads * spec.head_dim)
