@@ -57,8 +57,8 @@ def seconds(text: str) -> float:
 
 def model_ref(text: str) -> str:
     """--model: a .gguf file or Hugging Face folder, else a model in Ollama, LM Studio or the HF cache
-    (p2pllm/model/stores.py); the path it resolves to."""
-    from .model.stores import ModelRefError, resolve_model
+    (p2pllm/model/store.py); the path it resolves to."""
+    from .model.store import ModelRefError, resolve_model
 
     try:
         return resolve_model(text)

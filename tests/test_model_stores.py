@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, SHARED_MODELS
 from p2pllm.cli import build_parser
-from p2pllm.model.stores import ModelRefError, list_models, resolve_model
+from p2pllm.model.store import ModelRefError, list_models, resolve_model
 
 STORE_ENV = ("OLLAMA_MODELS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
 COMMIT_A = "3f1c9a2b7d5e4c6a8b0d2e4f6a8c0e2b4d6f8a0c"  # snapshot folders are named by 40-hex commit

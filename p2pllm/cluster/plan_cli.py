@@ -20,7 +20,7 @@ import sys
 from ..errors import UsageError
 from ..model.kvcache import kv_bytes_per_value
 from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
-from ..model.stores import ModelRefError, resolve_model
+from ..model.store import ModelRefError, resolve_model
 from .capability import parse_duration, parse_rate, parse_size, probe
 from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, plan
 

@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..errors import ModelFileError
-from .stores import StoreModel, list_models, searched_places
+from .store import StoreModel, list_models, searched_places
 
 
 def describe(m: StoreModel) -> dict:
