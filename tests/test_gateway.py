@@ -379,7 +379,7 @@ def _key(demo: Served) -> dict:
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}), "stop",
      "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": 5}), "stop", "invalid_type"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n", "unsupported_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 129}), "n", "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), "stream", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model", "model_not_found"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 7}), "model", "invalid_type"),

@@ -132,9 +132,10 @@ def test_bad_penalties_and_biases_are_400(stories, body, param):
 HONOURED = {"messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
             "stop", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
             "response_format", "logprobs", "top_logprobs",  # test_structured_outputs.py, test_logprobs.py
-            "tools", "tool_choice", "parallel_tool_calls"}  # test_tools.py
+            "tools", "tool_choice", "parallel_tool_calls",  # test_tools.py
+            "n"}  # test_choices.py
 # honoured at their default value only (any other value is refused: the cases below)
-DEFAULT_ONLY = {"n": 2, "modalities": ["text", "audio"], "echo": True, "best_of": 2, "suffix": "end"}
+DEFAULT_ONLY = {"modalities": ["text", "audio"], "echo": True, "best_of": 2, "suffix": "end"}
 REFUSED_WHEN_SET = {"audio": {"voice": "alloy", "format": "wav"}, "functions": [{"name": "f"}],
                     "function_call": "auto", "prediction": {"type": "content", "content": "x"},
                     "web_search_options": {}, "moderation": {}, "verbosity": "low", "reasoning_effort": "low"}

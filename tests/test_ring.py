@@ -209,3 +209,21 @@ def test_embeddings_through_a_forwarding_gateway_equal_one_process(cluster, stor
             break
         time.sleep(0.3)
     assert all(a == 0 and k == 0 for a, k in busy), busy
+
+
+def test_choices_copy_the_prompt_on_every_stage_of_the_ring(cluster):
+    import json
+
+    h, view = cluster
+    other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
+    body = {"model": "stories260K.gguf", "prompt": "Tom had a red ball. He", "max_tokens": 16, "n": 3}
+    greedy = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions",
+                               "body": json.dumps({**body, "temperature": 0}),
+                               "headers": {"content-type": "application/json"}})
+    assert greedy["status"] == 200, greedy
+    texts = [c["text"] for c in greedy["json"]["choices"]]
+    assert len(texts) == 3 and texts[0] and len(set(texts)) == 1  # the same copied prompt, the same argmax
+    sampled = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions",
+                                "body": json.dumps({**body, "temperature": 1.0, "seed": 3}),
+                                "headers": {"content-type": "application/json"}})
+    assert sampled["status"] == 200 and len({c["text"] for c in sampled["json"]["choices"]}) > 1, sampled

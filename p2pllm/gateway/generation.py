@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable
 
 from starlette.requests import Request
@@ -47,11 +48,15 @@ class Answer:
         """What a stream starts with, before the first piece of text."""
         return ()
 
-    def piece(self, job: "Job", text: str) -> bytes:
+    def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
         raise NotImplementedError
 
+    def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
+        """The end of one choice of several (n > 1) while others go on."""
+        return ()
+
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
-        """The end of a stream that finished with "stop" or "length"."""
+        """The end of a stream that finished with "stop" or "length" (its last choice's reason)."""
         raise NotImplementedError
 
     def failure(self, job: "Job", error: ApiError) -> Iterable[bytes]:
@@ -69,16 +74,21 @@ class OpenAIAnswer(Answer):
         self.cid = shape.cid
 
     def whole(self, job: "Job", finish_reason: str) -> Response:
-        return JSON(self.shape.whole(job.text, finish_reason, job.usage(), job.logprobs))
+        return JSON(self.shape.whole_choices([self.shape.choice(i, c.text, c.finish_reason, c.logprobs)
+                                              for i, c in enumerate(job.choices)], job.usage()))
 
     def opening(self, job: "Job") -> Iterable[bytes]:
-        return [sse(self.shape.chunk("", role=True))] if self.shape.chat else []
+        return [sse(self.shape.chunk("", role=True, index=i)) for i in range(len(job.choices))] if self.shape.chat \
+            else []
 
-    def piece(self, job: "Job", text: str) -> bytes:
-        return sse(self.shape.chunk(text, logprobs=job.unsent_logprobs()))
+    def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
+        return sse(self.shape.chunk(text, logprobs=job.unsent_logprobs(index), index=index))
+
+    def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
+        return [sse(self.shape.chunk(None, finish_reason, index=index))]
 
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
-        yield sse(self.shape.chunk(None, finish_reason))
+        yield sse(self.shape.chunk(None, finish_reason, index=job.last_index))
         if self.shape.include_usage:
             yield sse(self.shape.usage_chunk(job.usage()))
         yield sse("[DONE]")
@@ -93,17 +103,26 @@ class ToolAnswer(OpenAIAnswer):
     delta at the end (the JSON means nothing to a client before it is complete)."""
 
     def whole(self, job: "Job", finish_reason: str) -> Response:
-        content, calls = interpret(job.text)
-        return JSON(self.shape.whole(content, "tool_calls" if calls else finish_reason, job.usage(), job.logprobs,
-                                     calls))
+        choices = []
+        for i, c in enumerate(job.choices):
+            content, calls = interpret(c.text)
+            choices.append(self.shape.choice(i, content, "tool_calls" if calls else c.finish_reason, c.logprobs,
+                                             calls))
+        return JSON(self.shape.whole_choices(choices, job.usage()))
 
-    def piece(self, job: "Job", text: str) -> bytes:
+    def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
         return b""
 
+    def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
+        content, calls = interpret(job.choices[index].text)
+        yield sse(self.shape.chunk(content, logprobs=job.unsent_logprobs(index), tool_calls=calls, index=index))
+        yield sse(self.shape.chunk(None, "tool_calls" if calls else finish_reason, index=index))
+
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
-        content, calls = interpret(job.text)
-        yield sse(self.shape.chunk(content, logprobs=job.unsent_logprobs(), tool_calls=calls))
-        yield from super().closing(job, "tool_calls" if calls else finish_reason)
+        yield from self.choice_end(job, job.last_index, finish_reason)
+        if self.shape.include_usage:
+            yield sse(self.shape.usage_chunk(job.usage()))
+        yield sse("[DONE]")
 
 
 async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,
@@ -124,11 +143,12 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
     submitted = time.perf_counter()
     try:
         started = engine.generate(GenerationRequest(answer.cid, prompt_ids, max_tokens, req.sampling, req.stop,
-                                                    req.ignore_eos))
+                                                    req.ignore_eos, n=req.n))
         it = await started if inspect.isawaitable(started) else started
     except EngineError as e:
         raise _refused(e, req) from None
-    job = Job(metrics, request, it, answer, n_prompt=len(prompt_ids), arrived=arrived, submitted=submitted)
+    job = Job(metrics, request, it, answer, n_prompt=len(prompt_ids), arrived=arrived, submitted=submitted,
+              n=req.n)
     metrics.prompt_tokens.inc(len(prompt_ids))
     try:
         first = await job.next()
@@ -141,7 +161,7 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
     if first is None:
         await job.close()
         return Response(status_code=_CLIENT_GONE)
-    if first.finish_reason is not None and first.finish_reason not in ("stop", "length") and not job.text:
+    if first.finish_reason is not None and first.finish_reason not in ("stop", "length") and not job.any_text:
         await job.close()
         raise _failure(first)
     if req.stream:
@@ -230,11 +250,21 @@ class _ClientWatch:
         self._gone.cancel()
 
 
+@dataclass
+class Choice:
+    """One choice of an answer as it comes in (a request has n)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # (token, logprob, alternatives), when asked
+    sent_logprobs: int = 0  # how many went out with streamed pieces
+
+
 class Job:
     """One accepted request: iterates the engine, counts tokens and times them, shapes the answer."""
 
     def __init__(self, metrics: GatewayMetrics, request: Request, it: AsyncIterator[TokenEvent],
-                 answer: Answer, *, n_prompt: int, arrived: float, submitted: float):
+                 answer: Answer, *, n_prompt: int, arrived: float, submitted: float, n: int = 1):
         self.metrics = metrics
         self.it = it
         self.answer = answer
@@ -243,14 +273,13 @@ class Job:
         self.submitted = submitted  # ... when it was handed to the engine
         self.request_id = request.scope.get("state", {}).get("request_id", answer.cid)
         self.watch = _ClientWatch(request.receive)
-        self.n_tokens = 0
-        self.text = ""
+        self.n_tokens = 0  # of every choice
+        self.choices = [Choice() for _ in range(n)]
+        self.last_index = 0  # the choice of the latest event
         self.last_token_at: float | None = None
         self.first_token_at: float | None = None
         self.closed = False
         self.outcome = "unfinished"
-        self.logprobs: list[tuple[int, float, tuple]] = []  # (token, logprob, alternatives), when asked
-        self._sent_logprobs = 0
 
     async def next(self) -> TokenEvent | None:
         """The next event, None when the client left; a stream ending without a finish is an error."""
@@ -261,6 +290,10 @@ class Job:
         if event is None:
             self.outcome = "client gone"
             return None
+        if not 0 <= event.index < len(self.choices):
+            event = TokenEvent(None, "", "error", f"the engine answered for choice {event.index}")
+        choice = self.choices[event.index]
+        self.last_index = event.index
         if event.token_id is not None:
             now = time.perf_counter()
             if self.last_token_at is None:
@@ -272,11 +305,31 @@ class Job:
             self.n_tokens += 1
             self.metrics.completion_tokens.inc()
             if event.logprob is not None:
-                self.logprobs.append((event.token_id, event.logprob, event.top))
-        self.text += event.text
+                choice.logprobs.append((event.token_id, event.logprob, event.top))
+        choice.text += event.text
         if event.finish_reason is not None:
-            self.outcome = event.finish_reason
+            choice.finish_reason = event.finish_reason
+            if event.finish_reason not in ("stop", "length") or self.finished:
+                self.outcome = event.finish_reason
         return event
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (the only one, unless n > 1)."""
+        return self.choices[0].text
+
+    @property
+    def logprobs(self) -> list:
+        return self.choices[0].logprobs
+
+    @property
+    def any_text(self) -> bool:
+        return any(c.text for c in self.choices)
+
+    @property
+    def finished(self) -> bool:
+        """Every choice ended."""
+        return all(c.finish_reason is not None for c in self.choices)
 
     async def close(self) -> None:
         if self.closed:
@@ -297,15 +350,16 @@ class Job:
     def usage(self) -> dict:
         return usage(self.n_prompt, self.n_tokens)
 
-    def unsent_logprobs(self) -> list:
-        """The logprobs of the tokens since the last streamed piece (that piece's text is theirs)."""
-        out, self._sent_logprobs = self.logprobs[self._sent_logprobs:], len(self.logprobs)
+    def unsent_logprobs(self, index: int = 0) -> list:
+        """A choice's logprobs of the tokens since its last streamed piece (that piece's text is theirs)."""
+        c = self.choices[index]
+        out, c.sent_logprobs = c.logprobs[c.sent_logprobs:], len(c.logprobs)
         return out
 
     async def whole(self, first: TokenEvent) -> Response:
         try:
             event: TokenEvent | None = first
-            while event is not None and event.finish_reason is None:
+            while event is not None and event.finish_reason in (None, "stop", "length") and not self.finished:
                 event = await self.next()
             if event is None:
                 return Response(status_code=_CLIENT_GONE)
@@ -326,7 +380,12 @@ class Job:
                 if event.finish_reason is not None:
                     if event.finish_reason in ("stop", "length"):
                         if event.text:
-                            yield answer.piece(self, event.text)
+                            yield answer.piece(self, event.text, event.index)
+                        if not self.finished:  # n > 1: this choice ended, others go on
+                            for data in answer.choice_end(self, event.index, event.finish_reason):
+                                yield data
+                            event = await self.next()
+                            continue
                         for data in answer.closing(self, event.finish_reason):
                             yield data
                     else:
@@ -334,7 +393,7 @@ class Job:
                             yield data
                     return
                 if event.text:
-                    yield answer.piece(self, event.text)
+                    yield answer.piece(self, event.text, event.index)
                 event = await self.next()
         finally:
             await self.close()

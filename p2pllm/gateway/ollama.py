@@ -366,7 +366,7 @@ class OllamaAnswer(Answer):
     def whole(self, job: Job, finish_reason: str) -> Response:
         return JSON(self.final(job, finish_reason, job.text))
 
-    def piece(self, job: Job, text: str) -> bytes:
+    def piece(self, job: Job, text: str, index: int = 0) -> bytes:
         return _line(self._object(text, False))
 
     def closing(self, job: Job, finish_reason: str) -> Iterable[bytes]:

@@ -70,18 +70,24 @@ class CompletionShape:
 
     def whole(self, text: str | None, finish_reason: str, usage: dict, logprobs: list | None = None,
               tool_calls: list[dict] | None = None) -> dict:
+        return self.whole_choices([self.choice(0, text, finish_reason, logprobs, tool_calls)], usage)
+
+    def whole_choices(self, choices: list[dict], usage: dict) -> dict:
+        return {**self._head(self.object), "choices": choices, "usage": usage}
+
+    def choice(self, index: int, text: str | None, finish_reason: str, logprobs: list | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
+        """One choice of a whole answer."""
         lp = self.logprobs(logprobs)
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if tool_calls:
                 message["tool_calls"] = tool_calls
-            choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
-        return {**self._head(self.object), "choices": [choice], "usage": usage}
+            return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
-              logprobs: list | None = None, tool_calls: list[dict] | None = None) -> dict:
+              logprobs: list | None = None, tool_calls: list[dict] | None = None, index: int = 0) -> dict:
         """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish;
         `logprobs`: the (token, logprob, alternatives) of the tokens this piece's text came from."""
         lp = self.logprobs(logprobs) if logprobs else None
@@ -93,9 +99,9 @@ class CompletionShape:
                 delta["content"] = text
             if tool_calls:  # streamed as OpenAI does: each call whole, with its index
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         chunk = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None

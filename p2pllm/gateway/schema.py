@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model.sampling import SamplingParams
+from ..runtime.api import MAX_CHOICES
 
 MAX_STOP_STRINGS = 4
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -58,6 +59,7 @@ class CompletionRequest:
     # max_tokens (None: no limit) is cut to what fits, rather than a limit the request must fit
     window: int | None = None
     tools: Any = None  # chat: a gateway.tools.ToolPlan when the request offers tools
+    n: int = 1  # choices, sampled from one computed prompt
 
     @property
     def prompt_param(self) -> str:
@@ -155,8 +157,7 @@ def _bool(body: dict, name: str) -> bool | None:
 
 
 def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | None = None) -> dict[str, Any]:
-    if body.get("n") is not None and _int(body, "n", 1, 128) != 1:
-        raise bad("Only n=1 is supported.", "n", "unsupported_value")
+    n = _int(body, "n", 1, MAX_CHOICES) or 1
     if chat and body.get("max_completion_tokens") is not None:
         max_tokens = _int(body, "max_completion_tokens", 1, context)
     else:
@@ -191,6 +192,7 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
         stream=stream,
         include_usage=include_usage and stream,
         ignore_eos=bool(_bool(body, "ignore_eos")),
+        n=n,
     )
 
 

@@ -217,7 +217,7 @@ class PingReply(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
-    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar", "logprobs", "top_logprobs", "embed")
+    __slots__ = ("seq_id", "capacity", "temperature", "top_k", "top_p", "has_seed", "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "generated", "grammar", "logprobs", "top_logprobs", "embed", "has_fork", "fork_of", "fork_len")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,9 @@ class SequenceStart(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     EMBED_FIELD_NUMBER: _ClassVar[int]
+    HAS_FORK_FIELD_NUMBER: _ClassVar[int]
+    FORK_OF_FIELD_NUMBER: _ClassVar[int]
+    FORK_LEN_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     capacity: int
     temperature: float
@@ -250,7 +253,10 @@ class SequenceStart(_message.Message):
     logprobs: bool
     top_logprobs: int
     embed: bool
-    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., embed: _Optional[bool] = ...) -> None: ...
+    has_fork: bool
+    fork_of: int
+    fork_len: int
+    def __init__(self, seq_id: _Optional[int] = ..., capacity: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., generated: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., embed: _Optional[bool] = ..., has_fork: _Optional[bool] = ..., fork_of: _Optional[int] = ..., fork_len: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("seq_id", "start", "length", "sample")
@@ -329,7 +335,7 @@ class FrameAck(_message.Message):
     def __init__(self, micro_batch: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "has_seed", "seed", "stop", "ignore_eos", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "grammar", "logprobs", "top_logprobs")
+    __slots__ = ("request_id", "prompt_ids", "max_tokens", "temperature", "top_k", "top_p", "has_seed", "seed", "stop", "ignore_eos", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "grammar", "logprobs", "top_logprobs", "n")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +353,7 @@ class GenerateRequest(_message.Message):
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -364,10 +371,11 @@ class GenerateRequest(_message.Message):
     grammar: str
     logprobs: bool
     top_logprobs: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    n: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code", "has_logprob", "logprob", "top_ids", "top_logprobs")
+    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code", "has_logprob", "logprob", "top_ids", "top_logprobs", "index")
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +387,7 @@ class GenerateEvent(_message.Message):
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     has_token: bool
     token_id: int
     text: str
@@ -390,7 +399,8 @@ class GenerateEvent(_message.Message):
     logprob: float
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    index: int
+    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

@@ -15,6 +15,7 @@ from ..model.sampling import SamplingParams
 from ..model.tokenizer import Tokenizer
 
 MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's limit)
+MAX_CHOICES = 128  # n: choices of one completion (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()  # stop strings; the text before the first one is returned
     ignore_eos: bool = False
+    n: int = 1  # choices: the prompt is computed once, each choice samples on its own
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class TokenEvent:
     error: str | None = None
     logprob: float | None = None  # the token's, when the request asked for logprobs
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely alternatives
+    index: int = 0  # which choice (a request with n > 1 interleaves its choices' events)
 
 
 @dataclass

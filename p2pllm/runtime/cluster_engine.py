@@ -79,7 +79,7 @@ class ClusterEngine:
 async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
     call = stub.Generate(pb.GenerateRequest(
         request_id=req.request_id, prompt_ids=req.prompt_ids, max_tokens=req.max_tokens,
-        stop=list(req.stop), ignore_eos=req.ignore_eos, **sampling_fields(req.sampling),
+        stop=list(req.stop), ignore_eos=req.ignore_eos, n=req.n, **sampling_fields(req.sampling),
     ))
     try:
         first = await call.read()
@@ -90,7 +90,7 @@ async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncI
         raise EngineError(f"the coordinator at {address} closed the request", status=503, code="service_unavailable")
     if first.status:
         raise EngineError(first.error, status=first.status, code=first.code or "invalid_request_error")
-    return _stream(call, first, address)
+    return _stream(call, first, address, req.n)
 
 
 # a reply carries every vector in one message: (inputs x hidden) float32 must fit the gRPC limit
@@ -123,12 +123,17 @@ async def _remote_embed(stub, address: str, inputs: list[list[int]], request_id:
                           code="engine_error") from None
 
 
-async def _stream(call, first: pb.GenerateEvent, address: str) -> AsyncIterator[TokenEvent]:
+async def _stream(call, first: pb.GenerateEvent, address: str, n: int) -> AsyncIterator[TokenEvent]:
+    unfinished = n  # choices still running
     try:
         event = first
         while True:
+            if event.index >= n:
+                yield TokenEvent(None, "", "error", f"the coordinator at {address} answered for choice {event.index}")
+                return
             yield _event(event)
-            if event.finish_reason:
+            unfinished -= bool(event.finish_reason)
+            if not unfinished or event.finish_reason not in ("", "stop", "length"):
                 return
             try:
                 event = await call.read()
@@ -146,7 +151,7 @@ def _event(e: pb.GenerateEvent) -> TokenEvent:
     """An event from the coordinator (a peer of the cluster: its logprobs were checked where sampled)."""
     top = tuple(zip(e.top_ids, e.top_logprobs)) if e.has_logprob else ()
     return TokenEvent(e.token_id if e.has_token else None, e.text, e.finish_reason or None, e.error or None,
-                      e.logprob if e.has_logprob else None, top)
+                      e.logprob if e.has_logprob else None, top, e.index)
 
 
 async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
@@ -158,7 +163,7 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
     try:
         sampling = sampling_from(request, scheduler.vocab)
         req = GenerationRequest(request.request_id, list(request.prompt_ids), request.max_tokens, sampling,
-                                tuple(request.stop[:16]), request.ignore_eos)
+                                tuple(request.stop[:16]), request.ignore_eos, n=max(1, request.n))
         events = await scheduler.generate(req)
     except EngineError as e:
         yield pb.GenerateEvent(status=e.status, code=e.code, error=str(e), finish_reason="error")
@@ -171,7 +176,8 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
             yield pb.GenerateEvent(has_token=ev.token_id is not None, token_id=ev.token_id or 0, text=ev.text,
                                    finish_reason=ev.finish_reason or "", error=ev.error or "",
                                    has_logprob=ev.logprob is not None, logprob=ev.logprob or 0.0,
-                                   top_ids=[t for t, _ in ev.top], top_logprobs=[lp for _, lp in ev.top])
+                                   top_ids=[t for t, _ in ev.top], top_logprobs=[lp for _, lp in ev.top],
+                                   index=ev.index)
     finally:
         await events.aclose()
 

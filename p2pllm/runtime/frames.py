@@ -22,6 +22,10 @@ class SeqStart:
     # an embedding: the last stage mean-pools its final-normed hidden states instead of sampling,
     # and answers after its last chunk (sample=True) with the vector (a Pooled)
     embed: bool = False
+    # n > 1: the sequence starts with a copy of positions [0, fork_len) of sequence `fork_of`'s KV
+    # (the shared prompt, computed once), which every stage holds
+    fork_of: int | None = None
+    fork_len: int = 0
 
 
 @dataclass(frozen=True)

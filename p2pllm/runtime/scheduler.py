@@ -13,14 +13,14 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Protocol
 
 import torch
 
 from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
-from .api import MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
+from .api import MAX_CHOICES, MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
 from .frames import Chunk, MicroBatch, Pooled, SeqStart
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class _Seq:
     done: bool = False
     admitted_at: float = field(default_factory=time.monotonic)
     embedding: asyncio.Future | None = None  # an embedding input: its vector (no tokens, no events)
+    index: int = 0  # which choice of its request (n > 1); choices share one events queue
+    fork_of: "_Seq | None" = None  # a choice waiting to start as a copy of this one's prompt KV
+    pending_forks: int = 0  # choices still waiting to copy this one's prompt KV
 
 
 class Scheduler:
@@ -134,22 +137,35 @@ class Scheduler:
         if not self.ready or self.unavailable:
             raise EngineError(self.unavailable or "this peer is draining and takes no new requests", status=503,
                               code="service_unavailable")
+        if not 1 <= req.n <= MAX_CHOICES:
+            raise EngineError(f"n must be between 1 and {MAX_CHOICES}, got {req.n}")
         # continuation: the text follows the prompt, so a leading space of the first token is kept
-        seq = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
-        self._seqs[seq.seq_id] = seq
+        first = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
+        group = [first]
+        for i in range(1, req.n):  # more choices: they copy the prompt's KV once `first` computed it
+            sampling = req.sampling if req.sampling.seed is None else \
+                replace(req.sampling, seed=(req.sampling.seed + i) % 2**63)  # seeded, yet each its own
+            child = _Seq(replace(req, sampling=sampling), next(self._ids), list(req.prompt_ids),
+                         self.tokenizer.stream_decoder(continuation=True), events=first.events, index=i,
+                         fork_of=first if n > 1 else None)
+            group.append(child)
+        first.pending_forks = sum(1 for s in group if s.fork_of is not None)
+        for seq in group:
+            self._seqs[seq.seq_id] = seq
         self._wake.set()
-        return self._events(seq)
+        return self._events(group)
 
-    async def _events(self, seq: _Seq) -> AsyncIterator[TokenEvent]:
+    async def _events(self, group: list[_Seq]) -> AsyncIterator[TokenEvent]:
+        unfinished = len(group)
         try:
-            while True:
-                event = await seq.events.get()
+            while unfinished:
+                event = await group[0].events.get()
                 yield event
-                if event.finish_reason is not None:
-                    return
+                unfinished -= event.finish_reason is not None
         finally:
-            if not seq.done:  # the client went away: cancel, free its KV once it is not in flight
-                self._finish(seq, "cancelled")
+            for seq in group:
+                if not seq.done:  # the client went away: cancel, free its KV once it is not in flight
+                    self._finish(seq, "cancelled")
 
     async def embed(self, inputs: list[list[int]], request_id: str = "embed") -> list[torch.Tensor]:
         """Each input's final hidden states after the final norm, mean-pooled over its tokens and
@@ -265,15 +281,18 @@ class Scheduler:
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
-                if running >= self.max_running:
+                if running >= self.max_running or not self._may_start(seq):
                     continue
                 running += 1
                 seq.started = True
                 capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
                 generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
+                fork = self._fork(seq)
                 starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated,
-                                       embed=seq.embedding is not None))
+                                       embed=seq.embedding is not None, fork_of=fork[0], fork_len=fork[1]))
             length = min(len(seq.tokens) - seq.pos, self.prefill_chunk, budget)
+            if seq.pending_forks:  # its prompt's last position waits until every choice copied the rest
+                length = min(length, len(seq.req.prompt_ids) - 1 - seq.pos)
             if length <= 0:
                 continue
             chunks.append(Chunk(seq.seq_id, seq.pos, length, sample=seq.pos + length == len(seq.tokens)))
@@ -284,6 +303,27 @@ class Scheduler:
         if not chunks and not finished and not starts:
             return None
         return MicroBatch(self.ring.epoch, next(self._mb_ids), chunks, tokens, starts, finished)
+
+    def _may_start(self, seq: _Seq) -> bool:
+        """A choice that copies another's prompt starts once every stage holds that prompt but its
+        last position (then it computes that position itself, and samples its own first token)."""
+        parent = seq.fork_of
+        if parent is None:
+            return True
+        if parent.done:  # cancelled or failed before the copy: this choice cannot copy any more
+            seq.fork_of = None
+            parent.pending_forks -= 1
+            return True
+        return parent.started and not parent.in_flight and parent.pos >= len(parent.req.prompt_ids) - 1
+
+    def _fork(self, seq: _Seq) -> tuple[int | None, int]:
+        """(sequence to copy, positions) for a choice that starts now; (None, 0) for any other."""
+        parent, seq.fork_of = seq.fork_of, None
+        if parent is None:
+            return None, 0
+        parent.pending_forks -= 1
+        seq.pos = len(parent.req.prompt_ids) - 1
+        return parent.seq_id, seq.pos
 
     async def _run(self, mb: MicroBatch) -> None:
         try:
@@ -343,12 +383,12 @@ class Scheduler:
         text = seq.held + seq.decoder.push(tok)
         cut = _first_stop(text, req.stop)
         if cut is not None:
-            seq.events.put_nowait(TokenEvent(tok, text[:cut], **logprobs))
+            seq.events.put_nowait(TokenEvent(tok, text[:cut], **logprobs, index=seq.index))
             self._finish(seq, "stop", flush=False)  # nothing after a stop string is returned
             return
         keep = _stop_prefix_len(text, req.stop)
         seq.held = text[len(text) - keep:] if keep else ""
-        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep], **logprobs))
+        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep], **logprobs, index=seq.index))
         if seq.generated >= req.max_tokens or len(seq.tokens) >= self.context:
             self._finish(seq, "length")
 
@@ -364,7 +404,7 @@ class Scheduler:
         else:
             tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
             seq.held = ""
-            seq.events.put_nowait(TokenEvent(None, tail, reason, error))
+            seq.events.put_nowait(TokenEvent(None, tail, reason, error, index=seq.index))
         if not seq.in_flight:
             self._release(seq)
         self._wake.set()

@@ -8,7 +8,7 @@ import torch
 
 from ..model.backends import StageBackend
 from ..model.batch import BatchMeta, LastOutputs, SeqChunk
-from ..model.kvcache import KVCacheError
+from ..model.kvcache import KVCacheError, KVEntries
 from ..model.sampling import Sampled, Sampler
 from .frames import MicroBatch, Pooled
 from .pooling import MeanPool, PoolError
@@ -47,6 +47,14 @@ class Stage:
         if seq_id not in self.kv:
             self.kv.allocate(seq_id, capacity)
 
+    def fork(self, source: int, seq_id: int, length: int) -> None:
+        """Start `seq_id` with a copy of `source`'s KV of positions [0, length) (n > 1: one prompt)."""
+        if source not in self.kv or self.kv.length(source) < length:
+            raise KVCacheError(f"sequence {seq_id} copies {length} positions of sequence {source}, which this "
+                               "stage does not hold")
+        entries = self.kv.export(source, 0, length)
+        self.kv.import_entries(KVEntries(seq_id, 0, entries.data, entries.format))
+
     def free(self, seq_id: int) -> None:
         self.kv.free(seq_id)
         self.samplers.pop(seq_id, None)
@@ -62,6 +70,8 @@ class Stage:
         `sample` (in chunk order): a sampled token, or an embedding sequence's pooled vector."""
         for s in mb.starts:
             self.begin(s.seq_id, s.capacity)
+            if s.fork_of is not None:
+                self.fork(s.fork_of, s.seq_id, s.fork_len)
             if s.embed:
                 self.embeddings.add(s.seq_id)
             else:

@@ -116,6 +116,7 @@ def _decode_sampled(frame: pb.Frame, vocab: int) -> list[Sampled]:
 
 def _encode_start(s: SeqStart) -> pb.SequenceStart:
     return pb.SequenceStart(seq_id=s.seq_id, capacity=s.capacity, generated=s.generated, embed=s.embed,
+                            has_fork=s.fork_of is not None, fork_of=s.fork_of or 0, fork_len=s.fork_len,
                             **sampling_fields(s.sampling))
 
 
@@ -157,7 +158,12 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         if len(s.generated) > context or any(not 0 <= t < spec.vocab for t in s.generated):
             raise FrameError(f"sequence {s.seq_id}: its generated tokens are longer than the context or outside "
                              "the vocabulary")
-        starts.append(SeqStart(s.seq_id, s.capacity, params, tuple(s.generated), s.embed))
+        if s.has_fork and (s.fork_of == s.seq_id or not 0 < s.fork_len <= s.capacity or s.embed
+                           or (known is not None and s.fork_of not in known)):
+            raise FrameError(f"sequence {s.seq_id}: a copy of {s.fork_len} positions of sequence {s.fork_of}, "
+                             "which this stage does not hold or which does not fit")
+        starts.append(SeqStart(s.seq_id, s.capacity, params, tuple(s.generated), s.embed,
+                               s.fork_of if s.has_fork else None, s.fork_len if s.has_fork else 0))
     started = {s.seq_id for s in starts}
     if len(started) != len(starts):
         raise FrameError("a sequence is started twice in one frame")
