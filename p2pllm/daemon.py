@@ -148,7 +148,7 @@ class Daemon:
         self.discovery = None
         self.gateway = None
         # data plane
-        self.links = LinkPool(self.security)
+        self.links = LinkPool(self.security, on_refused=self._frame_refused)
         self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
         self.replicas = ReplicaStore(self.spec, self.options.context)
@@ -544,6 +544,17 @@ class Daemon:
 
     def on_status(self) -> str:
         return json.dumps(self.status())
+
+    def _frame_refused(self, address: str, mb_id: int, error: str) -> None:
+        """A peer refused a micro-batch this one sent on. The head must hear of it at once (else it
+        waits for the micro-batch until a timeout): here, or by a result frame carrying the error."""
+        if self.ring is not None:
+            self.ring.refused(mb_id, error)
+            return
+        b = self.ring_stage.binding
+        if b is not None and address != b.head_address:  # (the head refusing our result: nothing to tell it)
+            result = frames.result_frame(b.epoch, mb_id, error=f"{address} refused it: {error}")
+            asyncio.get_running_loop().create_task(self.links.get(b.head_address).send(result))
 
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
         if frame.replica:

@@ -88,3 +88,35 @@ def test_choices_whole_and_streamed_through_the_openai_client(split):
 def test_bad_n_is_a_400(split, n):
     with httpx.Client(base_url=split.url, timeout=30) as http:
         _error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": n}), 400, param="n")
+
+
+def test_a_micro_batch_refused_by_a_stage_still_switching_plans_is_retried(split):
+    """A stage that commits a new epoch a moment after the head refuses its first frames; the head
+    hears of it (not only the sender) and sends the work again, instead of waiting for a timeout."""
+    from p2pllm.runtime.scheduler import RingRetry
+
+    prompt = split.engine.tokenizer.encode("Once upon a time")
+    req = GenerationRequest("retry", prompt, 8, SamplingParams(), n=2)
+    expected, _ = _tokens_computed(split, req)
+    ring, refusals = split.engine.ring, [3]
+    run = ring.run
+
+    async def refusing(mb):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise RingRetry("this peer is switching plans (frame of epoch 1 refused)")
+        return await run(mb)
+
+    async def go():
+        ring.run = refusing
+        try:
+            ids: dict[int, list[int]] = {}
+            async for e in await split.engine.generate(req):
+                assert e.finish_reason in (None, "stop", "length"), e
+                if e.token_id is not None:
+                    ids.setdefault(e.index, []).append(e.token_id)
+            return ids
+        finally:
+            ring.run = run
+
+    assert split.loop.run(go()) == expected and refusals == [0]

@@ -344,3 +344,16 @@ def test_format_constrains_the_answer_to_json_or_a_schema(smol):
     made = client.generate(model=smol.name, prompt="Describe a cat as a JSON object.", format="json",
                            options={"temperature": 0, "num_predict": 24})
     assert made.response.startswith("{")
+
+
+def test_the_ollama_client_against_a_live_two_peer_cluster(smol_cluster):
+    client = ollama.Client(host=smol_cluster.url)
+    assert [m.model for m in client.list().models] == [smol_cluster.model]
+    chat = client.chat(model=smol_cluster.model, messages=QUESTION, options={"temperature": 0, "num_predict": 12})
+    same = smol_cluster.client().chat.completions.create(model=smol_cluster.model, messages=QUESTION,
+                                                          max_tokens=12, temperature=0)
+    assert chat.message.content == same.choices[0].message.content and chat.eval_count == same.usage.completion_tokens
+    streamed = "".join(part.response for part in client.generate(model=smol_cluster.model, prompt="Say hi.",
+                                                                  stream=True,
+                                                                  options={"temperature": 0, "num_predict": 8}))
+    assert streamed

@@ -11,7 +11,7 @@ from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
 from .frames import MicroBatch, Pooled
-from .scheduler import RingUnavailable
+from .scheduler import RingRetry, RingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,14 @@ class ClusterRing:
             fut.set_result(frames.decode_result(frame, self.vocab, answering, self.hidden))
         except frames.FrameError as e:
             fut.set_exception(RingUnavailable(f"a malformed result: {e}"))
+
+    def refused(self, mb_id: int, error: str) -> None:
+        """A stage refused micro-batch `mb_id`: most often one that commits the new epoch a moment
+        after this head, or a plan change under way; the scheduler retries it (a bounded number
+        of times) or parks it for the new plan."""
+        fut = self._pending.get(mb_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(RingRetry(error))
 
     def fail_all(self, reason: str) -> None:
         for fut, _ in list(self._pending.values()):

@@ -40,6 +40,14 @@ class RingUnavailable(Exception):
     """The ring cannot take work now (no committed plan, a stage lost); the text says why."""
 
 
+class RingRetry(RingUnavailable):
+    """A stage refused a micro-batch (most often one not yet switched to this epoch): send it again."""
+
+
+MAX_RETRIES = 100  # micro-batches of one sequence refused as RingRetry before it fails (~10 s)
+RETRY_DELAY = 0.1
+
+
 @dataclass
 class _Seq:
     req: GenerationRequest
@@ -58,6 +66,8 @@ class _Seq:
     index: int = 0  # which choice of its request (n > 1); choices share one events queue
     fork_of: "_Seq | None" = None  # a choice waiting to start as a copy of this one's prompt KV
     pending_forks: int = 0  # choices still waiting to copy this one's prompt KV
+    retries: int = 0  # its micro-batches refused by a stage not yet on the epoch
+    fork_src: tuple[int, int] | None = None  # (sequence, positions) its start copies, kept for a resend
 
 
 class Scheduler:
@@ -250,6 +260,7 @@ class Scheduler:
             pos = 0 if seq.embedding is not None else min(seq.pos, rebuilt.get(seq.seq_id, 0))
             replayed += pos < seq.pos
             seq.pos = pos
+            seq.fork_src = None  # its KV is rebuilt (or replayed) like any sequence's, never copied again
             seq.started = False  # announce it again: the new last stage needs its sampler
         if self._pause_timer is not None:
             self._pause_timer.cancel()
@@ -319,11 +330,11 @@ class Scheduler:
     def _fork(self, seq: _Seq) -> tuple[int | None, int]:
         """(sequence to copy, positions) for a choice that starts now; (None, 0) for any other."""
         parent, seq.fork_of = seq.fork_of, None
-        if parent is None:
-            return None, 0
-        parent.pending_forks -= 1
-        seq.pos = len(parent.req.prompt_ids) - 1
-        return parent.seq_id, seq.pos
+        if parent is not None:
+            parent.pending_forks -= 1
+            seq.pos = len(parent.req.prompt_ids) - 1
+            seq.fork_src = (parent.seq_id, seq.pos)
+        return seq.fork_src or (None, 0)
 
     async def _run(self, mb: MicroBatch) -> None:
         try:
@@ -333,20 +344,28 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            parked = self.paused is not None  # a plan change: park at the last confirmed position
+            # a plan change, or a stage not yet on this epoch: park at the last confirmed position
+            parked = self.paused is not None or isinstance(e, RingRetry)
             log.warning("micro-batch %d %s: %s", mb.mb_id, "parked" if parked else "failed", e)
             for c in mb.chunks:
                 seq = self._seqs.get(c.seq_id)
                 if seq is None:
                     continue
                 seq.in_flight = False
+                seq.retries += isinstance(e, RingRetry)
                 if seq.done:
                     self._release(seq)
-                elif not parked:  # otherwise this micro-batch's sequences fail with the reason
+                elif not parked or seq.retries > MAX_RETRIES:  # else it fails with the reason
                     self._finish(seq, "error", error=str(e) or type(e).__name__)
             if parked:
                 self._to_free.extend(mb.finished)  # the frees it carried must travel again
-            self._wake.set()
+            if isinstance(e, RingRetry) and self.paused is None:  # try again in a moment
+                for s in mb.starts:  # its starts must travel again too
+                    if s.seq_id in self._seqs:
+                        self._seqs[s.seq_id].started = False
+                asyncio.get_running_loop().call_later(RETRY_DELAY, self._wake.set)
+            else:
+                self._wake.set()
             return
         results = iter(answers)
         for c in mb.chunks:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import grpc
 
@@ -22,9 +23,10 @@ QUEUE_FRAMES = 32
 
 
 class RingLink:
-    def __init__(self, address: str, security: Security):
+    def __init__(self, address: str, security: Security, on_refused: Callable[[str, int, str], None] | None = None):
         self.address = address
         self.security = security
+        self.on_refused = on_refused  # (refusing address, micro-batch id, why): a refusal must reach the head, not just a log
         self._channel = security.channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.PeerStub(self._channel)
         self._queue: asyncio.Queue[pb.Frame | None] = asyncio.Queue(QUEUE_FRAMES)
@@ -52,6 +54,8 @@ class RingLink:
             async for ack in call:
                 if ack.error:
                     log.warning("%s refused micro-batch %d: %s", self.address, ack.micro_batch, ack.error)
+                    if self.on_refused is not None and ack.micro_batch:
+                        self.on_refused(self.address, ack.micro_batch, ack.error)
         except grpc.aio.AioRpcError as e:
             if not self.security.note_failure(self.address, e):
                 log.warning("ring link to %s broke: %s", self.address, e.code().name.lower())
@@ -69,14 +73,15 @@ class RingLink:
 class LinkPool:
     """The ring links this peer sends on, by address."""
 
-    def __init__(self, security: Security):
+    def __init__(self, security: Security, on_refused: Callable[[str, int, str], None] | None = None):
         self.security = security
+        self.on_refused = on_refused
         self._links: dict[str, RingLink] = {}
 
     def get(self, address: str) -> RingLink:
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = RingLink(address, self.security)
+            link = self._links[address] = RingLink(address, self.security, self.on_refused)
         return link
 
     def bytes_sent(self) -> int:
