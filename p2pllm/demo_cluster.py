@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -258,6 +259,7 @@ def _next_commands(model_id: str) -> str:
     return "\n".join([
         "",
         "The cluster keeps running. Reach it with:",
+        *([f"  . {shlex.quote(sys.prefix)}/bin/activate"] if sys.prefix != sys.base_prefix else []),  # where p2pllm is
         f"  p2pllm chat --host 127.0.0.1:{BASE_GATEWAY}",
         f"  p2pllm status --host 127.0.0.1:{BASE_GRPC} --cluster {CLUSTER}",
         f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'",

@@ -71,6 +71,8 @@ def test_the_demo_answers_with_a_real_model_and_its_commands_work(tmp_path):
             assert step in demo.stderr, demo.stderr
         commands = [line.strip() for line in out.split("Reach it with:")[1].split("Stop it with:")[0].splitlines()
                     if line.strip()]
+        if commands[0].startswith(". "):  # the environment p2pllm is installed in (a venv): as printed
+            assert commands.pop(0) == f". {sys.prefix}/bin/activate"
         assert [c.split()[0] for c in commands] == ["p2pllm", "p2pllm", "curl", "python"], commands
         chat, status, curl, python = commands
         assert "--prompt" not in chat  # interactive as printed; pasted here with a question
@@ -94,7 +96,7 @@ def test_the_demo_answers_with_a_real_model_and_its_commands_work(tmp_path):
                 assert ran.returncode == 0 and ran.stdout.strip(), (code, ran.stderr)
             else:
                 for line in code.splitlines():
-                    if line.strip() and not line.startswith("#") and "demo --stop" not in line:
+                    if line.strip() and not line.startswith(("#", ". ")) and "demo --stop" not in line:
                         ran = _sh(line.replace("p2pllm chat --host", "p2pllm chat --prompt hi --max-tokens 4 --host")
                                   if line.startswith("p2pllm chat") and "--prompt" not in line else line, env)
                         assert ran.returncode == 0 and ran.stdout.strip(), (line, ran.stdout, ran.stderr)

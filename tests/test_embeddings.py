@@ -482,3 +482,12 @@ def test_the_embed_rpc_forwards_to_the_coordinators_engine(loop, demo_tiny_gguf)
         loop.run(clients.close())
         loop.run(scheduler.stop())
         pipe.ring.close()
+
+
+def test_the_openai_client_embeds_through_a_live_two_peer_cluster(smol_cluster):
+    client = smol_cluster.client()
+    texts = ["The capital of France is Paris.", "Paris is France's capital.", "Bananas are yellow."]
+    data = client.embeddings.create(model=smol_cluster.model, input=texts).data
+    vectors = [np.array(d.embedding, dtype=np.float64) for d in data]
+    assert [d.index for d in data] == [0, 1, 2] and all(abs(np.linalg.norm(v) - 1) < 1e-4 for v in vectors)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # the paraphrase is nearer than the banana

@@ -61,3 +61,13 @@ def test_bad_logprobs_requests_are_400(stories, route, body, param):
     base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
     with httpx.Client(base_url=stories.url, timeout=30) as http:
         _error(http.post(route, json={**base, **body, "max_tokens": 2}), 400, param=param)
+
+
+def test_logprobs_through_a_live_two_peer_cluster(smol_cluster):
+    reply = smol_cluster.client().chat.completions.create(
+        model=smol_cluster.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and "".join(c.token for c in content) == \
+        reply.choices[0].message.content
+    assert all(c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 3 for c in content)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -26,6 +27,23 @@ def cluster(stories_gguf, tmp_path_factory):
             join(h, i, stories_gguf, "--kv-dtype", "f32")
         views = wait_for_agreement(h, [1, 2, 3], n_layers=5)
         yield h, views[0]
+
+
+def assert_idle(h: Hosts, timeout: float = 10) -> None:
+    """Every stage of the ring holds no sequence and no KV (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = [(v["active_sequences"], v["kv_sequences"]) for v in (status(h, i) for i in (1, 2, 3))]
+        if all(a == 0 and k == 0 for a, k in busy) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert all(a == 0 and k == 0 for a, k in busy), busy
+
+
+def post(h: Hosts, i: int, path: str, body: dict) -> dict:
+    """A raw JSON POST to host i's gateway: {"status", "json"}."""
+    return client(h, i, {"kind": "raw", "method": "POST", "path": path, "body": json.dumps(body),
+                         "headers": {"content-type": "application/json"}})
 
 
 def test_greedy_completions_through_the_ring_equal_llama_cpp(cluster, llama_cpp, stories_gguf):
@@ -81,14 +99,7 @@ def test_client_disconnect_frees_the_sequence_on_every_stage(cluster):
     got = client(h, 1, {"kind": "disconnect", "model": "stories260K.gguf", "prompt": "Once upon a time",
                         "max_tokens": 1500, "after_chunks": 3})
     assert got["chunks"] == 3
-    deadline = time.monotonic() + 10
-    while True:
-        views = [status(h, i) for i in (1, 2, 3)]
-        busy = [(v["active_sequences"], v["kv_sequences"]) for v in views]
-        if all(a == 0 and k == 0 for a, k in busy) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert all(a == 0 and k == 0 for a, k in busy), busy
+    assert_idle(h)
 
 
 def test_over_long_prompt_is_a_400_in_openai_shape(cluster):
@@ -102,8 +113,6 @@ def test_over_long_prompt_is_a_400_in_openai_shape(cluster):
 
 
 def test_penalties_and_logit_bias_reach_the_last_stage_through_a_forwarding_gateway(cluster, stories_gguf):
-    import json
-
     from p2pllm.model.sampling import SamplingParams
 
     h, view = cluster
@@ -118,15 +127,12 @@ def test_penalties_and_logit_bias_reach_the_last_stage_through_a_forwarding_gate
     expected = text(sampling=sampling)
     body = {"model": "stories260K.gguf", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
             "frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {str(banned): -100}}
-    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
-                            "headers": {"content-type": "application/json"}})
+    got = post(h, other, "/completions", body)
     assert got["status"] == 200, got
     assert got["json"]["choices"][0]["text"] == expected != text()
 
 
 def test_a_json_schema_answer_through_the_ring_equals_one_process(cluster, stories_gguf):
-    import json
-
     from p2pllm.model.grammar import grammar_for_response_format
     from p2pllm.model.sampling import SamplingParams
 
@@ -142,23 +148,19 @@ def test_a_json_schema_answer_through_the_ring_equals_one_process(cluster, stori
     body = {"model": "stories260K.gguf", "prompt": "Lily was a little girl", "max_tokens": 40, "temperature": 0,
             "response_format": rf}
     other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
-    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
-                            "headers": {"content-type": "application/json"}})
+    got = post(h, other, "/completions", body)
     assert got["status"] == 200, got
     text = got["json"]["choices"][0]["text"]
     assert text == expected and set(json.loads(text)) == {"name", "happy"}, text
 
 
 def test_logprobs_through_the_ring_equal_llama_cpps(cluster, llama_cpp, stories_gguf):
-    import json
-
     h, view = cluster
     llm = llama_cpp_model(llama_cpp, stories_gguf)
     ref = llm.create_completion("Lily and Ben", max_tokens=10, temperature=0.0, logprobs=2)["choices"][0]["logprobs"]
     body = {"model": "stories260K.gguf", "prompt": "Lily and Ben", "max_tokens": 10, "temperature": 0, "logprobs": 2}
     other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
-    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions", "body": json.dumps(body),
-                            "headers": {"content-type": "application/json"}})
+    got = post(h, other, "/completions", body)
     ours = got["json"]["choices"][0]["logprobs"]
     assert ours["tokens"] == ref["tokens"]
     assert ours["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=1e-3)  # f32 KV on both sides
@@ -171,8 +173,6 @@ def test_embeddings_through_a_forwarding_gateway_equal_one_process(cluster, stor
     around the ring, pooled on the last stage; the vectors equal one process's, and no stage keeps
     anything afterwards."""
     import asyncio
-    import json
-
     import numpy as np
 
     h, view = cluster
@@ -190,40 +190,25 @@ def test_embeddings_through_a_forwarding_gateway_equal_one_process(cluster, stor
     expected = [v.numpy() for v in asyncio.run(local())]
     other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
     body = {"model": "stories260K.gguf", "input": texts}
-    got = client(h, other, {"kind": "raw", "method": "POST", "path": "/embeddings", "body": json.dumps(body),
-                            "headers": {"content-type": "application/json"}})
+    got = post(h, other, "/embeddings", body)
     assert got["status"] == 200, got
     data = got["json"]["data"]
     assert [d["index"] for d in data] == [0, 1]
     assert got["json"]["usage"]["prompt_tokens"] == sum(len(pipe.tokenizer.encode(t)) for t in texts)
     for d, e in zip(data, expected):
         assert np.abs(np.array(d["embedding"], dtype=np.float32) - e).max() < 1e-4
-    bad = client(h, other, {"kind": "raw", "method": "POST", "path": "/embeddings",
-                            "body": json.dumps({"input": [[1] * 300000]}),
-                            "headers": {"content-type": "application/json"}})
+    bad = post(h, other, "/embeddings", {"input": [[1] * 300000]})
     assert bad["status"] == 400 and bad["json"]["error"]["param"] == "input", bad
-    deadline = time.monotonic() + 10
-    while True:
-        busy = [(v["active_sequences"], v["kv_sequences"]) for v in (status(h, i) for i in (1, 2, 3))]
-        if all(a == 0 and k == 0 for a, k in busy) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert all(a == 0 and k == 0 for a, k in busy), busy
+    assert_idle(h)
 
 
 def test_choices_copy_the_prompt_on_every_stage_of_the_ring(cluster):
-    import json
-
     h, view = cluster
     other = next(i for i in (1, 2, 3) if i != coordinator_host(h, [1, 2, 3], view))
     body = {"model": "stories260K.gguf", "prompt": "Tom had a red ball. He", "max_tokens": 16, "n": 3}
-    greedy = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions",
-                               "body": json.dumps({**body, "temperature": 0}),
-                               "headers": {"content-type": "application/json"}})
+    greedy = post(h, other, "/completions", {**body, "temperature": 0})
     assert greedy["status"] == 200, greedy
     texts = [c["text"] for c in greedy["json"]["choices"]]
     assert len(texts) == 3 and texts[0] and len(set(texts)) == 1  # the same copied prompt, the same argmax
-    sampled = client(h, other, {"kind": "raw", "method": "POST", "path": "/completions",
-                                "body": json.dumps({**body, "temperature": 1.0, "seed": 3}),
-                                "headers": {"content-type": "application/json"}})
+    sampled = post(h, other, "/completions", {**body, "temperature": 1.0, "seed": 3})
     assert sampled["status"] == 200 and len({c["text"] for c in sampled["json"]["choices"]}) > 1, sampled
