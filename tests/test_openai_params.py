@@ -188,3 +188,15 @@ def test_a_seed_gives_the_same_sampled_text_however_the_model_is_split():
         texts.append(pipe.generate(prompt, max_tokens=20, sampling=sampling).ids)
         assert texts[-1] != pipe.generate(prompt, max_tokens=20, sampling=SamplingParams(0.9, 0, 0.95, 99)).ids
     assert texts[0] == texts[1]
+
+
+def test_choices_and_penalties_through_the_openai_client_on_a_live_cluster(smol_cluster):
+    client = smol_cluster.client()
+    ask = dict(model=smol_cluster.model, messages=[{"role": "user", "content": "List some fruits."}], max_tokens=24,
+               temperature=0)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    two = client.chat.completions.create(**ask, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].message.content == \
+        two.choices[1].message.content  # greedy: both choices from the one copied prompt agree
+    penalized = client.chat.completions.create(**ask, frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized.choices[0].message.content != plain
