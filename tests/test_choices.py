@@ -26,27 +26,38 @@ def split():
     loop.close()
 
 
-def _tokens_computed(served, req: GenerationRequest) -> tuple[dict[int, list[int]], int]:
-    """Each choice's token ids, and how many positions the ring computed for the request."""
-    ring, counted = served.engine.ring, []
+def _choice_ids(served, req: GenerationRequest, through=None) -> dict[int, list[int]]:
+    """Each choice's token ids; `through(run)` wraps the ring's run for this request (to count or
+    refuse micro-batches). Every event must end well."""
+    ring = served.engine.ring
     run = ring.run
 
-    async def counting(mb):
-        counted.append(mb.n_tokens)
-        return await run(mb)
-
     async def go():
-        ring.run = counting
+        ring.run = through(run) if through else run
         try:
             ids: dict[int, list[int]] = {}
             async for e in await served.engine.generate(req):
+                assert e.finish_reason in (None, "stop", "length"), e
                 if e.token_id is not None:
                     ids.setdefault(e.index, []).append(e.token_id)
             return ids
         finally:
             ring.run = run
 
-    return served.loop.run(go()), sum(counted)
+    return served.loop.run(go())
+
+
+def _tokens_computed(served, req: GenerationRequest) -> tuple[dict[int, list[int]], int]:
+    """Each choice's token ids, and how many positions the ring computed for the request."""
+    counted = []
+
+    def counting(run):
+        async def counted_run(mb):
+            counted.append(mb.n_tokens)
+            return await run(mb)
+        return counted_run
+
+    return _choice_ids(served, req, counting), sum(counted)
 
 
 def test_the_prompt_is_computed_once_for_all_choices(split):
@@ -97,26 +108,15 @@ def test_a_micro_batch_refused_by_a_stage_still_switching_plans_is_retried(split
 
     prompt = split.engine.tokenizer.encode("Once upon a time")
     req = GenerationRequest("retry", prompt, 8, SamplingParams(), n=2)
-    expected, _ = _tokens_computed(split, req)
-    ring, refusals = split.engine.ring, [3]
-    run = ring.run
+    expected = _choice_ids(split, req)
+    refusals = [3]
 
-    async def refusing(mb):
-        if refusals[0]:
-            refusals[0] -= 1
-            raise RingRetry("this peer is switching plans (frame of epoch 1 refused)")
-        return await run(mb)
+    def refusing(run):
+        async def refused_run(mb):
+            if refusals[0]:
+                refusals[0] -= 1
+                raise RingRetry("this peer is switching plans (frame of epoch 1 refused)")
+            return await run(mb)
+        return refused_run
 
-    async def go():
-        ring.run = refusing
-        try:
-            ids: dict[int, list[int]] = {}
-            async for e in await split.engine.generate(req):
-                assert e.finish_reason in (None, "stop", "length"), e
-                if e.token_id is not None:
-                    ids.setdefault(e.index, []).append(e.token_id)
-            return ids
-        finally:
-            ring.run = run
-
-    assert split.loop.run(go()) == expected and refusals == [0]
+    assert _choice_ids(split, req, refusing) == expected and refusals == [0]

@@ -88,7 +88,7 @@ class OpenAIAnswer(Answer):
         return [sse(self.shape.chunk(None, finish_reason, index=index))]
 
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
-        yield sse(self.shape.chunk(None, finish_reason, index=job.last_index))
+        yield from self.choice_end(job, job.last_index, finish_reason)
         if self.shape.include_usage:
             yield sse(self.shape.usage_chunk(job.usage()))
         yield sse("[DONE]")
@@ -117,12 +117,6 @@ class ToolAnswer(OpenAIAnswer):
         content, calls = interpret(job.choices[index].text)
         yield sse(self.shape.chunk(content, logprobs=job.unsent_logprobs(index), tool_calls=calls, index=index))
         yield sse(self.shape.chunk(None, "tool_calls" if calls else finish_reason, index=index))
-
-    def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
-        yield from self.choice_end(job, job.last_index, finish_reason)
-        if self.shape.include_usage:
-            yield sse(self.shape.usage_chunk(job.usage()))
-        yield sse("[DONE]")
 
 
 async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,

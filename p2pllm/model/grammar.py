@@ -109,17 +109,16 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(f"grammar rejected: {self._matcher.get_error()[:200]}")
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` [vocab] float32 (a copy) with every token the grammar forbids at -inf.
+    def mask_(self, logits: torch.Tensor) -> None:
+        """Set every token the grammar forbids to -inf, in place (`logits`: the sampler's own
+        float32 copy on the CPU).
 
         The bitmask is unpacked with numpy rather than llguidance.torch, whose kernel is a
         torch.compile (a C compiler and seconds on first use)."""
         self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self._vocab].astype(bool)
-        logits = logits.float().cpu().clone()
         logits[: self._vocab][torch.from_numpy(~allowed)] = float("-inf")
         logits[self._vocab:] = float("-inf")  # padding rows of the embedding are never text
-        return logits
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)

@@ -131,7 +131,7 @@ class Sampler:
         if self._bias is not None:
             logits.index_add_(0, *self._bias)
         if self._constraint is not None:  # last: no bias brings back a token the grammar forbids
-            logits = self._constraint.mask(logits)
+            self._constraint.mask_(logits)
         return logits
 
     def _choose(self, logits: torch.Tensor) -> int:

@@ -126,21 +126,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        n = len(req.prompt_ids)
-        if n == 0:
+        n_prompt = len(req.prompt_ids)
+        if n_prompt == 0:
             raise EngineError("the prompt is empty")
-        if n >= self.context:
+        if n_prompt >= self.context:
             raise EngineError(
-                f"This model's maximum context length is {self.context} tokens; the prompt has {n} tokens.",
+                f"This model's maximum context length is {self.context} tokens; the prompt has {n_prompt} tokens.",
                 code="context_length_exceeded",
             )
         if not 0 <= min(req.prompt_ids) <= max(req.prompt_ids) < self.vocab:
             raise EngineError(f"prompt token ids must be between 0 and {self.vocab - 1}")
         if req.max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {req.max_tokens}")
-        if n + req.max_tokens > self.context:
+        if n_prompt + req.max_tokens > self.context:
             raise EngineError(
-                f"This model's maximum context length is {self.context} tokens; the prompt ({n}) plus "
+                f"This model's maximum context length is {self.context} tokens; the prompt ({n_prompt}) plus "
                 f"max_tokens ({req.max_tokens}) exceeds it.",
                 code="context_length_exceeded",
             )
@@ -157,7 +157,7 @@ class Scheduler:
                 replace(req.sampling, seed=(req.sampling.seed + i) % 2**63)  # seeded, yet each its own
             child = _Seq(replace(req, sampling=sampling), next(self._ids), list(req.prompt_ids),
                          self.tokenizer.stream_decoder(continuation=True), events=first.events, index=i,
-                         fork_of=first if n > 1 else None)
+                         fork_of=first if n_prompt > 1 else None)
             group.append(child)
         first.pending_forks = sum(1 for s in group if s.fork_of is not None)
         for seq in group:
