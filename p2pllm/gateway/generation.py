@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable
 
@@ -35,33 +36,38 @@ _TEXT_IN_THREAD = 16_384  # characters: longer prompts are tokenized off the eve
 _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
 
-class Answer:
-    """How one completion's answer goes on the wire: the whole answer, or the pieces of a stream."""
+class Answer(ABC):
+    """How one completion's answer goes on the wire: the whole answer, or the pieces of a stream
+    (OpenAI's here, Ollama's in ollama.py)."""
 
     cid: str  # the request's id, given to the engine and named in log lines
     media_type: str  # of a streamed answer
 
+    @abstractmethod
     def whole(self, job: "Job", finish_reason: str) -> Response:
-        raise NotImplementedError
+        ...
 
     def opening(self, job: "Job") -> Iterable[bytes]:
         """What a stream starts with, before the first piece of text."""
         return ()
 
+    @abstractmethod
     def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
-        raise NotImplementedError
+        ...
 
     def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
         """The end of one choice of several (n > 1) while others go on."""
         return ()
 
+    @abstractmethod
     def closing(self, job: "Job", finish_reason: str) -> Iterable[bytes]:
         """The end of a stream that finished with "stop" or "length" (its last choice's reason)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def failure(self, job: "Job", error: ApiError) -> Iterable[bytes]:
         """The end of a stream that failed after its first token."""
-        raise NotImplementedError
+        ...
 
 
 class OpenAIAnswer(Answer):
