@@ -35,6 +35,7 @@ from .runtime.recovery import plan_sources, restore_kv, serve_fetch
 from .runtime.replica import ReplicaStore, exported
 from .runtime.ring_stage import Binding, RingStage
 from .runtime.scheduler import Scheduler
+from .transport import frames
 from .transport.client import ClientPool
 from .transport.ring import LinkPool
 from .transport.security import Security

@@ -55,8 +55,8 @@ class ClusterRing:
         if fut is None or fut.done():
             log.debug("result for unknown micro-batch %d", frame.micro_batch)
             return
-        if frame.error:
-            fut.set_exception(RingUnavailable(frame.error))
+        if frame.error:  # a refusal passed on by the stage that sent the frame: retried like refused()
+            fut.set_exception((RingRetry if "refused it:" in frame.error else RingUnavailable)(frame.error))
             return
         try:
             fut.set_result(frames.decode_result(frame, self.vocab, answering, self.hidden))

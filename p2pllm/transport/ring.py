@@ -55,7 +55,10 @@ class RingLink:
                 if ack.error:
                     log.warning("%s refused micro-batch %d: %s", self.address, ack.micro_batch, ack.error)
                     if self.on_refused is not None and ack.micro_batch:
-                        self.on_refused(self.address, ack.micro_batch, ack.error)
+                        try:
+                            self.on_refused(self.address, ack.micro_batch, ack.error)
+                        except Exception:  # noqa: BLE001 - the link must keep pumping whatever a listener does
+                            log.exception("passing on a refusal of micro-batch %d failed", ack.micro_batch)
         except grpc.aio.AioRpcError as e:
             if not self.security.note_failure(self.address, e):
                 log.warning("ring link to %s broke: %s", self.address, e.code().name.lower())
