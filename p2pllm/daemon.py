@@ -548,7 +548,11 @@ class Daemon:
 
     def _frame_refused(self, address: str, mb_id: int, error: str) -> None:
         """A peer refused a micro-batch this one sent on. The head must hear of it at once (else it
-        waits for the micro-batch until a timeout): here, or by a result frame carrying the error."""
+        waits for the micro-batch until a timeout): here, or by a result frame carrying the error.
+        Only a peer that had not committed the epoch yet: refusals during a plan change are the
+        plan change's to handle (it parks and replays), and retrying them broke identical text."""
+        if "switching plans" not in error:
+            return
         if self.ring is not None:
             self.ring.refused(mb_id, error)
             return
