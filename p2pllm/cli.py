@@ -58,6 +58,7 @@ def cmd_run(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = read_spec(args.model)
     cuts = parse_split(args.split, spec.n_layers)
+    _check_run_fits(args, spec, cuts)
     t0 = time.perf_counter()
     pipe = LocalPipeline(args.model, cuts, backend=args.backend, dtype=None if args.dtype == "auto" else args.dtype,
                          kv_dtype=args.kv_dtype, device=args.device, threads=args.threads, spec=spec,
@@ -83,6 +84,49 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_run_fits(args, spec, cuts: list[int]) -> None:
+    """Refuse, in one line, a model this process may not hold (free memory, its cgroup's limit or
+    --max-memory) before loading it: past a cgroup's limit the kernel OOM-kills the process, without
+    a word; without one it swaps or thrashes. Sized with the planner's own memory model."""
+    from .cluster.capability import memory_bound
+    from .cluster.planner import GiB, PlanOptions, peers_needed, stage_memory
+    from .errors import InfeasiblePlanError
+    from .model.backends import choose_backend, held_dtype, stage_kv_dtype
+    from .model.kvcache import kv_bytes_per_value
+    from .runtime.local import stage_ranges
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    backend = choose_backend(spec, args.backend, args.device, dtype)
+    kv = stage_kv_dtype(spec, backend, args.device, args.kv_dtype)
+    if backend == "torch" and args.kv_dtype is None and dtype is not None:
+        kv = dtype  # a torch stage keeps its KV in the dtype it computes in
+    held = held_dtype(spec, backend, args.device, dtype)
+    # the KV cache holds the prompt and the answer, not the whole context; a token is at least one
+    # byte of the prompt, and a chat template adds its own tokens around it
+    tokens = min(spec.context, len(args.prompt.encode("utf-8")) + (256 if args.chat else 8) + args.max_tokens)
+    options = PlanOptions(context=tokens, batch=1, dtype=held, kv_dtype_bytes=kv_bytes_per_value(kv), backend=backend)
+    parts = [stage_memory(spec, a, b, options) for a, b in stage_ranges(cuts, spec.n_layers)]
+    # one process: its runtime margin is paid once, however many in-process stages
+    need = sum(p.total for p in parts) - (len(parts) - 1) * options.margin_bytes
+    mem = memory_bound(args.device, args.max_memory)
+    if need <= mem.usable_memory:
+        return
+    weights, kv_bytes = sum(p.weights for p in parts), sum(p.kv for p in parts)
+    model = getattr(args.model, "ref", None) or str(args.model)
+    # the cluster a plain `join` makes plans for its default batch (DaemonConfig.batch, 8) and the whole context
+    join_options = PlanOptions(context=spec.context, batch=8, dtype=held, kv_dtype_bytes=kv_bytes_per_value(kv),
+                               backend=backend)
+    n = peers_needed(spec, mem.usable_memory, join_options)
+    where = (f"on {n} machines with {mem.usable_memory / GiB:.2f} GiB like this one" if n and n > 1
+             else "on several machines with more memory than this one")
+    raise InfeasiblePlanError(
+        f"{os.path.basename(model.rstrip('/')) or model} needs {need / GiB:.2f} GiB (weights {weights / GiB:.2f}, "
+        f"KV {kv_bytes / GiB:.2f}, workspace {(need - weights - kv_bytes) / GiB:.2f}) but this process has "
+        f"{mem.describe_memory()}; "
+        f"a cluster can serve it: run `p2pllm join --model {model}` {where}"
+    )
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="generate text in one process (no network)",
                        description="Run a model in one process; --split cuts it into in-process stages.")
@@ -102,6 +146,9 @@ def _add_run(sub) -> None:
                    help="torch backend weights (auto: a bf16/f16 checkpoint stays so where this device computes it "
                         "well, else f32); a float dtype on a GGUF file selects the torch backend")
     p.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: every core)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse (exit 3) a model that needs more than this, e.g. 8GiB (default: free memory, "
+                        "or the cgroup's limit where smaller)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_run)
 

@@ -6,6 +6,10 @@ bandwidth decode actually gets. The benchmark results are cached per machine, de
 count in `~/.cache/p2pllm/capabilities.json` (`reprobe=True` measures again); memory is read
 fresh on every call because it changes. The planner consumes `Capabilities.to_peer_caps()`.
 
+Usable memory is the smallest of three bounds, and `memory_bound` says which one applied: what the
+device has free, what this process's cgroup still allows (cluster/cgroup_memory.py: a container
+sees the host's free memory but is OOM-killed at its own limit), and `--max-memory`.
+
 Also here: the size/rate/duration parsers the CLI uses for `--max-memory 8GiB`,
 `--device ...,bw=60GBps,net=1Gbps,tflops=4` and `rtt=2ms`.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from ..errors import UsageError
+from .cgroup_memory import CgroupMemory, cgroup_memory
 from .planner import PeerCaps
 
 log = logging.getLogger(__name__)
@@ -110,13 +115,23 @@ class Capabilities:
     mem_bw: float = 0.0  # bytes/s streamed by a GEMV over a matrix larger than cache
     probe_seconds: float = 0.0  # how long the benchmarks took when measured
     cached: bool = False  # benchmarks read from the cache rather than measured now
+    cgroup_memory: int | None = None  # bytes this process's cgroup still allows (None: no limit, or a GPU)
+    cgroup_limit: int | None = None  # the limit of the cgroup level that binds
+    cgroup_path: str | None = None  # that cgroup's directory
 
     @property
     def usable_memory(self) -> int:
-        """What a model may use here: free memory, capped by --max-memory."""
-        if self.max_memory is None:
-            return self.free_memory
-        return min(self.free_memory, self.max_memory)
+        """What a model may use here: the smallest of free memory, the cgroup's room and --max-memory."""
+        return _bounds(self)[0][0]
+
+    @property
+    def memory_bound(self) -> str:
+        """Which bound set usable_memory: "free", "cgroup" or "--max-memory"."""
+        return _bounds(self)[0][1]
+
+    def describe_memory(self) -> str:
+        """'1.20 GiB usable (bound: cgroup limit 2.00 GiB of /sys/fs/cgroup/..., 0.80 GiB in use)': for logs and errors."""
+        return f"{self.usable_memory / GiB:.2f} GiB usable (bound: {describe_bound(self)})"
 
     def compute_dtype(self) -> str:
         """The dtype the runtime computes in: f32 on CPU, f16 on GPUs that measured it."""
@@ -133,7 +148,85 @@ class Capabilities:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["usable_memory"] = self.usable_memory
+        d["memory_bound"] = self.memory_bound
         return d
+
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """Memory alone, without the benchmarks: what `p2pllm run` checks a model against."""
+
+    device: str
+    total_memory: int
+    free_memory: int
+    max_memory: int | None
+    cgroup_memory: int | None = None
+    cgroup_limit: int | None = None
+    cgroup_path: str | None = None
+
+    @property
+    def usable_memory(self) -> int:
+        return _bounds(self)[0][0]
+
+    @property
+    def memory_bound(self) -> str:
+        return _bounds(self)[0][1]
+
+    def describe_memory(self) -> str:
+        return f"{self.usable_memory / GiB:.2f} GiB usable (bound: {describe_bound(self)})"
+
+
+def _bounds(m) -> list[tuple[int, str]]:
+    """The bounds that apply, tightest first; on a tie the most deliberate one is named (a cap the
+    user gave, then a cgroup someone set up, then what happens to be free)."""
+    found = [(int(m.free_memory), 2, "free")]
+    if m.cgroup_memory is not None:
+        found.append((int(m.cgroup_memory), 1, "cgroup"))
+    if m.max_memory is not None:
+        found.append((int(m.max_memory), 0, "--max-memory"))
+    return [(v, name) for v, _, name in sorted(found)]
+
+
+def describe_bound(m) -> str:
+    """Which bound applied, with its numbers: 'cgroup limit 2.00 GiB of PATH, 0.80 GiB in use'."""
+    name = m.memory_bound
+    if name == "cgroup":
+        used = (m.cgroup_limit or 0) - (m.cgroup_memory or 0)
+        return f"cgroup limit {m.cgroup_limit / GiB:.2f} GiB of {m.cgroup_path}, {used / GiB:.2f} GiB in use"
+    if name == "--max-memory":
+        return f"--max-memory {m.max_memory / GiB:.2f} GiB"
+    return f"free memory, {m.free_memory / GiB:.2f} of {m.total_memory / GiB:.2f} GiB"
+
+
+def memory_bound(device: str = "cpu", max_memory: int | str | None = None) -> MemoryBound:
+    """This process's memory bounds now (no benchmarks, nothing cached): `p2pllm run` checks a
+    model against them before loading it."""
+    import torch
+
+    dev = resolve_device(device)
+    cap = _max_memory(max_memory)
+    total, free = _memory(torch, dev)
+    return MemoryBound(dev, int(total), int(free), cap, *_cgroup_fields(dev))
+
+
+def _max_memory(max_memory: int | str | None) -> int | None:
+    if max_memory is None:
+        return None
+    cap = parse_size(max_memory)
+    if cap <= 0:
+        raise UsageError(f"--max-memory must be positive, got {max_memory}")
+    return cap
+
+
+def _cgroup_fields(dev: str) -> tuple[int | None, int | None, str | None]:
+    # a cgroup limits host memory; a CUDA stage holds its weights in GPU memory, which no cgroup counts
+    cg: CgroupMemory | None = None if dev.startswith("cuda") else cgroup_memory()
+    if cg is None:
+        return None, None, None
+    return cg.available, cg.limit, cg.path
 
 
 def default_cache_dir() -> Path:
@@ -152,16 +245,13 @@ def probe(
     import torch
 
     dev = resolve_device(device)
-    cap = None
-    if max_memory is not None:
-        cap = parse_size(max_memory)
-        if cap <= 0:
-            raise UsageError(f"--max-memory must be positive, got {max_memory}")
+    cap = _max_memory(max_memory)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     old_threads = torch.get_num_threads()
     n_threads = threads or old_threads
     total, free = _memory(torch, dev)
+    cgroup = _cgroup_fields(dev)
     name = _device_name(torch, dev)
     key = f"{dev}|threads={n_threads}"
     machine = _machine_fingerprint(torch, dev, name, total)
@@ -180,7 +270,7 @@ def probe(
         try:
             t0 = time.perf_counter()
             flops = _measure_flops(torch, dev)
-            bw = _measure_bandwidth(torch, dev, free)
+            bw = _measure_bandwidth(torch, dev, free if cgroup[0] is None else min(free, cgroup[0]))
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(old_threads)
@@ -200,6 +290,9 @@ def probe(
         mem_bw=bw,
         probe_seconds=seconds,
         cached=cached,
+        cgroup_memory=cgroup[0],
+        cgroup_limit=cgroup[1],
+        cgroup_path=cgroup[2],
     )
 
 
@@ -355,4 +448,5 @@ def _write_cache(path: Path, entries: dict) -> None:
         log.warning("could not write capability cache %s: %s", path, e)
 
 
-__all__ = ["Capabilities", "default_cache_dir", "parse_duration", "parse_rate", "parse_size", "probe"]
+__all__ = ["Capabilities", "MemoryBound", "default_cache_dir", "memory_bound", "parse_duration", "parse_rate",
+           "parse_size", "probe"]

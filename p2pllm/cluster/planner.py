@@ -891,6 +891,17 @@ def shortfall(spec: ModelSpec, peers: Sequence[PeerCaps], options: PlanOptions) 
     return best, who
 
 
+def peers_needed(spec: ModelSpec, mem_bytes: int, options: PlanOptions, most: int = 64) -> int | None:
+    """The fewest peers with `mem_bytes` each that can hold the model (memory alone: what `p2pllm run`
+    suggests when a model does not fit one machine); None when even `most` (or one per layer) cannot."""
+    L = spec.n_layers
+    mem = _memory_arrays(spec, options)
+    for n in range(1, min(most, L) + 1):
+        if _feasible_with(mem, [float(mem_bytes)] * n, L):
+            return n
+    return None
+
+
 def _infeasible(spec: ModelSpec, peers: Sequence[PeerCaps], options: PlanOptions, strategy: str, prefix: str) -> Plan:
     need = stage_memory(spec, 0, spec.n_layers, options).total
     have = sum(p.mem_bytes for p in peers)
@@ -946,6 +957,7 @@ __all__ = [
     "Stage",
     "StageMemory",
     "evaluate",
+    "peers_needed",
     "plan",
     "shortfall",
     "should_replace",
