@@ -149,7 +149,7 @@ class Daemon:
         self.discovery = None
         self.gateway = None
         # data plane
-        self.links = LinkPool(self.security, on_refused=self._frame_refused)
+        self.links = LinkPool(self.security, on_refused=self._frame_refused, local=(self.address, self.on_frame))
         self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
         self.replicas = ReplicaStore(self.spec, self.options.context)
@@ -175,8 +175,8 @@ class Daemon:
             self.spec.weight_bytes(0, self.spec.n_layers) / 2**30, self.spec.fingerprint,
         )
         log.info(
-            "capabilities: %.1f GiB usable, %.1f GFLOPS (%s), %.1f GB/s memory bandwidth, %d cores (%s)%s",
-            self.info.caps.mem_bytes / 2**30, self.info.caps.flops / 1e9, self.caps.compute_dtype(),
+            "capabilities: %s, %.1f GFLOPS (%s), %.1f GB/s memory bandwidth, %d cores (%s)%s",
+            self.caps.describe_memory(), self.info.caps.flops / 1e9, self.caps.compute_dtype(),
             self.caps.mem_bw / 1e9, self.caps.cpu_count, self.info.caps.device,
             " (cached measurement)" if self.caps.cached else "",
         )

@@ -63,13 +63,15 @@ class RingStage:
                 await self.links.get(b.head_address).send(frames.result_frame(frame.epoch, frame.micro_batch,
                                                                               error=str(e)))
             return str(e)
-        mb, result, deltas = out
+        mb, result = out
         if b.stage.is_last:
             await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, result))
         else:
             await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
-        if deltas:  # after the result: off the critical path (a step whose replica never left is replayed)
-            await self.send_replica(b, deltas)
+        if b.replica_address:  # after the result, off the critical path (a step whose replica never left is replayed)
+            deltas = await loop.run_in_executor(self.compute, self._deltas, b, mb)
+            if deltas:
+                await self.send_replica(b, deltas)
         return ""
 
     async def send_replica(self, b: Binding, deltas: list[LayerKV]) -> None:
@@ -89,12 +91,15 @@ class RingStage:
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
-        deltas = []
-        if b.replica_address:  # the entries this step added, for the replica holder (not an embedding's:
-            # after a plan change it is computed again from its start, its pooled sum being gone)
-            deltas = [exported(stage.kv, stage.start, c.seq_id, c.start, c.start + c.length)
-                      for c in mb.chunks if c.seq_id in stage.kv and c.seq_id not in stage.embeddings]
         self.compute_seconds += time.perf_counter() - t0
         self.frames += 1
-        return mb, result, deltas
+        return mb, result
 
+    def _deltas(self, b: Binding, mb) -> list[LayerKV]:
+        """The KV entries a step added, for the replica holder (not an embedding's: after a plan
+        change it is computed again from its start, its pooled sum being gone; nor a sequence a
+        later frame freed meanwhile)."""
+        stage = b.stage
+        return [exported(stage.kv, stage.start, c.seq_id, c.start, c.start + c.length)
+                for c in mb.chunks if c.seq_id in stage.kv and c.seq_id not in stage.embeddings
+                and stage.kv.length(c.seq_id) >= c.start + c.length]

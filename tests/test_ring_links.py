@@ -1,0 +1,67 @@
+"""Ring links: a peer's frames to itself never touch the network; a broken stream opens again."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO
+
+PORTS = (7781, 8781)  # grpc, gateway: used by no other test
+SECRET = "ring-links-test-secret-0123456789"
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def one_peer(stories_gguf, tmp_path):
+    """One `p2pllm join` on loopback: the head, and the one stage holding every layer."""
+    grpc_port, gw = PORTS
+    log = open(tmp_path / "peer.log", "w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "p2pllm", "join", "--model", str(stories_gguf), "--name", "solo",
+                             "--port", str(grpc_port), "--gateway-port", str(gw), "--interface", "127.0.0.1",
+                             "--no-mdns", "--secret", SECRET, "--cluster", "ring-links"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{gw}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "peer.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("stages"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("the peer never became ready:\n" + (tmp_path / "peer.log").read_text()[-3000:])
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_a_head_that_holds_the_stage_sends_its_frames_without_the_network(one_peer):
+    body = {"model": "stories260K.gguf", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    r = httpx.post(f"{one_peer}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 24
+    metrics = httpx.get(f"{one_peer}/metrics", timeout=10).text
+    assert _metric(metrics, "p2pllm_engine_stage_frames") >= 24  # the stage ran every step ...
+    assert _metric(metrics, "p2pllm_engine_ring_bytes_sent") == 0  # ... and no frame went over gRPC
