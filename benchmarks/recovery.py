@@ -146,7 +146,7 @@ def first(events, pattern: str) -> tuple[float, str] | None:
 def breakdown(h, daemons: dict[int, object], head: int, victim: int, t_kill: float, t_next: float) -> dict:
     """Split kill -> next token using the survivors' log timestamps (seconds from the kill)."""
     coord = log_events(daemons[head].log_path, t_kill)
-    lost = first(coord, r"lost: silent for")
+    lost = first(coord, r"\) lost: ")
     pause = first(coord, r"pausing the ring")
     propose = first(coord, r"proposing plan epoch")
     resume = first(coord, r"resuming the ring")
@@ -188,7 +188,7 @@ def stall_end(times: list[float], t_kill: float) -> float | None:
     return max(gaps)[1]
 
 
-def one_run(model: Path, context: int, replicas: str, max_tokens: int, log_dir: Path) -> dict:
+def one_run(model: Path, context: int, replicas: str, max_tokens: int, log_dir: Path, fault: str = "kill") -> dict:
     from clusterutil import join, wait_for_agreement
     from netns import Hosts
     from test_recovery import daemon_of, host_of, middle_host
@@ -217,11 +217,15 @@ def one_run(model: Path, context: int, replicas: str, max_tokens: int, log_dir: 
         sent = sum(after[i].get("kv_replica_bytes_sent", 0) - before[i].get("kv_replica_bytes_sent", 0) for i in after)
         ring = sum(after[i].get("ring_bytes_sent", 0) - before[i].get("ring_bytes_sent", 0) for i in after)
 
-        # 2. the same streams, kill -9 the middle peer once every stream has KEEP tokens
+        # 2. the same streams; once every stream has KEEP tokens, kill -9 the middle peer (or cut its link)
         proc = start_client(h, head, job)
         t_kill = time.time()
-        h.kill(daemons[victim])
+        if fault == "kill":
+            h.kill(daemons[victim])
+        else:
+            h.link_down(victim)
         faulted = finish_client(proc)
+        rejoin = link_returns(h, head, victim, view, t_kill) if fault == "link-down" else {}
 
         # 3. where the time went
         after_kill = [stall_end(r["times"], t_kill) for r in faulted]
@@ -232,11 +236,15 @@ def one_run(model: Path, context: int, replicas: str, max_tokens: int, log_dir: 
         steps = breakdown(h, daemons, head, victim, t_kill, t_next)
         base_gap = max(max((b - a for a, b in zip(r["times"], r["times"][1:])), default=0.0) for r in baseline)
         return {
-            "context": context, "kv_replicas": int(replicas), "max_tokens": max_tokens,
+            "fault": fault, "context": context, "kv_replicas": int(replicas), "max_tokens": max_tokens,
             "layers": {f"h{i}": v for i, v in sorted(layers.items())}, "head": f"h{head}", "killed": f"h{victim}",
             "killed_layers": layers.get(victim),
             "context_at_kill": [len(p) + n for p, n in zip(job["prompts"], before_kill)],
             "identical": [r["text"] for r in faulted] == [r["text"] for r in baseline],
+            "differ_at": [next((k for k, (x, y) in enumerate(zip(a["text"], b["text"])) if x != y),
+                               min(len(a["text"]), len(b["text"]))) if a["text"] != b["text"] else None
+                          for a, b in zip(faulted, baseline)],
+            "mismatched_texts": [(a["text"], b["text"]) for a, b in zip(faulted, baseline) if a["text"] != b["text"]],
             "errors": [r["error"] for r in faulted if r["error"]],
             "finish_reasons": [r["finish_reason"] for r in faulted],
             "kill_to_next_token_s": round(max(t - t_kill for t in ok), 3) if len(ok) == len(faulted) else None,
@@ -248,8 +256,73 @@ def one_run(model: Path, context: int, replicas: str, max_tokens: int, log_dir: 
             "replica_bytes_per_position": round(sent / positions, 1) if positions else None,
             "replica_bytes_per_generated_token": round(sent / generated, 1) if generated else None,
             "replica_bytes_held_mid_stream": int(sum(held.values())),
-            **steps,
+            **steps, **rejoin,
         }
+
+
+def link_returns(h, head: int, victim: int, view: dict, t_cut: float, timeout: float = 60) -> dict:
+    """The cut-off host while its link was down (did it serve a plan of its own?), then the link
+    back up: seconds until the head lists it healthy again, and until it holds layers again."""
+    from clusterutil import status
+
+    victim_id = next(p["id"] for p in view["peers"] if p["address"].startswith(h.addr(victim) + ":"))
+    t_up = time.time()
+    h.link_up(victim)
+    healthy_at = placed_at = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and placed_at is None:
+        s = status(h, head)
+        me = next((p for p in (s or {}).get("peers", []) if p["id"] == victim_id), None)
+        if me and me["healthy"]:
+            healthy_at = healthy_at or time.time()
+            if me["layers"]:
+                placed_at = time.time()
+        time.sleep(0.2)
+    cut_off = [msg for t, msg in log_events(daemon_of_host(h, victim).log_path, t_cut) if t < t_up
+               and re.search(r"plan epoch \d+ committed|proposing plan epoch|ready: epoch", msg)]
+    return {"rejoin": {"healthy_after_s": None if healthy_at is None else round(healthy_at - t_up, 3),
+                       "holds_layers_after_s": None if placed_at is None else round(placed_at - t_up, 3),
+                       "plans_while_cut_off": cut_off}}
+
+
+def daemon_of_host(h, i: int):
+    from test_recovery import daemon_of
+
+    return daemon_of(h, i)
+
+
+def coordinator_run(model: Path, log_dir: Path, timeout: float = 30) -> dict:
+    """kill -9 the coordinator (the head); seconds until another peer's gateway answers a
+    completion again (a new coordinator elected, a plan committed, its ring serving)."""
+    from clusterutil import client, join, wait_for_agreement
+    from netns import Hosts
+    from test_recovery import daemon_of, host_of
+
+    with Hosts(3, log_dir=log_dir) as h:
+        for i in (1, 2, 3):
+            join(h, i, model, "--threads", "1")
+        view = wait_for_agreement(h, [1, 2, 3], n_layers=N_LAYERS, timeout=60)[0]
+        head = host_of(h, view, view["coordinator"])
+        other = next(i for i in (1, 2, 3) if i != head)
+        job = {"kind": "raw", "method": "POST", "path": "/completions",
+               "body": json.dumps({"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+               "headers": {"content-type": "application/json"}}
+        t_kill = time.time()
+        h.kill(daemon_of(h, head))
+        attempts, answered, r = 0, None, {}
+        while time.time() - t_kill < timeout:
+            attempts += 1
+            r = client(h, other, job, timeout=timeout)
+            if r.get("status") == 200:
+                answered = time.time()
+                break
+            time.sleep(0.1)
+        ev = log_events(daemon_of(h, other).log_path, t_kill)
+        committed = first(ev, r"plan epoch \d+ committed")
+        return {"fault": "coordinator", "killed": f"h{head}", "asked": f"h{other}", "attempts": attempts,
+                "kill_to_serving_s": None if answered is None else round(answered - t_kill, 3),
+                "kill_to_commit_s": None if committed is None else round(committed[0] - t_kill, 3),
+                "last_answer": json.dumps(r)[:300]}
 
 
 def kv_bytes_per_token_layer(kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
@@ -258,40 +331,64 @@ def kv_bytes_per_token_layer(kv_heads: int, head_dim: int, dtype_bytes: int) -> 
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    for context in sorted({r["context"] for r in runs}):
-        for replicas in (1, 0):
-            rs = [r for r in runs if r["context"] == context and r["kv_replicas"] == replicas and "error" not in r]
-            if not rs:
-                continue
-            med = lambda key: statistics.median([r[key] for r in rs if r.get(key) is not None])  # noqa: E731
-            phase = lambda name: statistics.median([r["phases"][name] for r in rs if r["phases"].get(name) is not None])  # noqa: E731
-            rows.append({
-                "context": context, "kv_replicas": replicas, "repeats": len(rs),
-                "kill_to_next_token_s": med("kill_to_next_token_s"), "client_max_gap_s": med("client_max_gap_s"),
-                "no_fault_max_gap_s": med("no_fault_max_gap_s"),
-                "identical": f"{sum(r['identical'] and not r['errors'] for r in rs)}/{len(rs)}",
-                "detection_s": phase("detection"), "replan_s": phase("replan"), "load_and_kv_s": phase("load_and_kv"),
-                "commit_s": phase("commit"), "first_token_s": phase("first_token"),
-                "replayed": med("replayed"),
-                "replica_bytes_per_position": med("replica_bytes_per_position"),
-                "replica_bytes_per_generated_token": med("replica_bytes_per_generated_token"),
-                "replica_bytes_held_mid_stream": med("replica_bytes_held_mid_stream"),
-                "ring_bytes_per_position": statistics.median([r["ring_bytes_sent"] / r["kv_positions"] for r in rs]),
-                "max_kill_to_next_token_s": max(r["kill_to_next_token_s"] for r in rs),
-            })
+    for fault, context, replicas in sorted({(r.get("fault", "kill"), r["context"], r["kv_replicas"]) for r in runs
+                                            if "context" in r}, key=lambda k: (k[0] != "kill", k[1], -k[2])):
+        rs = [r for r in runs if r.get("fault", "kill") == fault and r["context"] == context
+              and r["kv_replicas"] == replicas and "error" not in r]
+        if not rs:
+            continue
+        med = lambda key: _median([r.get(key) for r in rs])  # noqa: E731
+        phase = lambda name: _median([r["phases"].get(name) for r in rs])  # noqa: E731
+        rejoined = [r["rejoin"] for r in rs if r.get("rejoin")]
+        rows.append({
+            "fault": fault, "context": context, "kv_replicas": replicas, "repeats": len(rs),
+            "kill_to_next_token_s": med("kill_to_next_token_s"), "client_max_gap_s": med("client_max_gap_s"),
+            "no_fault_max_gap_s": med("no_fault_max_gap_s"),
+            "identical": f"{sum(r['identical'] and not r['errors'] for r in rs)}/{len(rs)}",
+            "detection_s": phase("detection"), "replan_s": phase("replan"), "load_and_kv_s": phase("load_and_kv"),
+            "commit_s": phase("commit"), "first_token_s": phase("first_token"),
+            "replayed": med("replayed"),
+            "replica_bytes_per_position": med("replica_bytes_per_position"),
+            "replica_bytes_per_generated_token": med("replica_bytes_per_generated_token"),
+            "replica_bytes_held_mid_stream": med("replica_bytes_held_mid_stream"),
+            "ring_bytes_per_position": statistics.median([r["ring_bytes_sent"] / r["kv_positions"] for r in rs]),
+            "max_kill_to_next_token_s": max((r["kill_to_next_token_s"] for r in rs
+                                             if r["kill_to_next_token_s"] is not None), default=None),
+            "rejoin_healthy_s": _median([x["healthy_after_s"] for x in rejoined]),
+            "rejoin_layers_s": _median([x["holds_layers_after_s"] for x in rejoined]),
+            "plans_while_cut_off": sum(len(x["plans_while_cut_off"]) for x in rejoined),
+        })
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| context | kv-replicas | kill → next token, s (worst) | client max gap (s) | detect | replan | load + KV | "
-            "commit | first token | replayed | identical | replica B / KV position | replica B / generated token |")
-    out = [head, "|" + "---|" * 13]
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def markdown(rows: list[dict], coordinator: list[dict]) -> str:
+    head = ("| fault | context | kv-replicas | fault → next token, s (worst) | client max gap (s) | detect | replan | "
+            "load + KV | commit | first token | replayed | identical | replica B / KV position | "
+            "replica B / generated token |")
+    out = [head, "|" + "---|" * 14]
     f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    g = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
     for r in rows:
-        out.append(f"| {r['context']} | {r['kv_replicas']} | **{f(r['kill_to_next_token_s'])}** ({f(r.get('max_kill_to_next_token_s'))}) | {f(r['client_max_gap_s'])} | "
+        out.append(f"| {r['fault']} | {r['context']} | {r['kv_replicas']} | **{f(r['kill_to_next_token_s'])}** ({f(r.get('max_kill_to_next_token_s'))}) | {f(r['client_max_gap_s'])} | "
                    f"{f(r['detection_s'])} | {f(r['replan_s'])} | {f(r['load_and_kv_s'])} | {f(r['commit_s'])} | "
-                   f"{f(r['first_token_s'])} | {r['replayed']:g} | {r['identical']} | {r['replica_bytes_per_position']:,.0f} | "
+                   f"{f(r['first_token_s'])} | {g(r['replayed'])} | {r['identical']} | {r['replica_bytes_per_position']:,.0f} | "
                    f"{r['replica_bytes_per_generated_token']:,.0f} |")
+    for r in rows:
+        if r["fault"] == "link-down":
+            out.append(f"\nLink down (context {r['context']}, kv-replicas {r['kv_replicas']}): after `ip link set ... up` "
+                       f"the head lists the cut-off peer healthy in {f(r['rejoin_healthy_s'])} s and it holds layers "
+                       f"again in {f(r['rejoin_layers_s'])} s (median); plans it committed or proposed while cut "
+                       f"off: {r['plans_while_cut_off']}.")
+    ok = [c["kill_to_serving_s"] for c in coordinator if c.get("kill_to_serving_s") is not None]
+    if coordinator:
+        out.append(f"\nCoordinator kill -9: another peer's gateway answers a completion again after "
+                   f"{', '.join(f'{x:.2f}' for x in ok) or '–'} s ({len(ok)}/{len(coordinator)} runs served within "
+                   "30 s; each attempt is a fresh client process, so this includes ~0.3 s of client start).")
     return "\n".join(out)
 
 
@@ -312,6 +409,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one repeat, fewer tokens (a smoke test)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--contexts", default="64,512")
+    ap.add_argument("--faults", default="kill,link-down,coordinator",
+                    help="kill (SIGKILL of the middle peer), link-down (its link cut, then restored), "
+                         "coordinator (SIGKILL of the head)")
+    ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: the 8-layer small demo model)")
     ap.add_argument("--keep-logs", type=Path, default=None, help="keep every daemon's log under this folder")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--client", help=argparse.SUPPRESS)
@@ -332,23 +433,40 @@ def main() -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     max_tokens = 24 if args.quick else 48
     work = Path(tempfile.mkdtemp(prefix="p2p-recovery-"))
-    model = make_demo_model(work / MODEL_NAME, "gguf", "small")
+    global MODEL_NAME, N_LAYERS
+    if args.model is not None:
+        model = args.model.resolve()
+        MODEL_NAME = model.name
+    else:
+        model = make_demo_model(work / MODEL_NAME, "gguf", "small")
     spec = read_spec(model)
-    runs = []
+    N_LAYERS = spec.n_layers
+    faults = args.faults.split(",")
+    runs, coordinator = [], []
     for rep in range(repeats):
-        for context in [int(c) for c in args.contexts.split(",")]:
-            for replicas in ("1", "0"):
-                log_dir = (args.keep_logs or work) / f"ctx{context}-r{replicas}-{rep}"
-                t0 = time.monotonic()
-                try:
-                    r = one_run(model, context, replicas, max_tokens, log_dir)
-                except Exception as e:  # noqa: BLE001 - one failed case must not lose the others
-                    r = {"context": context, "kv_replicas": int(replicas), "error": f"{type(e).__name__}: {e}"[:2000]}
-                r["repeat"] = rep
-                runs.append(r)
-                print(f"context {context}, kv-replicas {replicas}, repeat {rep}: "
-                      f"{json.dumps({k: r.get(k) for k in ('kill_to_next_token_s', 'client_max_gap_s', 'phases', 'identical', 'replayed', 'replica_bytes_per_position', 'error')})}"
-                      f" ({time.monotonic() - t0:.0f}s)", file=sys.stderr, flush=True)
+        for fault in [f for f in faults if f in ("kill", "link-down")]:
+            for context in [int(c) for c in args.contexts.split(",")]:
+                for replicas in ("1", "0") if fault == "kill" else ("1",):
+                    log_dir = (args.keep_logs or work) / f"{fault}-ctx{context}-r{replicas}-{rep}"
+                    t0 = time.monotonic()
+                    try:
+                        r = one_run(model, context, replicas, max_tokens, log_dir, fault)
+                    except Exception as e:  # noqa: BLE001 - one failed case must not lose the others
+                        r = {"fault": fault, "context": context, "kv_replicas": int(replicas),
+                             "error": f"{type(e).__name__}: {e}"[:2000]}
+                    r["repeat"] = rep
+                    runs.append(r)
+                    print(f"{fault}, context {context}, kv-replicas {replicas}, repeat {rep}: "
+                          f"{json.dumps({k: r.get(k) for k in ('kill_to_next_token_s', 'client_max_gap_s', 'phases', 'identical', 'replayed', 'rejoin', 'error')})}"
+                          f" ({time.monotonic() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if "coordinator" in faults:
+            try:
+                c = coordinator_run(model, (args.keep_logs or work) / f"coordinator-{rep}")
+            except Exception as e:  # noqa: BLE001
+                c = {"fault": "coordinator", "error": f"{type(e).__name__}: {e}"[:2000]}
+            c["repeat"] = rep
+            coordinator.append(c)
+            print(f"coordinator, repeat {rep}: {json.dumps(c)}", file=sys.stderr, flush=True)
     if args.keep_logs is None:
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(runs)
@@ -369,16 +487,17 @@ def main() -> int:
     }
     result = {
         "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": {"hosts": 3, "model": "demo small (8 layers, hidden 256)", "streams": STREAMS, "keep": KEEP,
-                     "max_tokens": max_tokens, "threads": 1, "strategy": "even", "fault": "SIGKILL of the middle peer",
-                     "repeats": repeats, "quick": args.quick},
-        "summary": rows, "computed_replica_bytes": computed, "runs": runs,
+        "settings": {"hosts": 3, "model": MODEL_NAME if args.model else "demo small (8 layers, hidden 256)",
+                     "streams": STREAMS, "keep": KEEP, "max_tokens": max_tokens, "threads": 1, "strategy": "even",
+                     "faults": faults, "repeats": repeats, "quick": args.quick,
+                     "load1_at_start": os.getloadavg()[0]},
+        "summary": rows, "coordinator": coordinator, "computed_replica_bytes": computed, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown(rows))
+    print(markdown(rows, coordinator))
     print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0 if all("error" not in r for r in runs) else 1
+    return 0 if all("error" not in r for r in runs + coordinator) else 1
 
 
 if __name__ == "__main__":

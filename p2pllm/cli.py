@@ -285,7 +285,7 @@ def _add_join(sub) -> None:
     _add_backend_flags(p)
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--peer-timeout", type=seconds, default=3.0, help="seconds of silence before a peer is lost")
+    p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=positive_int, default=None, help="tokens of context to plan KV memory for")

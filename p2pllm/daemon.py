@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from . import PROTOCOL_VERSION
 from .cluster import coordinator as coord
 from .cluster.capability import probe
@@ -68,7 +70,7 @@ class DaemonConfig:
     threads: int | None = None
     micro_batches: int | None = None
     kv_replicas: int = 1
-    peer_timeout: float = 3.0
+    peer_timeout: float = 2.0
     strategy: str = "optimal"
     objective: str = "latency"
     context: int | None = None
@@ -114,7 +116,7 @@ class Daemon:
         )
         self.membership = Membership(self.info, cfg.peer_timeout)
         self.security = _security(cfg)
-        self.clients = ClientPool(self.security)
+        self.clients = ClientPool(self.security, on_dropped=self._connection_dropped)
         self.options = PlanOptions(
             context=min(cfg.context or self.spec.context, self.spec.context),
             dtype=held_dtype(self.spec, self.backend, cfg.device),
@@ -142,6 +144,8 @@ class Daemon:
         self._dial: set[str] = set(cfg.peers)
         self._stop = asyncio.Event()
         self._replan_now = asyncio.Event()
+        self._health_now = asyncio.Event()
+        self._dropped: set[str] = set()  # addresses whose connection dropped since they last answered
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self._proposing = False
@@ -149,7 +153,8 @@ class Daemon:
         self.discovery = None
         self.gateway = None
         # data plane
-        self.links = LinkPool(self.security, on_refused=self._frame_refused, local=(self.address, self.on_frame))
+        self.links = LinkPool(self.security, on_refused=self._frame_refused, local=(self.address, self.on_frame),
+                              on_broken=self._connection_dropped)
         self.ring_stage = RingStage(self.spec, self.links, self.compute, cfg.wire_dtype)
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
         self.replicas = ReplicaStore(self.spec, self.options.context)
@@ -350,9 +355,17 @@ class Daemon:
             reply = await self.clients.get(member.info.address).health(self.id)
         except Exception as e:
             log.debug("health %s failed: %s", member.info.address, e)
-            if "refused" in str(e).lower():  # nothing listens there any more: lost, no need to wait
+            unavailable = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
+            if member.info.address in self._dropped and unavailable:
+                # its connection dropped and a new one fails at once (refused, reset): the process is
+                # gone (a restart comes back as a new identity), no need to wait for the timeout
+                self.membership.refused(member.info.id, after=1, why="its connection dropped and it is unreachable")
+                self._expire()
+            elif "refused" in str(e).lower():  # nothing listens there: lost after two in a row
                 self.membership.refused(member.info.id)
+                self._expire()
             return
+        self._dropped.discard(member.info.address)
         if reply.id == member.info.id:
             self.membership.heard_from(member.info.id, reply)
             self.highest_epoch = max(self.highest_epoch, reply.epoch)
@@ -360,20 +373,45 @@ class Daemon:
             self._dial.update(a for a in reply.peers[:256] if a not in known and a != self.address)
 
     async def _health_loop(self) -> None:
-        while True:
-            self.membership.touch_self()
-            others = [m for m in self.membership.members.values() if m.info.id != self.id]
-            await asyncio.gather(*(self._health_one(m) for m in others))
-            lost = self.membership.expire()
-            if lost and self.ring is not None and self.committed is not None:
-                stage_peers = {s.peer_id for s in self.committed.stages}
-                for pid in lost:
-                    if pid in stage_peers:  # park its sequences; the coordinator loop replans
-                        self.scheduler.pause(f"peer {pid[:8]} of the ring was lost")
-                        self.ring.fail_all(f"peer {pid[:8]} of the ring was lost")
-            if lost:
-                self._replan_now.set()
-            await asyncio.sleep(HEALTH_INTERVAL)
+        checks: dict[str, asyncio.Task] = {}  # one check in flight per peer: a silent one holds up no other
+        try:
+            while True:
+                self.membership.touch_self()
+                for m in list(self.membership.members.values()):
+                    task = checks.get(m.info.id)
+                    if m.info.id != self.id and (task is None or task.done()):
+                        checks[m.info.id] = asyncio.create_task(self._health_one(m))
+                for pid in [p for p in checks if p not in self.membership.members]:
+                    checks.pop(pid).cancel()  # forgotten
+                try:  # a dropped connection checks at once; otherwise twice a second
+                    await asyncio.wait_for(self._health_now.wait(), HEALTH_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+                self._health_now.clear()
+                self._expire()
+        finally:
+            for task in checks.values():
+                task.cancel()
+
+    def _expire(self) -> None:
+        """Mark peers silent past the timeout (or refusing) lost; a lost stage parks the ring's
+        sequences at once and wakes the coordinator's loop to replan."""
+        lost = self.membership.expire()
+        if lost and self.ring is not None and self.committed is not None:
+            stage_peers = {s.peer_id for s in self.committed.stages}
+            for pid in lost:
+                if pid in stage_peers:
+                    self.scheduler.pause(f"peer {pid[:8]} of the ring was lost")
+                    self.ring.fail_all(f"peer {pid[:8]} of the ring was lost")
+        if lost:
+            self._replan_now.set()
+
+    def _connection_dropped(self, address: str) -> None:
+        """A peer's connection dropped or its ring stream broke: check it now, not at the next tick."""
+        member = self.membership.by_address(address)
+        if member is not None and member.info.id != self.id:
+            self._dropped.add(address)
+            self._health_now.set()
 
     async def _link_loop(self) -> None:
         while True:

@@ -103,6 +103,8 @@ def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_mod
     check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}, kv {kv}")
     log = hosts.logs(tail=None)
     assert "carrying 4 sequences over" in log  # the fault hit the streams mid-way
+    # found by its dropped connection at once, not after the silence timeout
+    assert "lost: its connection dropped and it is unreachable" in log, log[-3000:]
     rebuilt = [line for line in log.splitlines() if "KV for layers" in line and "carried over" in line]
     assert rebuilt, log[-3000:]
     if replicas == "1":  # warm: KV rebuilt from caches and replicas, no history replayed

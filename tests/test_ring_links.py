@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 import time
@@ -25,13 +26,14 @@ def _metric(text: str, name: str) -> float:
 
 @pytest.fixture
 def one_peer(stories_gguf, tmp_path):
-    """One `p2pllm join` on loopback: the head, and the one stage holding every layer."""
+    """One `p2pllm join` on loopback: the head, and the one stage holding every layer; three
+    micro-batches in flight, so its stage takes frames while earlier ones are still on their way."""
     grpc_port, gw = PORTS
     log = open(tmp_path / "peer.log", "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "p2pllm", "join", "--model", str(stories_gguf), "--name", "solo",
                              "--port", str(grpc_port), "--gateway-port", str(gw), "--interface", "127.0.0.1",
-                             "--no-mdns", "--secret", SECRET, "--cluster", "ring-links"],
+                             "--no-mdns", "--secret", SECRET, "--cluster", "ring-links", "--micro-batches", "3"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{gw}"
     try:
@@ -65,3 +67,19 @@ def test_a_head_that_holds_the_stage_sends_its_frames_without_the_network(one_pe
     metrics = httpx.get(f"{one_peer}/metrics", timeout=10).text
     assert _metric(metrics, "p2pllm_engine_stage_frames") >= 24  # the stage ran every step ...
     assert _metric(metrics, "p2pllm_engine_ring_bytes_sent") == 0  # ... and no frame went over gRPC
+
+
+def test_overlapping_frames_to_a_peers_own_stage_keep_each_answer_its_own(one_peer):
+    prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "Tom had a red ball. He",
+               "One day, a girl", "The sun was hot"]
+
+    def complete(prompt: str) -> str:
+        body = {"model": "stories260K.gguf", "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{one_peer}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    solo = [complete(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(complete, prompts))
+    assert together == solo

@@ -33,6 +33,7 @@ class Member:
     coordinator: str = ""
     links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer id -> (rtt s, bytes/s)
     refusals: int = 0  # health checks in a row whose connection was refused
+    refused_why: str = ""  # set when refusals made it lost: the reason the log gives
     lost_at: float = 0.0  # when it was marked lost
 
     @property
@@ -81,7 +82,7 @@ class Membership:
             return
         was_live = self.is_live(peer_id)
         member.last_seen = self.clock()
-        member.refusals = 0
+        member.refusals, member.refused_why = 0, ""
         if reply is not None:
             member.state, member.epoch, member.coordinator = reply.state, reply.epoch, reply.coordinator
             member.links = {link.peer_id: (link.rtt_s, link.bw) for link in reply.links}
@@ -89,7 +90,7 @@ class Membership:
             log.info("peer %s (%s) is answering again", member.info.name, peer_id[:8])
             self._changed()
 
-    def refused(self, peer_id: str, after: int = 2) -> None:
+    def refused(self, peer_id: str, after: int = 2, why: str = "connections refused") -> None:
         """A refused connection is proof nobody listens: `after` in a row and the peer is lost at
         once, without waiting for the timeout (a cut cable still takes the timeout)."""
         member = self.members.get(peer_id)
@@ -97,7 +98,7 @@ class Membership:
             return
         member.refusals += 1
         if member.refusals >= after:
-            member.last_seen = -1e9
+            member.last_seen, member.refused_why = -1e9, why
 
     def _replace_ghosts(self, info: pb.PeerInfo) -> None:
         """A new identity at an address we know: the daemon there restarted (one address holds one
@@ -144,7 +145,7 @@ class Membership:
             if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
                 m.state, m.lost_at = "lost", self.clock()
                 lost.append(m.info.id)
-                why = "connections refused" if m.refusals >= 2 else f"silent for {self.peer_timeout:.1f}s"
+                why = m.refused_why or f"silent for {self.peer_timeout:.1f}s"
                 log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
         now = self.clock()
         for m in [m for m in self.members.values() if m.info.id != self.me.id and not self.is_live(m.info.id)]:

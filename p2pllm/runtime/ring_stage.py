@@ -63,11 +63,8 @@ class RingStage:
                 await self.links.get(b.head_address).send(frames.result_frame(frame.epoch, frame.micro_batch,
                                                                               error=str(e)))
             return str(e)
-        mb, result = out
-        if b.stage.is_last:
-            await self.links.get(b.head_address).send(frames.result_frame(mb.epoch, mb.mb_id, result))
-        else:
-            await self.links.get(b.next_address).send(frames.encode(mb, result, self.wire_dtype))
+        mb, outgoing = out
+        await self.links.get(b.head_address if b.stage.is_last else b.next_address).send(outgoing)
         if b.replica_address:  # after the result, off the critical path (a step whose replica never left is replayed)
             deltas = await loop.run_in_executor(self.compute, self._deltas, b, mb)
             if deltas:
@@ -91,9 +88,15 @@ class RingStage:
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
+        # encoded here, on the compute thread: a stage's output may live in its compute buffer,
+        # which the next frame's step overwrites (frames to this peer itself can overlap)
+        if stage.is_last:
+            outgoing = frames.result_frame(mb.epoch, mb.mb_id, result)
+        else:
+            outgoing = frames.encode(mb, result, self.wire_dtype)
         self.compute_seconds += time.perf_counter() - t0
         self.frames += 1
-        return mb, result
+        return mb, outgoing
 
     def _deltas(self, b: Binding, mb) -> list[LayerKV]:
         """The KV entries a step added, for the replica holder (not an embedding's: after a plan

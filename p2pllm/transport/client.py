@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from typing import Callable
 
 import grpc
 
@@ -26,13 +28,30 @@ CHANNEL_OPTIONS = [
 
 
 class PeerClient:
-    """Control-plane calls to one peer. Every call has a deadline."""
+    """Control-plane calls to one peer. Every call has a deadline.
 
-    def __init__(self, address: str, security: Security):
+    With `on_dropped`, a watcher reports the moment the channel's connection drops (a killed
+    process's kernel resets its sockets at once): the caller checks that peer now instead of at
+    its next health tick. A drop is a hint, not a verdict; only the check decides."""
+
+    def __init__(self, address: str, security: Security, on_dropped: Callable[[str], None] | None = None):
         self.address = address
         self.security = security
         self.channel = security.channel(address, CHANNEL_OPTIONS)
         self.stub = pb_grpc.PeerStub(self.channel)
+        self._watcher = None
+        if on_dropped is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(on_dropped),
+                                                                   name=f"watch {address}")
+
+    async def _watch(self, on_dropped: Callable[[str], None]) -> None:
+        state = self.channel.get_state()
+        while True:
+            await self.channel.wait_for_state_change(state)
+            new = self.channel.get_state()
+            if state == grpc.ChannelConnectivity.READY and new != grpc.ChannelConnectivity.READY:
+                on_dropped(self.address)
+            state = new
 
     async def hello(self, me: pb.PeerInfo, timeout: float = 3.0) -> pb.HelloReply:
         try:
@@ -68,20 +87,24 @@ class PeerClient:
         return rtt, 2 * payload_bytes / elapsed
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.channel.close()
 
 
 class ClientPool:
     """One PeerClient per address, reused."""
 
-    def __init__(self, security: Security):
+    def __init__(self, security: Security, on_dropped: Callable[[str], None] | None = None):
         self.security = security
+        self.on_dropped = on_dropped
         self._clients: dict[str, PeerClient] = {}
 
     def get(self, address: str) -> PeerClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = PeerClient(address, self.security)
+            client = self._clients[address] = PeerClient(address, self.security, self.on_dropped)
         return client
 
     async def close(self) -> None:

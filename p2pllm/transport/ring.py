@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class RingLink:
-    def __init__(self, address: str, security: Security, on_refused: Callable[[str, int, str], None] | None = None):
+    def __init__(self, address: str, security: Security, on_refused: Callable[[str, int, str], None] | None = None,
+                 on_broken: Callable[[str], None] | None = None):
         self.address = address
         self.security = security
         self.on_refused = on_refused  # (refusing address, micro-batch id, why): a refusal must reach the head, not just a log
+        self.on_broken = on_broken  # (address): the stream broke; most often the peer died this moment
         self._channel = security.channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.PeerStub(self._channel)
         self._call = None  # the open Ring stream; opened on the first frame, again after it broke
@@ -56,6 +58,8 @@ class RingLink:
             why = e.code().name.lower() if isinstance(e, grpc.aio.AioRpcError) else "closed"
             log.warning("ring link to %s broke: %s", self.address, why)
         self._call = None
+        if self.on_broken is not None:
+            self.on_broken(self.address)
 
     async def _read_acks(self, call) -> None:
         try:
@@ -112,9 +116,11 @@ class LinkPool:
     """The ring links this peer sends on, by address."""
 
     def __init__(self, security: Security, on_refused: Callable[[str, int, str], None] | None = None,
-                 local: tuple[str, Callable[[pb.Frame], Awaitable[pb.FrameAck]]] | None = None):
+                 local: tuple[str, Callable[[pb.Frame], Awaitable[pb.FrameAck]]] | None = None,
+                 on_broken: Callable[[str], None] | None = None):
         self.security = security
         self.on_refused = on_refused
+        self.on_broken = on_broken
         self.local = local  # (this peer's address, its frame handler): frames to itself skip the network
         self._links: dict[str, RingLink | LocalLink] = {}
 
@@ -124,7 +130,7 @@ class LinkPool:
             if self.local is not None and address == self.local[0]:
                 link = LocalLink(address, self.local[1], self.on_refused)
             else:
-                link = RingLink(address, self.security, self.on_refused)
+                link = RingLink(address, self.security, self.on_refused, self.on_broken)
             self._links[address] = link
         return link
 
