@@ -655,6 +655,7 @@ class Daemon:
                                            micro_batches=self.cfg.micro_batches)
                 asyncio.get_running_loop().create_task(self.scheduler.start())
             self.ring.configure(proposal.epoch, addresses)
+            self.scheduler.kv_budget = coord.kv_budget(proposal, self.options.context, self.options.batch)
         elif self.scheduler is not None:  # no longer the head: its requests fail cleanly
             scheduler, self.scheduler, self.ring = self.scheduler, None, None
             asyncio.get_running_loop().create_task(scheduler.stop())

@@ -74,6 +74,25 @@ def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:
     return ""
 
 
+def kv_budget(proposal: pb.PlanProposal, context: int, batch: int) -> int | None:
+    """KV positions (summed over sequences) that every stage of a committed plan has room for: its
+    peer's usable memory less weights and workspace, over the KV one position costs there (the
+    plan sized `kv` for `batch` sequences of `context`). The head admits sequences against it, so a
+    burst of requests queues instead of pushing a peer past its memory. None: not known."""
+    try:
+        stages = json.loads(proposal.plan_json)["stages"]
+        budgets = []
+        for s in stages:
+            m = s["memory"]
+            per_position = m["kv"] / (batch * context)
+            if per_position <= 0:
+                return None
+            budgets.append(int((m["limit"] - m["weights"] - m["workspace"]) // per_position))
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return max(context, min(budgets)) if budgets else None
+
+
 def to_proposal(p: Plan, epoch: int, coordinator: str, membership: Membership, fingerprint: str) -> pb.PlanProposal:
     stages = [
         pb.StageAssignment(peer_id=s.peer, address=membership.members[s.peer].info.address, start=s.start, end=s.end)

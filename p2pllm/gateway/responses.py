@@ -38,8 +38,13 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JS
     return _ErrorResponse(error, headers)
 
 
+RETRY_AFTER_SECONDS = "1"  # a 429 (queue full) or 503 (between plans) is worth trying again soon
+
+
 class _ErrorResponse(JSON):
     def __init__(self, error: ApiError, headers: dict[str, str] | None):
+        if error.status in (429, 503) and not any(k.lower() == "retry-after" for k in headers or {}):
+            headers = {**(headers or {}), "Retry-After": RETRY_AFTER_SECONDS}
         super().__init__(error.body(), status_code=error.status, headers=headers)
         self.error = error
 

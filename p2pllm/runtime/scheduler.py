@@ -44,6 +44,7 @@ class RingRetry(RingUnavailable):
     """A stage refused a micro-batch (most often one not yet switched to this epoch): send it again."""
 
 
+MAX_QUEUED = 256  # requests waiting for admission; one more is answered 429 (Retry-After)
 MAX_RETRIES = 100  # micro-batches of one sequence refused as RingRetry before it fails (~10 s)
 RETRY_DELAY = 0.1
 
@@ -73,7 +74,7 @@ class _Seq:
 class Scheduler:
     def __init__(self, ring: Ring, tokenizer: Tokenizer, *, model_name: str, context: int,
                  micro_batches: int | None = None, prefill_chunk: int = 256, token_budget: int = 512,
-                 max_running: int = 64, vocab: int | None = None):
+                 max_running: int = 64, vocab: int | None = None, max_queued: int = MAX_QUEUED):
         self.ring = ring
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -82,6 +83,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.token_budget = max(token_budget, prefill_chunk)
         self.max_running = max_running
+        self.max_queued = max_queued
+        # KV positions every stage can hold for all sequences together (None: not bounded): a
+        # sequence starts only when its whole capacity (prompt + max_tokens) fits beside the others'
+        self.kv_budget: int | None = None
         self.vocab = vocab or tokenizer.vocab_size
         self._seqs: dict[int, _Seq] = {}
         self._ids = itertools.count(1)
@@ -118,11 +123,23 @@ class Scheduler:
     def max_in_flight(self) -> int:
         return max(1, self.micro_batches or self.ring.n_stages)
 
+    def queued(self) -> int:
+        return sum(1 for s in self._seqs.values() if not s.started and not s.done)
+
+    def kv_reserved(self) -> int:
+        """KV positions the started sequences may grow to (what admission counts against kv_budget)."""
+        return sum(min(self.context, len(s.req.prompt_ids) + s.req.max_tokens)
+                   for s in self._seqs.values() if s.started)
+
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
         queued = sum(1 for s in self._seqs.values() if not s.started and not s.done)
+        extra = {"in_flight": len(self._in_flight), "active_sequences": len(self._seqs),
+                 "kv_reserved_tokens": self.kv_reserved()}
+        if self.kv_budget is not None:
+            extra["kv_budget_tokens"] = self.kv_budget
         return EngineStats(queued=queued, running=running, stages=self.ring.n_stages, epoch=self.ring.epoch,
-                           extra={"in_flight": len(self._in_flight), "active_sequences": len(self._seqs)})
+                           extra=extra)
 
     # ------------------------------------------------------------------ requests
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -149,6 +166,13 @@ class Scheduler:
                               code="service_unavailable")
         if not 1 <= req.n <= MAX_CHOICES:
             raise EngineError(f"n must be between 1 and {MAX_CHOICES}, got {req.n}")
+        need = min(self.context, n_prompt + req.max_tokens)
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise EngineError(f"the cluster's KV cache holds {self.kv_budget} tokens; the prompt ({n_prompt}) plus "
+                              f"max_tokens ({req.max_tokens}) needs {need}", code="context_length_exceeded")
+        if self.queued() + req.n > self.max_queued:
+            raise EngineError(f"{self.queued()} requests are waiting already (at most {self.max_queued}); try again "
+                              "in a moment", status=429, code="rate_limit_exceeded")
         # continuation: the text follows the prompt, so a leading space of the first token is kept
         first = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
         group = [first]
@@ -284,6 +308,7 @@ class Scheduler:
     def _build(self) -> MicroBatch | None:
         ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
+        reserved, admitting = self.kv_reserved(), True
         # a fair share per micro-batch, so that every micro-batch in flight has work
         active = [s for s in ready if s.started] + [s for s in ready if not s.started]
         share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
@@ -292,11 +317,15 @@ class Scheduler:
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
-                if running >= self.max_running or not self._may_start(seq):
+                capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
+                # first come, first served: once one does not fit, later ones wait too
+                admitting = admitting and (self.kv_budget is None or running == 0
+                                           or reserved + capacity <= self.kv_budget)
+                if not admitting or running >= self.max_running or not self._may_start(seq):
                     continue
                 running += 1
+                reserved += capacity
                 seq.started = True
-                capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
                 generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
                 fork = self._fork(seq)
                 starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated,
