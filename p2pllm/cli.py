@@ -17,6 +17,7 @@ from .demo_cluster import add_demo_parser
 from .model.models_cli import add_models_parser
 from .errors import P2PError
 from .gateway.chat_cli import add_chat_parser
+from .batch.cli import add_batch_parser
 
 log = logging.getLogger("p2pllm")
 
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     add_plan_parser(sub)
     add_chat_parser(sub)
+    add_batch_parser(sub)
     add_demo_parser(sub)
     add_models_parser(sub)
     return parser
