@@ -178,9 +178,9 @@ def _add_make_demo_model(sub) -> None:
                                    "Its output is random text.")
     p.add_argument("path", help="output .gguf file (or folder with --format hf)")
     p.add_argument("--format", default="gguf", choices=["gguf", "hf"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "small", "125m", "1b"],
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "125m", "1b", "3b"],
                    help="tiny: 6 layers, hidden 128; small: 8 layers, hidden 256; 125m: 12 layers, hidden 768; "
-                        "1b: 16 layers, hidden 2048 (1.1B parameters)")
+                        "1b: 16 layers, hidden 2048 (1.1B parameters); 3b: 30 layers, hidden 3072 (3.2B parameters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type")
     p.set_defaults(func=cmd_make_demo_model)

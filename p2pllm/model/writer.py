@@ -101,8 +101,9 @@ def write_gguf(
     for key, value in tokenizer_fields.items():
         _add_field(w, key, value)
 
-    for key in _gguf_order(weights):
-        t = weights[key].detach().to("cpu", torch.float32).contiguous()
+    def encode(key: str, t: Tensor) -> tuple[np.ndarray, object]:
+        """(the array written for canonical `key`, its GGML type or None for a plain float array)."""
+        t = t.detach().to("cpu", torch.float32).contiguous()
         if arch == "llama":
             field = key.rsplit(".", 1)[-1]
             if field in ("wq", "bq"):
@@ -110,19 +111,56 @@ def write_gguf(
             elif field in ("wk", "bk"):
                 t = hf_to_gguf_rope(t, n_kv)
         arr = t.numpy()
-        tensor_name = _file_name(GGUF_NAMES, key)
         if tensor_dtypes and key in tensor_dtypes:
-            w.add_tensor(tensor_name, arr.astype(tensor_dtypes[key]))
-        elif arr.ndim == 2 and qtype in ("q8_0", "q4_0") and arr.shape[1] % 32 == 0:
-            w.add_tensor(tensor_name, gguf.quants.quantize(arr, ggml_type), raw_dtype=ggml_type)
-        elif arr.ndim == 2 and qtype == "f16":
-            w.add_tensor(tensor_name, arr.astype(np.float16))
+            return arr.astype(tensor_dtypes[key]), None
+        if arr.ndim == 2 and qtype in ("q8_0", "q4_0") and arr.shape[1] % 32 == 0:
+            return gguf.quants.quantize(arr, ggml_type), ggml_type
+        if arr.ndim == 2 and qtype == "f16":
+            return arr.astype(np.float16), None
+        return arr, None
+
+    for key in _gguf_order(weights):
+        tensor_name = _file_name(GGUF_NAMES, key)
+        value = weights[key]
+        if callable(value) and not isinstance(value, Tensor):  # made when written (make-demo-model)
+            arr = _LazyArray(key, tuple(value.shape), value, encode, qtype, tensor_dtypes)
+            raw = ggml_type if arr.quantized else None
+        else:
+            arr, raw = encode(key, value)
+        if raw is not None:
+            w.add_tensor(tensor_name, arr, raw_dtype=raw)
         else:
             w.add_tensor(tensor_name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+class _LazyArray:
+    """Stands in for a numpy array in GGUFWriter (which uses only shape, dtype, nbytes and tofile):
+    the tensor is made, encoded and written when the writer reaches it, then dropped."""
+
+    def __init__(self, key: str, shape: tuple, make, encode, qtype: str, tensor_dtypes) -> None:
+        import gguf
+
+        self.key, self.make, self.encode = key, make, encode
+        if tensor_dtypes and key in tensor_dtypes:
+            dtype, self.quantized = np.dtype(tensor_dtypes[key]), False
+        elif len(shape) == 2 and qtype in ("q8_0", "q4_0") and shape[1] % 32 == 0:
+            dtype, self.quantized = np.dtype(np.uint8), True
+            qt = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
+            shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, qt))
+        else:
+            dtype, self.quantized = np.dtype(np.float16 if len(shape) == 2 and qtype == "f16" else np.float32), False
+        self.shape, self.dtype = shape, dtype
+        self.nbytes = int(np.prod(shape)) * dtype.itemsize
+
+    def tofile(self, fout) -> None:
+        arr, _ = self.encode(self.key, self.make())
+        if arr.nbytes != self.nbytes or arr.dtype != self.dtype:
+            raise AssertionError(f"{self.key}: made {arr.dtype} {arr.nbytes} bytes, planned {self.dtype} {self.nbytes}")
+        arr.tofile(fout)
 
 
 def _gguf_order(weights: dict[str, Tensor]) -> list[str]:
