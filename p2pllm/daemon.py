@@ -555,7 +555,9 @@ class Daemon:
         if stage is not None:
             rebuilt = await restore_kv(stage, self.stage, self.replicas, list(req.resume), list(req.sources),
                                             self._fetch_kv, self.spec, self.options.context, self.address)
-        self.pending = {e: v for e, v in self.pending.items() if e > self.epoch}
+        # a newer proposal supersedes every older one that never committed: their stages (weights
+        # and KV) go now, or a peer would hold two ranges at once and exceed its memory
+        self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}
         self.pending[req.epoch] = (req, stage)
         if self.state not in ("serving", "leaving"):
             self.state = "ready"
@@ -672,6 +674,8 @@ class Daemon:
             await self.ring_stage.send_replica(b, deltas)
 
     async def _load(self, rng: tuple[int, int]):
+        if self.stage is not None and (self.stage.start, self.stage.end) == rng:
+            return self.stage  # the range this peer serves now (a later proposal may have loaded another)
         if self.loaded is not None and self.loaded[0] == rng:
             return self.loaded[1]
         self.state, self.load_progress = "loading", 0.0
