@@ -102,22 +102,9 @@ def parse_duration(text: str) -> float:
 # --------------------------------------------------------------------------- capabilities
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    device: str  # "cpu", "cuda:0", "mps"
-    device_name: str  # CPU model or GPU name
-    total_memory: int  # bytes on the device
-    free_memory: int  # bytes available now
-    max_memory: int | None  # the user's cap (--max-memory), if any
-    cpu_count: int  # logical cores
-    threads: int  # threads the benchmarks (and the runtime) use
-    flops: dict[str, float] = field(default_factory=dict)  # FLOP/s per dtype: f32, and f16/bf16 where supported
-    mem_bw: float = 0.0  # bytes/s streamed by a GEMV over a matrix larger than cache
-    probe_seconds: float = 0.0  # how long the benchmarks took when measured
-    cached: bool = False  # benchmarks read from the cache rather than measured now
-    cgroup_memory: int | None = None  # bytes this process's cgroup still allows (None: no limit, or a GPU)
-    cgroup_limit: int | None = None  # the limit of the cgroup level that binds
-    cgroup_path: str | None = None  # that cgroup's directory
+class BoundedMemory:
+    """The memory bounds of a probe (its fields free_memory, cgroup_memory, cgroup_limit,
+    cgroup_path, max_memory, total_memory) and which of them applies."""
 
     @property
     def usable_memory(self) -> int:
@@ -132,6 +119,24 @@ class Capabilities:
     def describe_memory(self) -> str:
         """'1.20 GiB usable (bound: cgroup limit 2.00 GiB of /sys/fs/cgroup/..., 0.80 GiB in use)': for logs and errors."""
         return f"{self.usable_memory / GiB:.2f} GiB usable (bound: {describe_bound(self)})"
+
+
+@dataclass(frozen=True)
+class Capabilities(BoundedMemory):
+    device: str  # "cpu", "cuda:0", "mps"
+    device_name: str  # CPU model or GPU name
+    total_memory: int  # bytes on the device
+    free_memory: int  # bytes available now
+    max_memory: int | None  # the user's cap (--max-memory), if any
+    cpu_count: int  # logical cores
+    threads: int  # threads the benchmarks (and the runtime) use
+    flops: dict[str, float] = field(default_factory=dict)  # FLOP/s per dtype: f32, and f16/bf16 where supported
+    mem_bw: float = 0.0  # bytes/s streamed by a GEMV over a matrix larger than cache
+    probe_seconds: float = 0.0  # how long the benchmarks took when measured
+    cached: bool = False  # benchmarks read from the cache rather than measured now
+    cgroup_memory: int | None = None  # bytes this process's cgroup still allows (None: no limit, or a GPU)
+    cgroup_limit: int | None = None  # the limit of the cgroup level that binds
+    cgroup_path: str | None = None  # that cgroup's directory
 
     def compute_dtype(self) -> str:
         """The dtype the runtime computes in: f32 on CPU, f16 on GPUs that measured it."""
@@ -156,7 +161,7 @@ GiB = 1 << 30
 
 
 @dataclass(frozen=True)
-class MemoryBound:
+class MemoryBound(BoundedMemory):
     """Memory alone, without the benchmarks: what `p2pllm run` checks a model against."""
 
     device: str
@@ -166,17 +171,6 @@ class MemoryBound:
     cgroup_memory: int | None = None
     cgroup_limit: int | None = None
     cgroup_path: str | None = None
-
-    @property
-    def usable_memory(self) -> int:
-        return _bounds(self)[0][0]
-
-    @property
-    def memory_bound(self) -> str:
-        return _bounds(self)[0][1]
-
-    def describe_memory(self) -> str:
-        return f"{self.usable_memory / GiB:.2f} GiB usable (bound: {describe_bound(self)})"
 
 
 def _bounds(m) -> list[tuple[int, str]]:

@@ -88,8 +88,8 @@ class RingStage:
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
-        # encoded here, on the compute thread: a stage's output may live in its compute buffer,
-        # which the next frame's step overwrites (frames to this peer itself can overlap)
+        # encoded here, on the compute thread: copying the activations into the message is work
+        # the event loop (ring, health checks, the gateway) need not wait for
         if stage.is_last:
             outgoing = frames.result_frame(mb.epoch, mb.mb_id, result)
         else:

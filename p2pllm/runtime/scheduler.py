@@ -133,7 +133,7 @@ class Scheduler:
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
-        queued = sum(1 for s in self._seqs.values() if not s.started and not s.done)
+        queued = self.queued()
         extra = {"in_flight": len(self._in_flight), "active_sequences": len(self._seqs),
                  "kv_reserved_tokens": self.kv_reserved()}
         if self.kv_budget is not None:
