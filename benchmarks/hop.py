@@ -87,6 +87,8 @@ async def grpc_client(port: int) -> list[float]:
         await call.write(frame)
         await call.read()
         times.append(time.perf_counter() - t0)
+    await call.done_writing()
+    await channel.close()
     return times[WARMUP:]
 
 
