@@ -67,8 +67,11 @@ def test_the_demo_answers_with_a_real_model_and_its_commands_work(tmp_path):
         answer = re.search(r"^A: (.*)$", out, re.M).group(1)
         assert "Paris" in answer, out
         assert re.search(r"demo-peer-\d: layers \[0, 10\)", out) and re.search(r"[\d.]+ tokens/s through 3 peers", out)
-        for step in ("starting 3 peers", "peers found: 3 of 3", "plan epoch 1 agreed", "serving their layers: 3 of 3"):
+        for step in ("starting 3 peers", "peers found: 3 of 3", "serving their layers: 3 of 3"):
             assert step in demo.stderr, demo.stderr
+        # (the first plan's epoch may be 2: a proposal made before every peer had met the others
+        # is refused and made again)
+        assert re.search(r"plan epoch \d+ agreed; peers load their layers", demo.stderr), demo.stderr
         commands = [line.strip() for line in out.split("Reach it with:")[1].split("Stop it with:")[0].splitlines()
                     if line.strip()]
         if commands[0].startswith(". "):  # the environment p2pllm is installed in (a venv): as printed
