@@ -31,7 +31,7 @@ import psutil
 
 from ..errors import UsageError
 from .cgroup_memory import CgroupMemory, cgroup_memory
-from .planner import PeerCaps
+from .planner import GiB, PeerCaps
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,6 @@ class Capabilities(BoundedMemory):
         d["usable_memory"] = self.usable_memory
         d["memory_bound"] = self.memory_bound
         return d
-
-
-GiB = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -126,10 +126,12 @@ class Scheduler:
     def queued(self) -> int:
         return sum(1 for s in self._seqs.values() if not s.started and not s.done)
 
+    def kv_need(self, req: GenerationRequest) -> int:
+        """KV positions a request's sequence may grow to: what admission counts against kv_budget."""
+        return min(self.context, len(req.prompt_ids) + req.max_tokens)
+
     def kv_reserved(self) -> int:
-        """KV positions the started sequences may grow to (what admission counts against kv_budget)."""
-        return sum(min(self.context, len(s.req.prompt_ids) + s.req.max_tokens)
-                   for s in self._seqs.values() if s.started)
+        return sum(self.kv_need(s.req) for s in self._seqs.values() if s.started)
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
@@ -166,12 +168,13 @@ class Scheduler:
                               code="service_unavailable")
         if not 1 <= req.n <= MAX_CHOICES:
             raise EngineError(f"n must be between 1 and {MAX_CHOICES}, got {req.n}")
-        need = min(self.context, n_prompt + req.max_tokens)
+        need = self.kv_need(req)
         if self.kv_budget is not None and need > self.kv_budget:
             raise EngineError(f"the cluster's KV cache holds {self.kv_budget} tokens; the prompt ({n_prompt}) plus "
                               f"max_tokens ({req.max_tokens}) needs {need}", code="context_length_exceeded")
-        if self.queued() + req.n > self.max_queued:
-            raise EngineError(f"{self.queued()} requests are waiting already (at most {self.max_queued}); try again "
+        waiting = self.queued()
+        if waiting + req.n > self.max_queued:
+            raise EngineError(f"{waiting} requests are waiting already (at most {self.max_queued}); try again "
                               "in a moment", status=429, code="rate_limit_exceeded")
         # continuation: the text follows the prompt, so a leading space of the first token is kept
         first = _Seq(req, next(self._ids), list(req.prompt_ids), self.tokenizer.stream_decoder(continuation=True))
@@ -317,15 +320,16 @@ class Scheduler:
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
-                capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
+                need = self.kv_need(seq.req)
                 # first come, first served: once one does not fit, later ones wait too
                 admitting = admitting and (self.kv_budget is None or running == 0
-                                           or reserved + capacity <= self.kv_budget)
+                                           or reserved + need <= self.kv_budget)
                 if not admitting or running >= self.max_running or not self._may_start(seq):
                     continue
                 running += 1
-                reserved += capacity
+                reserved += need
                 seq.started = True
+                capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
                 generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
                 fork = self._fork(seq)
                 starts.append(SeqStart(seq.seq_id, capacity, seq.req.sampling, generated,
