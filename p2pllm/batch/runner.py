@@ -21,6 +21,7 @@ from typing import TextIO
 import httpx
 
 from ..errors import P2PError
+from ..gateway.chat_cli import base_url
 from .documents import BYTES_PER_TOKEN, DocumentError, estimate_tokens, read_document, split_text
 from .journal import Journal, task_key
 from .prompts import Template
@@ -64,11 +65,6 @@ class Reading:
 
 
 # --------------------------------------------------------------------------- the gateway
-
-
-def base_url(host: str) -> str:
-    host = host.strip().rstrip("/")
-    return host if host.startswith(("http://", "https://")) else f"http://{host}"
 
 
 class GatewayClient:
