@@ -19,6 +19,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = _parse(int, text, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _parse(float, text, "a number")
     if not value > 0:
@@ -64,3 +71,42 @@ def model_ref(text: str) -> str:
         return resolve_model(text)
     except ModelRefError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cache_entries(text: str) -> int:
+    """--response-cache: how many answers the gateway keeps; 'off' (or 0) for none."""
+    if text.strip().lower() == "off":
+        return 0
+    value = _parse(int, text, "a number of answers or 'off'")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, got {value}")
+    return value
+
+
+def size_bytes(text: str) -> int:
+    """A positive size: 64MiB, 1GB, 512kB."""
+    from .cluster.capability import parse_size
+    from .errors import UsageError
+
+    try:
+        value = parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return value
+
+
+def ttl_seconds(text: str) -> float:
+    value = _parse(float, text, "seconds")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def similarity(text: str) -> float:
+    """A cosine similarity threshold in (0, 1]."""
+    value = _parse(float, text, "a similarity between 0 and 1")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {text}")
+    return value

@@ -11,7 +11,7 @@ import time
 
 from . import __version__
 from .argparser import Parser
-from .argtypes import host_port, model_ref, port, positive_int, seconds
+from .argtypes import host_port, model_ref, non_negative_int, port, positive_int, seconds
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
 from .model.models_cli import add_models_parser
@@ -115,8 +115,8 @@ def _check_run_fits(args, spec, cuts: list[int]) -> None:
     weights, kv_bytes = sum(p.weights for p in parts), sum(p.kv for p in parts)
     model = getattr(args.model, "ref", None) or str(args.model)
     # the cluster a plain `join` makes plans for its default batch (DaemonConfig.batch, 8) and the whole context
-    join_options = PlanOptions(context=spec.context, batch=8, dtype=held, kv_dtype_bytes=kv_bytes_per_value(kv),
-                               backend=backend)
+    join_options = PlanOptions(context=spec.context, batch=8, prefix_cache=spec.context, dtype=held,
+                               kv_dtype_bytes=kv_bytes_per_value(kv), backend=backend)
     n = peers_needed(spec, mem.usable_memory, join_options)
     where = (f"on {n} machines with {mem.usable_memory / GiB:.2f} GiB like this one" if n and n > 1
              else "on several machines with more memory than this one")
@@ -154,12 +154,41 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _add_backend_flags(p) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "ggml", "torch"],
-                   help="auto (default): ggml on a GGUF file's own encodings on the CPU, torch otherwise")
+def _add_backend_flags(p, urls: bool = False) -> None:
+    if urls:  # join: --backend URL adds an external server (the DESIGN's join contract) beside auto|ggml|torch
+        p.add_argument("--backend", default="auto", action=_BackendFlag,
+                       metavar="auto|ggml|torch|URL[,max_concurrent=N]",
+                       help="auto (default): ggml on a GGUF file's own encodings on the CPU, torch otherwise; a URL "
+                            "(repeatable) adds an OpenAI-compatible server of the same model that shares this "
+                            "gateway's requests: URL[,max_concurrent=N][,type=lm_studio|ollama|llama_server|vllm|"
+                            "openai][,model=NAME][,id=ID][,api_key=KEY]")
+        p.set_defaults(backend_urls=[])
+    else:
+        p.add_argument("--backend", default="auto", choices=["auto", "ggml", "torch"],
+                       help="auto (default): ggml on a GGUF file's own encodings on the CPU, torch otherwise")
     p.add_argument("--kv-dtype", default=None, choices=["f16", "q8_0", "f32"],
                    help="KV cache precision (default: f16 for ggml stages, the compute dtype for torch)")
 
+
+
+class _BackendFlag(argparse.Action):
+    """join's --backend: auto|ggml|torch says how this peer computes; anything else is an external server
+    (checked in cmd_join, so that a bad one is one line)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value in ("auto", "ggml", "torch"):
+            namespace.backend = value
+        else:
+            namespace.backend_urls = [*namespace.backend_urls, value]
+
+
+def _external_backends(args) -> list:
+    from .gateway.backends import check_unique, load_workers, parse_backend_spec
+
+    configs = [parse_backend_spec(text) for text in args.backend_urls]
+    if args.workers:
+        configs += load_workers(args.workers)
+    return check_unique(configs)
 
 # --------------------------------------------------------------------------- models
 
@@ -217,6 +246,8 @@ def cmd_join(args) -> int:
 
     from .model.backends import choose_backend, stage_kv_dtype
 
+    response_cache = _response_cache(args)
+    backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
     spec = read_spec(args.model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
@@ -228,16 +259,49 @@ def cmd_join(args) -> int:
         device=args.device, backend=args.backend, kv_dtype=args.kv_dtype,
         max_memory=parse_size(args.max_memory) if args.max_memory else None,
         threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
-        context=args.context, reprobe=args.reprobe, micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
+        context=args.context, prefix_cache=args.prefix_cache, reprobe=args.reprobe,
+        micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
-        api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None,
-        secret=resolved.secret, insecure=resolved.secret is None,
+        api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
+        secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
     )
     if args.name:
         cfg.name = args.name
     daemon = Daemon(cfg)
     asyncio.run(daemon.run())
     return 0
+
+
+def _add_response_cache_flags(p) -> None:
+    from .argtypes import cache_entries, similarity, size_bytes, ttl_seconds
+    from .gateway.response_cache import DEFAULT_SEMANTIC_THRESHOLD, CacheSettings
+
+    d = CacheSettings()
+    p.add_argument("--response-cache", type=cache_entries, default=d.max_entries, metavar="ENTRIES|off",
+                   help=f"answers of deterministic requests (temperature 0 or a seed) the gateway keeps and serves "
+                        f"again without the cluster (default {d.max_entries}; off: none)")
+    p.add_argument("--response-cache-memory", type=size_bytes, default=d.max_bytes, metavar="SIZE",
+                   help=f"most memory those answers take (default {d.max_bytes >> 20}MiB)")
+    p.add_argument("--response-cache-ttl", type=ttl_seconds, default=d.ttl, metavar="SECONDS",
+                   help=f"how long an answer is served from the cache (default {d.ttl:g})")
+    p.add_argument("--semantic-cache", type=similarity, nargs="?", const=DEFAULT_SEMANTIC_THRESHOLD, default=None,
+                   metavar="THRESHOLD",
+                   help=f"also serve an answer to a request whose last user message is this close (cosine of the "
+                        f"served model's embeddings; bare: {DEFAULT_SEMANTIC_THRESHOLD}) and that is otherwise the "
+                        f"same (default: off)")
+
+
+def _response_cache(args):
+    """The gateway's CacheSettings from the join flags; None when the cache is off."""
+    from .errors import UsageError
+    from .gateway.response_cache import CacheSettings
+
+    if not args.response_cache:
+        if args.semantic_cache is not None:
+            raise UsageError("--semantic-cache needs the response cache: drop --response-cache off")
+        return None
+    return CacheSettings(args.response_cache, args.response_cache_memory, args.response_cache_ttl,
+                         args.semantic_cache)
 
 
 def _announce_secret(args, resolved) -> None:
@@ -283,13 +347,17 @@ def _add_join(sub) -> None:
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--interface", default=None, help="network interface or address to use (default: automatic)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    _add_backend_flags(p)
+    _add_backend_flags(p, urls=True)
+    p.add_argument("--workers", default=None, metavar="FILE.json",
+                   help="external backends from a JSON list of {id, host, port, type, model, max_concurrent_requests}")
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--context", type=positive_int, default=None, help="tokens of context to plan KV memory for")
+    p.add_argument("--prefix-cache", type=non_negative_int, default=None, metavar="TOKENS",
+                   help="KV positions kept for prompts that start like recent ones (default: the context; 0: off)")
     p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")
     p.add_argument("--kv-replicas", type=int, default=1, choices=[0, 1],
                    help="1: stream KV deltas to the ring successor for warm failover (default); 0: replay instead")
@@ -298,6 +366,7 @@ def _add_join(sub) -> None:
     p.add_argument("--wire-dtype", default="f32", choices=["f32", "f16", "bf16"],
                    help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
     p.add_argument("--api-key", default=None, help="require this bearer key on the gateway (or P2PLLM_API_KEY)")
+    _add_response_cache_flags(p)
     _add_security_flags(p, "that peers authenticate each other with; made and stored on first use")
     p.set_defaults(func=cmd_join)
 
@@ -325,7 +394,19 @@ def cmd_status(args) -> int:
         from .cluster.plan_cli import prediction_line
 
         print(prediction_line(plan, {p["id"]: p["name"] for p in status["peers"]}))
+    if status.get("backends"):
+        _print_backends(status["backends"])
     return 0
+
+
+def _print_backends(backends: list[dict]) -> None:
+    """The external servers of the asked peer's gateway (`--backend`, `--workers`)."""
+    print(f"{'backend':<20} {'url':<30} {'health':<8} {'in flight':<10} {'served':>7} {'failed':>7}  model / note")
+    for b in backends:
+        health = {True: "ok", False: "DOWN", None: "unknown"}[b["healthy"]]
+        note = b["reason"] or b["model"] or ""
+        print(f"{b['id'][:20]:<20} {b['url'][:30]:<30} {health:<8} {b['in_flight']}/{b['max_concurrent']:<8} "
+              f"{b['served']:>7} {b['failed']:>7}  {note}")
 
 
 def _add_status(sub) -> None:

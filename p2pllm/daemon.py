@@ -26,6 +26,7 @@ from .cluster.discovery import Announcement, Discovery, pick_interface_address
 from .cluster.membership import Membership
 from .cluster.planner import Plan, PlanOptions
 from .errors import P2PError
+from .gateway.backends import BackendPool
 from .model.backends import choose_backend, held_dtype, stage_kv_dtype
 from .model.kvcache import kv_bytes_per_value
 from .model.spec import read_spec
@@ -75,12 +76,15 @@ class DaemonConfig:
     objective: str = "latency"
     context: int | None = None
     batch: int = 8
+    prefix_cache: int | None = None  # KV positions for the head's prefix cache; None: one context, 0: off
     hysteresis: float = 0.10
     reprobe: bool = False
     wire_dtype: str | None = None  # activations on the wire: None = the compute dtype (exact)
     api_key: str | None = None
+    response_cache: object | None = None  # a gateway.response_cache.CacheSettings; None: off (join: on)
     secret: str | None = None  # the cluster secret (mutual TLS between peers); None needs insecure=True
     insecure: bool = False
+    backends: list = field(default_factory=list)  # gateway.backends.BackendConfig: external servers of this gateway
 
 
 class Daemon:
@@ -117,12 +121,14 @@ class Daemon:
         self.membership = Membership(self.info, cfg.peer_timeout)
         self.security = _security(cfg)
         self.clients = ClientPool(self.security, on_dropped=self._connection_dropped)
+        context = min(cfg.context or self.spec.context, self.spec.context)
         self.options = PlanOptions(
-            context=min(cfg.context or self.spec.context, self.spec.context),
+            context=context,
             dtype=held_dtype(self.spec, self.backend, cfg.device),
             kv_dtype_bytes=kv_bytes_per_value(self.kv_dtype),
             backend=self.backend,
             batch=cfg.batch,
+            prefix_cache=context if cfg.prefix_cache is None else cfg.prefix_cache,
             objective=cfg.objective,
             strategy=cfg.strategy,
             hysteresis=cfg.hysteresis,
@@ -152,6 +158,7 @@ class Daemon:
         self.server = None
         self.discovery = None
         self.gateway = None
+        self.backends = BackendPool(cfg.backends, self.model_name)  # health-checked while the gateway runs
         # data plane
         self.links = LinkPool(self.security, on_refused=self._frame_refused, local=(self.address, self.on_frame),
                               on_broken=self._connection_dropped)
@@ -254,6 +261,7 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.gateway is not None:
             await self.gateway.stop()
+        await self.backends.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.discovery is not None:
@@ -273,9 +281,12 @@ class Daemon:
             clients=self.clients, local=lambda: self.scheduler, coordinator_address=self._coordinator_address,
             not_ready=self._not_ready, stats=self._engine_stats, spec=self.spec,
         )
-        self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key), self.cfg.gateway_host,
-                                           self.cfg.gateway_port)
-        log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator)", self.gateway_url)
+        await self.backends.start()
+        self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key, backends=self.backends,
+                                                      response_cache=self.cfg.response_cache),
+                                           self.cfg.gateway_host, self.cfg.gateway_port)
+        log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator%s)", self.gateway_url,
+                 f" or to external backends {', '.join(b.id for b in self.backends.backends)}" if self.backends else "")
 
     @property
     def gateway_url(self) -> str:
@@ -610,7 +621,8 @@ class Daemon:
                 log.warning("refused a KV replica frame: %s", e)
                 return pb.FrameAck(micro_batch=frame.micro_batch, error=str(e))
             return pb.FrameAck(micro_batch=frame.micro_batch)
-        for seq_id in frame.finished[:4096]:  # finished sequences need no replica either
+        # finished sequences need no replica either, nor kept ones (a plan change empties the prefix cache)
+        for seq_id in [*frame.finished[:4096], *frame.retained[:4096]]:
             self.replicas.free(seq_id)
         if frame.to_head:
             if self.ring is None:
@@ -654,10 +666,11 @@ class Daemon:
                 self.ring = ClusterRing(self.links, self.spec.vocab, self.spec.hidden)
                 self.scheduler = Scheduler(self.ring, self.tokenizer, model_name=self.model_name,
                                            context=self.options.context, vocab=self.spec.vocab,
-                                           micro_batches=self.cfg.micro_batches)
+                                           micro_batches=self.cfg.micro_batches,
+                                           prefix_cache=self.options.prefix_cache)
                 asyncio.get_running_loop().create_task(self.scheduler.start())
             self.ring.configure(proposal.epoch, addresses)
-            self.scheduler.kv_budget = coord.kv_budget(proposal, self.options.context, self.options.batch)
+            self.scheduler.kv_budget = coord.kv_budget(proposal, self.options.kv_positions, self.options.context)
         elif self.scheduler is not None:  # no longer the head: its requests fail cleanly
             scheduler, self.scheduler, self.ring = self.scheduler, None, None
             asyncio.get_running_loop().create_task(scheduler.stop())
@@ -733,6 +746,7 @@ class Daemon:
             "kv_sequences": len(self.stage.kv.sequences()) if self.stage is not None else 0,
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
+            "backends": self.backends.rows(),  # this peer's gateway's external servers
         }
 
 

@@ -20,8 +20,10 @@ CLIENT = Path(__file__).with_name("cluster_client.py")
 def join(h: Hosts, i: int, model, *extra: str):
     """`p2pllm join` on host i, with the test cluster's secret unless `extra` says --secret/--insecure."""
     auth = [] if {"--secret", "--insecure"} & set(extra) else ["--secret", TEST_SECRET]
+    # no response or prefix cache: these tests repeat requests to watch the ring compute them and
+    # compare greedy texts (a reused prefix may round differently: docs/architecture.md, "Prefix cache")
     return h.popen(i, [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"host{i}",
-                       "--strategy", "even", *auth, *extra])
+                       "--strategy", "even", "--response-cache", "off", "--prefix-cache", "0", *auth, *extra])
 
 
 def status(h: Hosts, i: int, *auth: str) -> dict | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,31 @@ def demo_tiny_hf(tmp_path_factory) -> Path:
     from p2pllm.model.demo import make_demo_model
 
     return make_demo_model(tmp_path_factory.mktemp("demo-hf") / "tiny", "hf", "tiny")
+
+
+class LoopThread:
+    """An asyncio loop in a background thread: the server side of every test."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """A LoopThread for the module's servers and engines."""
+    lt = LoopThread()
+    yield lt
+    lt.close()
 
 
 def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
@@ -107,23 +134,36 @@ class LiveCluster:
 def smol_cluster(tmp_path_factory):
     """SmolLM2 on a live 2-peer cluster (real gRPC ring, mutual TLS, each peer half the layers);
     `url` is the gateway of the peer that is not the coordinator, so requests are forwarded."""
-    import httpx
+    # tests repeat requests to watch the ring compute them, and compare greedy answers with
+    # references: a reused prefix may round differently (docs/architecture.md, "Prefix cache")
+    yield from live_smol_cluster(tmp_path_factory.mktemp("smol-cluster"), "smol", (7761, 7762, 8761, 8762),
+                                 "--response-cache", "off", "--prefix-cache", "0")
 
+
+def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *extra: str):
+    """A LiveCluster of two `p2pllm join` daemons on SmolLM2 (gRPC ports[:2], gateways ports[2:]),
+    stopped when the generator is closed."""
+    import asyncio
     import socket
 
+    import httpx
+
+    from p2pllm.transport.client import fetch_status
+    from p2pllm.transport.security import Security
+
     path = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
-    for port in (7761, 7762, 8761, 8762):  # another test session's cluster must not answer for this one
+    for port in ports:  # another test session's cluster must not answer for this one
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
-    logs = tmp_path_factory.mktemp("smol-cluster")
-    env = dict(os.environ, P2PLLM_SECRET="smol-cluster-test-secret-0123456789", HOME=str(logs))
+    env = dict(os.environ, P2PLLM_SECRET=f"{name}-cluster-test-secret-0123456789", HOME=str(logs))
+    grpc, gateways = ports[:2], ports[2:]
     procs = []
     for i in range(2):
-        argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(path), "--name", f"smol-{i + 1}",
-                "--port", str(7761 + i), "--gateway-port", str(8761 + i), "--interface", "127.0.0.1", "--no-mdns",
-                "--peer", "127.0.0.1:7761", "--strategy", "even", "--cluster", "smol-test"]
+        argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(path), "--name", f"{name}-{i + 1}",
+                "--port", str(grpc[i]), "--gateway-port", str(gateways[i]), "--interface", "127.0.0.1", "--no-mdns",
+                "--peer", f"127.0.0.1:{grpc[0]}", "--strategy", "even", "--cluster", f"{name}-test", *extra]
         procs.append(subprocess.Popen(argv, stdout=open(logs / f"peer-{i + 1}.log", "w"), stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True))
     try:
@@ -131,17 +171,12 @@ def smol_cluster(tmp_path_factory):
         while time.monotonic() < deadline and len(healthy) < 2:
             assert all(p.poll() is None for p in procs), [(logs / f"peer-{i + 1}.log").read_text()[-2000:]
                                                          for i in range(2)]
-            healthy = [port for port in (8761, 8762) if _stages_of(httpx, port) == 2]
+            healthy = [port for port in gateways if _stages_of(httpx, port) == 2]
             time.sleep(0.5)
         assert len(healthy) == 2, [(logs / f"peer-{i + 1}.log").read_text()[-2000:] for i in range(2)]
-        import asyncio
-
-        from p2pllm.transport.client import fetch_status
-        from p2pllm.transport.security import Security
-
-        status = asyncio.run(fetch_status("127.0.0.1:7761", Security.from_secret(env["P2PLLM_SECRET"])))
+        status = asyncio.run(fetch_status(f"127.0.0.1:{grpc[0]}", Security.from_secret(env["P2PLLM_SECRET"])))
         coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
-        other_gateway = 8762 if coordinator.endswith(":7761") else 8761
+        other_gateway = gateways[1] if coordinator.endswith(f":{grpc[0]}") else gateways[0]
         yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name)
     finally:
         for p in procs:

@@ -121,5 +121,5 @@ def test_the_kv_budget_is_the_tightest_stage_of_the_committed_plan():
     # stage, 2 on the second
     plan = {"stages": [stage(100_000, 50_000, 8192, 10_000), stage(60_000, 20_000, 16_384, 10_000)]}
     proposal = pb.PlanProposal(plan_json=json.dumps(plan))
-    assert kv_budget(proposal, context=1024, batch=8) == min(40_000 // 1, 30_000 // 2)
-    assert kv_budget(pb.PlanProposal(plan_json="{}"), context=1024, batch=8) is None
+    assert kv_budget(proposal, positions=8 * 1024, context=1024) == min(40_000 // 1, 30_000 // 2)
+    assert kv_budget(pb.PlanProposal(plan_json="{}"), positions=8 * 1024, context=1024) is None

@@ -32,7 +32,7 @@ from p2pllm.runtime.local import LocalPipeline
 from p2pllm.runtime.pooling import PoolError
 from p2pllm.transport import frames
 from p2pllm.transport.frames import FrameError
-from test_gateway import LoopThread
+from conftest import LoopThread
 
 TEXTS = [
     "Hello world, this is a test.",
@@ -72,13 +72,6 @@ class Served:
         self.loop.run(self.server.stop())
         self.loop.run(self.engine.stop())
         self.pipe.ring.close()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lt = LoopThread()
-    yield lt
-    lt.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ in the daemon (serve_gateway inside a running loop).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -17,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import LoopThread  # noqa: F401  (other test modules import it from here)
 from p2pllm.errors import P2PError
 from p2pllm.gateway.app import create_app
 from p2pllm.gateway.server import serve_gateway
@@ -37,23 +36,6 @@ STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K.gguf"
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2C_ONCE = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 API_KEY = "sk-test-0123456789"
-
-
-class LoopThread:
-    """An asyncio loop in a background thread: the server side of every test."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Served:
@@ -85,13 +67,6 @@ class Served:
             return text, n
 
         return self.loop.run(go())
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lt = LoopThread()
-    yield lt
-    lt.close()
 
 
 def _serve(loop: LoopThread, engine, **kw):

@@ -33,7 +33,8 @@ def one_peer(stories_gguf, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "p2pllm", "join", "--model", str(stories_gguf), "--name", "solo",
                              "--port", str(grpc_port), "--gateway-port", str(gw), "--interface", "127.0.0.1",
-                             "--no-mdns", "--secret", SECRET, "--cluster", "ring-links", "--micro-batches", "3"],
+                             "--no-mdns", "--secret", SECRET, "--cluster", "ring-links", "--micro-batches", "3",
+                             "--response-cache", "off", "--prefix-cache", "0"],  # repeated prompts must reach the stage
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{gw}"
     try:

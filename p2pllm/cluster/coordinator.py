@@ -74,17 +74,18 @@ def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:
     return ""
 
 
-def kv_budget(proposal: pb.PlanProposal, context: int, batch: int) -> int | None:
+def kv_budget(proposal: pb.PlanProposal, positions: int, context: int) -> int | None:
     """KV positions (summed over sequences) that every stage of a committed plan has room for: its
     peer's usable memory less weights and workspace, over the KV one position costs there (the
-    plan sized `kv` for `batch` sequences of `context`). The head admits sequences against it, so a
-    burst of requests queues instead of pushing a peer past its memory. None: not known."""
+    plan sized `kv` for `positions`: PlanOptions.kv_positions). The head admits sequences (and
+    keeps its prefix cache) against it, so a burst of requests queues instead of pushing a peer
+    past its memory; it is never below one sequence of `context`. None: not known."""
     try:
         stages = json.loads(proposal.plan_json)["stages"]
         budgets = []
         for s in stages:
             m = s["memory"]
-            per_position = m["kv"] / (batch * context)
+            per_position = m["kv"] / positions
             if per_position <= 0:
                 return None
             budgets.append(int((m["limit"] - m["weights"] - m["workspace"]) // per_position))

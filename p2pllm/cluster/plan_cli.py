@@ -18,6 +18,7 @@ import socket
 import sys
 
 from ..errors import UsageError
+from ..argtypes import non_negative_int
 from ..model.kvcache import kv_bytes_per_value
 from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
 from ..model.store import ModelRefError, resolve_model
@@ -52,6 +53,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--kv-dtype", choices=("f16", "q8_0", "f32"), default="f16", help="KV cache precision (default f16)")
     p.add_argument("--context", type=int, default=PlanOptions.context, help="tokens of context per sequence")
     p.add_argument("--batch", type=int, default=PlanOptions.batch, help="sequences decoded together")
+    p.add_argument("--prefix-cache", type=non_negative_int, default=0, metavar="TOKENS",
+                   help="KV positions kept for the prefix cache (join keeps one context's worth; default here 0)")
     p.add_argument("--objective", choices=OBJECTIVES, default=PlanOptions.objective)
     p.add_argument("--strategy", choices=STRATEGIES, default=PlanOptions.strategy)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -132,7 +135,7 @@ def cmd_plan(args) -> int:
     if dup:
         raise UsageError(f"two --device entries are named {dup[0]}; names must be unique")
     options = PlanOptions(
-        context=args.context, batch=args.batch, dtype=args.dtype, objective=args.objective, strategy=args.strategy,
+        context=args.context, batch=args.batch, prefix_cache=args.prefix_cache, dtype=args.dtype, objective=args.objective, strategy=args.strategy,
         kv_dtype_bytes=kv_bytes_per_value(args.kv_dtype), backend=planned_backend(spec, args.dtype),
     )
     result = plan(spec, peers, None, options)

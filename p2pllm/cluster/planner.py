@@ -104,6 +104,7 @@ class PlanOptions:
 
     context: int = 2048  # tokens of KV cache per sequence
     batch: int = 1  # sequences decoded together (KV for context x batch tokens on every stage)
+    prefix_cache: int = 0  # KV positions kept for the head's prefix cache, beside context x batch
     dtype: str | None = None  # dtype the weights are held in; None = the file's dtype
     kv_dtype_bytes: float = 2.0  # bytes per cached K or V value (f16 2, q8_0 34/32, f32 4)
     backend: str = "ggml"  # "ggml" (GGUF on the CPU: flash attention, one shared compute buffer) | "torch"
@@ -130,10 +131,17 @@ class PlanOptions:
         for name in ("context", "batch", "prefill_chunk", "activation_bytes", "kv_dtype_bytes", "wire_dtype_bytes"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache < 0:
+            raise UsageError(f"prefix_cache must be non-negative, got {self.prefix_cache}")
         if self.margin_bytes < 0 or self.margin_fraction < 0 or self.hysteresis < 0 or self.token_id_bytes < 0:
             raise UsageError("margin, hysteresis and token id size must be non-negative")
         if self.exhaustive_limit < 0:
             raise UsageError("exhaustive_limit must be non-negative")
+
+    @property
+    def kv_positions(self) -> int:
+        """KV positions every stage reserves room for: `batch` sequences of `context`, and the prefix cache."""
+        return self.batch * self.context + self.prefix_cache
 
 
 # --------------------------------------------------------------------------- outputs
@@ -304,7 +312,7 @@ def stage_memory(spec: ModelSpec, start: int, end: int, options: PlanOptions, li
     sizes every layer as the largest (the search's uniform-layer bound, never below the truth)."""
     _check_range(spec, start, end)
     weights = spec.weight_bytes(start, end, options.dtype, exact)
-    kv = options.batch * options.context * spec.kv_bytes_per_token(end - start, options.kv_dtype_bytes)
+    kv = options.kv_positions * spec.kv_bytes_per_token(end - start, options.kv_dtype_bytes)
     buffers = workspace_buffers(spec, start, end, options)
     margin = options.margin_bytes + math.ceil(options.margin_fraction * (weights + kv + buffers))
     workspace = buffers + margin

@@ -3,7 +3,9 @@
 Every peer serves this app over its engine, a ClusterEngine that hands requests to the
 coordinator's scheduler (in process on the coordinator, over gRPC elsewhere), so the gateway
 knows nothing of the ring. The parts: `schema` checks request bodies, `generation` runs one
-completion against the engine, `responses` has OpenAI's shapes, `metrics` the Prometheus registry.
+completion against the engine, `responses` has OpenAI's shapes, `metrics` the Prometheus registry,
+`caching` the response cache, `routing` the choice between the ring and external backends
+(`backends`, `proxy`).
 Every client mistake is a 4xx in OpenAI's error shape; only our own bugs are a 500, and those
 carry the request id that the log line also names.
 """
@@ -27,11 +29,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.api import Engine
+from .backends import BackendPool
+from .caching import CachedCompletions
 from .embeddings import embeddings_route
-from .generation import complete
 from .metrics import GatewayMetrics, endpoint_label
 from .ollama import ollama_routes
+from .response_cache import CacheSettings
 from .responses import JSON, error_response
+from .routing import Router
 from .schema import ApiError, parse_completion_request, parse_json_object, short
 
 log = logging.getLogger(__name__)
@@ -40,12 +45,17 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this is a 413
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               response_cache: CacheSettings | None = None, backends: BackendPool | None = None) -> Starlette:
     """The gateway's ASGI app for `engine`.
 
     `api_key`: when set, every request but /health needs `Authorization: Bearer KEY`.
+    `response_cache`: when set, /v1 completions go through the response cache (gateway/caching.py).
+    `backends`: external OpenAI-compatible servers that share /v1 completions with the ring
+    (gateway/routing.py); whoever serves the app starts and stops the pool.
     """
-    gateway = Gateway(engine, api_key=api_key, max_body_bytes=max_body_bytes)
+    gateway = Gateway(engine, api_key=api_key, max_body_bytes=max_body_bytes, response_cache=response_cache,
+                      backends=backends)
     routes = [
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
@@ -64,11 +74,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
 class Gateway:
     """The endpoints of one app over its engine."""
 
-    def __init__(self, engine: Engine, *, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, engine: Engine, *, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES,
+                 response_cache: CacheSettings | None = None, backends: BackendPool | None = None):
         self.engine = engine
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = GatewayMetrics(engine)
+        self.router = Router(engine, self.metrics, backends)
+        self.metrics.track_routes(self.router.rows)
+        self.cache = CachedCompletions(response_cache, self.metrics) if response_cache is not None else None
         self.started = int(time.time())
 
     def authorized(self, headers: Headers) -> bool:
@@ -103,6 +117,10 @@ class Gateway:
         except Exception as e:
             ready = False
             body.update(status="unavailable", reason=f"engine stats failed: {e}")
+        if self.router.pool:  # external backends serve completions while the ring cannot
+            body["backends"] = self.router.pool.rows()
+            if not ready and any(b["healthy"] for b in body["backends"]):
+                ready, body["status"] = True, "ok"
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -120,7 +138,10 @@ class Gateway:
         engine = self.engine
         req = parse_completion_request(body, chat=chat, model_name=engine.model_name, context=engine.context,
                                        vocab_size=getattr(engine.tokenizer, "vocab_size", None))
-        return await complete(engine, self.metrics, request, req, arrived)
+        if self.cache is not None:
+            return await self.cache.complete(engine, request, body, req, arrived,
+                                             lambda e: self.router.complete(request, body, req, arrived, e))
+        return await self.router.complete(request, body, req, arrived)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

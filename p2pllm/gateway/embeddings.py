@@ -105,6 +105,15 @@ async def _token_ids(engine: Engine, inputs: list[str] | list[list[int]]) -> lis
     return await asyncio.to_thread(tokenize) if sum(map(len, inputs)) > _TEXT_IN_THREAD else tokenize()
 
 
+async def embedding_of(engine: Engine, text: str | list[int], request_id: str = "embed"):
+    """One text's (or token ids') vector, as /v1/embeddings computes it (float32 numpy, unit length);
+    EngineError when the engine cannot (an input beyond the context: 400)."""
+    ids = (await _token_ids(engine, [text] if isinstance(text, str) else [list(text)]))[0]
+    if not ids:
+        raise EngineError("the input has no tokens")
+    return (await engine.embed([ids], request_id))[0].numpy()
+
+
 async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict) -> Response:
     """The answer to one /v1/embeddings body."""
     request_id = request.scope.get("state", {}).get("request_id", "embed")

@@ -136,10 +136,7 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
         raise bad("The prompt is empty.", req.prompt_param, "empty_prompt")
     max_tokens = _max_tokens(engine, req, len(prompt_ids))
     if answer is None:
-        kind = ToolAnswer if req.tools is not None and req.tools.constrained else OpenAIAnswer
-        answer = kind(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
-                                      engine.model_name, req.chat, req.include_usage,
-                                      tokenizer=engine.tokenizer if req.sampling.top_logprobs is not None else None))
+        answer = openai_answer(engine, req)
     submitted = time.perf_counter()
     try:
         started = engine.generate(GenerationRequest(answer.cid, prompt_ids, max_tokens, req.sampling, req.stop,
@@ -167,6 +164,14 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
     if req.stream:
         return EventStream(job.events(first), media_type=answer.media_type)
     return await job.whole(first)
+
+
+def openai_answer(engine: Engine, req: CompletionRequest) -> Answer:
+    """OpenAI's wire format for a /v1 request, with a fresh id: tool calls when it offers tools."""
+    kind = ToolAnswer if req.tools is not None and req.tools.constrained else OpenAIAnswer
+    return kind(CompletionShape(("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex, engine.model_name,
+                                req.chat, req.include_usage,
+                                tokenizer=engine.tokenizer if req.sampling.top_logprobs is not None else None))
 
 
 def _max_tokens(engine: Engine, req: CompletionRequest, n_prompt: int) -> int:
@@ -274,6 +279,7 @@ class Job:
         self.request_id = request.scope.get("state", {}).get("request_id", answer.cid)
         self.watch = _ClientWatch(request.receive)
         self.n_tokens = 0  # of every choice
+        self.cached_tokens = 0  # prompt tokens the prefix cache held (the engine says so at the end)
         self.choices = [Choice() for _ in range(n)]
         self.last_index = 0  # the choice of the latest event
         self.last_token_at: float | None = None
@@ -309,6 +315,7 @@ class Job:
         choice.text += event.text
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
+            self.cached_tokens = max(self.cached_tokens, min(event.cached_tokens, self.n_prompt))
             if event.finish_reason not in ("stop", "length") or self.finished:
                 self.outcome = event.finish_reason
         return event
@@ -348,7 +355,7 @@ class Job:
                  self.request_id, self.answer.cid, self.outcome, self.n_prompt, self.n_tokens, elapsed, ttft)
 
     def usage(self) -> dict:
-        return usage(self.n_prompt, self.n_tokens)
+        return usage(self.n_prompt, self.n_tokens, self.cached_tokens)
 
     def unsent_logprobs(self, index: int = 0) -> list:
         """A choice's logprobs of the tokens since its last streamed piece (that piece's text is theirs)."""

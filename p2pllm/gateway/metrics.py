@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from ..runtime.api import Engine
@@ -35,6 +35,35 @@ class GatewayMetrics:
         self.itl = Histogram("p2pllm_gateway_inter_token_latency_seconds",
                              "Time between two consecutive tokens of one request.", buckets=_ITL_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
+
+    def track_response_cache(self, cache) -> None:
+        """The response cache's counters, and its size read at scrape time (gateway/caching.py)."""
+        r = self.registry
+        self.cache_hits = Counter("p2pllm_gateway_response_cache_hits", "Answers served from the response cache, "
+                                  "by match (exact or semantic).", ["kind"], registry=r)
+        for kind in ("exact", "semantic"):
+            self.cache_hits.labels(kind)
+        self.cache_misses = Counter("p2pllm_gateway_response_cache_misses",
+                                    "Cacheable requests the response cache did not have.", registry=r)
+        self.cache_bypassed = Counter("p2pllm_gateway_response_cache_bypassed", "Requests the response cache "
+                                      "does not take (temperature above 0 and no seed).", registry=r)
+        self.cache_evictions = Counter("p2pllm_gateway_response_cache_evictions", "Answers dropped from the "
+                                       "response cache: lru (its bounds) or expired (its TTL).", ["reason"],
+                                       registry=r)
+        for reason in ("lru", "expired"):
+            self.cache_evictions.labels(reason)
+        Gauge("p2pllm_gateway_response_cache_entries", "Answers in the response cache.",
+              registry=r).set_function(lambda: cache.size()[0])
+        Gauge("p2pllm_gateway_response_cache_bytes", "Estimated bytes of the answers in the response cache.",
+              registry=r).set_function(lambda: cache.size()[1])
+
+    def track_routes(self, rows) -> None:
+        """Where completions went (the ring or an external backend, gateway/routing.py), and each one's
+        health and requests in flight read at scrape time from `rows()`."""
+        self.routed = Counter("p2pllm_gateway_routed_requests", "Completions by target (ring or a backend id) and "
+                              "outcome: served, failed (before the first token; tried elsewhere) or broken (after "
+                              "it).", ["backend", "outcome"], registry=self.registry)
+        self.registry.register(_RoutesCollector(rows))
 
 
 def endpoint_label(path: str) -> str:
@@ -82,3 +111,28 @@ class _EngineCollector:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _RoutesCollector:
+    """The ring's and each backend's health, requests in flight and limit, read at scrape time."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        families = [
+            (GaugeMetricFamily("p2pllm_backend_up", "1 while a target is in rotation (the ring: while it can "
+                               "serve).", labels=["backend"]), lambda r: 1 if r["healthy"] else 0),
+            (GaugeMetricFamily("p2pllm_backend_in_flight", "Requests in flight on a target.", labels=["backend"]),
+             lambda r: r["in_flight"]),
+            (GaugeMetricFamily("p2pllm_backend_max_concurrent", "Requests a target is given at most at once (the "
+                               "ring queues beyond it).", labels=["backend"]), lambda r: r["max_concurrent"]),
+        ]
+        rows = self.rows()
+        for family, value in families:
+            for row in rows:
+                family.add_metric([row["id"]], value(row))
+            yield family

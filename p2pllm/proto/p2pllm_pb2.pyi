@@ -287,7 +287,7 @@ class KVDelta(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., first_layer: _Optional[int] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica", "sampled_logprobs", "top_counts", "top_ids", "top_logprobs", "pooled_seqs", "pooled")
+    __slots__ = ("epoch", "micro_batch", "chunks", "tokens", "hidden", "starts", "finished", "sampled", "kv", "error", "to_head", "replica", "sampled_logprobs", "top_counts", "top_ids", "top_logprobs", "pooled_seqs", "pooled", "retained")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class Frame(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     POOLED_SEQS_FIELD_NUMBER: _ClassVar[int]
     POOLED_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     micro_batch: int
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
@@ -324,7 +325,8 @@ class Frame(_message.Message):
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     pooled_seqs: _containers.RepeatedScalarFieldContainer[int]
     pooled: Tensor
-    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., pooled_seqs: _Optional[_Iterable[int]] = ..., pooled: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    retained: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., micro_batch: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., starts: _Optional[_Iterable[_Union[SequenceStart, _Mapping]]] = ..., finished: _Optional[_Iterable[int]] = ..., sampled: _Optional[_Iterable[int]] = ..., kv: _Optional[_Iterable[_Union[KVDelta, _Mapping]]] = ..., error: _Optional[str] = ..., to_head: _Optional[bool] = ..., replica: _Optional[bool] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., pooled_seqs: _Optional[_Iterable[int]] = ..., pooled: _Optional[_Union[Tensor, _Mapping]] = ..., retained: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("micro_batch", "error")
@@ -375,7 +377,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., bias_ids: _Optional[_Iterable[int]] = ..., bias_values: _Optional[_Iterable[float]] = ..., grammar: _Optional[str] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code", "has_logprob", "logprob", "top_ids", "top_logprobs", "index")
+    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error", "status", "code", "has_logprob", "logprob", "top_ids", "top_logprobs", "index", "cached_tokens")
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +390,7 @@ class GenerateEvent(_message.Message):
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     has_token: bool
     token_id: int
     text: str
@@ -400,7 +403,8 @@ class GenerateEvent(_message.Message):
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     index: int
-    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., index: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., has_logprob: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., index: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

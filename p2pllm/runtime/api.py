@@ -40,6 +40,7 @@ class TokenEvent:
     logprob: float | None = None  # the token's, when the request asked for logprobs
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely alternatives
     index: int = 0  # which choice (a request with n > 1 interleaves its choices' events)
+    cached_tokens: int = 0  # on the last event: prompt tokens whose KV the prefix cache held
 
 
 @dataclass

@@ -151,7 +151,7 @@ def _event(e: pb.GenerateEvent) -> TokenEvent:
     """An event from the coordinator (a peer of the cluster: its logprobs were checked where sampled)."""
     top = tuple(zip(e.top_ids, e.top_logprobs)) if e.has_logprob else ()
     return TokenEvent(e.token_id if e.has_token else None, e.text, e.finish_reason or None, e.error or None,
-                      e.logprob if e.has_logprob else None, top, e.index)
+                      e.logprob if e.has_logprob else None, top, e.index, e.cached_tokens)
 
 
 async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
@@ -177,7 +177,7 @@ async def serve_generate(scheduler: Scheduler | None, request: pb.GenerateReques
                                    finish_reason=ev.finish_reason or "", error=ev.error or "",
                                    has_logprob=ev.logprob is not None, logprob=ev.logprob or 0.0,
                                    top_ids=[t for t, _ in ev.top], top_logprobs=[lp for _, lp in ev.top],
-                                   index=ev.index)
+                                   index=ev.index, cached_tokens=ev.cached_tokens)
     finally:
         await events.aclose()
 

@@ -52,6 +52,8 @@ class MicroBatch:
     tokens: list[int]  # the inputs of every chunk, in order (the first stage embeds them)
     starts: list[SeqStart] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)  # free these sequences after this micro-batch
+    # these get no more chunks but keep their KV (the prefix cache): room reserved beyond it goes back
+    retained: list[int] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:

@@ -15,7 +15,6 @@ import logging
 import torch
 
 from ..model.backends import KVStore
-from ..model.kvcache import KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames

@@ -22,6 +22,7 @@ from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
 from .api import MAX_CHOICES, MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
 from .frames import Chunk, MicroBatch, Pooled, SeqStart
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,15 @@ class _Seq:
     pending_forks: int = 0  # choices still waiting to copy this one's prompt KV
     retries: int = 0  # its micro-batches refused by a stage not yet on the epoch
     fork_src: tuple[int, int] | None = None  # (sequence, positions) its start copies, kept for a resend
+    cached: int = 0  # prompt positions copied from the prefix cache instead of computed
+    reason: str | None = None  # how it finished
 
 
 class Scheduler:
     def __init__(self, ring: Ring, tokenizer: Tokenizer, *, model_name: str, context: int,
                  micro_batches: int | None = None, prefill_chunk: int = 256, token_budget: int = 512,
-                 max_running: int = 64, vocab: int | None = None, max_queued: int = MAX_QUEUED):
+                 max_running: int = 64, vocab: int | None = None, max_queued: int = MAX_QUEUED,
+                 prefix_cache: int = 0):
         self.ring = ring
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -92,6 +96,9 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._mb_ids = itertools.count(1)
         self._to_free: list[int] = []
+        self._to_retain: list[int] = []
+        # finished sequences whose KV the stages keep for prompts that start alike (0 positions: off)
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self._in_flight: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -133,6 +140,10 @@ class Scheduler:
     def kv_reserved(self) -> int:
         return sum(self.kv_need(s.req) for s in self._seqs.values() if s.started)
 
+    def _kv_held(self) -> int:
+        """What admission counts: the room of running sequences and the prefix cache's positions."""
+        return self.kv_reserved() + (self.prefix_cache.tokens if self.prefix_cache else 0)
+
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
         queued = self.queued()
@@ -140,6 +151,8 @@ class Scheduler:
                  "kv_reserved_tokens": self.kv_reserved()}
         if self.kv_budget is not None:
             extra["kv_budget_tokens"] = self.kv_budget
+        if self.prefix_cache is not None:
+            extra.update(self.prefix_cache.stats())
         return EngineStats(queued=queued, running=running, stages=self.ring.n_stages, epoch=self.ring.epoch,
                            extra=extra)
 
@@ -289,6 +302,8 @@ class Scheduler:
             seq.pos = pos
             seq.fork_src = None  # its KV is rebuilt (or replayed) like any sequence's, never copied again
             seq.started = False  # announce it again: the new last stage needs its sampler
+        if self.prefix_cache is not None:  # the new stages do not hold its KV (a kept stage frees it)
+            self._to_free.extend(self.prefix_cache.clear())
         if self._pause_timer is not None:
             self._pause_timer.cancel()
             self._pause_timer = None
@@ -311,7 +326,7 @@ class Scheduler:
     def _build(self) -> MicroBatch | None:
         ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
-        reserved, admitting = self.kv_reserved(), True
+        reserved, admitting = self._kv_held(), True
         # a fair share per micro-batch, so that every micro-batch in flight has work
         active = [s for s in ready if s.started] + [s for s in ready if not s.started]
         share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
@@ -321,14 +336,17 @@ class Scheduler:
                 break
             if not seq.started:
                 need = self.kv_need(seq.req)
+                if admitting and self.kv_budget is not None and reserved + need > self.kv_budget:
+                    reserved -= self._evict(reserved + need - self.kv_budget)  # the cache gives way first
                 # first come, first served: once one does not fit, later ones wait too
                 admitting = admitting and (self.kv_budget is None or running == 0
                                            or reserved + need <= self.kv_budget)
-                if not admitting or running >= self.max_running or not self._may_start(seq):
+                if not admitting or running >= self.max_running or not self._may_start(seq, starts):
                     continue
                 running += 1
                 reserved += need
                 seq.started = True
+                self._reuse_prefix(seq)
                 capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
                 generated = tuple(seq.tokens[len(seq.req.prompt_ids):]) if seq.req.sampling.adjusts_logits else ()
                 fork = self._fork(seq)
@@ -344,13 +362,16 @@ class Scheduler:
             seq.in_flight = True
             budget -= length
         finished, self._to_free = self._to_free, []
-        if not chunks and not finished and not starts:
+        retained, self._to_retain = self._to_retain, []
+        if not chunks and not finished and not starts and not retained:
             return None
-        return MicroBatch(self.ring.epoch, next(self._mb_ids), chunks, tokens, starts, finished)
+        return MicroBatch(self.ring.epoch, next(self._mb_ids), chunks, tokens, starts, finished, retained)
 
-    def _may_start(self, seq: _Seq) -> bool:
+    def _may_start(self, seq: _Seq, starting: list[SeqStart]) -> bool:
         """A choice that copies another's prompt starts once every stage holds that prompt but its
-        last position (then it computes that position itself, and samples its own first token)."""
+        last position (then it computes that position itself, and samples its own first token), and
+        not in the micro-batch that starts the other (a stage checks a copy's source before it runs
+        the frame's starts; a prompt found in the prefix cache is held from its start on)."""
         parent = seq.fork_of
         if parent is None:
             return True
@@ -358,7 +379,8 @@ class Scheduler:
             seq.fork_of = None
             parent.pending_forks -= 1
             return True
-        return parent.started and not parent.in_flight and parent.pos >= len(parent.req.prompt_ids) - 1
+        return (parent.started and not parent.in_flight and parent.pos >= len(parent.req.prompt_ids) - 1
+                and all(s.seq_id != parent.seq_id for s in starting))
 
     def _fork(self, seq: _Seq) -> tuple[int | None, int]:
         """(sequence to copy, positions) for a choice that starts now; (None, 0) for any other."""
@@ -390,8 +412,9 @@ class Scheduler:
                     self._release(seq)
                 elif not parked or seq.retries > MAX_RETRIES:  # else it fails with the reason
                     self._finish(seq, "error", error=str(e) or type(e).__name__)
-            if parked:
-                self._to_free.extend(mb.finished)  # the frees it carried must travel again
+            if parked:  # the frees (and keeps) it carried must travel again
+                self._to_free.extend(mb.finished)
+                self._to_retain.extend(mb.retained)
             if isinstance(e, RingRetry) and self.paused is None:  # try again in a moment
                 for s in mb.starts:  # its starts must travel again too
                     if s.seq_id in self._seqs:
@@ -448,6 +471,7 @@ class Scheduler:
         if seq.done:
             return
         seq.done = True
+        seq.reason = reason
         if seq.embedding is not None:
             if reason == "error" and not seq.embedding.done():
                 seq.embedding.set_exception(EngineError(f"Embedding failed: {error or 'unknown engine error'}",
@@ -456,15 +480,47 @@ class Scheduler:
         else:
             tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
             seq.held = ""
-            seq.events.put_nowait(TokenEvent(None, tail, reason, error, index=seq.index))
+            seq.events.put_nowait(TokenEvent(None, tail, reason, error, index=seq.index, cached_tokens=seq.cached))
         if not seq.in_flight:
             self._release(seq)
         self._wake.set()
 
     def _release(self, seq: _Seq) -> None:
         self._seqs.pop(seq.seq_id, None)
-        if seq.started:
+        if not seq.started:
+            return
+        cache = self.prefix_cache
+        # a failed sequence's KV may be half-written; an embedding input is seldom the start of a prompt
+        if cache is None or seq.reason == "error" or seq.embedding is not None or self.paused:
             self._to_free.append(seq.seq_id)
+            return
+        freed = cache.add(seq.seq_id, seq.tokens[:seq.pos], pinned=self._pinned())
+        self._to_free.extend(freed)
+        if seq.seq_id not in freed:
+            self._to_retain.append(seq.seq_id)
+
+    # ------------------------------------------------------------------ the prefix cache
+    def _pinned(self) -> set[int]:
+        """Kept sequences that a live sequence's start copies (a resent start copies again)."""
+        return {s.fork_src[0] for s in self._seqs.values() if s.fork_src is not None}
+
+    def _evict(self, tokens: int) -> int:
+        """Free at least `tokens` cached positions for admission, if the cache holds them; how many went."""
+        if self.prefix_cache is None:
+            return 0
+        before = self.prefix_cache.tokens
+        self._to_free.extend(self.prefix_cache.evict(tokens, pinned=self._pinned()))
+        return before - self.prefix_cache.tokens
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """A sequence starting from nothing begins as a copy of the kept KV its prompt starts with."""
+        if (self.prefix_cache is None or seq.pos or seq.fork_of is not None or seq.fork_src is not None
+                or seq.embedding is not None):
+            return
+        source, n = self.prefix_cache.match(seq.tokens)
+        if source is not None:
+            seq.pos, seq.fork_src = n, (source, n)
+            seq.cached = seq.cached or n  # (a replay after a plan change reports its first start's)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -95,6 +95,10 @@ class Stage:
                 out = self._answer(mb, self.step(x, chunks, pooled=self.pools))
             else:
                 out = self.step(x, chunks)
+        for seq_id in mb.retained:  # kept for the prefix cache: it samples no more
+            if seq_id in self.kv:
+                self.kv.shrink(seq_id)
+            self.samplers.pop(seq_id, None)
         for seq_id in mb.finished:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []

@@ -24,7 +24,7 @@ from .vectors import vectors_from, vectors_message
 from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
 
 MAX_FRAME_TOKENS = 16384
-MAX_FRAME_CHUNKS = 1024  # also the limit on starts and on finished ids in one frame
+MAX_FRAME_CHUNKS = 1024  # also the limit on starts, finished and retained ids in one frame
 MAX_LIVE_SEQUENCES = 256  # sequences one stage holds KV for (the head runs at most 64 at once)
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -40,6 +40,7 @@ def encode(mb: MicroBatch, hidden: torch.Tensor | None = None, wire_dtype: str |
         chunks=[pb.Chunk(seq_id=c.seq_id, start=c.start, length=c.length, sample=c.sample) for c in mb.chunks],
         starts=[_encode_start(s) for s in mb.starts],
         finished=mb.finished,
+        retained=mb.retained,
     )
     if hidden is not None:
         blob = tensor_to_blob(hidden, wire_dtype)
@@ -133,7 +134,8 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         raise FrameError(f"frame of epoch {frame.epoch}, this peer serves epoch {epoch}")
     if frame.to_head or frame.sampled or frame.error or frame.pooled_seqs or frame.HasField("pooled"):
         raise FrameError("a result frame sent to a stage")
-    for name, n in (("chunks", len(frame.chunks)), ("starts", len(frame.starts)), ("finished", len(frame.finished))):
+    for name, n in (("chunks", len(frame.chunks)), ("starts", len(frame.starts)), ("finished", len(frame.finished)),
+                    ("retained", len(frame.retained))):
         if n > MAX_FRAME_CHUNKS:
             raise FrameError(f"{n} {name} in one frame (limit {MAX_FRAME_CHUNKS})")
     chunks, seen, n_tokens = [], set(), 0
@@ -197,7 +199,7 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
             raise FrameError(f"hidden states: {e}") from None
         if not bool(torch.isfinite(hidden).all()):
             raise FrameError("hidden states contain NaN or infinity")
-    mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished))
+    mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished), list(frame.retained))
     return mb, hidden
 
 
