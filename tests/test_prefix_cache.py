@@ -106,7 +106,7 @@ def _two_turns(loop, pipe, **engine_kw):
 def test_a_second_turn_copies_the_first_and_answers_the_same_tokens(loop, stories_gguf, cuts):
     pipe = LocalPipeline(str(stories_gguf), cuts)
     first, second, prompt, c1, c2, stats = _two_turns(loop, pipe, prefix_cache=4096)
-    kept = [stage.kv.sequences() for stage in pipe.stages]
+    kept = [(stage.kv.sequences(), sorted(stage.kept)) for stage in pipe.stages]
     f0, s0, p0, _, c0, stats0 = _two_turns(loop, LocalPipeline(str(stories_gguf), cuts), prefix_cache=0)
     assert prompt == p0 and first == f0
     assert second == s0  # the same tokens as computing the whole prompt
@@ -115,8 +115,9 @@ def test_a_second_turn_copies_the_first_and_answers_the_same_tokens(loop, storie
     assert c2 >= n_first + len(first) - 1, (c2, n_first, len(first))  # the first turn's KV, all of it
     assert stats["prefix_cache_hits"] == 1 and stats["prefix_cache_reused_tokens"] == c2
     assert "prefix_cache_hits" not in stats0  # off: nothing kept
-    # every stage holds the second turn's KV, and only it: the first turn's entry started it, so it went
-    assert kept == [[2]] * len(pipe.stages), kept
+    # every stage keeps the second turn's KV, and only it (the first turn's entry started it, so it
+    # went), outside the pool of running sequences
+    assert kept == [([], [2])] * len(pipe.stages), kept
 
 
 def test_the_cached_answer_equals_llama_cpp(loop, llama_cpp, stories_gguf):
@@ -127,13 +128,12 @@ def test_the_cached_answer_equals_llama_cpp(loop, llama_cpp, stories_gguf):
     assert second[:16] == llama_cpp_greedy(llm, prompt, 24)[:16]
 
 
-def test_a_torch_stage_gives_back_the_room_a_kept_sequence_reserved(loop, demo_tiny_hf):
+def test_a_torch_stage_keeps_exactly_what_a_kept_sequence_holds(loop, demo_tiny_hf):
     pipe = LocalPipeline(str(demo_tiny_hf), [1])
     assert pipe.backend == "torch"
-    first, second, _, _, cached, _ = _two_turns(loop, pipe, prefix_cache=4096)
-    for stage in pipe.stages:
-        (kept,) = stage.kv.sequences()
-        assert stage.kv.capacity(kept) == stage.kv.length(kept)  # it had reserved prompt + max_tokens
+    first, second, prompt, _, cached, _ = _two_turns(loop, pipe, prefix_cache=4096)
+    for stage in pipe.stages:  # the prompt and the answer but its last token (never fed back)
+        assert stage.kv.sequences() == [] and [e.length for e in stage.kept.values()] == [len(prompt) + 23]
     _, second0, _, _, _, _ = _two_turns(loop, LocalPipeline(str(demo_tiny_hf), [1]), prefix_cache=0)
     assert cached > 0 and second == second0
 
@@ -162,7 +162,7 @@ def test_admission_takes_room_from_the_cache_and_a_plan_change_clears_it(loop, s
             again, cached = await _generate(engine, tok.encode(STORY))
             assert cached == 0 and again
             for stage in pipe.stages:  # what was kept before the plan change was freed everywhere
-                assert len(stage.kv.sequences()) == 1
+                assert stage.kv.sequences() == [] and len(stage.kept) == 1
         finally:
             await engine.stop()
 

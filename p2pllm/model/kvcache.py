@@ -145,12 +145,6 @@ class KVCache:
         grown[:, :, :, : buf.shape[3]] = buf
         self._buf[seq_id] = grown
 
-    def shrink(self, seq_id: int) -> None:
-        """Give back the room reserved beyond what the sequence holds (it will not grow again)."""
-        buf, n = self._buf[seq_id], max(1, self._len[seq_id])
-        if n < buf.shape[3]:
-            self._buf[seq_id] = buf[:, :, :, :n].clone()
-
     # ---- the hot path
     def update(self, layer: int, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [n_kv, L, hd] at positions [start, start+L); return views of [0, start+L)."""

@@ -25,6 +25,9 @@ class Stage:
         self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence ...
         self.pools: dict[int, MeanPool] = {}  # ... but embeddings, which it pools
         self.embeddings: set[int] = set()  # sequences started as embeddings (every stage: no KV replicas)
+        # finished sequences the head's prefix cache keeps: their KV rows, outside the cache's pool,
+        # so that attention over the running sequences never spans them; a start may copy one
+        self.kept: dict[int, KVEntries] = {}
 
     @property
     def start(self) -> int:
@@ -47,16 +50,36 @@ class Stage:
         if seq_id not in self.kv:
             self.kv.allocate(seq_id, capacity)
 
+    def __contains__(self, seq_id: int) -> bool:
+        """Whether this stage has the sequence's KV: running, or kept for the prefix cache."""
+        return seq_id in self.kv or seq_id in self.kept
+
     def fork(self, source: int, seq_id: int, length: int) -> None:
-        """Start `seq_id` with a copy of `source`'s KV of positions [0, length) (n > 1: one prompt)."""
-        if source not in self.kv or self.kv.length(source) < length:
+        """Start `seq_id` with a copy of `source`'s KV of positions [0, length): the prompt of
+        another choice (n > 1), or a kept sequence (the prefix cache)."""
+        kept = self.kept.get(source)
+        if kept is not None and kept.length >= length:
+            data, fmt = kept.data[:, :, :length], kept.format
+        elif source in self.kv and self.kv.length(source) >= length:
+            entries = self.kv.export(source, 0, length)
+            data, fmt = entries.data, entries.format
+        else:
             raise KVCacheError(f"sequence {seq_id} copies {length} positions of sequence {source}, which this "
                                "stage does not hold")
-        entries = self.kv.export(source, 0, length)
-        self.kv.import_entries(KVEntries(seq_id, 0, entries.data, entries.format))
+        self.kv.import_entries(KVEntries(seq_id, 0, data, fmt))
+
+    def keep(self, seq_id: int) -> None:
+        """A finished sequence the prefix cache keeps: its KV moves out of the cache's pool (it
+        takes exactly its length there), and it samples no more."""
+        n = self.kv.length(seq_id) if seq_id in self.kv else 0
+        kept = self.kv.export(seq_id, 0, n) if n else None
+        self.free(seq_id)
+        if kept is not None:
+            self.kept[seq_id] = kept
 
     def free(self, seq_id: int) -> None:
         self.kv.free(seq_id)
+        self.kept.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
         self.pools.pop(seq_id, None)
         self.embeddings.discard(seq_id)
@@ -95,10 +118,8 @@ class Stage:
                 out = self._answer(mb, self.step(x, chunks, pooled=self.pools))
             else:
                 out = self.step(x, chunks)
-        for seq_id in mb.retained:  # kept for the prefix cache: it samples no more
-            if seq_id in self.kv:
-                self.kv.shrink(seq_id)
-            self.samplers.pop(seq_id, None)
+        for seq_id in mb.retained:
+            self.keep(seq_id)
         for seq_id in mb.finished:
             self.free(seq_id)
         return out if out is not None or not self.is_last else []

@@ -97,10 +97,6 @@ class CellPool:
     def length(self, seq_id: int) -> int:
         return len(self._seq_cells[seq_id])
 
-    def shrink(self, seq_id: int) -> None:
-        """Give back the room reserved beyond what the sequence holds (it will not grow again)."""
-        self._reserved[seq_id] = len(self._seq_cells[seq_id])
-
     def truncate(self, seq_id: int, length: int) -> None:
         """Forget positions from `length` on: their cells go back to the pool."""
         cells = self._seq_cells[seq_id]
