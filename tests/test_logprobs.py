@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from conftest import llama_cpp_model
-from test_gateway import STORIES, _error, loop, stories  # noqa: F401  (fixtures)
+from test_gateway import STORIES, _error, stories  # noqa: F401  (fixtures)
 
 PROMPT = "Once upon a time"
 

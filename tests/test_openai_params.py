@@ -15,7 +15,7 @@ from p2pllm.runtime.api import GenerationRequest
 from p2pllm.runtime.frames import MicroBatch, SeqStart
 from p2pllm.transport import frames as wire_frames
 from p2pllm.gateway.schema import NO_EFFECT_FIELDS, UNSUPPORTED_FIELDS
-from test_gateway import _error, _key, demo, loop, stories  # noqa: F401  (fixtures)
+from test_gateway import _error, _key, demo, stories  # noqa: F401  (fixtures)
 
 
 
