@@ -25,8 +25,8 @@ class Stage:
         self.samplers: dict[int, Sampler] = {}  # the last stage samples for every sequence ...
         self.pools: dict[int, MeanPool] = {}  # ... but embeddings, which it pools
         self.embeddings: set[int] = set()  # sequences started as embeddings (every stage: no KV replicas)
-        # finished sequences the head's prefix cache keeps: their KV rows, outside the cache's pool,
-        # so that attention over the running sequences never spans them; a start may copy one
+        # finished sequences the head's prefix cache keeps: their KV rows, apart from the running
+        # sequences' KV (attention over those never spans them); a start may copy one
         self.kept: dict[int, KVEntries] = {}
 
     @property
@@ -69,8 +69,8 @@ class Stage:
         self.kv.import_entries(KVEntries(seq_id, 0, data, fmt))
 
     def keep(self, seq_id: int) -> None:
-        """A finished sequence the prefix cache keeps: its KV moves out of the cache's pool (it
-        takes exactly its length there), and it samples no more."""
+        """A finished sequence the prefix cache keeps: its KV rows leave the running sequences'
+        store for a copy of exactly its length, and it samples no more."""
         n = self.kv.length(seq_id) if seq_id in self.kv else 0
         kept = self.kv.export(seq_id, 0, n) if n else None
         self.free(seq_id)
