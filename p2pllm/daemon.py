@@ -744,7 +744,7 @@ class Daemon:
             "gateway": self.gateway_url,
             "active_sequences": engine.running + engine.queued,
             # running sequences' KV, and the finished ones the prefix cache keeps
-            "kv_sequences": len(self.stage.kv.sequences()) + len(self.stage.kept) if self.stage is not None else 0,
+            "kv_sequences": len(self.stage.sequences()) if self.stage is not None else 0,
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
             "backends": self.backends.rows(),  # this peer's gateway's external servers

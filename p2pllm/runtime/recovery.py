@@ -50,7 +50,7 @@ async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStor
     rest: the missing tail, or the whole history at worst.
     """
     keep = {r.seq_id: r.positions for r in resume}
-    for seq_id in [*stage.kv.sequences(), *stage.kept]:  # everything not carried over is dropped
+    for seq_id in stage.sequences():  # everything not carried over is dropped
         if seq_id not in keep:
             stage.free(seq_id)
     a, b = stage.start, stage.end

@@ -81,7 +81,7 @@ class RingStage:
         stage = b.stage
         mb, hidden = frames.decode(frame, self.spec, b.epoch, b.context, stage.is_first,
                                    device=stage.backend.device, dtype=stage.backend.activation_dtype,
-                                   known=stage, live=len(stage.kv.sequences()) + len(stage.kept))
+                                   known=stage, live=len(stage.sequences()))
         if stage.is_last:
             missing = [c.seq_id for c in mb.chunks if c.sample and c.seq_id not in stage.samplers
                        and c.seq_id not in stage.pools and c.seq_id not in {s.seq_id for s in mb.starts}]

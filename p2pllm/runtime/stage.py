@@ -54,6 +54,10 @@ class Stage:
         """Whether this stage has the sequence's KV: running, or kept for the prefix cache."""
         return seq_id in self.kv or seq_id in self.kept
 
+    def sequences(self) -> list[int]:
+        """Every sequence whose KV this stage has: running, then kept."""
+        return [*self.kv.sequences(), *self.kept]
+
     def fork(self, source: int, seq_id: int, length: int) -> None:
         """Start `seq_id` with a copy of `source`'s KV of positions [0, length): the prompt of
         another choice (n > 1), or a kept sequence (the prefix cache)."""
