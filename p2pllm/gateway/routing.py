@@ -64,6 +64,8 @@ class Router:
     def order(self) -> list[Backend | None]:
         """The targets to try, best first (None is the ring): the least loaded by in-flight over capacity,
         the ring on ties; full or unhealthy backends are left out; a ring that cannot serve goes last."""
+        if not self.pool.backends:  # the ring alone: no load to weigh (spares a stats read per request)
+            return [None]
         ready = self.ring_ready()
         ranked: list[tuple[float, int, int, int, Backend | None]] = []
         if ready:
