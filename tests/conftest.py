@@ -67,6 +67,15 @@ def loop():
     lt.close()
 
 
+def stop_daemon(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM (a daemon drains), then SIGKILL if it has not ended within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
     """`p2pllm ARGS...` in a fresh process, as a user would run it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

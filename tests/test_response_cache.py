@@ -23,12 +23,11 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, LoopThread, assert_one_line_error, run_cli, stop_daemon
 from p2pllm.gateway.app import create_app
 from p2pllm.gateway.response_cache import CacheSettings
 from p2pllm.gateway.server import serve_gateway
 from p2pllm.runtime.local import build_local_engine
-from conftest import LoopThread
 
 STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K.gguf"
 JOIN_PORTS = (7803, 8803)  # grpc, gateway of the one `p2pllm join` below
@@ -409,9 +408,5 @@ def test_join_flags_reach_the_gateway(tmp_path):
         assert cache("What is the capital of France?")[0] == "miss"  # expired
         assert "p2pllm_gateway_response_cache_misses_total 4.0" in http.get("/metrics").text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc)
         log.close()

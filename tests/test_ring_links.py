@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import REPO, stop_daemon
 
 PORTS = (7781, 8781)  # grpc, gateway: used by no other test
 SECRET = "ring-links-test-secret-0123456789"
@@ -51,11 +51,7 @@ def one_peer(stories_gguf, tmp_path):
             pytest.fail("the peer never became ready:\n" + (tmp_path / "peer.log").read_text()[-3000:])
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_daemon(proc)
         log.close()
 
 
