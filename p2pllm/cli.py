@@ -12,6 +12,7 @@ import time
 from . import __version__
 from .argparser import Parser
 from .argtypes import host_port, model_ref, non_negative_int, port, positive_int, seconds
+from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
 from .model.models_cli import add_models_parser
@@ -251,6 +252,7 @@ def cmd_join(args) -> int:
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
     spec = read_spec(args.model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
+    state_dir = _check_history(args)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
     _announce_secret(args, resolved)
     cfg = DaemonConfig(
@@ -264,12 +266,38 @@ def cmd_join(args) -> int:
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
+        state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
     )
     if args.name:
         cfg.name = args.name
     daemon = Daemon(cfg)
     asyncio.run(daemon.run())
     return 0
+
+
+def _add_history_flags(p) -> None:
+    from .gateway.history import DEFAULT_ROWS, MODES
+
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where this peer keeps its state, the request history among it (default: "
+                        "$XDG_STATE_HOME/p2pllm/CLUSTER, else ~/.local/state/p2pllm/CLUSTER)")
+    p.add_argument("--history", default="meta", choices=MODES,
+                   help="record each request this gateway answers (GET /v1/history): meta (default) keeps counts, "
+                        "timings and a hash of the prompt; full also the prompt and answer text; off: nothing")
+    p.add_argument("--history-rows", type=positive_int, default=DEFAULT_ROWS, metavar="N",
+                   help=f"requests the history keeps, the oldest dropped first (default {DEFAULT_ROWS})")
+
+
+def _check_history(args):
+    """The state dir; with the history on, its database opened once here so that an unusable one is
+    one line before any secret is made (the daemon opens it again)."""
+    from .gateway.history import RequestHistory, default_state_dir
+
+    state_dir = args.state_dir or default_state_dir(args.cluster)
+    history = RequestHistory.open(state_dir, args.history, args.history_rows, port=args.port)
+    if history is not None:
+        history.close()
+    return state_dir
 
 
 def _add_response_cache_flags(p) -> None:
@@ -367,6 +395,7 @@ def _add_join(sub) -> None:
                    help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
     p.add_argument("--api-key", default=None, help="require this bearer key on the gateway (or P2PLLM_API_KEY)")
     _add_response_cache_flags(p)
+    _add_history_flags(p)
     _add_security_flags(p, "that peers authenticate each other with; made and stored on first use")
     p.set_defaults(func=cmd_join)
 
@@ -434,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_join(sub)
     _add_status(sub)
     add_plan_parser(sub)
+    add_peers_parser(sub, _add_security_flags)
     add_chat_parser(sub)
     add_batch_parser(sub)
     add_demo_parser(sub)

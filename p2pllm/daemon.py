@@ -23,6 +23,7 @@ from . import PROTOCOL_VERSION
 from .cluster import coordinator as coord
 from .cluster.capability import probe
 from .cluster.discovery import Announcement, Discovery, pick_interface_address
+from .cluster.management import PeerManager
 from .cluster.membership import Membership
 from .cluster.planner import Plan, PlanOptions
 from .errors import P2PError
@@ -85,11 +86,15 @@ class DaemonConfig:
     secret: str | None = None  # the cluster secret (mutual TLS between peers); None needs insecure=True
     insecure: bool = False
     backends: list = field(default_factory=list)  # gateway.backends.BackendConfig: external servers of this gateway
+    state_dir: str | None = None  # None: gateway.history.default_state_dir(cluster)
+    history: str = "off"  # request history of this gateway: off | meta | full (join: meta)
+    history_rows: int = 10_000
 
 
 class Daemon:
     def __init__(self, cfg: DaemonConfig):
         self.cfg = cfg
+        self.history = _open_history(cfg)  # first: a state dir it cannot use is reported before any work
         self.id = secrets.token_hex(8)
         self.threads = _set_compute_threads(cfg.threads)
         self.spec = read_spec(cfg.model)
@@ -166,6 +171,8 @@ class Daemon:
         self.ring: ClusterRing | None = None  # the head's ring, on the coordinator
         self.replicas = ReplicaStore(self.spec, self.options.context)
         self.leaving = False
+        self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
+        self.peer_manager = PeerManager(self)
         self.scheduler: Scheduler | None = None
         from .model.tokenizer import load_tokenizer
 
@@ -234,7 +241,8 @@ class Daemon:
             if self.committed is None or not coord.my_assignment(self.committed, self.id):
                 log.info("the cluster no longer needs this peer's layers")
                 break
-            heirs = [m for m in self.membership.live_compatible() if m.info.id != self.id and m.state != "leaving"]
+            heirs = [m for m in self.membership.live_compatible()
+                     if m.info.id != self.id and m.state not in coord.OUT_OF_PLAN]
             if not heirs:  # e.g. the whole cluster was told to stop: waiting would only delay this one
                 log.info("no other peer stays to take this peer's layers; stopping now")
                 break
@@ -261,6 +269,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.gateway is not None:
             await self.gateway.stop()
+        if self.history is not None:
+            self.history.close()
         await self.backends.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
@@ -283,10 +293,16 @@ class Daemon:
         )
         await self.backends.start()
         self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key, backends=self.backends,
-                                                      response_cache=self.cfg.response_cache),
+                                                      response_cache=self.cfg.response_cache, cluster=self,
+                                                      history=self.history),
                                            self.cfg.gateway_host, self.cfg.gateway_port)
         log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator%s)", self.gateway_url,
                  f" or to external backends {', '.join(b.id for b in self.backends.backends)}" if self.backends else "")
+        if self.history is not None:
+            log.info("request history (%s): %s, the latest %d requests (GET /v1/history)", self.history.mode,
+                     self.history.path, self.history.max_rows)
+        else:
+            log.info("request history: off")
 
     @property
     def gateway_url(self) -> str:
@@ -319,7 +335,30 @@ class Daemon:
             "kv_replica_bytes_sent": self.ring_stage.replica_bytes,
             "kv_replica_bytes_held": self.replicas.nbytes(),
         })
+        stats.extra.update(self._health_stats())
         return stats
+
+    def _health_stats(self) -> dict:
+        """What the alert rules (docs/monitoring/) watch, as this peer sees it: its peer table, whether
+        a plan is committed and served, its stage's KV against the room the plan left it, its memory."""
+        members = list(self.membership.members.values())
+        live = sum(1 for m in members if m.compatible and self.membership.is_live(m.info.id))
+        kv_held = kv_allocated = 0
+        if self.stage is not None:
+            kv_held, kv_allocated = self.stage.kv_memory()
+        return {
+            "peers_known": len(members),  # this peer included, excluded (incompatible) peers too
+            "peers_live": live,
+            "peers_lost": sum(1 for m in members if m.compatible and not self.membership.is_live(m.info.id)),
+            "peers_excluded": sum(1 for m in members if not m.compatible),
+            "plan_committed": int(self.committed is not None),
+            "serving": int(not self._not_ready()),
+            "kv_bytes": kv_held,
+            "kv_allocated_bytes": kv_allocated,
+            "kv_capacity_bytes": _kv_room(self.committed, self.id) if self.committed is not None else 0,
+            "memory_used_bytes": _resident_bytes(),
+            "memory_limit_bytes": int(self.info.caps.mem_bytes),
+        }
 
     def _announcement(self) -> Announcement:
         return Announcement(
@@ -327,6 +366,31 @@ class Daemon:
             grpc_port=self.cfg.port, gateway_port=self.cfg.gateway_port, fingerprint=self.spec.fingerprint,
             mem_bytes=int(self.info.caps.mem_bytes), flops=float(self.info.caps.flops), mem_bw=float(self.caps.mem_bw),
         )
+
+    # ------------------------------------------------------------------ node management
+    @property
+    def public_state(self) -> str:
+        """The state other peers see: drained overrides what the plan made of this peer."""
+        return "drained" if self.drained else self.state
+
+    def set_drained(self, drained: bool) -> None:
+        """Out of the plan or back in: the coordinator (maybe this peer) sees it at its next health
+        check, as it sees a peer leaving, and replans once."""
+        self.drained = drained
+        self.membership.members[self.id].state = "drained" if drained else "unknown"  # for our own planning
+        self._replan_now.set()
+
+    def add_static_peer(self, address: str) -> None:
+        """Dial `address` from now on, like `join --peer` (the hello loop retries it while it is away)."""
+        self._dial.add(address)
+        asyncio.get_running_loop().create_task(self._hello(address))
+
+    async def on_manage(self, req: pb.ManageRequest) -> pb.ManageReply:
+        return await self.peer_manager.handle(req)
+
+    async def manage(self, action: str, target: str) -> dict:
+        """The gateway's way in (the dashboard): the same as a ManageRequest taken here."""
+        return await self.peer_manager.run(action, target)
 
     # ------------------------------------------------------------------ discovery -> membership
     def _on_found(self, ann: Announcement) -> None:
@@ -542,8 +606,9 @@ class Daemon:
         links = [pb.LinkStats(peer_id=p, rtt_s=r, bw=b) for p, (r, b) in self._links.items()]
         peers = [m.info.address for m in self.membership.members.values()
                  if m.info.id != self.id and self.membership.is_live(m.info.id)]
-        return pb.HealthReply(id=self.id, state=self.state, epoch=self.epoch, coordinator=self.coordinator(),
-                              load_progress=self.load_progress, links=links, peers=peers)
+        return pb.HealthReply(id=self.id, state=self.public_state, epoch=self.epoch, coordinator=self.coordinator(),
+                              load_progress=self.load_progress, links=links, peers=peers, mem_used=_resident_bytes(),
+                              head=self._head_load())
 
     async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply:
         reason = coord.validate_proposal(req, self.spec, self.spec.fingerprint, self.epoch, self.coordinator())
@@ -720,31 +785,59 @@ class Daemon:
         return stage
 
     # ------------------------------------------------------------------ status
+    def _head_load(self) -> pb.HeadLoad | None:
+        if self.scheduler is None:
+            return None
+        stats = self.scheduler.stats()
+        return pb.HeadLoad(queued=stats.queued, running=stats.running, tokens_generated=self.scheduler.tokens_generated)
+
+    def _ring_load(self) -> dict | None:
+        """The head's numbers: its own here, else from the coordinator's last health reply."""
+        load = self._head_load()
+        if load is None and self.committed is not None:
+            member = self.membership.members.get(self.committed.coordinator)
+            load = member.head if member is not None else None
+        if load is None:
+            return None
+        return {"queued": load.queued, "running": load.running, "tokens_generated": load.tokens_generated}
+
     def status(self) -> dict:
         layers = {}
         if self.committed is not None:
             layers = {s.peer_id: [s.start, s.end] for s in self.committed.stages}
         peers = []
+        coordinator = self.coordinator()
         for m in sorted(self.membership.members.values(), key=lambda m: m.info.id):
+            me, live = m.info.id == self.id, self.membership.is_live(m.info.id)
+            state = self.public_state if me else m.state if live else "lost"
+            rtt = self._links.get(m.info.id, (None, None))[0]
             peers.append({
                 "id": m.info.id,
                 "name": m.info.name,
                 "address": m.info.address,
                 "layers": layers.get(m.info.id),
-                "healthy": self.membership.is_live(m.info.id),
+                "healthy": live,
                 "excluded_reason": m.reason or None,
-                "state": self.state if m.info.id == self.id else m.state,
-                "epoch": self.epoch if m.info.id == self.id else m.epoch,
+                "state": state,
+                "epoch": self.epoch if me else m.epoch,
+                "drained": state == "drained",
+                "coordinator": m.info.id == coordinator,
+                "device": m.info.caps.device,
+                "mem_used": _resident_bytes() if me else (m.mem_used or None),  # from its last health reply
+                "mem_limit": int(m.info.caps.mem_bytes),  # what it offers the planner
+                "rtt_ms": round(rtt * 1e3, 3) if rtt is not None else None,  # this peer's measurement
             })
         engine = self._engine_stats()
         return {
             "id": self.id,
-            "coordinator": self.coordinator(),
+            "name": self.cfg.name,
+            "coordinator": coordinator,
             "epoch": self.epoch,
             "gateway": self.gateway_url,
             "active_sequences": engine.running + engine.queued,
             # running sequences' KV, and the finished ones the prefix cache keeps
             "kv_sequences": len(self.stage.sequences()) if self.stage is not None else 0,
+            "ring": self._ring_load(),  # the head's queue, sequences and token count (cluster-wide)
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
             "backends": self.backends.rows(),  # this peer's gateway's external servers
@@ -757,6 +850,12 @@ def _security(cfg: DaemonConfig) -> Security:
     if not cfg.insecure:
         raise P2PError("no cluster secret: give one (DaemonConfig.secret, --secret) or opt out with insecure=True")
     return Security.insecure()
+
+
+def _resident_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def _set_compute_threads(threads: int | None) -> int:
@@ -772,9 +871,31 @@ def _set_compute_threads(threads: int | None) -> int:
     return n
 
 
+def _kv_room(proposal: pb.PlanProposal, peer_id: str) -> int:
+    """Bytes the plan leaves a peer's stage for KV: its memory limit less weights and workspace.
+
+    Both KV caches grow on demand, so no allocation says how far they may go; this room is what
+    the head's admission budget is computed from (coordinator.kv_budget), so KV held near it means
+    requests are about to queue, and past it the peer holds more than its plan allowed. Without a
+    known limit (0), the KV the plan sized for batch x context. 0: the peer holds no stage."""
+    try:
+        return coord.kv_room(next(s["memory"] for s in json.loads(proposal.plan_json)["stages"]
+                                  if s["peer"] == peer_id))
+    except (ValueError, KeyError, TypeError, StopIteration):
+        return 0
+
+
 def _describe(proposal: pb.PlanProposal, membership: Membership) -> str:
     parts = []
     for s in proposal.stages:
         m = membership.members.get(s.peer_id)
         parts.append(f"{m.info.name if m else s.peer_id[:8]}[{s.start},{s.end})")
     return " -> ".join(parts)
+
+
+def _open_history(cfg: DaemonConfig):
+    """The gateway's request history (gateway/history.py); None with --history off."""
+    from .gateway.history import RequestHistory, default_state_dir
+
+    return RequestHistory.open(cfg.state_dir or default_state_dir(cfg.cluster), cfg.history, cfg.history_rows,
+                               port=cfg.port)

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/test-deps.sh
 . .venv/bin/activate
 python -m pytest -q "$@"

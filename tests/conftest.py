@@ -130,8 +130,8 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
 class LiveCluster:
     """`p2pllm join` processes on loopback serving one model; clients talk to `url`."""
 
-    def __init__(self, url: str, model: str):
-        self.url, self.model = url, model
+    def __init__(self, url: str, model: str, secret: str = ""):
+        self.url, self.model, self.secret = url, model, secret
 
     def client(self):
         import openai
@@ -150,8 +150,8 @@ def smol_cluster(tmp_path_factory):
 
 
 def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *extra: str):
-    """A LiveCluster of two `p2pllm join` daemons on SmolLM2 (gRPC ports[:2], gateways ports[2:]),
-    stopped when the generator is closed."""
+    """A LiveCluster of `p2pllm join` daemons on SmolLM2, one per two ports (gRPC ports[:n], gateways
+    ports[n:]; named NAME-1 ... NAME-n), stopped when the generator is closed."""
     import asyncio
     import socket
 
@@ -167,9 +167,10 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
     env = dict(os.environ, P2PLLM_SECRET=f"{name}-cluster-test-secret-0123456789", HOME=str(logs))
-    grpc, gateways = ports[:2], ports[2:]
+    n = len(ports) // 2
+    grpc, gateways = ports[:n], ports[n:]
     procs = []
-    for i in range(2):
+    for i in range(n):
         argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(path), "--name", f"{name}-{i + 1}",
                 "--port", str(grpc[i]), "--gateway-port", str(gateways[i]), "--interface", "127.0.0.1", "--no-mdns",
                 "--peer", f"127.0.0.1:{grpc[0]}", "--strategy", "even", "--cluster", f"{name}-test", *extra]
@@ -177,16 +178,16 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
                                       stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True))
     try:
         deadline, healthy = time.monotonic() + 90, []
-        while time.monotonic() < deadline and len(healthy) < 2:
+        while time.monotonic() < deadline and len(healthy) < n:
             assert all(p.poll() is None for p in procs), [(logs / f"peer-{i + 1}.log").read_text()[-2000:]
-                                                         for i in range(2)]
-            healthy = [port for port in gateways if _stages_of(httpx, port) == 2]
+                                                         for i in range(n)]
+            healthy = [port for port in gateways if _stages_of(httpx, port) == n]
             time.sleep(0.5)
-        assert len(healthy) == 2, [(logs / f"peer-{i + 1}.log").read_text()[-2000:] for i in range(2)]
+        assert len(healthy) == n, [(logs / f"peer-{i + 1}.log").read_text()[-2000:] for i in range(n)]
         status = asyncio.run(fetch_status(f"127.0.0.1:{grpc[0]}", Security.from_secret(env["P2PLLM_SECRET"])))
         coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
-        other_gateway = gateways[1] if coordinator.endswith(f":{grpc[0]}") else gateways[0]
-        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name)
+        other_gateway = next(gw for rpc, gw in zip(grpc, gateways) if not coordinator.endswith(f":{rpc}"))
+        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"])
     finally:
         for p in procs:
             if p.poll() is None:

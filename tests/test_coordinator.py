@@ -142,6 +142,20 @@ def test_a_lost_or_leaving_stage_peer_breaks_the_plan(table):
     assert "lost" in coord.broken_reason(running, m)
 
 
+def test_a_drained_peer_gets_no_layers_until_admitted_and_can_be_left_out_of_a_what_if(table):
+    m, _ = table
+    m.upsert(info("c"))
+    spec = builtin_spec("llama-3-8b")
+    opts = PlanOptions(context=2048, strategy="even")
+    running = coord.to_proposal(coord.candidate_plan(spec, m, opts), 1, "b", m, "fp")
+    m.members["c"].state = "drained"  # from its health reply (cluster/management.py)
+    assert coord.broken_reason(running, m) == "peer n-c is drained"
+    assert {s.peer for s in coord.candidate_plan(spec, m, opts).stages} == {"b"}
+    m.members["c"].state = "serving"  # admitted
+    assert {s.peer for s in coord.candidate_plan(spec, m, opts).stages} == {"b", "c"}
+    assert {s.peer for s in coord.candidate_plan(spec, m, opts, exclude={"b"}).stages} == {"c"}
+
+
 def test_plan_sources_point_at_owners_and_their_ring_successors():
     from p2pllm.runtime.recovery import plan_sources
 

@@ -40,8 +40,13 @@ def measured_links(members: list[Member]) -> Links:
     return links
 
 
-def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions) -> Plan:
-    members = [m for m in membership.live_compatible() if m.state != "leaving"]
+OUT_OF_PLAN = ("leaving", "drained")  # states of live peers that get no layers
+
+
+def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions, exclude: frozenset = frozenset()) \
+        -> Plan:
+    """The plan over the live, compatible peers that are neither leaving nor drained (nor in `exclude`)."""
+    members = [m for m in membership.live_compatible() if m.state not in OUT_OF_PLAN and m.info.id not in exclude]
     return plan(spec, [peer_caps(m) for m in members], measured_links(members), options)
 
 
@@ -64,13 +69,13 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
 
 
 def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:
-    """Why the running plan cannot go on ('' = it can): a stage's peer is lost or leaving."""
+    """Why the running plan cannot go on ('' = it can): a stage's peer is lost, leaving or drained."""
     for s in current.stages:
         if not membership.is_live(s.peer_id):
             return f"peer {s.peer_id[:8]} of the running plan is lost"
         member = membership.members.get(s.peer_id)
-        if member is not None and member.state == "leaving":
-            return f"peer {member.info.name} is leaving"
+        if member is not None and member.state in OUT_OF_PLAN:
+            return f"peer {member.info.name} is {member.state}"
     return ""
 
 
@@ -88,10 +93,18 @@ def kv_budget(proposal: pb.PlanProposal, positions: int, context: int) -> int | 
             per_position = m["kv"] / positions
             if per_position <= 0:
                 return None
-            budgets.append(int((m["limit"] - m["weights"] - m["workspace"]) // per_position))
+            budgets.append(int(kv_room(m) // per_position))
     except (ValueError, KeyError, TypeError, ZeroDivisionError):
         return None
     return max(context, min(budgets)) if budgets else None
+
+
+def kv_room(memory: dict) -> int:
+    """Bytes a stage's plan leaves for KV (its planner JSON `memory`): the peer's usable memory
+    less weights and workspace; without a known limit (0), the KV the plan sized."""
+    if memory["limit"] <= 0:
+        return int(memory["kv"])
+    return int(memory["limit"] - memory["weights"] - memory["workspace"])
 
 
 def to_proposal(p: Plan, epoch: int, coordinator: str, membership: Membership, fingerprint: str) -> pb.PlanProposal:
@@ -146,8 +159,8 @@ def validate_proposal(proposal: pb.PlanProposal, spec: ModelSpec, fingerprint: s
     return ""
 
 
-def my_assignment(proposal: pb.PlanProposal, my_id: str) -> tuple[int, int] | None:
-    for s in proposal.stages:
+def my_assignment(proposal: pb.PlanProposal | None, my_id: str) -> tuple[int, int] | None:
+    for s in proposal.stages if proposal is not None else ():
         if s.peer_id == my_id:
             return s.start, s.end
     return None

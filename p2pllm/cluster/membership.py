@@ -35,6 +35,8 @@ class Member:
     refusals: int = 0  # health checks in a row whose connection was refused
     refused_why: str = ""  # set when refusals made it lost: the reason the log gives
     lost_at: float = 0.0  # when it was marked lost
+    mem_used: int = 0  # its resident bytes, from its last health reply
+    head: pb.HeadLoad | None = None  # the ring's load, when it is the head (coordinator)
 
     @property
     def compatible(self) -> bool:
@@ -86,6 +88,8 @@ class Membership:
         if reply is not None:
             member.state, member.epoch, member.coordinator = reply.state, reply.epoch, reply.coordinator
             member.links = {link.peer_id: (link.rtt_s, link.bw) for link in reply.links}
+            member.mem_used = reply.mem_used
+            member.head = reply.head if reply.HasField("head") else None
         if not was_live:
             log.info("peer %s (%s) is answering again", member.info.name, peer_id[:8])
             self._changed()

@@ -31,7 +31,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..runtime.api import Engine
 from .backends import BackendPool
 from .caching import CachedCompletions
+from .dashboard_api import ClusterControl, dashboard_routes, is_public
 from .embeddings import embeddings_route
+from .history import (COMPLETION_PATHS, STATE_KEY, RequestHistory, RequestRecord, epoch_of, history_route,
+                      record_of)
 from .metrics import GatewayMetrics, endpoint_label
 from .ollama import ollama_routes
 from .response_cache import CacheSettings
@@ -46,25 +49,30 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               response_cache: CacheSettings | None = None, backends: BackendPool | None = None) -> Starlette:
+               response_cache: CacheSettings | None = None, backends: BackendPool | None = None, cluster: ClusterControl | None = None,
+               history: RequestHistory | None = None) -> Starlette:
     """The gateway's ASGI app for `engine`.
 
     `api_key`: when set, every request but /health needs `Authorization: Bearer KEY`.
     `response_cache`: when set, /v1 completions go through the response cache (gateway/caching.py).
     `backends`: external OpenAI-compatible servers that share /v1 completions with the ring
     (gateway/routing.py); whoever serves the app starts and stops the pool.
+    `cluster`: the daemon behind the gateway, for the dashboard's data and node management.
+    `history`: where finished completions are recorded and GET /v1/history reads (None: off; gateway/history.py).
     """
     gateway = Gateway(engine, api_key=api_key, max_body_bytes=max_body_bytes, response_cache=response_cache,
-                      backends=backends)
+                      backends=backends, history=history)
     routes = [
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         embeddings_route(gateway, _read_body),  # POST /v1/embeddings
+        history_route(gateway),  # GET /v1/history
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         *ollama_routes(gateway, _read_body),  # Ollama's API: /api/chat, /api/generate, /api/tags, ...
+        *dashboard_routes(cluster, gateway.metrics.registry, _read_body),  # /, /v1/cluster, /v1/peers
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, ApiError: _api_error})
     app.add_middleware(_GatewayMiddleware, gateway=gateway)
@@ -75,8 +83,10 @@ class Gateway:
     """The endpoints of one app over its engine."""
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES,
-                 response_cache: CacheSettings | None = None, backends: BackendPool | None = None):
+                 response_cache: CacheSettings | None = None, backends: BackendPool | None = None,
+                 history: RequestHistory | None = None):
         self.engine = engine
+        self.history = history
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.metrics = GatewayMetrics(engine)
@@ -138,6 +148,8 @@ class Gateway:
         engine = self.engine
         req = parse_completion_request(body, chat=chat, model_name=engine.model_name, context=engine.context,
                                        vocab_size=getattr(engine.tokenizer, "vocab_size", None))
+        if (record := record_of(request)) is not None:
+            record.begin(req)
         if self.cache is not None:
             return await self.cache.complete(engine, request, body, req, arrived,
                                              lambda e: self.router.complete(request, body, req, arrived, e))
@@ -173,31 +185,46 @@ class _GatewayMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
         status: list[int] = []
+        record = None
+        if self.gw.history is not None and scope["method"] == "POST" and path in COMPLETION_PATHS:
+            record = scope["state"][STATE_KEY] = RequestRecord(request_id, path, self.gw.engine.model_name)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
                 MutableHeaders(scope=message)["x-request-id"] = request_id
+            elif record is not None and message["type"] == "http.response.body" and not message.get("more_body"):
+                self._record(record, status)  # before the client sees the end: it is in the history once it ends
             await send(message)
 
         try:
             self._admit(headers, path)
             await self.app(scope, receive, send_with_id)
         except ApiError as e:
+            if record is not None:
+                record.fail(e.message)
             if not status:
                 await error_response(e)(scope, receive, send_with_id)
         except Exception:
             log.exception("request %s: %s %s failed", request_id, scope["method"], path)
+            if record is not None:
+                record.fail(f"internal server error (request id {request_id})")
             if not status:
                 await error_response(ApiError(500, f"Internal server error (request id {request_id}); the server "
                                                    f"log has the details.", code="internal_error"))(
                     scope, receive, send_with_id)
         finally:
             self.gw.metrics.requests.labels(endpoint_label(path), str(status[0] if status else 499)).inc()
+            if record is not None:  # a request that ended without its answer's end (no-op once recorded)
+                self._record(record, status, cut=bool(status))
+
+    def _record(self, record: RequestRecord, status: list[int], *, cut: bool = False) -> None:
+        if record.begun and not record.ended:  # a body that did not parse is no completion: no row
+            self.gw.history.add(record.end(status[0] if status else 499, epoch_of(self.gw.engine), cut=cut))
 
     def _admit(self, headers: Headers, path: str) -> None:
         """Refuse a request before it reaches a route: a wrong API key, a declared body too large."""
-        if path != "/health" and not self.gw.authorized(headers):
+        if path != "/health" and not is_public(path) and not self.gw.authorized(headers):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY' with the key this "
                                 "gateway was started with.", code="invalid_api_key")
         declared = headers.get("content-length", "")
@@ -220,4 +247,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    if (record := record_of(request)) is not None:
+        record.fail(exc.message)
     return error_response(exc)

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
 from .embeddings import embedding_of
 from .generation import Job, openai_answer
+from .history import record_of
 from .metrics import GatewayMetrics
 from .response_cache import CacheSettings, Entry, ResponseCache, cacheable, exact_key, query_text, semantic_scope
 from .responses import EventStream
@@ -124,6 +125,8 @@ class _Uncounted:
 
 
 async def _replay(engine: Engine, request: Request, req: CompletionRequest, entry: Entry, arrived: float) -> ASGIApp:
+    if (record := record_of(request)) is not None:
+        record.attempt("cache")  # the history names the cache as what served it
     async def events() -> AsyncIterator[TokenEvent]:
         for fields in entry.answer:
             yield TokenEvent(*fields)

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive
 
 from ..errors import P2PError
 from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
+from .history import record_of
 from .metrics import GatewayMetrics
 from .responses import JSON, CompletionShape, EventStream, sse, usage
 from .schema import ApiError, CompletionRequest, bad
@@ -286,6 +287,9 @@ class Job:
         self.first_token_at: float | None = None
         self.closed = False
         self.outcome = "unfinished"
+        self.error: str | None = None  # why the engine ended it, when not by "stop" or "length"
+        if (record := record_of(request)) is not None:
+            record.job = self  # the request's history row is read from this Job when it ends
 
     async def next(self) -> TokenEvent | None:
         """The next event, None when the client left; a stream ending without a finish is an error."""
@@ -318,6 +322,8 @@ class Job:
             self.cached_tokens = max(self.cached_tokens, min(event.cached_tokens, self.n_prompt))
             if event.finish_reason not in ("stop", "length") or self.finished:
                 self.outcome = event.finish_reason
+            if event.finish_reason not in ("stop", "length"):
+                self.error = _failure(event).message
         return event
 
     @property

@@ -34,6 +34,7 @@ from ..model.spec import ModelSpec
 from ..model.tokenizer import FALLBACK_CHAT_TEMPLATE
 from ..runtime.api import Engine
 from .generation import Answer, Job, complete
+from .history import record_of
 from .metrics import GatewayMetrics
 from .responses import JSON, dumps
 from .schema import ApiError, CompletionRequest, parse_json_object, short
@@ -527,6 +528,8 @@ class OllamaApi:
         if req.completion is None:
             self._check_ready()
             return JSON(loaded(req.model, req.chat))
+        if (record := record_of(request)) is not None:
+            record.begin(req.completion)
         return await complete(self.engine, self.metrics, request, req.completion, arrived,
                               OllamaAnswer(req.model, req.chat))
 

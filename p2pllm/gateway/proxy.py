@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .backends import Backend, describe
+from .history import RequestRecord, record_of
 from .metrics import GatewayMetrics
 from .responses import JSON, EventStream, sse
 from .schema import ApiError, CompletionRequest
@@ -61,6 +62,8 @@ async def forward(client: httpx.AsyncClient, backend: Backend, body: dict, req: 
     if not req.stream:
         data = await _whole(client, backend, url, payload, headers, request)
         _count(metrics, data.get("usage"))
+        if (record := record_of(request)) is not None:
+            record.note_answer(data, streamed=False)
         on_done("ok")
         return JSON({**data, "model": our_model})
     timeout = httpx.Timeout(STREAM_READ_TIMEOUT, connect=CONNECT_TIMEOUT)
@@ -72,7 +75,7 @@ async def forward(client: httpx.AsyncClient, backend: Backend, body: dict, req: 
     try:
         if reply.status_code != 200:
             raise await _refusal(backend, reply)
-        relay = _Relay(backend, reply, our_model, metrics, on_done)
+        relay = _Relay(backend, reply, our_model, metrics, on_done, record_of(request))
         await relay.open()
     except BaseException:
         await reply.aclose()
@@ -193,9 +196,10 @@ class _Relay:
     app of its own, so that the backend's response is closed and `on_done` called however it ends."""
 
     def __init__(self, backend: Backend, reply: httpx.Response, our_model: str, metrics: GatewayMetrics,
-                 on_done: Callable[[str], None]):
+                 on_done: Callable[[str], None], record: RequestRecord | None = None):
         self.backend, self.reply, self.our_model = backend, reply, our_model
         self.metrics, self.on_done = metrics, on_done
+        self.record = record  # the request's history record, which notes each chunk
         self.events = _events(reply)
         self.opening: list[str] = []
         self.outcome = "client gone"  # unless the stream ends: the client left while we were sending
@@ -213,11 +217,11 @@ class _Relay:
 
     async def _pieces(self) -> AsyncIterator[bytes]:
         for data in self.opening:
-            yield _rewritten(data, self.our_model, self.metrics)
+            yield _rewritten(data, self.our_model, self.metrics, self.record)
         done = False
         try:
             async for data in self.events:
-                yield _rewritten(data, self.our_model, self.metrics)
+                yield _rewritten(data, self.our_model, self.metrics, self.record)
                 if data == "[DONE]":
                     done = True
                     break
@@ -225,18 +229,23 @@ class _Relay:
             log.warning("backend %s broke a stream after its first token: %s", self.backend.id, describe(e))
             self.backend.mark_down(f"a stream broke: {describe(e)}")
         if not done:  # a stream ends with [DONE]; one that broke says so first, as the ring's streams do
-            yield sse(ApiError(502, f"backend {self.backend.id} ended the stream early", code="backend_error").body())
+            error = ApiError(502, f"backend {self.backend.id} ended the stream early", code="backend_error")
+            if self.record is not None:
+                self.record.fail(error.message)
+            yield sse(error.body())
             yield sse("[DONE]")
         self.outcome = "ok" if done else "broken"
 
 
-def _rewritten(data: str, our_model: str, metrics: GatewayMetrics) -> bytes:
+def _rewritten(data: str, our_model: str, metrics: GatewayMetrics, record: RequestRecord | None = None) -> bytes:
     chunk = _json(data)
     if chunk is None:
         return sse(data) if data == "[DONE]" else b""
     if "model" in chunk:
         chunk["model"] = our_model
     _count(metrics, chunk.get("usage"))
+    if record is not None:
+        record.note_answer(chunk)
     return sse(chunk)
 
 

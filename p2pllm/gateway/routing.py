@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..runtime.api import Engine
 from .backends import Backend, BackendPool
 from .generation import complete
+from .history import record_of
 from .metrics import GatewayMetrics
 from .proxy import BackendFailed, ClientGone, forward
 from .schema import ApiError, CompletionRequest
@@ -82,9 +83,12 @@ class Router:
         """The answer from the first target that gets to its first token; the last failure otherwise.
         `engine`: the ring's engine for this request (the response cache records what passes through it)."""
         failure: ApiError | None = None
+        record = record_of(request)
         for target in self.order():
             if target is not None and target.free < 1:
                 continue  # taken by other requests while we tried the ones before
+            if record is not None:
+                record.attempt(target.id if target is not None else RING)
             try:
                 if target is None:
                     return await self._on_ring(engine or self.engine, request, req, arrived)

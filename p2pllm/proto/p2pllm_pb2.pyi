@@ -89,7 +89,7 @@ class LinkStats(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bw: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links", "peers")
+    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links", "peers", "mem_used", "head")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,8 @@ class HealthReply(_message.Message):
     LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    MEM_USED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     epoch: int
@@ -104,7 +106,19 @@ class HealthReply(_message.Message):
     load_progress: float
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
     peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    mem_used: int
+    head: HeadLoad
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., mem_used: _Optional[int] = ..., head: _Optional[_Union[HeadLoad, _Mapping]] = ...) -> None: ...
+
+class HeadLoad(_message.Message):
+    __slots__ = ("queued", "running", "tokens_generated")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    running: int
+    tokens_generated: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
     __slots__ = ("peer_id", "address", "start", "end")
@@ -201,6 +215,26 @@ class StatusReply(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class ManageRequest(_message.Message):
+    __slots__ = ("action", "target", "forwarded")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    target: str
+    forwarded: bool
+    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., forwarded: _Optional[bool] = ...) -> None: ...
+
+class ManageReply(_message.Message):
+    __slots__ = ("ok", "message", "json")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    json: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

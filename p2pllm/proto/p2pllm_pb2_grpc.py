@@ -64,6 +64,11 @@ class PeerStub:
                 request_serializer=p2pllm__pb2.PingRequest.SerializeToString,
                 response_deserializer=p2pllm__pb2.PingReply.FromString,
                 _registered_method=True)
+        self.Manage = channel.unary_unary(
+                '/p2pllm.v1.Peer/Manage',
+                request_serializer=p2pllm__pb2.ManageRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.ManageReply.FromString,
+                _registered_method=True)
         self.Ring = channel.stream_stream(
                 '/p2pllm.v1.Peer/Ring',
                 request_serializer=p2pllm__pb2.Frame.SerializeToString,
@@ -120,6 +125,12 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ping(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Manage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +195,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=p2pllm__pb2.PingRequest.FromString,
                     response_serializer=p2pllm__pb2.PingReply.SerializeToString,
+            ),
+            'Manage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Manage,
+                    request_deserializer=p2pllm__pb2.ManageRequest.FromString,
+                    response_serializer=p2pllm__pb2.ManageReply.SerializeToString,
             ),
             'Ring': grpc.stream_stream_rpc_method_handler(
                     servicer.Ring,
@@ -368,6 +384,33 @@ class Peer:
             '/p2pllm.v1.Peer/Ping',
             p2pllm__pb2.PingRequest.SerializeToString,
             p2pllm__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Manage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pllm.v1.Peer/Manage',
+            p2pllm__pb2.ManageRequest.SerializeToString,
+            p2pllm__pb2.ManageReply.FromString,
             options,
             channel_credentials,
             insecure,

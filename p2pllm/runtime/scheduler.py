@@ -91,6 +91,7 @@ class Scheduler:
         # KV positions every stage can hold for all sequences together (None: not bounded): a
         # sequence starts only when its whole capacity (prompt + max_tokens) fits beside the others'
         self.kv_budget: int | None = None
+        self.tokens_generated = 0  # every sequence's, since start: the dashboard's tokens/s is its rate
         self.vocab = vocab or tokenizer.vocab_size
         self._seqs: dict[int, _Seq] = {}
         self._ids = itertools.count(1)
@@ -148,7 +149,7 @@ class Scheduler:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
         queued = self.queued()
         extra = {"in_flight": len(self._in_flight), "active_sequences": len(self._seqs),
-                 "kv_reserved_tokens": self.kv_reserved()}
+                 "kv_reserved_tokens": self.kv_reserved(), "tokens_generated": self.tokens_generated}
         if self.kv_budget is not None:
             extra["kv_budget_tokens"] = self.kv_budget
         if self.prefix_cache is not None:
@@ -455,6 +456,7 @@ class Scheduler:
             return
         seq.tokens.append(tok)
         seq.generated += 1
+        self.tokens_generated += 1
         text = seq.held + seq.decoder.push(tok)
         cut = _first_stop(text, req.stop)
         if cut is not None:

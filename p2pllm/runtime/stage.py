@@ -58,6 +58,29 @@ class Stage:
         """Every sequence whose KV this stage has: running, then kept."""
         return [*self.kv.sequences(), *self.kept]
 
+    def kv_memory(self) -> tuple[int, int]:
+        """(bytes of the KV rows held, bytes the caches have allocated), kept sequences included.
+
+        They differ because both caches grow ahead of use: a torch sequence's buffer is sized for
+        prompt + max_tokens, and the ggml cell pool grows in steps and never shrinks. Called from
+        the event loop (/metrics) while the compute thread may add or free sequences: a sequence
+        freed meanwhile is skipped, and a dict changing under iteration is read again."""
+        spec = self.backend.spec
+        per_position = 2 * self.kv.n_layers * self.kv.format.row_bytes(spec.n_kv_heads * spec.head_dim)
+        for _ in range(3):
+            try:
+                positions = 0
+                for seq_id in list(self.kv.sequences()):
+                    try:
+                        positions += self.kv.length(seq_id)
+                    except KeyError:
+                        pass
+                kept = sum(e.data.numel() * e.data.element_size() for e in list(self.kept.values()))
+                return positions * per_position + kept, self.kv.nbytes() + kept
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+        raise RuntimeError("the KV cache kept changing while it was measured")
+
     def fork(self, source: int, seq_id: int, length: int) -> None:
         """Start `seq_id` with a copy of `source`'s KV of positions [0, length): the prompt of
         another choice (n > 1), or a kept sequence (the prefix cache)."""

@@ -73,6 +73,11 @@ class PeerClient:
     async def status(self, timeout: float = 5.0) -> pb.StatusReply:
         return await self.stub.Status(pb.StatusRequest(), timeout=timeout)
 
+    async def manage(self, action: str, target: str, *, forwarded: bool = False,
+                     timeout: float = 10.0) -> pb.ManageReply:
+        return await self.stub.Manage(pb.ManageRequest(action=action, target=target, forwarded=forwarded),
+                                      timeout=timeout)
+
     async def measure_link(self, payload_bytes: int = 2 * 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
         """(rtt seconds, bytes per second): an empty ping, then a few MiB each way."""
         rtts = []
@@ -115,17 +120,31 @@ class ClientPool:
 
 async def fetch_status(address: str, security: Security) -> dict:
     """One peer's view of the cluster (`p2pllm status`), or a P2PError saying in one line why not."""
-    from .security import explain_refusal
-
-    client = PeerClient(address, security)
-    try:
-        reply = await client.status()
-    except grpc.aio.AioRpcError as e:
-        why = explain_refusal(address, e, security.enabled)
-        raise P2PError(why or f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
-    finally:
-        await client.close()
+    reply = await _one_call(address, security, lambda client: client.status())
     try:
         return json.loads(reply.json)
     except json.JSONDecodeError:
         raise P2PError(f"{address} answered with a malformed status") from None
+
+
+async def manage_peers(address: str, security: Security, action: str, target: str, timeout: float) -> pb.ManageReply:
+    """`p2pllm peers ACTION TARGET` through the peer at `address` (cluster/management.py)."""
+    return await _one_call(address, security, lambda client: client.manage(action, target, timeout=timeout))
+
+
+async def _one_call(address: str, security: Security, call):
+    """One RPC on a fresh channel (the CLI's), or a P2PError saying in one line why it failed."""
+    from .security import explain_refusal
+
+    client = PeerClient(address, security)
+    try:
+        return await call(client)
+    except grpc.aio.AioRpcError as e:
+        why = explain_refusal(address, e, security.enabled)
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            why = f"the peer at {address} runs an older p2pllm without this command"
+        elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = f"the peer at {address} did not answer in time"
+        raise P2PError(why or f"no p2pllm peer answers at {address} ({e.code().name.lower()})") from None
+    finally:
+        await client.close()
