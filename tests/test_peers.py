@@ -3,6 +3,7 @@ dashboard's JSON (/v1/cluster, /v1/cluster/events, /v1/peers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,9 @@ import time
 
 import httpx
 import pytest
+
+from p2pllm.transport.client import fetch_status
+from p2pllm.transport.security import Security
 
 from conftest import REPO, assert_one_line_error, live_smol_cluster, run_cli, shared_model, stop_daemon
 
@@ -32,9 +36,8 @@ def peers(cluster, *args: str) -> subprocess.CompletedProcess:
 
 
 def status(cluster, grpc: int = GRPC[1]) -> dict:
-    proc = run_cli("status", "--json", "--host", f"127.0.0.1:{grpc}", "--secret", cluster.secret)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """What `p2pllm status --json` prints (in process: the CLI's start-up is seconds)."""
+    return asyncio.run(fetch_status(f"127.0.0.1:{grpc}", Security.from_secret(cluster.secret)))
 
 
 def layers(s: dict) -> dict[str, list | None]:
