@@ -315,6 +315,11 @@ def test_api_key_is_required_when_set(demo):
         _error(http.get("/metrics"), 401)
         _error(http.get("/no/such/route"), 401)  # nothing is revealed without the key
         assert http.get("/health").status_code == 200
+        for data in ("/v1/cluster", "/v1/cluster/events", "/v1/history"):  # the dashboard's data needs the key
+            _error(http.get(data), 401)
+        _error(http.post("/v1/peers/x/drain"), 401)
+        page = http.get("/")  # its page does not (it holds no data and asks for the key)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         ok = http.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {API_KEY}"})
         assert ok.status_code == 200, ok.text
     with pytest.raises(openai.AuthenticationError):

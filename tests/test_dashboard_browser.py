@@ -1,0 +1,284 @@
+"""The dashboard in a real browser: Debian's chromium, driven by Playwright, against a live 3-peer
+cluster of `p2pllm join` daemons on SmolLM2, started with --api-key so that the page has to ask for it.
+
+The tests run in file order on one signed-in page: what the page shows is checked against
+`p2pllm status --json` of the same peer and against the gateway's own answers.
+P2PLLM_SCREENSHOTS=1 also saves docs/img/dashboard.png (1366x900) and docs/img/dashboard-phone.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO, live_smol_cluster, run_cli
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package drives the browser "
+                                                             "(pip install -e '.[test]')")
+expect = sync_api.expect
+
+GRPC = (7851, 7852, 7853)
+GATEWAYS = (8851, 8852, 8853)
+KEY = "dashboard-test-key-0123456789"
+QUESTION = "Write a haiku about the sea."  # SmolLM2's greedy answer ends by itself, in about 25 tokens
+MAX_TOKENS = 64
+PLAN_CHANGE_MS = 30_000  # a drain or an admit: the page shows the new plan within this
+LAPTOP = {"width": 1366, "height": 900}
+PHONE = {"width": 390, "height": 844}
+SCREENSHOTS = os.environ.get("P2PLLM_SCREENSHOTS") == "1"
+# an external backend where nothing listens: its health check fails, so it is listed as down and out of rotation
+# (the ring serves every request); live_smol_cluster gives every peer the same flags, the page's included
+DOWN_BACKEND = "http://127.0.0.1:9"
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("P2PLLM_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                      "/usr/bin/chromium"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = chromium_path()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test-deps.sh installs "
+                                                         "Debian's; P2PLLM_CHROMIUM names another)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("dashboard-cluster")
+    # prefix cache off: the page's chat and the reference request must not share rounding paths
+    for c in live_smol_cluster(logs, "dash", GRPC + GATEWAYS, "--api-key", KEY, "--response-cache", "off",
+                               "--prefix-cache", "0", "--backend", DOWN_BACKEND):
+        c.grpc = GRPC[GATEWAYS.index(int(c.url.rsplit(":", 1)[1]))]  # the gRPC port of the page's peer
+        yield c
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url: str, viewport: dict):
+    page = browser.new_page(viewport=viewport)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors
+    page.goto(url + "/")
+    return page
+
+
+def sign_in(page, key: str = KEY) -> None:
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#api-key", key)
+    page.click("#login-submit")
+
+
+@pytest.fixture(scope="module")
+def page(cluster, browser):
+    page = open_page(browser, cluster.url, LAPTOP)
+    yield page
+    assert not page.errors, page.errors
+    page.close()
+
+
+def status(cluster) -> dict:
+    proc = run_cli("status", "--json", "--host", f"127.0.0.1:{cluster.grpc}", "--secret", cluster.secret)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def fmt_layers(layers) -> str:
+    return f"[{layers[0]}, {layers[1]})" if layers else "–"
+
+
+def peer_row(page, name: str):
+    return page.locator(f'#peer-rows tr[data-peer="{name}"]')
+
+
+def test_the_page_asks_for_the_api_key_and_refuses_a_wrong_one(cluster, page):
+    assert httpx.get(cluster.url + "/v1/cluster", timeout=10).status_code == 401  # its data needs the key
+    sign_in(page, "not-the-key")
+    expect(page.locator("#login-error")).to_contain_text("refused")
+    expect(page.locator("#dashboard")).to_be_hidden()
+    sign_in(page)
+    expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    assert page.evaluate("sessionStorage.getItem('p2pllm.apiKey')") == KEY
+
+
+def test_the_peers_and_the_plan_are_those_of_status_json(cluster, page):
+    expect(page.locator("#peer-rows tr")).to_have_count(3)
+    s = status(cluster)
+    expect(page.locator("#plan-epoch")).to_have_text(str(s["epoch"]))
+    names = [p["name"] for p in s["peers"]]
+    assert sorted(names) == ["dash-1", "dash-2", "dash-3"]
+    for p in s["peers"]:
+        row = peer_row(page, p["name"])
+        expect(row.locator("td").nth(1)).to_have_text(p["address"])
+        expect(row.locator("td").nth(2)).to_have_text(p["device"])
+        expect(row.locator("td").nth(3)).to_have_attribute("data-mem-limit", str(p["mem_limit"]))
+        expect(row.locator("td").nth(4)).to_have_text(fmt_layers(p["layers"]))
+        expect(row.locator("td").nth(5)).to_have_attribute("data-state", p["state"])
+        if p["coordinator"]:
+            expect(row.locator("td").first).to_contain_text("coordinator")
+        if p["rtt_ms"] is not None:
+            expect(row.locator("td").nth(6)).to_contain_text(" ms")
+    segments = page.locator("#plan-bar [data-plan-peer]")
+    expect(segments).to_have_count(3)
+    for stage in s["plan"]["stages"]:
+        segment = page.locator(f'#plan-bar [data-plan-peer="{stage["name"]}"]')
+        expect(segment).to_have_attribute("data-start", str(stage["layers"][0]))
+        expect(segment).to_have_attribute("data-end", str(stage["layers"][1]))
+    predicted = s["plan"]["predicted"]
+    expect(page.locator("#plan-predicted")).to_contain_text(f"{predicted['tokens_per_s_single']:.1f} tokens/s")
+
+
+def test_the_backends_panel_lists_the_down_backend(cluster, page):
+    reply = httpx.get(cluster.url + "/v1/cluster", timeout=10, headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 200, reply.text
+    backends = reply.json()["status"]["backends"]
+    assert [(b["url"], b["healthy"]) for b in backends] == [(DOWN_BACKEND, False)], backends
+    b = backends[0]
+    assert b["reason"], b
+    expect(page.locator("#backends-panel")).to_be_visible()
+    expect(page.locator("#backend-rows tr")).to_have_count(1)
+    row = page.locator(f'#backend-rows tr[data-backend="{b["id"]}"]')
+    expect(row.locator("td").nth(0)).to_contain_text(b["id"])
+    expect(row.locator("td").nth(1)).to_have_text(b["url"])
+    expect(row.locator("td").nth(3)).to_have_attribute("data-healthy", "false")
+    expect(row.locator("td").nth(3).locator(".state")).to_have_text("DOWN")
+    expect(row.locator("td").nth(3).locator(".reason")).to_have_text(b["reason"])
+    expect(row.locator("td").nth(4)).to_have_text(f"{b['in_flight']} / {b['max_concurrent']}")
+    expect(row.locator("td").nth(5)).to_have_text(str(b["served"]))
+    expect(row.locator("td").nth(6)).to_have_text(str(b["failed"]))
+    expect(page.locator("#backend-count")).to_have_text("1 backend, 0 in rotation")
+
+
+def test_the_chat_streams_the_gateways_greedy_answer(cluster, page):
+    # the answer's text lengths, as the page changes it
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const answer = [...document.querySelectorAll('#chat-log [data-role=assistant]')].pop();
+            if (answer && answer.dataset.state === 'streaming') window.lengths.push(answer.textContent.length);
+        }).observe(document.querySelector('#chat-log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max-tokens", str(MAX_TOKENS))
+    page.fill("#chat-input", QUESTION)
+    page.click("#chat-send")
+    answer = page.locator("#chat-log [data-role=assistant]").last
+    expect(answer).to_have_attribute("data-state", "done", timeout=60_000)
+    text = answer.text_content()
+    lengths = page.evaluate("window.lengths")
+    assert len(set(lengths)) >= 3 and lengths == sorted(lengths) and lengths[-1] == len(text), lengths  # it grew
+
+    reply = httpx.post(cluster.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": cluster.model, "messages": [{"role": "user", "content": QUESTION}],
+                             "temperature": 0, "max_tokens": MAX_TOKENS})
+    assert reply.status_code == 200, reply.text
+    assert text == reply.json()["choices"][0]["message"]["content"]
+    expect(page.locator("#chat-stats")).to_contain_text("tokens")
+
+
+def test_the_history_lists_the_chat_request(page):
+    answer = page.locator("#chat-log [data-role=assistant]").last
+    completion_id = answer.get_attribute("data-completion-id")
+    assert completion_id and completion_id.startswith("chatcmpl-")
+    row = page.locator(f'#history-rows tr[data-request-id="{completion_id}"]')
+    expect(row).to_have_count(1, timeout=10_000)
+    expect(row.locator("td").nth(1)).to_have_text("chat/completions")
+    expect(row.locator("td").nth(5)).to_have_text(re.compile(r"^(stop|length)$"))
+    expect(row.locator("td").nth(6)).to_have_text(re.compile(r"^\d+$"))  # the plan epoch that served it
+    expect(row.locator("td").nth(7)).to_have_text("ring")  # not the down --backend
+
+
+def test_the_charts_take_a_sample_every_second(page):
+    canvases = ["#chart-tps", "#chart-queue", "#chart-running", "#chart-memory"]
+    before = [int(page.locator(c).get_attribute("data-samples")) for c in canvases]
+    time.sleep(5)
+    after = [int(page.locator(c).get_attribute("data-samples")) for c in canvases]
+    # one snapshot a second, give or take the time a busy 2-core machine takes to make one
+    assert all(a - b >= 4 for a, b in zip(after, before)), (before, after)
+    assert page.evaluate("""() => {  // something is drawn
+        const c = document.querySelector('#chart-tps');
+        return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v) => v !== 0);
+    }""")
+
+
+def test_a_drained_peer_leaves_the_plan_bar_and_an_admitted_one_returns(cluster, page):
+    s = status(cluster)
+    # neither the page's own peer nor the coordinator: the plain case
+    name = next(p["name"] for p in s["peers"] if not p["coordinator"] and p["id"] != s["id"])
+    peer_row(page, name).locator("button[data-action=drain]").click()
+    expect(page.locator(f'#plan-bar [data-plan-peer="{name}"]')).to_have_count(0, timeout=PLAN_CHANGE_MS)
+    expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(2)
+    expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
+    expect(page.locator("#manage-result")).to_contain_text(f"drained {name}")
+    expect(peer_row(page, name).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+    expect(peer_row(page, name).locator("td").nth(4)).to_have_text("–")
+    drained = status(cluster)
+    assert next(p for p in drained["peers"] if p["name"] == name)["drained"]
+    expect(page.locator("#plan-epoch")).to_have_text(str(drained["epoch"]))
+    assert drained["epoch"] > s["epoch"]
+
+    peer_row(page, name).locator("button[data-action=admit]").click()
+    expect(page.locator(f'#plan-bar [data-plan-peer="{name}"]')).to_have_count(1, timeout=PLAN_CHANGE_MS)
+    expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(3)
+    expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
+    expect(peer_row(page, name).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
+    admitted = status(cluster)
+    row = next(p for p in admitted["peers"] if p["name"] == name)
+    assert not row["drained"] and row["layers"]
+    expect(peer_row(page, name).locator("td").nth(4)).to_have_text(fmt_layers(row["layers"]))
+    expect(page.locator("#plan-epoch")).to_have_text(str(admitted["epoch"]))
+
+
+def test_a_peer_address_is_tested_from_the_page(cluster, page):
+    other = next(port for port in GRPC if port != cluster.grpc)  # a member, not the page's peer
+    page.fill("#peer-address", f"127.0.0.1:{other}")
+    page.click("#peer-test")
+    result = page.locator("#peer-result")
+    expect(result).to_have_attribute("data-kind", "ok", timeout=15_000)
+    expect(result).to_have_attribute("data-compatible", "true")
+    expect(result).to_contain_text(f"dash-{GRPC.index(other) + 1}")
+    page.fill("#peer-address", "127.0.0.1:7859")  # nothing listens there
+    page.click("#peer-test")
+    expect(result).to_have_attribute("data-reachable", "false", timeout=15_000)
+    expect(result).to_have_attribute("data-kind", "error")
+
+
+def test_a_phone_sees_the_page_without_sideways_scrolling(cluster, browser, page):
+    if SCREENSHOTS:
+        expect(page.locator("#history-rows tr").first).to_be_visible()
+        page.fill("#peer-address", "")
+        page.evaluate("document.querySelector('#peer-result').replaceChildren(); document.activeElement.blur()")
+        page.screenshot(path=str(REPO / "docs" / "img" / "dashboard.png"), full_page=True)
+    phone = open_page(browser, cluster.url, PHONE)
+    try:
+        sign_in(phone)
+        expect(phone.locator("#peer-rows tr")).to_have_count(3)
+        expect(phone.locator("#plan-bar [data-plan-peer]")).to_have_count(3)
+        expect(phone.locator("#history-rows tr").first).to_be_visible()
+        expect(phone.locator("#backend-rows tr[data-backend] td").nth(3)).to_contain_text("DOWN")
+        widths = phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1], widths
+        wider = phone.evaluate("""() => [...document.querySelectorAll('main *')]
+            .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 0.5).map((e) => e.id || e.tagName)""")
+        assert not wider, wider
+        if SCREENSHOTS:
+            phone.wait_for_function("Number(document.querySelector('#chart-tps').dataset.samples) >= 3")
+            phone.screenshot(path=str(REPO / "docs" / "img" / "dashboard-phone.png"), full_page=True)
+        assert not phone.errors, phone.errors
+    finally:
+        phone.close()
