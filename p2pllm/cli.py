@@ -217,20 +217,45 @@ def _add_make_demo_model(sub) -> None:
 
 
 def cmd_check_model(args) -> int:
+    from .errors import UsageError
     from .model.loader import check_model
+    from .model.pieces import check_partial, is_partial
 
-    spec = check_model(args.path)
+    layers = getattr(args, "layers", None)
+    if is_partial(args.path):  # a copy fetched from peers (docs/fetch.md): only the layers it holds
+        spec, part = check_partial(args.path, layers)
+        held = f"partial copy holding {part.describe()}"
+    else:
+        spec, held = check_model(args.path), ""
+        if layers is not None and not 0 <= layers[0] < layers[1] <= spec.n_layers:
+            raise UsageError(f"--layers {layers[0]}:{layers[1]} is not within the model's {spec.n_layers} layers")
     print(
-        f"{args.path}: ok ({spec.arch}, {spec.n_layers} layers, hidden {spec.hidden}, "
+        f"{args.path}: ok{', ' + held if held else ''} ({spec.arch}, {spec.n_layers} layers, hidden {spec.hidden}, "
         f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab}, {spec.file_dtype})"
+        + (f"; layers [{layers[0]}, {layers[1]}) can run from it" if layers is not None else "")
     )
     return 0
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    """--layers START:END, a stage's layers [START, END)."""
+    start, sep, end = text.partition(":")
+    try:
+        rng = (int(start), int(end)) if sep else None
+    except ValueError:
+        rng = None
+    if rng is None or not 0 <= rng[0] < rng[1]:
+        raise argparse.ArgumentTypeError(f"expected START:END with 0 <= START < END, got {text!r}")
+    return rng
 
 
 def _add_check_model(sub) -> None:
     p = sub.add_parser("check-model", help="validate a model file",
                        description="Check a .gguf file or HF folder: headers, tensors, shapes, values.")
     p.add_argument("path", type=model_ref, help="a .gguf file, Hugging Face folder, or store model name")
+    p.add_argument("--layers", type=_layer_range, metavar="START:END",
+                   help="also require what a stage of layers [START, END) needs (a partial copy fetched from "
+                        "peers holds only some layers)")
     p.set_defaults(func=cmd_check_model)
 
 
@@ -250,6 +275,8 @@ def cmd_join(args) -> int:
     response_cache = _response_cache(args)
     backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
+    if args.from_peers:
+        args.model = _model_from_peers(args)
     spec = read_spec(args.model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     state_dir = _check_history(args)
@@ -267,12 +294,28 @@ def cmd_join(args) -> int:
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
         state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
+        fetch_from=list(args.peer or []) if args.from_peers else [], model_cache=args.model_cache,
     )
     if args.name:
         cfg.name = args.name
     daemon = Daemon(cfg)
     asyncio.run(daemon.run())
     return 0
+
+
+def _model_from_peers(args) -> str:
+    """--from-peers: the model's header from the --peer addresses into a partial copy in the cache
+    (its layers come once the peer knows which it will hold); the copy's path."""
+    import asyncio
+
+    from .cluster.fetch import learn_model
+    from .errors import UsageError
+    from .transport.security import resolve_secret, security_for
+
+    if not args.peer:
+        raise UsageError("--from-peers needs --peer HOST:PORT: a peer to learn the model from and fetch layers from")
+    security = security_for(resolve_secret(args.cluster, args.secret, args.insecure, create=False))
+    return str(asyncio.run(learn_model(args.peer, security, args.model_cache)))
 
 
 def _add_history_flags(p) -> None:
@@ -347,7 +390,8 @@ def _announce_secret(args, resolved) -> None:
         return
     what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
     model = getattr(args.model, "ref", str(args.model))  # as typed: a store name works on the other machines too
-    command = shlex.join(["p2pllm", "join", "--model", model, "--cluster", args.cluster, "--secret", resolved.secret])
+    source = ["--from-peers", "--peer", args.peer[0]] if args.from_peers else ["--model", model]
+    command = shlex.join(["p2pllm", "join", *source, "--cluster", args.cluster, "--secret", resolved.secret])
     print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
           f"p2pllm: to add another machine to this cluster, run there:\n\n    {command}\n", flush=True)
 
@@ -363,8 +407,15 @@ def _add_security_flags(p, what: str) -> None:
 def _add_join(sub) -> None:
     p = sub.add_parser("join", help="run a peer daemon in the foreground",
                        description="Start a peer: find the others, agree on a plan, serve its layers.")
-    p.add_argument("--model", required=True, type=model_ref, metavar="PATH|NAME",
-                   help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=model_ref, metavar="PATH|NAME",
+                        help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache "
+                             "(p2pllm models)")
+    source.add_argument("--from-peers", action="store_true",
+                        help="no model file here: learn the cluster's GGUF model from the --peer addresses and fetch "
+                             "only the layers this peer will hold, verified (docs/fetch.md)")
+    p.add_argument("--model-cache", default=None, metavar="DIR",
+                   help="where --from-peers keeps what it fetched (default ~/.cache/p2pllm/models; reused next time)")
     p.add_argument("--port", type=port, default=7700, help="gRPC port (default 7700)")
     p.add_argument("--gateway-port", type=port, default=8700, help="HTTP gateway port (default 8700)")
     p.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")

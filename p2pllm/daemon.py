@@ -23,6 +23,7 @@ from . import PROTOCOL_VERSION
 from .cluster import coordinator as coord
 from .cluster.capability import probe
 from .cluster.discovery import Announcement, Discovery, pick_interface_address
+from .cluster.fetch import ModelFetcher, PieceSource
 from .cluster.management import PeerManager
 from .cluster.membership import Membership
 from .cluster.planner import Plan, PlanOptions
@@ -43,7 +44,7 @@ from .transport import frames
 from .transport.client import ClientPool
 from .transport.ring import LinkPool
 from .transport.security import Security
-from .transport.server import start_server
+from .transport.server import RpcRefused, start_server
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class DaemonConfig:
     secret: str | None = None  # the cluster secret (mutual TLS between peers); None needs insecure=True
     insecure: bool = False
     backends: list = field(default_factory=list)  # gateway.backends.BackendConfig: external servers of this gateway
+    fetch_from: list[str] = field(default_factory=list)  # --from-peers: `model` is a partial copy; its sources
+    model_cache: str | None = None  # where that copy lives (None: model.pieces.default_cache_root())
     state_dir: str | None = None  # None: gateway.history.default_state_dir(cluster)
     history: str = "off"  # request history of this gateway: off | meta | full (join: meta)
     history_rows: int = 10_000
@@ -172,6 +175,11 @@ class Daemon:
         self.replicas = ReplicaStore(self.spec, self.options.context)
         self.leaving = False
         self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
+        # --from-peers: the layers this peer will hold are fetched before it asks for them (docs/fetch.md);
+        # every GGUF peer serves the pieces it holds to such peers
+        self.fetcher = ModelFetcher(self.clients, cfg.fetch_from, cfg.model_cache) if cfg.fetch_from else None
+        self.fetching = self.fetcher is not None  # out of plans until the range it expects is here
+        self.pieces: PieceSource | None = None
         self.peer_manager = PeerManager(self)
         self.scheduler: Scheduler | None = None
         from .model.tokenizer import load_tokenizer
@@ -186,6 +194,7 @@ class Daemon:
                 loop.add_signal_handler(sig, self._on_signal)
             except (NotImplementedError, RuntimeError):
                 pass
+        await self._open_pieces()
         self.server = await start_server(self, "0.0.0.0", self.cfg.port, self.security)
         log.info("peer traffic: %s", self.security.describe())
         log.info(
@@ -213,6 +222,8 @@ class Daemon:
             asyncio.create_task(self._link_loop(), name="links"),
             asyncio.create_task(self._coordinator_loop(), name="coordinator"),
         ]
+        if self.fetching:
+            self._tasks.append(asyncio.create_task(self._prefetch(), name="prefetch"))
         await self._stop.wait()
         await self.shutdown()
 
@@ -279,6 +290,10 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await self.links.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
+        if self.pieces is not None:
+            self.pieces.close()
         await self.clients.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
 
@@ -370,20 +385,77 @@ class Daemon:
     # ------------------------------------------------------------------ node management
     @property
     def public_state(self) -> str:
-        """The state other peers see: drained overrides what the plan made of this peer."""
-        return "drained" if self.drained else self.state
+        """The state other peers see: drained or fetching override what the plan made of this peer."""
+        return "drained" if self.drained else "fetching" if self.fetching else self.state
 
     def set_drained(self, drained: bool) -> None:
         """Out of the plan or back in: the coordinator (maybe this peer) sees it at its next health
         check, as it sees a peer leaving, and replans once."""
         self.drained = drained
-        self.membership.members[self.id].state = "drained" if drained else "unknown"  # for our own planning
+        self._out_of_plan_changed()
+
+    def _out_of_plan_changed(self) -> None:
+        out = self.public_state if self.public_state in coord.OUT_OF_PLAN else "unknown"
+        self.membership.members[self.id].state = out  # for our own planning
         self._replan_now.set()
 
     def add_static_peer(self, address: str) -> None:
         """Dial `address` from now on, like `join --peer` (the hello loop retries it while it is away)."""
         self._dial.add(address)
         asyncio.get_running_loop().create_task(self._hello(address))
+
+    # ------------------------------------------------------------------ model pieces (--from-peers)
+    async def _open_pieces(self) -> None:
+        """What this peer serves to peers that fetch their layers: its GGUF file, or the pieces of
+        its own partial copy (which grows as it fetches)."""
+        if self.fetcher is not None:
+            self.pieces = PieceSource(await self.fetcher.open())
+            self._out_of_plan_changed()
+        elif self.spec.format == "gguf":
+            self.pieces = PieceSource(self.cfg.model)
+
+    async def on_manifest(self, req: pb.ManifestRequest) -> pb.Manifest:
+        if self.pieces is None:
+            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer's model is not a GGUF file; it serves no pieces")
+        return await self.pieces.on_manifest(req)
+
+    async def on_fetch_piece(self, req: pb.FetchPieceRequest):
+        if self.pieces is None:
+            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer's model is not a GGUF file; it serves no pieces")
+        async for chunk in self.pieces.on_fetch_piece(req):
+            yield chunk
+
+    async def _prefetch(self) -> None:
+        """Fetch the range the planner would give this peer while the cluster serves without it,
+        then come into the plan: one replan adds it, its layers already here. (The coordinator may
+        still assign another range: on_propose fetches what is missing then.)"""
+        while True:
+            await asyncio.sleep(SETTLE_SECONDS)
+            others = [m for m in self.membership.live_compatible() if m.info.id != self.id]
+            if not others or time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
+                continue
+            me = self.membership.members[self.id]
+            me.state = "unknown"  # the plan as if this peer were in
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options)
+            me.state = "fetching"
+            mine = next(((s.start, s.end) for s in candidate.stages if s.peer == self.id), None)
+            try:
+                if candidate.feasible and mine is not None:
+                    await self._fetch_range(mine)
+            except P2PError as e:
+                log.warning("fetching layers [%d, %d) failed: %s; trying again", mine[0], mine[1], e)
+                await asyncio.sleep(5.0)
+                continue
+            log.info("%s; ready to be planned", f"layers [{mine[0]}, {mine[1]}) are here" if mine else
+                     "the planner would give this peer no layers now")
+            self.fetching = False
+            self._out_of_plan_changed()
+            return
+
+    async def _fetch_range(self, rng: tuple[int, int]) -> None:
+        """The pieces layers [start, end) need, from every live peer that may hold them."""
+        self.fetcher.add_sources([m.info.address for m in self.membership.live_compatible() if m.info.id != self.id])
+        await self.fetcher.fetch(*rng)
 
     async def on_manage(self, req: pb.ManageRequest) -> pb.ManageReply:
         return await self.peer_manager.handle(req)
@@ -756,6 +828,8 @@ class Daemon:
             return self.stage  # the range this peer serves now (a later proposal may have loaded another)
         if self.loaded is not None and self.loaded[0] == rng:
             return self.loaded[1]
+        if self.fetcher is not None and not self.fetcher.partial.complete(*rng):
+            await self._fetch_range(rng)  # assigned another range than the one fetched ahead
         self.state, self.load_progress = "loading", 0.0
         log.info("loading layers [%d, %d) of %d", rng[0], rng[1], self.spec.n_layers)
 

@@ -40,7 +40,7 @@ def measured_links(members: list[Member]) -> Links:
     return links
 
 
-OUT_OF_PLAN = ("leaving", "drained")  # states of live peers that get no layers
+OUT_OF_PLAN = ("leaving", "drained", "fetching")  # states of live peers that get no layers
 
 
 def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions, exclude: frozenset = frozenset()) \

@@ -465,3 +465,67 @@ class EmbedReply(_message.Message):
     code: str
     error: str
     def __init__(self, vectors: _Optional[_Union[Tensor, _Mapping]] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ModelPiece(_message.Message):
+    __slots__ = ("name", "offset", "nbytes", "layer", "sha256", "held", "file")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    nbytes: int
+    layer: int
+    sha256: str
+    held: bool
+    file: str
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., layer: _Optional[int] = ..., sha256: _Optional[str] = ..., held: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
+
+class ManifestRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("model_name", "fingerprint", "format", "file_name", "size", "n_layers", "pieces")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    fingerprint: str
+    format: str
+    file_name: str
+    size: int
+    n_layers: int
+    pieces: _containers.RepeatedCompositeFieldContainer[ModelPiece]
+    def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., format: _Optional[str] = ..., file_name: _Optional[str] = ..., size: _Optional[int] = ..., n_layers: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[ModelPiece, _Mapping]]] = ...) -> None: ...
+
+class FetchPieceRequest(_message.Message):
+    __slots__ = ("fingerprint", "piece", "offset", "length")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    piece: str
+    offset: int
+    length: int
+    def __init__(self, fingerprint: _Optional[str] = ..., piece: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PieceChunk(_message.Message):
+    __slots__ = ("sha256", "piece_nbytes", "offset", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PIECE_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    piece_nbytes: int
+    offset: int
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., piece_nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

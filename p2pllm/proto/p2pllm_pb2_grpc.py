@@ -89,6 +89,16 @@ class PeerStub:
                 request_serializer=p2pllm__pb2.FetchKVRequest.SerializeToString,
                 response_deserializer=p2pllm__pb2.KVDelta.FromString,
                 _registered_method=True)
+        self.ModelManifest = channel.unary_unary(
+                '/p2pllm.v1.Peer/ModelManifest',
+                request_serializer=p2pllm__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.Manifest.FromString,
+                _registered_method=True)
+        self.FetchPiece = channel.unary_stream(
+                '/p2pllm.v1.Peer/FetchPiece',
+                request_serializer=p2pllm__pb2.FetchPieceRequest.SerializeToString,
+                response_deserializer=p2pllm__pb2.PieceChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -163,6 +173,20 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelManifest(self, request, context):
+        """Model pieces for peers without the file (--from-peers): what this peer holds, and one piece's
+        bytes in chunks. A peer serves at most a few fetch streams at once (RESOURCE_EXHAUSTED beyond).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPiece(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +244,16 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.FetchKV,
                     request_deserializer=p2pllm__pb2.FetchKVRequest.FromString,
                     response_serializer=p2pllm__pb2.KVDelta.SerializeToString,
+            ),
+            'ModelManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelManifest,
+                    request_deserializer=p2pllm__pb2.ManifestRequest.FromString,
+                    response_serializer=p2pllm__pb2.Manifest.SerializeToString,
+            ),
+            'FetchPiece': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchPiece,
+                    request_deserializer=p2pllm__pb2.FetchPieceRequest.FromString,
+                    response_serializer=p2pllm__pb2.PieceChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +553,60 @@ class Peer:
             '/p2pllm.v1.Peer/FetchKV',
             p2pllm__pb2.FetchKVRequest.SerializeToString,
             p2pllm__pb2.KVDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pllm.v1.Peer/ModelManifest',
+            p2pllm__pb2.ManifestRequest.SerializeToString,
+            p2pllm__pb2.Manifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPiece(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/p2pllm.v1.Peer/FetchPiece',
+            p2pllm__pb2.FetchPieceRequest.SerializeToString,
+            p2pllm__pb2.PieceChunk.FromString,
             options,
             channel_credentials,
             insecure,

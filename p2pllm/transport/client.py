@@ -91,6 +91,15 @@ class PeerClient:
         elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
         return rtt, 2 * payload_bytes / elapsed
 
+    async def model_manifest(self, timeout: float = 10.0) -> pb.Manifest:
+        """The model this peer serves pieces of (cluster/fetch.py checks every field)."""
+        return await self.stub.ModelManifest(pb.ManifestRequest(), timeout=timeout)
+
+    def fetch_piece(self, fingerprint: str, piece: str, offset: int = 0, length: int = 0):
+        """A stream of PieceChunk (no overall deadline: the caller times each chunk and cancels)."""
+        return self.stub.FetchPiece(pb.FetchPieceRequest(fingerprint=fingerprint, piece=piece, offset=offset,
+                                                         length=length))
+
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()

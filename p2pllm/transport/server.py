@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import AsyncIterator, Protocol
 
@@ -28,6 +29,14 @@ SERVER_OPTIONS = [
 ]
 
 
+class RpcRefused(Exception):
+    """A handler's refusal of one call: the status code and one line for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 class ControlHandler(Protocol):
     async def on_hello(self, req: pb.HelloRequest, peer: str) -> pb.HelloReply: ...
     def on_health(self, req: pb.HealthRequest) -> pb.HealthReply: ...
@@ -39,6 +48,10 @@ class ControlHandler(Protocol):
     def on_generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]: ...
     async def on_embed(self, req: pb.EmbedRequest) -> pb.EmbedReply: ...
     async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]: ...
+    # optional (a handler without them answers UNIMPLEMENTED): model pieces for --from-peers,
+    # cluster/fetch.py's PieceSource; either may raise RpcRefused
+    async def on_manifest(self, req: pb.ManifestRequest) -> pb.Manifest: ...
+    def on_fetch_piece(self, req: pb.FetchPieceRequest) -> AsyncIterator[pb.PieceChunk]: ...
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -88,6 +101,27 @@ class PeerService(pb_grpc.PeerServicer):
 
     async def Embed(self, request, context):
         return await self.handler.on_embed(request)
+
+    async def ModelManifest(self, request, context):
+        on_manifest = getattr(self.handler, "on_manifest", None)
+        if on_manifest is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer serves no model pieces")
+        try:
+            return await on_manifest(request)
+        except RpcRefused as e:
+            await context.abort(e.code, e.message)
+
+    async def FetchPiece(self, request, context):
+        on_fetch_piece = getattr(self.handler, "on_fetch_piece", None)
+        if on_fetch_piece is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer serves no model pieces")
+        try:
+            # closed here, not by the garbage collector: the source's stream count drops at once
+            async with contextlib.aclosing(on_fetch_piece(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except RpcRefused as e:
+            await context.abort(e.code, e.message)
 
 
 class _UndecodableMessages(logging.Filter):

@@ -1,0 +1,525 @@
+"""Layer bytes from peers (--from-peers): a model file cut into pieces, served by real gRPC servers
+with mutual TLS, fetched into a sparse partial copy that the loaders and `check-model` accept for
+its layers; busy, dying and lying sources; an interrupted fetch that resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from p2pllm.cluster import fetch as fetch_mod
+from p2pllm.cluster.fetch import (
+    FetchError,
+    ModelFetcher,
+    PieceSource,
+    fetch_layers,
+    parse_manifest,
+)
+from p2pllm.model.backends import open_stage
+from p2pllm.model.batch import BatchMeta, SeqChunk
+from p2pllm.model.demo import make_demo_model
+from p2pllm.model.loader import stored_slice
+from p2pllm.model.pieces import (
+    HEADER,
+    PartialModel,
+    find_cached,
+    journal_path,
+    pieces_of,
+)
+from p2pllm.model.spec import read_spec
+from p2pllm.proto import p2pllm_pb2 as pb
+from p2pllm.transport.client import ClientPool
+from p2pllm.transport.security import Security
+from p2pllm.transport.server import start_server
+
+SECRET = "fetch-test-secret-" + os.urandom(8).hex()
+CHUNK = 16 << 10  # small chunks: every tensor of the tiny model is several of them
+MIDDLE = (2, 4)
+
+
+@pytest.fixture(scope="module")
+def security() -> Security:
+    return Security.from_secret(SECRET)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """The tiny demo Llama in Q8_0 (quantized blocks, f32 norms: tensors of several sizes and alignments)."""
+    return make_demo_model(tmp_path_factory.mktemp("fetch-model") / "tiny-q8.gguf", "gguf", "tiny", qtype="q8_0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def serve(source: PieceSource, security: Security) -> tuple[grpc.aio.Server, str]:
+    """A real peer server whose handler is the PieceSource (what the daemon will delegate to)."""
+    port = _free_port()
+    return await start_server(source, "127.0.0.1", port, security), f"127.0.0.1:{port}"
+
+
+def _bytes(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def _journal(path: Path) -> dict:
+    return json.loads(journal_path(path).read_text())["pieces"]
+
+
+def _needed_names(layout, start, end) -> set[str]:
+    return {p.name for p in layout.needed(start, end)}
+
+
+class Corrupting(PieceSource):
+    """A source whose file reads true but whose sent bytes are garbage for some pieces: its hash is right,
+    its data is not (a fault a real server cannot otherwise be made to commit)."""
+
+    def __init__(self, model, corrupt: set[str], **kw):
+        super().__init__(model, **kw)
+        self.corrupt = {self.layout.piece(n).offset: n for n in corrupt}
+        self.corrupted: list[str] = []
+
+    def _read(self, offset: int, nbytes: int) -> bytes:
+        data = super()._read(offset, nbytes)
+        if offset in self.corrupt:
+            self.corrupted.append(self.corrupt[offset])
+            data = bytes(b ^ 0x5A for b in data[:64]) + data[64:]
+        return data
+
+
+class Slow(PieceSource):
+    """Reads one chunk at a time, slowly, and says when it is in the middle of sending a piece."""
+
+    def __init__(self, model, delay: float, **kw):
+        super().__init__(model, **kw)
+        self.read_bytes = self.chunk_bytes
+        self.delay = delay
+        self.starts = {p.offset for p in self.layout.pieces}
+        self.mid_piece = threading.Event()
+        self.in_the_middle_of: list[str] = []
+
+    def _read(self, offset: int, nbytes: int) -> bytes:
+        if offset not in self.starts:  # a chunk after the first of its piece: one went out already
+            self.in_the_middle_of.append(next(p.name for p in reversed(self.layout.pieces) if p.offset < offset))
+            self.mid_piece.set()
+        time.sleep(self.delay)
+        return super()._read(offset, nbytes)
+
+
+# --------------------------------------------------------------------------- pieces and manifests
+
+
+def test_pieces_tile_the_file_and_each_hash_is_sha256_of_its_bytes(model, security):
+    layout = pieces_of(model)
+    spec = read_spec(model)
+    assert (layout.fingerprint, layout.n_layers, layout.size) == (spec.fingerprint, spec.n_layers, model.stat().st_size)
+    assert layout.pieces[0].name == HEADER and layout.pieces[0].offset == 0
+    pos = 0
+    for p in layout.pieces:  # consecutive, no gap, no overlap, to the end of the file
+        assert p.offset == pos and p.nbytes > 0
+        pos += p.nbytes
+    assert pos == layout.size
+    tensors = {p.name for p in layout.pieces} - {HEADER}
+    assert len(tensors) == len(layout.pieces) - 1 == 3 + 9 * spec.n_layers
+    for p in layout.pieces:
+        assert p.layer == (int(p.name.split(".")[1]) if p.name.startswith("blk.") else None)
+
+    async def scenario():
+        source = PieceSource(model)
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        try:
+            before = parse_manifest(await pool.get(address).model_manifest(), address)
+            assert before.layout == layout and before.held == {p.name for p in layout.pieces}
+            assert before.hashes == {}, "hashed up front"
+            for p in layout.pieces:
+                assert await source.sha256(p.name) == hashlib.sha256(_bytes(model, p.offset, p.nbytes)).hexdigest()
+            after = parse_manifest(await pool.get(address).model_manifest(), address)
+            assert after.hashes == {p.name: await source.sha256(p.name) for p in layout.pieces}
+        finally:
+            await pool.close()
+            await server.stop(None)
+            source.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("start, end", [(0, 1), MIDDLE, (5, 6), (0, 6)])
+def test_needed_pieces_are_what_a_stage_maps_and_its_layers(model, start, end):
+    layout = pieces_of(model)
+    _spec, stored = stored_slice(model, start, end)
+    needed = _needed_names(layout, start, end)
+    assert {t.info.name for t in stored} <= needed
+    assert HEADER in needed
+    assert ("token_embd.weight" in needed) == (start == 0)
+    assert ("output.weight" in needed) == ("output_norm.weight" in needed) == (end == layout.n_layers)
+    layers = {layout.piece(n).layer for n in needed} - {None}
+    assert layers == set(range(start, end))
+
+
+def test_a_hostile_manifest_is_refused_in_words(model):
+    source = PieceSource(model)
+    good = source.manifest()
+
+    def mutated(change) -> pb.Manifest:
+        m = pb.Manifest()
+        m.CopyFrom(good)
+        change(m)
+        return m
+
+    cases = [
+        (lambda m: setattr(m, "file_name", "../../.bashrc"), "file name"),
+        (lambda m: setattr(m, "fingerprint", "../x"), "fingerprint"),
+        (lambda m: setattr(m.pieces[3], "nbytes", m.pieces[3].nbytes + 1), "does not follow"),
+        (lambda m: setattr(m, "size", m.size + 7), "the pieces end at byte"),
+        (lambda m: setattr(m.pieces[5], "sha256", "zz"), "sha256"),
+        (lambda m: setattr(m.pieces[5], "layer", 4), "claims layer"),
+        (lambda m: setattr(m, "format", "hf"), "GGUF files only"),
+    ]
+    assert parse_manifest(good, "peer:1").layout == source.layout
+    for change, needle in cases:
+        with pytest.raises(FetchError, match=needle):
+            parse_manifest(mutated(change), "peer:1")
+
+
+# --------------------------------------------------------------------------- a middle range from two sources
+
+
+@pytest.fixture(scope="module")
+def middle(model, security, tmp_path_factory):
+    """Layers [2, 4) fetched from two sources into a fresh cache, with what the fetch reported."""
+    cache = tmp_path_factory.mktemp("fetch-cache")
+    served, progress, lines = {}, [], []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Lines()
+    fetch_log = logging.getLogger("p2pllm.cluster.fetch")
+    fetch_log.addHandler(handler)
+    old_level = fetch_log.level
+    fetch_log.setLevel(logging.INFO)
+
+    async def scenario():
+        sources = [PieceSource(model, chunk_bytes=CHUNK) for _ in range(2)]
+        started = [await serve(s, security) for s in sources]
+        pool = ClientPool(security)
+        try:
+            part = await fetch_layers(pool, [a for _s, a in started], *MIDDLE, cache,
+                                      progress=lambda done, total, rate: progress.append((done, total, rate)),
+                                      on_piece=lambda name, address: served.__setitem__(name, address))
+            return part.path, [a for _s, a in started]
+        finally:
+            await pool.close()
+            for server, _a in started:
+                await server.stop(None)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fetch_mod, "LOG_INTERVAL", 0.0)  # a progress line for every chunk: check its words
+        try:
+            path, addresses = asyncio.run(scenario())
+        finally:
+            fetch_log.removeHandler(handler)
+            fetch_log.setLevel(old_level)
+    return {"path": path, "cache": cache, "served": served, "progress": progress, "lines": lines,
+            "addresses": addresses}
+
+
+def test_a_middle_range_holds_exactly_its_tensors_byte_for_byte(model, middle):
+    path, layout = middle["path"], pieces_of(model)
+    assert path == middle["cache"] / layout.fingerprint / model.name
+    assert path.stat().st_size == model.stat().st_size
+    needed = _needed_names(layout, *MIDDLE)
+    assert set(_journal(path)) == needed
+    for p in layout.pieces:
+        got = _bytes(path, p.offset, p.nbytes)
+        if p.name in needed:
+            assert got == _bytes(model, p.offset, p.nbytes), p.name
+            assert _journal(path)[p.name] == hashlib.sha256(got).hexdigest()
+        else:
+            assert got == bytes(p.nbytes), f"{p.name} was written"
+    # sparse: the disk holds the needed pieces (rounded to blocks), not the rest of the file
+    needed_bytes = sum(layout.piece(n).nbytes for n in needed)
+    allocated = path.stat().st_blocks * 512
+    assert needed_bytes <= allocated <= needed_bytes + 64 * 4096 < layout.size / 2
+
+
+def test_pieces_are_spread_over_both_sources_with_progress_in_mib_and_mb_per_s(model, middle):
+    layout = pieces_of(model)
+    assert set(middle["served"]) == _needed_names(layout, *MIDDLE)
+    assert set(middle["served"].values()) == set(middle["addresses"])
+    done, total, rate = middle["progress"][-1]
+    assert done == total == sum(layout.piece(n).nbytes for n in _needed_names(layout, *MIDDLE)) - \
+        layout.piece(HEADER).nbytes and rate > 0
+    assert any(line.startswith(f"fetching layers [{MIDDLE[0]}, {MIDDLE[1]}): ") and line.endswith(" MB/s")
+               and "/" in line and " MiB, " in line for line in middle["lines"]), middle["lines"]
+    assert any(line.startswith(f"fetched layers [{MIDDLE[0]}, {MIDDLE[1]}): ") for line in middle["lines"])
+
+
+def test_the_partial_copy_opens_like_the_file_and_its_stage_computes_the_same(model, middle):
+    path = middle["path"]
+    assert read_spec(path).fingerprint == read_spec(model).fingerprint
+    spec = read_spec(model)
+    x = torch.randn(5, spec.hidden, generator=torch.Generator().manual_seed(0))
+    meta = BatchMeta.build([SeqChunk(0, 0, 5)])
+    outs = []
+    for p in (model, path):
+        stage = open_stage(p, *MIDDLE, backend="ggml", kv_dtype="f32", threads=1)
+        try:
+            stage.kv.allocate(0, 16)
+            outs.append(stage.forward(x.clone(), meta))
+        finally:
+            stage.close()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_check_model_accepts_the_partial_for_its_range_and_names_a_missing_tensor_otherwise(model, middle,
+                                                                                              capsys):
+    from p2pllm.cli import main
+
+    path = middle["path"]
+    assert main(["check-model", str(path), "--layers", f"{MIDDLE[0]}:{MIDDLE[1]}"]) == 0
+    out = capsys.readouterr().out
+    assert "partial copy holding layers [2, 4) of 6, without the embedding and without the output head" in out
+    assert "layers [2, 4) can run from it" in out
+    assert main(["check-model", str(path)]) == 0
+    assert "partial copy holding layers [2, 4)" in capsys.readouterr().out
+    assert main(["check-model", str(model), "--layers", "1:3"]) == 0
+    assert "partial" not in capsys.readouterr().out
+    # as users see it: a fresh process, one line, exit 2
+    line = assert_one_line_error(run_cli("check-model", path, "--layers", "1:3"), 2, str(path), "blk.1.")
+    assert "does not hold" in line
+
+
+def test_a_partial_copy_serves_what_it_holds_and_a_source_of_another_model_is_left_out(
+        model, middle, security, tmp_path, caplog):
+    layout = pieces_of(model)
+    other = make_demo_model(tmp_path / "other" / "small.gguf", "gguf", "small")  # another shape: another fingerprint
+    assert find_cached(middle["cache"], layout.fingerprint).path == middle["path"]
+
+    async def scenario():
+        fetched_before = PieceSource(middle["path"], chunk_bytes=CHUNK)  # a journal beside it: a partial copy
+        owner, stranger = PieceSource(model, chunk_bytes=CHUNK), PieceSource(other)
+        started = [await serve(s, security) for s in (stranger, fetched_before, owner)]
+        (a_stranger, a_partial, a_owner) = [a for _s, a in started]
+        pool, served = ClientPool(security), {}
+        try:
+            held = parse_manifest(await pool.get(a_partial).model_manifest(), a_partial)
+            assert held.held == _needed_names(layout, *MIDDLE) and set(held.hashes) == held.held
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await pool.get(a_partial).fetch_piece(layout.fingerprint, "blk.1.attn_q.weight").read()
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            part = await fetch_layers(pool, [a_stranger, a_partial, a_owner], 1, 3, tmp_path / "cache",
+                                      fingerprint=layout.fingerprint, on_piece=served.__setitem__)
+            return part, served, a_stranger, a_partial, a_owner
+        finally:
+            await pool.close()
+            for server, _a in started:
+                await server.stop(None)
+
+    with caplog.at_level(logging.INFO, logger="p2pllm.cluster.fetch"):
+        part, served, stranger, partial, owner = asyncio.run(scenario())
+    assert part.complete(1, 3) and stranger not in served.values()
+    assert all(a == owner for n, a in served.items() if layout.piece(n).layer == 1)
+    assert partial in served.values()
+    assert any(stranger in r.getMessage() and "another model" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_a_source_sending_garbage_is_logged_and_the_piece_refetched_from_the_other(model, security, tmp_path, caplog):
+    layout = pieces_of(model)
+    target = max(layout.needed(*MIDDLE), key=lambda p: p.nbytes).name  # the first piece handed out
+
+    async def scenario():
+        liar = Corrupting(model, {target}, chunk_bytes=CHUNK)
+        honest = PieceSource(model, chunk_bytes=CHUNK)
+        (s1, a1), (s2, a2) = await serve(liar, security), await serve(honest, security)
+        pool, served = ClientPool(security), {}
+        try:
+            part = await fetch_layers(pool, [a1, a2], *MIDDLE, tmp_path, on_piece=served.__setitem__)
+            return part.path, liar.corrupted, served, a1, a2
+        finally:
+            await pool.close()
+            await s1.stop(None)
+            await s2.stop(None)
+
+    with caplog.at_level(logging.INFO, logger="p2pllm.cluster.fetch"):
+        path, corrupted, served, liar, honest = asyncio.run(scenario())
+    assert corrupted == [target], "the liar was never asked for the piece it corrupts"
+    assert served[target] == honest
+    assert liar in served.values(), "the liar's good pieces were not kept"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(liar in w and target in w and "hash" in w for w in warnings), warnings
+    p = layout.piece(target)
+    assert _bytes(path, p.offset, p.nbytes) == _bytes(model, p.offset, p.nbytes)
+    assert PartialModel.load(path).complete(*MIDDLE)
+
+
+def test_a_piece_every_source_garbles_is_one_error_naming_it(model, security, tmp_path):
+    target = "blk.3.ffn_down.weight"
+
+    async def scenario():
+        liars = [Corrupting(model, {target}, chunk_bytes=CHUNK) for _ in range(2)]
+        started = [await serve(s, security) for s in liars]
+        pool = ClientPool(security)
+        try:
+            await fetch_layers(pool, [a for _s, a in started], *MIDDLE, tmp_path)
+        finally:
+            await pool.close()
+            for server, _a in started:
+                await server.stop(None)
+
+    with pytest.raises(FetchError) as e:
+        asyncio.run(scenario())
+    assert f"cannot fetch {target}" in str(e.value) and "every source failed" in str(e.value)
+    assert str(e.value).count("hash to") == 2, str(e.value)  # what each source did
+    assert "\n" not in str(e.value)
+    part = PartialModel.load(next(tmp_path.glob("*/*.gguf")))
+    assert not part.holds(target) and part.holds(HEADER)
+
+
+def test_a_source_stopped_mid_fetch_is_replaced_by_the_other(model, security, tmp_path, caplog):
+    async def scenario():
+        dying = Slow(model, delay=0.05, chunk_bytes=CHUNK)
+        steady = PieceSource(model, chunk_bytes=CHUNK)
+        (s1, a1), (s2, a2) = await serve(dying, security), await serve(steady, security)
+        pool, served = ClientPool(security), {}
+        fetcher = ModelFetcher(pool, [a1, a2], tmp_path, on_piece=served.__setitem__)
+        try:
+            await fetcher.open()  # the header (it may come from either)
+            dying.mid_piece.clear()
+            dying.in_the_middle_of.clear()
+            job = asyncio.ensure_future(fetcher.fetch(*MIDDLE))
+            while not dying.mid_piece.is_set():  # the dying source is in the middle of a piece now
+                await asyncio.sleep(0.005)
+            await s1.stop(None)
+            part = await job
+            return part, served, dying.in_the_middle_of[0], a1, a2
+        finally:
+            fetcher.close()
+            await pool.close()
+            await s1.stop(None)
+            await s2.stop(None)
+
+    with caplog.at_level(logging.INFO, logger="p2pllm.cluster.fetch"):
+        part, served, cut, dead, alive = asyncio.run(scenario())
+    assert part.complete(*MIDDLE)
+    assert served[cut] == alive, "the piece cut short was not fetched again from the other source"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(dead in w and "failed while sending" in w and "another source" in w for w in warnings), warnings
+    layout = pieces_of(model)
+    for name in _needed_names(layout, *MIDDLE):
+        p = layout.piece(name)
+        assert _bytes(part.path, p.offset, p.nbytes) == _bytes(model, p.offset, p.nbytes), name
+
+
+def test_an_interrupted_fetch_resumes_with_only_the_missing_pieces(model, security, tmp_path):
+    layout = pieces_of(model)
+    needed = _needed_names(layout, *MIDDLE)
+
+    async def run(stop_after: int | None):
+        source = PieceSource(model, chunk_bytes=CHUNK)
+        server, address = await serve(source, security)
+        pool, got = ClientPool(security), []
+        job = None
+
+        def on_piece(name, _address):
+            got.append(name)
+            if stop_after is not None and len(got) == stop_after:
+                job.cancel()
+
+        try:
+            job = asyncio.ensure_future(fetch_layers(pool, [address], *MIDDLE, tmp_path, on_piece=on_piece))
+            try:
+                await job
+            except asyncio.CancelledError:
+                pass
+            return got
+        finally:
+            await pool.close()
+            await server.stop(None)
+
+    first = asyncio.run(run(stop_after=4))
+    path = tmp_path / layout.fingerprint / model.name
+    kept = set(_journal(path))  # what was verified (pieces whose check ended as the fetch stopped too)
+    assert HEADER in first and set(first) <= kept and len(kept) < len(needed)
+    assert not PartialModel.load(path).complete(*MIDDLE)
+    second = asyncio.run(run(stop_after=None))
+    assert not kept & set(second), "fetched again what was already verified"
+    assert kept | set(second) == needed
+    assert PartialModel.load(path).complete(*MIDDLE)
+    assert asyncio.run(run(stop_after=None)) == [], "a complete cache fetched something"
+
+
+def test_a_source_serves_at_most_its_stream_limit_and_a_fetcher_waits_for_it(model, security, tmp_path):
+    gate = threading.Event()
+
+    class Gated(PieceSource):
+        refused = 0
+
+        async def on_fetch_piece(self, req):
+            self.refused += self.streams >= self.max_streams
+            async for chunk in super().on_fetch_piece(req):
+                yield chunk
+
+        def _read(self, offset, nbytes):
+            gate.wait(30)
+            return super()._read(offset, nbytes)
+
+    async def scenario():
+        source = Gated(model, max_streams=2, chunk_bytes=CHUNK)
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        client = pool.get(address)
+        fp, piece = source.layout.fingerprint, "blk.0.ffn_up.weight"
+        try:
+            held = [client.fetch_piece(fp, piece) for _ in range(2)]
+            firsts = [asyncio.ensure_future(c.read()) for c in held]
+            while source.streams < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.fetch_piece(fp, piece).read()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 fetch streams" in refused.value.details()
+            gate.set()
+            for c, first in zip(held, firsts):
+                assert (await first).sha256 and await _drain(c) > 0
+            while source.streams:
+                await asyncio.sleep(0.01)
+            # a fetcher asking for more streams than the source serves: refused ones wait their turn
+            source.refused = 0
+            part = await fetch_layers(pool, [address], *MIDDLE, tmp_path, streams_per_source=4)
+            assert part.complete(*MIDDLE)
+            assert source.refused > 0 and source.streams == 0
+        finally:
+            gate.set()
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+async def _drain(call) -> int:
+    n = 0
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        n += len(msg.data)
+    return n

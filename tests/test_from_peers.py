@@ -1,0 +1,100 @@
+"""`p2pllm join --from-peers`: a peer without the model file learns it from a peer, fetches only
+the layers it will hold (ahead of the plan that gives them to it), serves them, and reuses its
+cache on the next start. Real daemons on loopback, real gRPC with the cluster secret."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_cli, shared_model, stop_daemon
+
+OWNER, FETCHER = (7868, 8868), (7869, 8869)
+SECRET = "from-peers-test-secret-0123456789"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def join(tmp: Path, name: str, ports: tuple[int, int], *source: str) -> subprocess.Popen:
+    env = dict(os.environ, P2PLLM_SECRET=SECRET, HOME=str(tmp / name))
+    argv = [sys.executable, "-m", "p2pllm", "join", *source, "--name", name, "--port", str(ports[0]),
+            "--gateway-port", str(ports[1]), "--interface", "127.0.0.1", "--no-mdns", "--strategy", "even",
+            "--cluster", "from-peers-test", "--response-cache", "off", "--prefix-cache", "0"]
+    log = open(tmp / f"{name}.log", "a")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                            start_new_session=True)
+
+
+def wait_stages(gateway: int, n: int, procs: list, logs: list[Path], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+        try:
+            if httpx.get(f"http://127.0.0.1:{gateway}/health", timeout=5).json().get("stages") == n:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"no {n}-stage plan within {timeout}s: {[log.read_text()[-3000:] for log in logs]}")
+
+
+def answer(gateway: int) -> str:
+    reply = httpx.post(f"http://127.0.0.1:{gateway}/v1/chat/completions", timeout=120,
+                       json={"messages": QUESTION, "max_tokens": 16, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_path):
+    model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    cache = tmp_path / "cache"
+    owner = join(tmp_path, "owner", OWNER, "--model", str(model))
+    fetcher = None
+    try:
+        wait_stages(OWNER[1], 1, [owner], [tmp_path / "owner.log"])
+        alone = answer(OWNER[1])
+
+        fetcher = join(tmp_path, "fetcher", FETCHER, "--from-peers", "--peer", f"127.0.0.1:{OWNER[0]}",
+                       "--model-cache", str(cache))
+        logs = [tmp_path / "owner.log", tmp_path / "fetcher.log"]
+        wait_stages(FETCHER[1], 2, [owner, fetcher], logs)
+        assert answer(FETCHER[1]) == alone  # the fetched layers compute what the file's do
+
+        log = logs[1].read_text()
+        fetched = re.search(r"fetched layers \[(\d+), (\d+)\): \d+ pieces, [\d.]+ MiB in [\d.]+ s", log)
+        assert fetched and "ready to be planned" in log, log[-3000:]
+        assert log.index("ready to be planned") < log.index("plan epoch")  # fetched before it was planned
+        copy = next(cache.glob("*/*.gguf"))
+        assert copy.name == model.name and copy.stat().st_size == model.stat().st_size
+        assert copy.stat().st_blocks * 512 < 0.9 * model.stat().st_size  # only its share (and the header) stored
+        held = run_cli("check-model", str(copy), "--layers", f"{fetched[1]}:{fetched[2]}")
+        assert held.returncode == 0 and "partial copy holding" in held.stdout, held.stderr
+        other = "0:1" if fetched[1] != "0" else "29:30"
+        assert_one_line_error(run_cli("check-model", str(copy), "--layers", other), 2, "which this partial model does not hold")
+
+        stop_daemon(fetcher)  # the next start reads the header and the layers it holds from its cache
+        fetcher = join(tmp_path, "fetcher", FETCHER, "--from-peers", "--peer", f"127.0.0.1:{OWNER[0]}",
+                       "--model-cache", str(cache))
+        wait_stages(FETCHER[1], 2, [owner, fetcher], logs)
+        second = logs[1].read_text()[len(log):]
+        assert re.search(r"learned from 127\.0\.0\.1:\d+: layers \[", second), second[-3000:]  # resumed
+        assert answer(FETCHER[1]) == alone
+    finally:
+        for proc in (fetcher, owner):
+            if proc is not None:
+                stop_daemon(proc)
+
+
+def test_from_peers_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_cli("join", "--from-peers", "--insecure"), 2, "--from-peers needs --peer")
+    both = run_cli("join", "--from-peers", "--model", str(Path(REPO) / "pyproject.toml"))  # argparse: usage, then the line
+    assert both.returncode == 2 and "not allowed with argument --from-peers" in both.stderr.splitlines()[-1]
+    unreachable = run_cli("join", "--from-peers", "--peer", "127.0.0.1:9", "--insecure", "--model-cache",
+                          str(tmp_path))
+    assert unreachable.returncode == 1 and "no peer serves the model" in unreachable.stderr.splitlines()[-1]
