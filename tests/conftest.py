@@ -130,8 +130,8 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
 class LiveCluster:
     """`p2pllm join` processes on loopback serving one model; clients talk to `url`."""
 
-    def __init__(self, url: str, model: str, secret: str = ""):
-        self.url, self.model, self.secret = url, model, secret
+    def __init__(self, url: str, model: str, secret: str = "", procs: list | None = None):
+        self.url, self.model, self.secret, self.procs = url, model, secret, procs or []
 
     def client(self):
         import openai
@@ -187,7 +187,7 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
         status = asyncio.run(fetch_status(f"127.0.0.1:{grpc[0]}", Security.from_secret(env["P2PLLM_SECRET"])))
         coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
         other_gateway = next(gw for rpc, gw in zip(grpc, gateways) if not coordinator.endswith(f":{rpc}"))
-        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"])
+        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"], procs)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -8,16 +8,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, shared_model
+from conftest import REPO, live_smol_cluster
 
 yaml = pytest.importorskip("yaml", reason="pyyaml reads docs/monitoring/ (pip install -e .[test])")
 
@@ -215,44 +213,13 @@ def test_stage_kv_memory_counts_rows_held_apart_from_what_the_cache_allocated(ba
 def cluster(tmp_path_factory):
     """Two `p2pllm join` daemons on SmolLM2, half the layers each; yields their processes once both
     gateways serve the two-stage plan and each has answered one completion."""
-    path = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     logs = tmp_path_factory.mktemp("monitoring-cluster")
-    for port in (*GRPC_PORTS, *GATEWAY_PORTS):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
-    env = dict(os.environ, P2PLLM_SECRET="monitoring-cluster-test-secret-0123456789", HOME=str(logs))
-    procs = []
-    for i in range(2):
-        argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(path), "--name", f"monitoring-{i + 1}",
-                "--port", str(GRPC_PORTS[i]), "--gateway-port", str(GATEWAY_PORTS[i]), "--interface", "127.0.0.1",
-                "--no-mdns", "--peer", f"127.0.0.1:{GRPC_PORTS[0]}", "--strategy", "even",
-                "--cluster", "monitoring-test"]
-        procs.append(subprocess.Popen(argv, stdout=open(logs / f"peer-{i + 1}.log", "w"), stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True))
-
-    def tails():
-        return [(logs / f"peer-{i + 1}.log").read_text()[-2000:] for i in range(2)]
-
-    try:
-        deadline = time.monotonic() + 120
-        while not all(_health(port).get("stages") == 2 for port in GATEWAY_PORTS):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), tails()
-            time.sleep(0.5)
+    for live in live_smol_cluster(logs, "monitoring", (*GRPC_PORTS, *GATEWAY_PORTS)):
         for port in GATEWAY_PORTS:  # counters and histograms get series; each gateway routes one
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
                            json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
             assert r.status_code == 200, r.text
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+        yield live.procs
 
 
 def _health(port: int) -> dict:

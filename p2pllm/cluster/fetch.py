@@ -61,6 +61,7 @@ BAD_LIMIT = 3  # a source that sent bad data for this many pieces is dropped fro
 BUSY_BACKOFF = (0.05, 2.0)  # seconds before asking a busy source again: first, most
 MIN_HASH_RATE = 20e6  # bytes/s a source hashes at least (the wait for a big piece's first chunk)
 
+FROM_PEERS_WAIT = 60.0  # seconds `join --from-peers` waits for a peer to serve the model (P2PLLM_FROM_PEERS_WAIT)
 Progress = Callable[[int, int, float], None]  # (bytes done, bytes total, bytes per second)
 
 
@@ -605,14 +606,26 @@ async def learn_model(sources: Sequence[str], security, cache_root: str | os.Pat
     from ..transport.client import ClientPool
 
     pool = ClientPool(security)
-    fetcher = ModelFetcher(pool, sources, cache_root)
+    wait = float(os.environ.get("P2PLLM_FROM_PEERS_WAIT", FROM_PEERS_WAIT))
+    deadline = time.monotonic() + wait
     try:
-        partial = await fetcher.open()
+        while True:  # peers started together: the file's owner may not listen yet
+            fetcher = ModelFetcher(pool, sources, cache_root)
+            try:
+                partial = await fetcher.open()
+                break
+            except FetchError as e:
+                fetcher.close()
+                if fetcher.layout is not None or time.monotonic() >= deadline:
+                    raise
+                if time.monotonic() + wait - deadline < 1.5:  # the first failure: say why we wait
+                    log.info("waiting up to %.0f s for a peer to serve the model: %s", wait, e)
+                await asyncio.sleep(1.0)
         log.info("model %s (fingerprint %s) learned from %s: %s", fetcher.layout.name, fetcher.layout.fingerprint,
                  ", ".join(sources), partial.describe())
+        fetcher.close()
         return partial.path
     finally:
-        fetcher.close()
         await pool.close()
 
 
