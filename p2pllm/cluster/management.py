@@ -89,12 +89,7 @@ class PeerManager:
             raise ManageError(400, f"{address} is this peer")
         client = self.d.clients.get(address)
         try:
-            rtts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                await client.stub.Ping(pb.PingRequest(), timeout=3.0)
-                rtts.append(time.perf_counter() - t0)
-            report.update(reachable=True, rtt_ms=round(min(rtts) * 1e3, 3))
+            report.update(reachable=True, rtt_ms=round(await client.rtt(timeout=3.0) * 1e3, 3))
             described = _details(await client.manage("describe", "", timeout=3.0))
         except grpc.aio.AioRpcError as e:
             from ..transport.security import explain_refusal

@@ -78,14 +78,18 @@ class PeerClient:
         return await self.stub.Manage(pb.ManageRequest(action=action, target=target, forwarded=forwarded),
                                       timeout=timeout)
 
-    async def measure_link(self, payload_bytes: int = 2 * 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
-        """(rtt seconds, bytes per second): an empty ping, then a few MiB each way."""
+    async def rtt(self, pings: int = 3, timeout: float = 10.0) -> float:
+        """Seconds of the fastest of a few empty pings."""
         rtts = []
-        for _ in range(3):
+        for _ in range(pings):
             t0 = time.perf_counter()
             await self.stub.Ping(pb.PingRequest(), timeout=timeout)
             rtts.append(time.perf_counter() - t0)
-        rtt = min(rtts)
+        return min(rtts)
+
+    async def measure_link(self, payload_bytes: int = 2 * 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
+        """(rtt seconds, bytes per second): empty pings, then a few MiB each way."""
+        rtt = await self.rtt(timeout=timeout)
         t0 = time.perf_counter()
         await self.stub.Ping(pb.PingRequest(payload=bytes(payload_bytes), reply_bytes=payload_bytes), timeout=timeout)
         elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
