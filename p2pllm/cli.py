@@ -468,15 +468,26 @@ def cmd_status(args) -> int:
         layers = f"[{peer['layers'][0]}, {peer['layers'][1]})" if peer["layers"] else "-"
         health = "ok" if peer["healthy"] else "LOST"
         note = f"excluded: {peer['excluded_reason']}" if peer["excluded_reason"] else peer.get("state", "")
+        if peer.get("fetch"):
+            note = _fetch_note(peer["fetch"])
         print(f"{peer['name'][:20]:<20} {peer['id'][:8]:<10} {peer['address']:<22} {layers:<10} {health:<8} {note}")
     plan = status.get("plan")
     if plan and plan.get("predicted"):
-        from .cluster.plan_cli import prediction_line
+        from .cluster.plan_cli import fetch_lines, prediction_line
 
         print(prediction_line(plan, {p["id"]: p["name"] for p in status["peers"]}))
+        for line in fetch_lines(plan, {p["id"]: p["name"] for p in status["peers"]}):
+            print(line.replace("fetch before serving:", "fetched for this plan:", 1))
     if status.get("backends"):
         _print_backends(status["backends"])
     return 0
+
+
+def _fetch_note(f: dict) -> str:
+    """'fetching [10, 20): 12.0/21.1 MiB at 40.2 MB/s, ~0.2 s left'"""
+    eta = f", ~{f['eta_s']:.0f} s left" if f.get("eta_s") is not None else ""
+    return (f"fetching [{f['layers'][0]}, {f['layers'][1]}): {f['done'] / 2**20:.1f}/{f['total'] / 2**20:.1f} MiB "
+            f"at {f['mb_s']:.1f} MB/s{eta}")
 
 
 def _print_backends(backends: list[dict]) -> None:

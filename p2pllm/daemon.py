@@ -177,9 +177,12 @@ class Daemon:
         self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
         # --from-peers: the layers this peer will hold are fetched before it asks for them (docs/fetch.md);
         # every GGUF peer serves the pieces it holds to such peers
-        self.fetcher = ModelFetcher(self.clients, cfg.fetch_from, cfg.model_cache) if cfg.fetch_from else None
+        self.fetcher = ModelFetcher(self.clients, cfg.fetch_from, cfg.model_cache, progress=self._fetched_bytes) \
+            if cfg.fetch_from else None
+        self.fetch_progress: pb.FetchProgress | None = None  # the fetch running now, for status and health
         self.fetching = self.fetcher is not None  # out of plans until the range it expects is here
         self.pieces: PieceSource | None = None
+        self.holding: pb.Holding | None = None  # what a partial copy holds (None: the whole file)
         self.peer_manager = PeerManager(self)
         self.scheduler: Scheduler | None = None
         from .model.tokenizer import load_tokenizer
@@ -410,6 +413,7 @@ class Daemon:
         its own partial copy (which grows as it fetches)."""
         if self.fetcher is not None:
             self.pieces = PieceSource(await self.fetcher.open())
+            self._note_holding()
             self._out_of_plan_changed()
         elif self.spec.format == "gguf":
             self.pieces = PieceSource(self.cfg.model)
@@ -455,7 +459,27 @@ class Daemon:
     async def _fetch_range(self, rng: tuple[int, int]) -> None:
         """The pieces layers [start, end) need, from every live peer that may hold them."""
         self.fetcher.add_sources([m.info.address for m in self.membership.live_compatible() if m.info.id != self.id])
-        await self.fetcher.fetch(*rng)
+        self.fetch_progress = pb.FetchProgress(start=rng[0], end=rng[1],
+                                               total=sum(p.nbytes for p in self.fetcher.partial.missing(*rng)))
+        try:
+            await self.fetcher.fetch(*rng)
+        finally:
+            self.fetch_progress = None
+            self._note_holding()
+
+    def _fetched_bytes(self, done: int, total: int, rate: float) -> None:
+        if self.fetch_progress is not None:
+            self.fetch_progress.done, self.fetch_progress.total, self.fetch_progress.rate = done, total, rate
+
+    def _note_holding(self) -> None:
+        """What the partial copy holds, for health replies and this peer's own planning."""
+        partial, n = self.fetcher.partial, self.spec.n_layers
+
+        def ends_held(start: int, end: int) -> bool:  # the stage's pieces outside its layers: embedding, head
+            return not any(p.layer is None for p in partial.missing(start, end))
+
+        self.holding = pb.Holding(layers=partial.held_layers(), embed=ends_held(0, 1), head=ends_held(n - 1, n))
+        self.membership.members[self.id].holds = self.holding
 
     async def on_manage(self, req: pb.ManageRequest) -> pb.ManageReply:
         return await self.peer_manager.handle(req)
@@ -680,7 +704,7 @@ class Daemon:
                  if m.info.id != self.id and self.membership.is_live(m.info.id)]
         return pb.HealthReply(id=self.id, state=self.public_state, epoch=self.epoch, coordinator=self.coordinator(),
                               load_progress=self.load_progress, links=links, peers=peers, mem_used=_resident_bytes(),
-                              head=self._head_load())
+                              head=self._head_load(), holds=self.holding, fetch=self.fetch_progress)
 
     async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply:
         reason = coord.validate_proposal(req, self.spec, self.spec.fingerprint, self.epoch, self.coordinator())
@@ -900,6 +924,8 @@ class Daemon:
                 "mem_used": _resident_bytes() if me else (m.mem_used or None),  # from its last health reply
                 "mem_limit": int(m.info.caps.mem_bytes),  # what it offers the planner
                 "rtt_ms": round(rtt * 1e3, 3) if rtt is not None else None,  # this peer's measurement
+                "holds": _holding_json(self.holding if me else m.holds),
+                "fetch": _fetch_json(self.fetch_progress if me else m.fetch),
             })
         engine = self._engine_stats()
         return {
@@ -916,6 +942,27 @@ class Daemon:
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
             "backends": self.backends.rows(),  # this peer's gateway's external servers
         }
+
+
+def _holding_json(h: pb.Holding | None) -> dict | None:
+    """A partial copy's layers as ranges (None: the whole file)."""
+    if h is None:
+        return None
+    ranges, layers = [], sorted(set(h.layers))
+    for i in layers:
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return {"layers": ranges, "embed": h.embed, "head": h.head}
+
+
+def _fetch_json(f: pb.FetchProgress | None) -> dict | None:
+    if f is None:
+        return None
+    left = max(0, f.total - f.done)
+    return {"layers": [f.start, f.end], "done": f.done, "total": f.total, "mb_s": round(f.rate / 1e6, 2),
+            "eta_s": round(left / f.rate, 1) if f.rate > 0 else None}
 
 
 def _security(cfg: DaemonConfig) -> Security:

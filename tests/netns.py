@@ -219,6 +219,14 @@ class Hosts:
     def link_up(self, i: int) -> None:
         _ip("link", "set", self.veth(i), "up")
 
+    def shape(self, i: int, rate: str) -> None:
+        """Limit traffic towards host i to `rate` (tc's units: `16mbit`), like a slow Wi-Fi link."""
+        subprocess.run(["tc", "qdisc", "replace", "dev", self.veth(i), "root", "tbf", "rate", rate, "burst", "64kb",
+                        "latency", "100ms"], check=True, capture_output=True)
+
+    def unshape(self, i: int) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", self.veth(i), "root"], check=False, capture_output=True)
+
     # -- processes ----------------------------------------------------------------------------
 
     def popen(self, i: int, argv: Sequence[str], **kw) -> subprocess.Popen:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clusterutil import TEST_SECRET, client, join as join_host, wait_for_agreement
+from clusterutil import TEST_SECRET, client, join as join_host, status, wait_for_agreement
 from conftest import REPO, assert_one_line_error, llama_cpp_greedy, llama_cpp_model, run_cli, shared_model, stop_daemon
 from netns import hosts  # noqa: F401  (a fixture)
 
@@ -103,21 +103,34 @@ def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
     assert unreachable.returncode == 1 and "no peer serves the model" in unreachable.stderr.splitlines()[-1]
 
 
+def join_from_peers(hosts, i: int, tmp_path: Path):
+    return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", "--from-peers", "--peer", f"{hosts.addr(1)}:7700",
+                           "--model-cache", str(tmp_path / f"cache-{i}"), "--name", f"host{i}", "--strategy", "even",
+                           "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET])
+
+
+def peer_named(view: dict, name: str) -> dict:
+    return next(p for p in view["peers"] if p["name"] == name)
+
+
 def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, llama_cpp, tmp_path):
     """The issue's setting: namespace hosts, one holds the file, two start with --from-peers and
-    empty caches; all three serve within two minutes, and the 3-stage ring answers as llama.cpp."""
+    empty caches; all three serve within two minutes, and the 3-stage ring answers as llama.cpp.
+    Then a fourth host fetches over a slow link and the peer it fetches most from is killed
+    mid-fetch: the fetch finishes from the others and the ring answers the same."""
     model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     t0 = time.monotonic()
     join_host(hosts, 1, model)
-    for i in (2, 3):
-        hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", "--from-peers", "--peer", f"{hosts.addr(1)}:7700",
-                        "--model-cache", str(tmp_path / f"cache-{i}"), "--name", f"host{i}", "--strategy", "even",
-                        "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET])
+    fetchers = {i: join_from_peers(hosts, i, tmp_path) for i in (2, 3)}
     views = wait_for_agreement(hosts, [1, 2, 3], n_layers=30, timeout=120)
     assert time.monotonic() - t0 < 120 and all(p["layers"] for p in views[0]["peers"])
     for i in (2, 3):
         copy = next((tmp_path / f"cache-{i}").glob("*/*.gguf"))
         assert copy.stat().st_blocks * 512 < 0.9 * model.stat().st_size  # its share, not the file
+        me = peer_named(views[0], f"host{i}")
+        a, b = me["layers"]
+        assert any(h[0] <= a and b <= h[1] for h in me["holds"]["layers"]), me  # planned onto what it holds
+    assert peer_named(views[0], "host1")["holds"] is None  # the whole file
 
     llm = llama_cpp_model(llama_cpp, model, kv="f16")
     ids = llm.tokenize(b"The capital of France is", add_bos=False)
@@ -128,3 +141,29 @@ def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, lla
         got = client(hosts, i, {"kind": "complete", "model": model.name, "prompts": [ids], "max_tokens": 12})
         assert got[0]["text"] == want, (got, want)
     assert "fetched layers" in hosts.logs(tail=None)
+
+    # a fourth host behind a 16 Mbit/s link: its fetch takes seconds, long enough to kill a source
+    four = hosts.add_host()
+    hosts.shape(four, "16mbit")
+    newcomer = join_from_peers(hosts, four, tmp_path)
+    victim = None
+    deadline = time.monotonic() + 90
+    while victim is None and time.monotonic() < deadline:
+        view = status(hosts, four)
+        fetch = view and peer_named(view, f"host{four}")["fetch"]
+        if fetch and fetch["done"] > 0.1 * fetch["total"]:
+            a, b = fetch["layers"]  # the source holding most of what it fetches dies
+            victim = max((2, 3), key=lambda i: sum(max(0, min(b, h[1]) - max(a, h[0]))
+                                                   for h in peer_named(view, f"host{i}")["holds"]["layers"]))
+        time.sleep(0.2)
+    assert victim is not None, hosts.logs()
+    hosts.kill(fetchers[victim])
+    survivors = [1, 5 - victim, four]
+    hosts.unshape(four)
+    views = wait_for_agreement(hosts, survivors, n_layers=30, timeout=120)
+    assert len([p for p in views[0]["peers"] if p["layers"]]) == 3
+    log = Path(newcomer.log_path).read_text()
+    assert f"source {hosts.addr(victim)}:7700 failed while sending" in log, log[-3000:]
+    assert re.search(r"fetched layers \[\d+, \d+\): \d+ pieces", log), log[-3000:]
+    got = client(hosts, four, {"kind": "complete", "model": model.name, "prompts": [ids], "max_tokens": 12})
+    assert got[0]["text"] == want, (got, want)

@@ -13,7 +13,7 @@ import logging
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from .membership import Member, Membership
-from .planner import Links, PeerCaps, Plan, PlanOptions, plan, should_replace
+from .planner import Held, Links, PeerCaps, Plan, PlanOptions, plan, should_replace
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def peer_caps(member: Member) -> PeerCaps:
         flops=max(float(c.flops), 1.0),
         mem_bw=max(float(c.mem_bw), 1.0),
         net_bw=float(c.net_bw) if c.net_bw > 0 else 125e6,  # unmeasured: assume 1 Gbit/s
+        held=None if member.holds is None else
+        Held(frozenset(member.holds.layers), bool(member.holds.embed), bool(member.holds.head)),
     )
 
 

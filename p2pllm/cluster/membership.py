@@ -37,6 +37,8 @@ class Member:
     lost_at: float = 0.0  # when it was marked lost
     mem_used: int = 0  # its resident bytes, from its last health reply
     head: pb.HeadLoad | None = None  # the ring's load, when it is the head (coordinator)
+    holds: pb.Holding | None = None  # what its partial copy holds (--from-peers); None: the whole file
+    fetch: pb.FetchProgress | None = None  # its fetch from peers, while one runs
 
     @property
     def compatible(self) -> bool:
@@ -90,6 +92,8 @@ class Membership:
             member.links = {link.peer_id: (link.rtt_s, link.bw) for link in reply.links}
             member.mem_used = reply.mem_used
             member.head = reply.head if reply.HasField("head") else None
+            member.holds = reply.holds if reply.HasField("holds") else None
+            member.fetch = reply.fetch if reply.HasField("fetch") else None
         if not was_live:
             log.info("peer %s (%s) is answering again", member.info.name, peer_id[:8])
             self._changed()

@@ -23,9 +23,9 @@ from ..model.kvcache import kv_bytes_per_value
 from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
 from ..model.store import ModelRefError, resolve_model
 from .capability import parse_duration, parse_rate, parse_size, probe
-from .planner import GiB, OBJECTIVES, STRATEGIES, PeerCaps, Plan, PlanOptions, plan
+from .planner import GiB, OBJECTIVES, STRATEGIES, Held, PeerCaps, Plan, PlanOptions, plan
 
-DEVICE_KEYS = ("name", "mem", "tflops", "flops", "bw", "net", "rtt")
+DEVICE_KEYS = ("name", "mem", "tflops", "flops", "bw", "net", "rtt", "held")
 DEFAULT_NET = "1Gbps"
 DEFAULT_RTT = "1ms"
 DISCOVER_SECONDS = 3.0
@@ -43,7 +43,9 @@ def add_plan_parser(subparsers) -> None:
                         "or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
     p.add_argument("--device", action="append", default=[], metavar="name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps",
                    help="a peer: mem (usable memory), tflops (or flops=4TFLOPS), bw (memory bandwidth), "
-                        f"net (link, default {DEFAULT_NET}), rtt (to the switch, default {DEFAULT_RTT}); repeatable")
+                        f"net (link, default {DEFAULT_NET}), rtt (to the switch, default {DEFAULT_RTT}), "
+                        "held (layers a --from-peers copy holds: none or 0:10+20:end; default the whole file); "
+                        "repeatable")
     p.add_argument("--discover", action="store_true",
                    help="plan for this machine (measured) and the p2pllm peers announced on its network (mDNS)")
     p.add_argument("--max-memory", metavar="SIZE", help="with --discover: cap this machine's memory, e.g. 8GiB")
@@ -72,8 +74,8 @@ def plan_model(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{e}{also}") from None
 
 
-def parse_device(text: str, index: int) -> PeerCaps:
-    """PeerCaps from 'name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps[,rtt=2ms]'."""
+def parse_device(text: str, index: int, n_layers: int) -> PeerCaps:
+    """PeerCaps from 'name=a,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps[,rtt=2ms][,held=0:10]'."""
     fields: dict[str, str] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
@@ -110,7 +112,30 @@ def parse_device(text: str, index: int) -> PeerCaps:
         if not value > 0:
             raise UsageError(f"--device {text}: {key} must be positive")
     rtt = parse_duration(fields.get("rtt", DEFAULT_RTT))
-    return PeerCaps(name, name, values["mem"], values["flops"], values["bw"], values["net"], rtt)
+    held = parse_held(fields["held"], text, n_layers) if "held" in fields else None
+    return PeerCaps(name, name, values["mem"], values["flops"], values["bw"], values["net"], rtt, held)
+
+
+def parse_held(value: str, text: str, n_layers: int) -> Held:
+    """held=none | held=A:B[+C:D...]: what a `join --from-peers` peer's copy holds (default: the
+    whole file). A range holds what a stage of it needs: the embedding when it starts at 0, the
+    final norm and output head when it ends at the model's last layer (B = n_layers or `end`)."""
+    if value == "none":
+        return Held()
+    layers: set[int] = set()
+    embed = head = False
+    for part in value.split("+"):
+        a, sep, b = part.partition(":")
+        try:
+            start, end = int(a), (n_layers if b == "end" else int(b))
+        except ValueError:
+            start = end = -1
+        if not sep or not 0 <= start < end <= n_layers:
+            raise UsageError(f"--device {text}: held must be none or START:END ranges within the model's "
+                             f"{n_layers} layers joined by +, got {part!r}")
+        embed, head = embed or start == 0, head or end == n_layers
+        layers.update(range(start, end))
+    return Held(frozenset(layers), embed, head)
 
 
 def cmd_plan(args) -> int:
@@ -122,7 +147,7 @@ def cmd_plan(args) -> int:
     for flag in ("max_memory", "interface", "cluster"):
         if getattr(args, flag) is not None and not args.discover:
             raise UsageError(f"--{flag.replace('_', '-')} applies to --discover")
-    peers = [parse_device(text, i) for i, text in enumerate(args.device)]
+    peers = [parse_device(text, i, spec.n_layers) for i, text in enumerate(args.device)]
     notes = []
     if args.discover:
         discovered, note = discover_peers(args, {p.id for p in peers})
@@ -230,6 +255,20 @@ def prediction_line(plan: dict, names: dict[str, str] | None = None) -> str:
     return text
 
 
+def fetch_lines(plan: dict, names: dict[str, str] | None = None) -> list[str]:
+    """What peers holding part of the model (`join --from-peers`) must fetch before the plan can
+    run: bytes and seconds at their link's bandwidth, per stage that needs any."""
+    lines = []
+    for s in plan["stages"]:
+        fetch = s.get("fetch") or {}
+        if fetch.get("bytes"):
+            seconds = fetch.get("seconds")
+            lines.append(f"fetch before serving: {(names or {}).get(s['peer'], s['name'] or s['peer'])} lacks "
+                         f"{fetch['bytes'] / 2**20:.1f} MiB for layers [{s['layers'][0]}, {s['layers'][1]})"
+                         + (f", ~{seconds:.1f} s at its link's speed" if seconds else ""))
+    return lines
+
+
 def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> str:
     """The human-readable table `p2pllm plan` prints."""
     dtype = options.dtype or (f"the file's own encodings (mostly {spec.file_dtype})" if spec.format == "gguf"
@@ -264,6 +303,7 @@ def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> s
             lines.append(f"hop {h.src} -> {h.dst} ({h.payload}): {h.ms:.2f} ms{mark}")
     if result.feasible:
         lines.append(prediction_line(result.to_json()))
+        lines += fetch_lines(result.to_json())
     else:
         lines.append(f"cannot fit: {result.reason}")
     for peer, why in result.excluded:
@@ -271,4 +311,4 @@ def format_plan(spec: ModelSpec, peers, result: Plan, options: PlanOptions) -> s
     return "\n".join(lines)
 
 
-__all__ = ["add_plan_parser", "cmd_plan", "format_plan", "parse_device", "prediction_line"]
+__all__ = ["add_plan_parser", "cmd_plan", "fetch_lines", "format_plan", "parse_device", "prediction_line"]

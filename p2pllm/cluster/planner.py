@@ -19,6 +19,7 @@ the cost model and the search; the short version:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -41,6 +42,16 @@ _FLOAT_DTYPES = ("f32", "f16", "bf16")
 
 
 @dataclass(frozen=True)
+class Held:
+    """The parts of the model a peer's disk holds when it has a partial copy (docs/fetch.md)."""
+
+    layers: frozenset[int] = frozenset()
+    embed: bool = False  # the token embedding
+    head: bool = False  # what the last stage needs beyond its layers: the final norm, the output head
+    #                    (which is the embedding when tied)
+
+
+@dataclass(frozen=True)
 class PeerCaps:
     """What one peer can do, as measured (cluster/capability.py) or declared (`p2pllm plan`)."""
 
@@ -51,6 +62,7 @@ class PeerCaps:
     mem_bw: float  # bytes/s the weights stream at (GEMV)
     net_bw: float  # bytes/s of the peer's network link
     rtt_s: float = 0.0  # round trip from the peer to the LAN's switch / access point
+    held: Held | None = None  # what its partial copy holds (`join --from-peers`); None: the whole file
 
     def __post_init__(self):
         for name in ("mem_bytes", "flops", "mem_bw", "net_bw", "rtt_s"):
@@ -115,6 +127,7 @@ class PlanOptions:
     margin_bytes: int = 256 * MiB  # per process: interpreter, torch runtime, allocator slack
     margin_fraction: float = 0.05  # of weights + kv + buffers, for allocator fragmentation
     hysteresis: float = 0.10
+    fetch_tolerance: float = 0.05  # a plan this much slower is taken if its peers fetch less (--from-peers)
     wire_dtype_bytes: int = 2  # activations travel as f16/bf16
     token_id_bytes: int = 4
     exhaustive_limit: int = 8  # exact search over all subsets and orders up to this many peers
@@ -133,8 +146,9 @@ class PlanOptions:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.prefix_cache < 0:
             raise UsageError(f"prefix_cache must be non-negative, got {self.prefix_cache}")
-        if self.margin_bytes < 0 or self.margin_fraction < 0 or self.hysteresis < 0 or self.token_id_bytes < 0:
-            raise UsageError("margin, hysteresis and token id size must be non-negative")
+        if self.margin_bytes < 0 or self.margin_fraction < 0 or self.hysteresis < 0 or self.token_id_bytes < 0 \
+                or self.fetch_tolerance < 0:
+            raise UsageError("margin, hysteresis, fetch tolerance and token id size must be non-negative")
         if self.exhaustive_limit < 0:
             raise UsageError("exhaustive_limit must be non-negative")
 
@@ -173,6 +187,8 @@ class Stage:
     memory: StageMemory
     ms_per_token: float  # this stage's compute time per decode step
     name: str = ""
+    fetch_bytes: int = 0  # what its peer must fetch from others before it can load the stage
+    fetch_s: float = 0.0  # that over the peer's link bandwidth
 
     @property
     def n_layers(self) -> int:
@@ -204,6 +220,15 @@ class Plan:
     bottleneck_ms: float | None = None
     micro_batches: int | None = None  # in flight needed to reach tokens_per_s_pipelined
     batch: int = 1
+
+    @property
+    def fetch_s(self) -> float:
+        """Seconds until every stage's bytes are on its peer's disk (the fetches run in parallel)."""
+        return max((s.fetch_s for s in self.stages), default=0.0)
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(s.fetch_bytes for s in self.stages)
 
     @property
     def objective_ms(self) -> float:
@@ -239,6 +264,7 @@ class Plan:
                     "layers": [s.start, s.end],
                     "memory": s.memory.to_json(),
                     "ms_per_token": num(s.ms_per_token),
+                    "fetch": {"bytes": s.fetch_bytes, "seconds": num(s.fetch_s)},
                 }
                 for s in self.stages
             ],
@@ -251,6 +277,7 @@ class Plan:
             "bottleneck": self.bottleneck,
             "hops": [{"from": h.src, "to": h.dst, "ms": num(h.ms), "payload": h.payload} for h in self.hops],
             "micro_batches": self.micro_batches,
+            "fetch": {"bytes": self.fetch_bytes, "seconds": num(self.fetch_s)},
             "unused_peers": [{"peer": p, "reason": r} for p, r in self.excluded],
         }
 
@@ -357,6 +384,24 @@ def _token_bytes(options: PlanOptions) -> int:
     return options.batch * options.token_id_bytes
 
 
+def fetch_bytes(spec: ModelSpec, held: Held | None, start: int, end: int) -> int:
+    """Bytes (as stored in the file) a peer holding `held` lacks for a stage of layers [start, end)."""
+    if held is None:
+        return 0
+    sizes = spec.layer_sizes if len(spec.layer_sizes) == spec.n_layers else (spec.layer_bytes,) * spec.n_layers
+    total = sum(sizes[i] for i in range(start, end) if i not in held.layers)
+    first, last = start == 0, end == spec.n_layers
+    if first and not held.embed:
+        total += spec.embedding_bytes
+    if last and not held.head:
+        total += spec.norm_bytes
+        if not spec.tied_embeddings:
+            total += spec.head_bytes
+        elif not (first or held.embed):
+            total += spec.embedding_bytes  # a tied head is the embedding
+    return total
+
+
 def hop(links: Links, a: PeerCaps, b: PeerCaps, nbytes: int, payload: str) -> Hop:
     link = links.get(a, b)
     busy = _INF if link.bw <= 0 else 1000.0 * nbytes / link.bw
@@ -403,7 +448,9 @@ def evaluate(
     for pid, start, end in assignment:
         p = by_id[pid]
         mem = stage_memory(spec, start, end, options, p.mem_bytes)
-        stages.append(Stage(pid, start, end, mem, stage_ms(spec, p, start, end, options), p.name))
+        fetch = fetch_bytes(spec, p.held, start, end)
+        stages.append(Stage(pid, start, end, mem, stage_ms(spec, p, start, end, options), p.name,
+                            fetch, fetch / p.net_bw if fetch and p.net_bw > 0 else 0.0))
     hops: list[Hop] = []
     for s, t in zip(stages, stages[1:]):
         hops.append(hop(links, by_id[s.peer], by_id[t.peer], _activation_bytes(spec, options), "activation"))
@@ -757,10 +804,54 @@ def plan(spec: ModelSpec, peers: Sequence[PeerCaps], links: Links | None = None,
     if len(set(ids)) != len(ids):
         raise UsageError("peer ids must be unique")
     if options.strategy == "proportional":
-        return _proportional(spec, peers, links, options)
-    if options.strategy == "even":
-        return _even(spec, peers, links, options)
-    return _optimal(spec, peers, links, options)
+        chosen = _proportional(spec, peers, links, options)
+    elif options.strategy == "even":
+        chosen = _even(spec, peers, links, options)
+    else:
+        chosen = _optimal(spec, peers, links, options)
+    return _prefer_held(spec, peers, links, options, chosen)
+
+
+def _prefer_held(spec, peers, links, options, chosen: Plan) -> Plan:
+    """The same layer ranges with the peers permuted so that the least has to be fetched first
+    (peers that joined with --from-peers hold only some layers): among permutations that stay
+    feasible and within `options.fetch_tolerance` of the chosen plan's cost, the one whose slowest
+    fetch ends first, then the fewest bytes, then the cheapest. Exhaustive up to 5 stages, pairwise
+    swaps beyond."""
+    if not chosen.feasible or chosen.fetch_bytes == 0 or len(chosen.stages) < 2:
+        return chosen
+    ranges = [(s.start, s.end) for s in chosen.stages]
+    ids = [s.peer for s in chosen.stages]
+    limit = chosen.objective_ms * (1.0 + options.fetch_tolerance)
+    excluded = chosen.excluded
+
+    def price(order) -> Plan:
+        return evaluate(spec, peers, [(pid, a, b) for pid, (a, b) in zip(order, ranges)], links, options,
+                        chosen.strategy, excluded)
+
+    def rank(p: Plan):
+        return (round(p.fetch_s, 3), p.fetch_bytes, p.objective_ms)
+
+    def acceptable(p: Plan) -> bool:
+        return p.feasible and p.objective_ms <= limit
+
+    best = chosen
+    if len(ids) <= 5:
+        for order in itertools.permutations(ids):
+            p = price(order)
+            if acceptable(p) and rank(p) < rank(best):
+                best = p
+        return best
+    order, improved = list(ids), True
+    while improved:
+        improved = False
+        for i, j in itertools.combinations(range(len(order)), 2):
+            trial = order.copy()
+            trial[i], trial[j] = trial[j], trial[i]
+            p = price(trial)
+            if acceptable(p) and rank(p) < rank(best):
+                best, order, improved = p, trial, True
+    return best
 
 
 def _optimal(spec, peers, links, options) -> Plan:
@@ -956,6 +1047,7 @@ def should_replace(current: Plan | None, candidate: Plan, hysteresis: float = 0.
 
 __all__ = [
     "GiB",
+    "Held",
     "Hop",
     "Link",
     "Links",
@@ -965,6 +1057,7 @@ __all__ = [
     "Stage",
     "StageMemory",
     "evaluate",
+    "fetch_bytes",
     "peers_needed",
     "plan",
     "shortfall",

@@ -89,7 +89,7 @@ class LinkStats(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bw: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links", "peers", "mem_used", "head")
+    __slots__ = ("id", "state", "epoch", "coordinator", "load_progress", "links", "peers", "mem_used", "head", "holds", "fetch")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class HealthReply(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     MEM_USED_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     epoch: int
@@ -108,7 +110,33 @@ class HealthReply(_message.Message):
     peers: _containers.RepeatedScalarFieldContainer[str]
     mem_used: int
     head: HeadLoad
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., mem_used: _Optional[int] = ..., head: _Optional[_Union[HeadLoad, _Mapping]] = ...) -> None: ...
+    holds: Holding
+    fetch: FetchProgress
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., load_progress: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., peers: _Optional[_Iterable[str]] = ..., mem_used: _Optional[int] = ..., head: _Optional[_Union[HeadLoad, _Mapping]] = ..., holds: _Optional[_Union[Holding, _Mapping]] = ..., fetch: _Optional[_Union[FetchProgress, _Mapping]] = ...) -> None: ...
+
+class FetchProgress(_message.Message):
+    __slots__ = ("start", "end", "done", "total", "rate")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    done: int
+    total: int
+    rate: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., rate: _Optional[float] = ...) -> None: ...
+
+class Holding(_message.Message):
+    __slots__ = ("layers", "embed", "head")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    embed: bool
+    head: bool
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class HeadLoad(_message.Message):
     __slots__ = ("queued", "running", "tokens_generated")
