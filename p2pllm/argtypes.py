@@ -73,6 +73,31 @@ def model_ref(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class PeerModel(str):
+    """`join --model NAME` where NAME is no model here and no path: the cluster's peers may serve
+    it (cluster/model_sources.py). `local_error` says why it is not a local model."""
+
+    local_error: str
+
+    def __new__(cls, name: str, local_error: str):
+        s = super().__new__(cls, name)
+        s.local_error = local_error
+        return s
+
+
+def model_ref_or_peer_model(text: str) -> str:
+    """join's --model: model_ref, else (a name, not a path, found nowhere here) a PeerModel."""
+    from .cluster.model_sources import looks_like_a_path
+    from .model.store import ModelRefError, resolve_model
+
+    try:
+        return resolve_model(text)
+    except ModelRefError as e:
+        if e.not_found and not looks_like_a_path(text):
+            return PeerModel(text, str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cache_entries(text: str) -> int:
     """--response-cache: how many answers the gateway keeps; 'off' (or 0) for none."""
     if text.strip().lower() == "off":

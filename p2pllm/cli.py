@@ -11,7 +11,7 @@ import time
 
 from . import __version__
 from .argparser import Parser
-from .argtypes import host_port, model_ref, non_negative_int, port, positive_int, seconds
+from .argtypes import PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int, seconds
 from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -275,8 +275,9 @@ def cmd_join(args) -> int:
     response_cache = _response_cache(args)
     backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
-    if args.from_peers:
-        args.model = _model_from_peers(args)
+    sources = []
+    if args.from_peers or isinstance(args.model, PeerModel):
+        args.model, sources = _model_from_peers(args)
     spec = read_spec(args.model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     state_dir = _check_history(args)
@@ -294,7 +295,7 @@ def cmd_join(args) -> int:
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
         state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
-        fetch_from=list(args.peer or []) if args.from_peers else [], model_cache=args.model_cache,
+        fetch_from=sources, model_cache=args.model_cache,
     )
     if args.name:
         cfg.name = args.name
@@ -303,19 +304,32 @@ def cmd_join(args) -> int:
     return 0
 
 
-def _model_from_peers(args) -> str:
-    """--from-peers: the model's header from the --peer addresses into a partial copy in the cache
-    (its layers come once the peer knows which it will hold); the copy's path."""
+def _model_from_peers(args) -> tuple[str, list[str]]:
+    """--from-peers (or --model NAME that only peers have): the model's header from the --peer
+    addresses or the cluster's peers found by mDNS into a partial copy in the cache (its layers come
+    once the peer knows which it will hold); the copy's path and the peers to fetch from."""
     import asyncio
 
     from .cluster.fetch import learn_model
-    from .errors import UsageError
+    from .cluster.model_sources import find_sources
+    from .errors import P2PError
     from .transport.security import resolve_secret, security_for
 
-    if not args.peer:
-        raise UsageError("--from-peers needs --peer HOST:PORT: a peer to learn the model from and fetch layers from")
+    name = args.model if isinstance(args.model, PeerModel) else None
     security = security_for(resolve_secret(args.cluster, args.secret, args.insecure, create=False))
-    return str(asyncio.run(learn_model(args.peer, security, args.model_cache)))
+
+    async def learn():
+        try:
+            found = await find_sources(security, peers=args.peer or (), cluster=args.cluster, mdns=not args.no_mdns,
+                                       interface=args.interface, name=name)
+        except P2PError as e:
+            if name is None:
+                raise
+            raise type(e)(f"{name.local_error}; {e}") from None  # why not here, then why not from peers
+        log.info("learning the model from %s (%s)", ", ".join(found.addresses), found.how)
+        return str(await learn_model(found.addresses, security, args.model_cache)), found.addresses
+
+    return asyncio.run(learn())
 
 
 def _add_history_flags(p) -> None:
@@ -408,12 +422,13 @@ def _add_join(sub) -> None:
     p = sub.add_parser("join", help="run a peer daemon in the foreground",
                        description="Start a peer: find the others, agree on a plan, serve its layers.")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=model_ref, metavar="PATH|NAME",
+    source.add_argument("--model", type=model_ref_or_peer_model, metavar="PATH|NAME",
                         help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache "
-                             "(p2pllm models)")
+                             "(p2pllm models); a NAME found nowhere here is fetched from the cluster's peers that serve "
+                             "it (its name, file name or fingerprint), as with --from-peers")
     source.add_argument("--from-peers", action="store_true",
-                        help="no model file here: learn the cluster's GGUF model from the --peer addresses and fetch "
-                             "only the layers this peer will hold, verified (docs/fetch.md)")
+                        help="no model file here: learn the cluster's model from its peers (--peer, else mDNS) and "
+                             "fetch only the layers this peer will hold, verified (docs/fetch.md)")
     p.add_argument("--model-cache", default=None, metavar="DIR",
                    help="where --from-peers keeps what it fetched (default ~/.cache/p2pllm/models; reused next time)")
     p.add_argument("--port", type=port, default=7700, help="gRPC port (default 7700)")

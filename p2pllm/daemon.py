@@ -31,6 +31,7 @@ from .errors import P2PError
 from .gateway.backends import BackendPool
 from .model.backends import choose_backend, held_dtype, stage_kv_dtype
 from .model.kvcache import kv_bytes_per_value
+from .model.pieces import layer_ranges
 from .model.spec import read_spec
 from .proto import p2pllm_pb2 as pb
 from .runtime.api import EngineStats
@@ -409,23 +410,28 @@ class Daemon:
 
     # ------------------------------------------------------------------ model pieces (--from-peers)
     async def _open_pieces(self) -> None:
-        """What this peer serves to peers that fetch their layers: its GGUF file, or the pieces of
-        its own partial copy (which grows as it fetches)."""
+        """What this peer serves to peers that fetch their layers: its GGUF file or Hugging Face folder,
+        or the pieces of its own partial copy (which grows as it fetches)."""
         if self.fetcher is not None:
             self.pieces = PieceSource(await self.fetcher.open())
             self._note_holding()
             self._out_of_plan_changed()
         elif self.spec.format == "gguf":
             self.pieces = PieceSource(self.cfg.model)
+        elif self.spec.format == "hf":
+            try:
+                self.pieces = PieceSource(self.cfg.model)
+            except (P2PError, OSError) as e:  # a folder it cannot cut into pieces still runs; it serves none
+                log.warning("this peer serves no model pieces to --from-peers peers: %s", e)
 
     async def on_manifest(self, req: pb.ManifestRequest) -> pb.Manifest:
         if self.pieces is None:
-            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer's model is not a GGUF file; it serves no pieces")
+            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer serves no model pieces")
         return await self.pieces.on_manifest(req)
 
     async def on_fetch_piece(self, req: pb.FetchPieceRequest):
         if self.pieces is None:
-            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer's model is not a GGUF file; it serves no pieces")
+            raise RpcRefused(grpc.StatusCode.UNIMPLEMENTED, "this peer serves no model pieces")
         async for chunk in self.pieces.on_fetch_piece(req):
             yield chunk
 
@@ -948,13 +954,7 @@ def _holding_json(h: pb.Holding | None) -> dict | None:
     """A partial copy's layers as ranges (None: the whole file)."""
     if h is None:
         return None
-    ranges, layers = [], sorted(set(h.layers))
-    for i in layers:
-        if ranges and ranges[-1][1] == i:
-            ranges[-1][1] = i + 1
-        else:
-            ranges.append([i, i + 1])
-    return {"layers": ranges, "embed": h.embed, "head": h.head}
+    return {"layers": [list(r) for r in layer_ranges(sorted(set(h.layers)))], "embed": h.embed, "head": h.head}
 
 
 def _fetch_json(f: pb.FetchProgress | None) -> dict | None:

@@ -190,7 +190,10 @@ def test_a_hostile_manifest_is_refused_in_words(model):
         (lambda m: setattr(m, "size", m.size + 7), "the pieces end at byte"),
         (lambda m: setattr(m.pieces[5], "sha256", "zz"), "sha256"),
         (lambda m: setattr(m.pieces[5], "layer", 4), "claims layer"),
-        (lambda m: setattr(m, "format", "hf"), "GGUF files only"),
+        (lambda m: setattr(m, "format", "ggml"), "GGUF files and Hugging Face folders"),
+        (lambda m: setattr(m, "format", "hf"), "0 files"),  # a folder needs its file list
+        (lambda m: setattr(m.pieces[4], "file", "x.safetensors"), "lies in another file"),
+        (lambda m: m.files.add(name="config.json", size=3), "several files"),
     ]
     assert parse_manifest(good, "peer:1").layout == source.layout
     for change, needle in cases:

@@ -61,6 +61,10 @@ def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_pat
     try:
         wait_stages(OWNER[1], 1, [owner], [tmp_path / "owner.log"])
         alone = answer(OWNER[1])
+        other = run_cli("join", "--model", "another-model", "--peer", f"127.0.0.1:{OWNER[0]}", "--secret", SECRET,
+                        "--model-cache", str(cache))  # the peer answers, with another model: no wait
+        assert_one_line_error(other, 2, "no model 'another-model' here or on the cluster's peers (they serve ")
+        assert model.name in other.stderr
 
         fetcher = join(tmp_path, "fetcher", FETCHER, "--from-peers", "--peer", f"127.0.0.1:{OWNER[0]}",
                        "--model-cache", str(cache))
@@ -94,7 +98,13 @@ def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_pat
 
 
 def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
-    assert_one_line_error(run_cli("join", "--from-peers", "--insecure"), 2, "--from-peers needs --peer")
+    assert_one_line_error(run_cli("join", "--from-peers", "--insecure", "--no-mdns"), 2, "with --no-mdns, give --peer")
+    # a name found nowhere here is asked of peers: the line says both why not here and why not there
+    nowhere = run_cli("join", "--model", "no-such-model", "--insecure", "--no-mdns")
+    assert_one_line_error(nowhere, 2, "no model 'no-such-model'")
+    assert "give --peer" in nowhere.stderr
+    path = run_cli("join", "--model", "./no-such-file.gguf", "--insecure")  # a path is never asked of peers
+    assert path.returncode == 2 and "no file or folder" in path.stderr.splitlines()[-1]
     both = run_cli("join", "--from-peers", "--model", str(Path(REPO) / "pyproject.toml"))  # argparse: usage, then the line
     assert both.returncode == 2 and "not allowed with argument --from-peers" in both.stderr.splitlines()[-1]
     monkeypatch.setenv("P2PLLM_FROM_PEERS_WAIT", "2")  # how long it waits for a peer to serve the model
@@ -103,8 +113,9 @@ def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
     assert unreachable.returncode == 1 and "no peer serves the model" in unreachable.stderr.splitlines()[-1]
 
 
-def join_from_peers(hosts, i: int, tmp_path: Path):
-    return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", "--from-peers", "--peer", f"{hosts.addr(1)}:7700",
+def join_from_peers(hosts, i: int, tmp_path: Path, *source: str):
+    """A host with an empty cache that learns the model from peers (`source`: how it finds them)."""
+    return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", *source,
                            "--model-cache", str(tmp_path / f"cache-{i}"), "--name", f"host{i}", "--strategy", "even",
                            "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET])
 
@@ -114,14 +125,17 @@ def peer_named(view: dict, name: str) -> dict:
 
 
 def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, llama_cpp, tmp_path):
-    """The issue's setting: namespace hosts, one holds the file, two start with --from-peers and
-    empty caches; all three serve within two minutes, and the 3-stage ring answers as llama.cpp.
+    """The issue's setting: namespace hosts, one holds the file, two start without it and with
+    empty caches (one `--from-peers`, one `--model NAME`, both finding peers by mDNS); all three
+    serve within two minutes, and the 3-stage ring answers as llama.cpp.
     Then a fourth host fetches over a slow link and the peer it fetches most from is killed
     mid-fetch: the fetch finishes from the others and the ring answers the same."""
     model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     t0 = time.monotonic()
     join_host(hosts, 1, model)
-    fetchers = {i: join_from_peers(hosts, i, tmp_path) for i in (2, 3)}
+    # host2 finds its peers by mDNS; host3 names the model (its file's stem), which no file here has
+    fetchers = {2: join_from_peers(hosts, 2, tmp_path, "--from-peers"),
+                3: join_from_peers(hosts, 3, tmp_path, "--model", model.stem)}
     views = wait_for_agreement(hosts, [1, 2, 3], n_layers=30, timeout=120)
     assert time.monotonic() - t0 < 120 and all(p["layers"] for p in views[0]["peers"])
     for i in (2, 3):
@@ -145,7 +159,7 @@ def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, lla
     # a fourth host behind a 16 Mbit/s link: its fetch takes seconds, long enough to kill a source
     four = hosts.add_host()
     hosts.shape(four, "16mbit")
-    newcomer = join_from_peers(hosts, four, tmp_path)
+    newcomer = join_from_peers(hosts, four, tmp_path, "--from-peers", "--peer", f"{hosts.addr(1)}:7700")
     victim = None
     deadline = time.monotonic() + 90
     while victim is None and time.monotonic() < deadline:

@@ -2,18 +2,20 @@
 
 Two sides over the cluster's authenticated gRPC channel (docs/fetch.md):
 
-- `PieceSource` serves a model file (or a partial copy: only the pieces it holds) to other peers:
+- `PieceSource` serves a model (a GGUF file or a Hugging Face folder, or a partial copy of one: only
+  the pieces it holds) to other peers:
   its manifest (`ModelManifest`) and one piece's bytes in chunks of at most 1 MiB (`FetchPiece`),
   at most `max_streams` streams at once (RESOURCE_EXHAUSTED beyond, so the fetcher asks another
   peer). A piece's SHA-256 is computed on its first request, in a thread, and kept.
 - `ModelFetcher` assembles a `PartialModel` (model/pieces.py) from several sources: the header
-  first (its tensor table must describe exactly the layout the manifests announced), then the
+  pieces first (a folder: its small files and shard headers; the tensor tables they give must
+  describe exactly the layout the manifests announced), then the
   pieces a layer range needs, spread over the sources (least loaded first), each streamed, written
   at its offset, hashed as it arrives, checked, then journaled. A source that is busy, dies, sends
   garbage or bytes whose hash does not match is logged by address and the piece is fetched from
   another; every source failing a piece is one FetchError naming the piece.
 
-Every size and offset from the network is checked before use; nothing is unpickled.
+Every size, offset and file name from the network is checked before use; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ from ..model.pieces import (
     PartialModel,
     Piece,
     default_cache_root,
+    header_name,
+    hf_file_allowed,
     is_partial,
     layer_of,
+    model_root,
     pieces_of,
     safe_file_name,
     safe_fingerprint,
     sha256_of,
 )
 from ..proto import p2pllm_pb2 as pb
+from .model_sources import from_peers_wait
 from ..transport.server import RpcRefused
 
 log = logging.getLogger(__name__)
@@ -56,12 +62,12 @@ READ_BLOCK = 8 << 20  # a source reads this much per thread hop
 MAX_FILE_BYTES = 1 << 50
 MAX_PIECES = 1_000_000
 MAX_NAME = 1024
+MAX_FILES = 100_000  # files of a folder in one manifest
 LOG_INTERVAL = 2.0  # seconds between two progress lines
 BAD_LIMIT = 3  # a source that sent bad data for this many pieces is dropped from the fetch
 BUSY_BACKOFF = (0.05, 2.0)  # seconds before asking a busy source again: first, most
 MIN_HASH_RATE = 20e6  # bytes/s a source hashes at least (the wait for a big piece's first chunk)
 
-FROM_PEERS_WAIT = 60.0  # seconds `join --from-peers` waits for a peer to serve the model (P2PLLM_FROM_PEERS_WAIT)
 Progress = Callable[[int, int, float], None]  # (bytes done, bytes total, bytes per second)
 
 
@@ -87,55 +93,113 @@ def manifest_message(layout: ModelPieces, hashes: dict[str, str], held) -> pb.Ma
         model_name=layout.name, fingerprint=layout.fingerprint, format=layout.format, file_name=layout.file_name,
         size=layout.size, n_layers=layout.n_layers,
         pieces=[pb.ModelPiece(name=p.name, offset=p.offset, nbytes=p.nbytes, layer=-1 if p.layer is None else p.layer,
-                              sha256=hashes.get(p.name, ""), held=p.name in held) for p in layout.pieces])
+                              sha256=hashes.get(p.name, ""), held=p.name in held, file=p.file) for p in layout.pieces],
+        files=[pb.ManifestFile(name=name, size=size) for name, size in layout.files])
 
 
 def parse_manifest(msg: pb.Manifest, address: str) -> SourceManifest:
-    """A manifest from the network, every field checked: the pieces tile the file exactly."""
+    """A manifest from the network, every field checked: the pieces tile the file (a folder: each of
+    its files, named in `files`, plain names p2pllm reads) exactly."""
 
     def bad(why: str) -> FetchError:
         return FetchError(f"{address} sent a malformed model manifest: {why}")
 
-    if msg.format != "gguf":
-        raise FetchError(f"{address} serves a {msg.format or 'unnamed'}-format model; fetching from peers supports "
-                         f"GGUF files only")
+    if msg.format not in ("gguf", "hf"):
+        raise FetchError(f"{address} serves a {msg.format[:40] or 'unnamed'}-format model; fetching from peers "
+                         f"supports GGUF files and Hugging Face folders (gguf, hf)")
+    folder = msg.format == "hf"
     if not safe_fingerprint(msg.fingerprint):
         raise bad(f"fingerprint {msg.fingerprint[:80]!r}")
     if not safe_file_name(msg.file_name):
-        raise bad(f"file name {msg.file_name[:80]!r}")
+        raise bad(f"{'folder' if folder else 'file'} name {msg.file_name[:80]!r}")
     if len(msg.model_name) > MAX_NAME:
         raise bad("a model name of more than 1024 characters")
     if not 0 < msg.size <= MAX_FILE_BYTES:
-        raise bad(f"file size {msg.size}")
+        raise bad(f"{'folder' if folder else 'file'} size {msg.size}")
     if not 0 < msg.n_layers <= 1_000_000:
         raise bad(f"{msg.n_layers} layers")
     if not 0 < len(msg.pieces) <= MAX_PIECES:
         raise bad(f"{len(msg.pieces)} pieces")
-    pieces, hashes, held, pos = [], {}, set(), 0
+    files = _parse_files(msg, bad) if folder else []
+    if not folder and msg.files:
+        raise bad("a GGUF model announced as several files")
+    sizes = dict(files)
+    order = iter(files)
+    pieces, hashes, held = [], {}, set()
+    file, pos, end = "", 0, msg.size  # the file being tiled, where the next piece starts, where the file ends
     for i, p in enumerate(msg.pieces):
-        if not 0 < len(p.name) <= MAX_NAME or (i == 0) != (p.name == HEADER):
+        if not 0 < len(p.name) <= MAX_NAME:
             raise bad(f"piece {i} is named {p.name[:80]!r}")
-        if p.offset != pos or p.nbytes == 0:
+        if folder:
+            if p.file != file:  # the next file begins: the previous one must be tiled to its end
+                if file and pos != end:
+                    raise bad(f"the pieces of {file} end at byte {pos}, the file at {end}")
+                if p.file not in sizes:
+                    raise bad(f"piece {p.name[:80]} lies in file {p.file[:80]!r}, which is not one of the folder's files")
+                nxt = next(order, None)
+                if nxt is None or nxt[0] != p.file:
+                    raise bad(f"the pieces of {p.file[:80]} are not together, in the order of the folder's files")
+                file, pos, end = p.file, 0, nxt[1]
+                whole = file in sizes and not file.endswith(".safetensors")
+                first = file if whole else header_name(file)
+                if p.name != first:
+                    raise bad(f"file {file} begins with piece {p.name[:80]!r}, not {first!r}")
+            elif p.offset == 0 or p.name.startswith(HEADER) or p.name in sizes:
+                raise bad(f"piece {p.name[:80]} in {file} is named like a file or a header")
+            elif not file.endswith(".safetensors"):
+                raise bad(f"file {file} is one piece, not several")
+        else:
+            if p.file:
+                raise bad(f"piece {p.name[:80]} of a GGUF file lies in another file ({p.file[:80]!r})")
+            if (i == 0) != (p.name == HEADER):
+                raise bad(f"piece {i} is named {p.name[:80]!r}")
+        if p.offset != pos or p.nbytes == 0 or p.nbytes > end - pos:
             raise bad(f"piece {p.name[:80]} at [{p.offset}, +{p.nbytes}) does not follow the previous one (byte {pos})")
-        layer = layer_of(p.name)
+        layer = layer_of(p.name, msg.format) if not p.name.startswith(HEADER) and p.name not in sizes else None
         if p.layer != (-1 if layer is None else layer):
             raise bad(f"piece {p.name[:80]} claims layer {p.layer}")
         if p.sha256 and not _is_sha256(p.sha256):
             raise bad(f"piece {p.name[:80]}: sha256 {p.sha256[:80]!r}")
-        if p.file:
-            raise bad(f"piece {p.name[:80]} lies in another file ({p.file[:80]!r}): multi-file models are not supported")
         pos += p.nbytes
-        pieces.append(Piece(p.name, p.offset, p.nbytes, layer))
+        pieces.append(Piece(p.name, p.offset, p.nbytes, layer, p.file))
         if p.sha256:
             hashes[p.name] = p.sha256
         if p.held:
             held.add(p.name)
-    if pos != msg.size:
+    if folder:
+        if pos != end:
+            raise bad(f"the pieces of {file} end at byte {pos}, the file at {end}")
+        if next(order, None) is not None:
+            raise bad("a file of the folder has no pieces")
+    elif pos != msg.size:
         raise bad(f"the pieces end at byte {pos}, the file at {msg.size}")
     if len({p.name for p in pieces}) != len(pieces):
         raise bad("two pieces have the same name")
-    layout = ModelPieces(msg.model_name, msg.fingerprint, msg.file_name, msg.size, msg.n_layers, tuple(pieces))
+    layout = ModelPieces(msg.model_name, msg.fingerprint, msg.file_name, msg.size, msg.n_layers, tuple(pieces),
+                         format=msg.format, files=tuple(files))
     return SourceManifest(address, layout, hashes, frozenset(held))
+
+
+def _parse_files(msg: pb.Manifest, bad) -> list[tuple[str, int]]:
+    """A folder's file list: plain names of files p2pllm reads, each once, config.json among them,
+    sizes adding up to the folder's."""
+    if not 0 < len(msg.files) <= MAX_FILES:
+        raise bad(f"{len(msg.files)} files")
+    files = []
+    for f in msg.files:
+        if not hf_file_allowed(f.name):
+            raise bad(f"file name {f.name[:80]!r} (a plain name: config.json, tokenizer files or *.safetensors)")
+        if not 0 < f.size <= MAX_FILE_BYTES:
+            raise bad(f"file {f.name} of {f.size} bytes")
+        files.append((f.name, f.size))
+    names = [n for n, _s in files]
+    if len(set(names)) != len(names):
+        raise bad("a file is listed twice")
+    if "config.json" not in names:
+        raise bad("a folder without config.json")
+    if sum(s for _n, s in files) != msg.size:
+        raise bad(f"the files add up to {sum(s for _n, s in files)} bytes, the folder to {msg.size}")
+    return files
 
 
 def _is_sha256(text: str) -> bool:
@@ -147,8 +211,9 @@ def _is_sha256(text: str) -> bool:
 
 class PieceSource:
     """Serves one model file's pieces to peers: the daemon holds one and its gRPC handler delegates
-    `on_manifest` and `on_fetch_piece` here. `model`: a GGUF file, or a partial copy (a path with a
-    journal beside it, or a PartialModel being fetched: what it holds grows as pieces land)."""
+    `on_manifest` and `on_fetch_piece` here. `model`: a GGUF file or a Hugging Face folder, or a
+    partial copy of one (a path with a journal beside it, or a PartialModel being fetched: what it
+    holds grows as pieces land)."""
 
     def __init__(self, model: str | os.PathLike | PartialModel, *, max_streams: int = DEFAULT_STREAMS,
                  chunk_bytes: int = MAX_CHUNK):
@@ -160,7 +225,10 @@ class PieceSource:
             self.partial = PartialModel.load(model)
         else:
             self.partial = None
-        self.path = Path(self.partial.path if self.partial is not None else model)
+        if self.partial is not None:
+            self.path = Path(self.partial.path)
+        else:
+            self.path = model_root(model) if Path(model).is_dir() or Path(model).name == "config.json" else Path(model)
         self.layout = self.partial.layout if self.partial is not None else pieces_of(self.path)
         self.max_streams = max_streams
         self.chunk_bytes = chunk_bytes
@@ -168,7 +236,13 @@ class PieceSource:
         self.streams = 0  # fetch streams being served now
         self._hashes: dict[str, str] = {}
         self._hashing: dict[str, asyncio.Future] = {}
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        self._fds: dict[str, int] = {}  # file within the model ("" for a GGUF file) -> fd for reading
+        try:
+            for file in [name for name, _size in self.layout.files] or [""]:
+                self._fds[file] = os.open(self.path / file if file else self.path, os.O_RDONLY)
+        except OSError:
+            self.close()
+            raise
 
     def holds(self, name: str) -> bool:
         return name in self.layout if self.partial is None else self.partial.holds(name)
@@ -187,7 +261,8 @@ class PieceSource:
         job = self._hashing.get(name)
         if job is None:
             job = self._hashing[name] = asyncio.ensure_future(
-                asyncio.to_thread(sha256_of, self.path, self.layout.piece(name)))
+                asyncio.to_thread(sha256_of, self.layout.path_of(self.path, self.layout.piece(name)),
+                                  self.layout.piece(name)))
         try:
             digest = await asyncio.shield(job)
         finally:
@@ -230,7 +305,9 @@ class PieceSource:
             while pos < end:
                 want = min(self.read_bytes, end - pos)
                 try:
-                    block = await asyncio.to_thread(self._read, piece.offset + pos, want)
+                    # (a GGUF file: two arguments, as subclasses that override _read expect)
+                    where = (piece.offset + pos, want) + ((piece.file,) if piece.file else ())
+                    block = await asyncio.to_thread(self._read, *where)
                 except OSError as e:
                     log.warning("cannot read piece %s of %s: %s", piece.name, self.path, e)
                     block = b""
@@ -245,22 +322,23 @@ class PieceSource:
         finally:
             self.streams -= 1
 
-    def _read(self, offset: int, nbytes: int) -> bytes:
-        """`nbytes` of the file at `offset` (in a worker thread)."""
-        if self._fd is None:
+    def _read(self, offset: int, nbytes: int, file: str = "") -> bytes:
+        """`nbytes` of the file (`file` of a folder) at `offset` (in a worker thread)."""
+        fd = self._fds.get(file)
+        if fd is None:
             raise OSError(f"{self.path}: the piece source is closed")
         out = bytearray()
         while len(out) < nbytes:
-            block = os.pread(self._fd, nbytes - len(out), offset + len(out))
+            block = os.pread(fd, nbytes - len(out), offset + len(out))
             if not block:
                 break
             out += block
         return bytes(out)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- fetching
@@ -333,18 +411,28 @@ class ModelFetcher:
             for name, digest in self.partial.held.items():
                 self._pins[name] = (digest, "the cache")
             self._pin_from_manifests()
-        if not self.partial.holds(HEADER):
-            await self._run([self.layout.piece(HEADER)], "the model header")
+        heads = self.layout.header_pieces()
+        what = "the model header" if self.layout.format != "hf" else "the model's config, tokenizer and shard headers"
+        lacking = [p for p in heads if not self.partial.holds(p.name)]
+        if lacking:
+            self._check_disk(lacking, what)
+            await self._run(lacking, what)
         try:
             derived = pieces_of(self.partial.path)
-        except P2PError as e:
-            self.partial.forget(HEADER)
-            raise FetchError(f"the model header fetched from peers is not usable: {e}") from None
+        except (P2PError, OSError, ValueError, TypeError, KeyError) as e:  # a hostile header or index
+            self._forget(heads)
+            raise FetchError(f"{what} fetched from peers is not usable: {e}") from None
         if derived.table_digest() != self.layout.table_digest():
-            self.partial.forget(HEADER)
+            self._forget(heads)
             raise FetchError(f"the header of {self.layout.file_name} fetched from peers describes another layout than "
                              f"their manifests (fingerprint {derived.fingerprint} vs {self.layout.fingerprint})")
+        if derived.format == "hf":  # what the config says (a tied head) decides what the last stage needs
+            self.layout = self.partial.layout = derived
         return self.partial
+
+    def _forget(self, pieces: list[Piece]) -> None:
+        for p in pieces:
+            self.partial.forget(p.name)
 
     async def fetch(self, start: int, end: int) -> PartialModel:
         """The pieces layers [start, end) need, fetched into the cache; the partial copy holding them."""
@@ -360,13 +448,16 @@ class ModelFetcher:
         if not missing:
             log.info("%s of %s: all in the cache (%s)", label, self.layout.name, self.partial.path)
             return self.partial
-        need = sum(p.nbytes for p in missing)
+        self._check_disk(missing, label)
+        await self._run(missing, label)
+        return self.partial
+
+    def _check_disk(self, pieces: list[Piece], label: str) -> None:
+        need = sum(p.nbytes for p in pieces)
         free = shutil.disk_usage(self.partial.path.parent).free
         if free < need:
             raise FetchError(f"fetching {label} needs {_size(need)} in {self.partial.path.parent}, "
                              f"only {_size(free)} are free")
-        await self._run(missing, label)
-        return self.partial
 
     async def _survey(self) -> None:
         """Every live source's manifest; the sources of another model or layout are left out."""
@@ -537,7 +628,7 @@ class ModelFetcher:
                     return _Outcome("bad", f"a chunk at byte {msg.offset} where byte {got} was due")
                 if not 0 < n <= MAX_CHUNK or got + n > piece.nbytes:
                     return _Outcome("bad", f"a chunk of {n} bytes at byte {got} of {piece.nbytes}")
-                await self._in_thread(self._write, piece.offset + got, msg.data, h)
+                await self._in_thread(self._write, piece.offset + got, msg.data, h, piece.file)
                 got += n
                 self._received += n
                 self._progress()
@@ -556,8 +647,8 @@ class ModelFetcher:
             if not ok:
                 self._received -= got
 
-    def _write(self, offset: int, data: bytes, h) -> None:
-        self.partial.write(offset, data)
+    def _write(self, offset: int, data: bytes, h, file: str = "") -> None:
+        self.partial.write(offset, data, file)
         h.update(data)
 
     async def _in_thread(self, fn, *args):
@@ -601,12 +692,13 @@ def _size(n: int) -> str:
 
 
 async def learn_model(sources: Sequence[str], security, cache_root: str | os.PathLike | None = None) -> Path:
-    """`join --from-peers` before its daemon starts: the model's header from `sources` into a partial
-    copy under the cache (resuming one there); the copy's path, which reads as the model."""
+    """`join --from-peers` before its daemon starts: the model's header (a folder: its config, tokenizer
+    and shard headers) from `sources` into a partial copy under the cache (resuming one there); the
+    copy's path (a file or a folder), which reads as the model."""
     from ..transport.client import ClientPool
 
     pool = ClientPool(security)
-    wait = float(os.environ.get("P2PLLM_FROM_PEERS_WAIT", FROM_PEERS_WAIT))
+    wait = from_peers_wait()
     deadline = time.monotonic() + wait
     try:
         while True:  # peers started together: the file's owner may not listen yet

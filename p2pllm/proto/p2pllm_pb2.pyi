@@ -512,12 +512,20 @@ class ModelPiece(_message.Message):
     file: str
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., layer: _Optional[int] = ..., sha256: _Optional[str] = ..., held: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
 
+class ManifestFile(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
 class ManifestRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("model_name", "fingerprint", "format", "file_name", "size", "n_layers", "pieces")
+    __slots__ = ("model_name", "fingerprint", "format", "file_name", "size", "n_layers", "pieces", "files")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -525,6 +533,7 @@ class Manifest(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     fingerprint: str
     format: str
@@ -532,7 +541,8 @@ class Manifest(_message.Message):
     size: int
     n_layers: int
     pieces: _containers.RepeatedCompositeFieldContainer[ModelPiece]
-    def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., format: _Optional[str] = ..., file_name: _Optional[str] = ..., size: _Optional[int] = ..., n_layers: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[ModelPiece, _Mapping]]] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ManifestFile]
+    def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., format: _Optional[str] = ..., file_name: _Optional[str] = ..., size: _Optional[int] = ..., n_layers: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[ModelPiece, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[ManifestFile, _Mapping]]] = ...) -> None: ...
 
 class FetchPieceRequest(_message.Message):
     __slots__ = ("fingerprint", "piece", "offset", "length")
