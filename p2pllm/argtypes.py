@@ -62,6 +62,22 @@ def seconds(text: str) -> float:
     return value
 
 
+def serve_rate(text: str) -> float:
+    """--fetch-serve-rate: bytes/s from '8MB/s', '64Mbps'; '0' for no cap."""
+    from .cluster.capability import parse_rate
+    from .errors import UsageError
+
+    if text.strip() == "0":
+        return 0.0
+    try:
+        value = parse_rate(text, "bandwidth")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, or 0 for no cap, got {text}")
+    return value
+
+
 def model_ref(text: str) -> str:
     """--model: a .gguf file or Hugging Face folder, else a model in Ollama, LM Studio or the HF cache
     (p2pllm/model/store.py); the path it resolves to."""

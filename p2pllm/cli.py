@@ -11,7 +11,8 @@ import time
 
 from . import __version__
 from .argparser import Parser
-from .argtypes import PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int, seconds
+from .argtypes import (PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int,
+                       seconds, serve_rate)
 from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -21,6 +22,7 @@ from .gateway.chat_cli import add_chat_parser
 from .batch.cli import add_batch_parser
 
 log = logging.getLogger("p2pllm")
+BUSY_SERVE_RATE_TEXT = "4MB/s"  # cluster/fetch.py BUSY_SERVE_RATE, as typed
 
 def _progress_printer(label: str):
     """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
@@ -295,7 +297,7 @@ def cmd_join(args) -> int:
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
         state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
-        fetch_from=sources, model_cache=args.model_cache,
+        fetch_from=sources, model_cache=args.model_cache, fetch_serve_rate=args.fetch_serve_rate,
     )
     if args.name:
         cfg.name = args.name
@@ -431,6 +433,9 @@ def _add_join(sub) -> None:
                              "fetch only the layers this peer will hold, verified (docs/fetch.md)")
     p.add_argument("--model-cache", default=None, metavar="DIR",
                    help="where --from-peers keeps what it fetched (default ~/.cache/p2pllm/models; reused next time)")
+    p.add_argument("--fetch-serve-rate", type=serve_rate, default=BUSY_SERVE_RATE_TEXT, metavar="RATE",
+                   help="what this peer serves to peers fetching layers from it while requests run through it, "
+                        f"in all (default {BUSY_SERVE_RATE_TEXT}; 0: no cap); idle, it serves at full speed")
     p.add_argument("--port", type=port, default=7700, help="gRPC port (default 7700)")
     p.add_argument("--gateway-port", type=port, default=8700, help="HTTP gateway port (default 8700)")
     p.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")

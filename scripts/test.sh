@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/test-deps.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

@@ -526,3 +526,30 @@ async def _drain(call) -> int:
     while (msg := await call.read()) is not grpc.aio.EOF:
         n += len(msg.data)
     return n
+
+
+def test_a_source_whose_ring_is_busy_paces_its_streams_and_stops_when_it_is_idle(model, security, tmp_path):
+    """Yielding to the ring: while `busy()` holds, every stream of a source together gets at most
+    `busy_rate` bytes/s (a lower bound on the time, which no noise can shorten); idle, no pacing."""
+    ring_busy = [True]
+    need = sum(p.nbytes for p in pieces_of(model).needed(*MIDDLE))
+    rate = need / 1.5  # the range in about 1.5 s
+
+    async def scenario():
+        source = PieceSource(model, chunk_bytes=CHUNK, busy=lambda: ring_busy[0], busy_rate=rate)
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        try:
+            t0 = time.monotonic()
+            part = await fetch_layers(pool, [address], *MIDDLE, tmp_path / "busy")
+            assert part.complete(*MIDDLE)
+            assert time.monotonic() - t0 >= 0.9 * (need - CHUNK) / rate  # the first chunk goes at once
+            assert source._next_send > 0
+            ring_busy[0] = False  # the ring went idle: the next fetch is not paced
+            part = await fetch_layers(pool, [address], *MIDDLE, tmp_path / "idle")
+            assert part.complete(*MIDDLE) and source._next_send == 0.0
+        finally:
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())

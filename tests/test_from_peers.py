@@ -1,6 +1,7 @@
-"""`p2pllm join --from-peers`: a peer without the model file learns it from a peer, fetches only
-the layers it will hold (ahead of the plan that gives them to it), serves them, and reuses its
-cache on the next start. Real daemons on loopback, real gRPC with the cluster secret."""
+"""`p2pllm join --from-peers`: a peer without the model file (GGUF, or a Hugging Face folder) learns
+it from a peer, fetches only the layers it will hold (ahead of the plan that gives them to it),
+serves them, and reuses its cache on the next start. Real daemons on loopback, real gRPC with the
+cluster secret; then the issue's setting on namespace hosts."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ import pytest
 from clusterutil import TEST_SECRET, client, join as join_host, status, wait_for_agreement
 from conftest import REPO, assert_one_line_error, llama_cpp_greedy, llama_cpp_model, run_cli, shared_model, stop_daemon
 from netns import hosts  # noqa: F401  (a fixture)
+from test_fetch_hf import make_hf
+
+from p2pllm.model.pieces import check_partial
+from p2pllm.model.spec import read_spec
 
 OWNER, FETCHER = (7868, 8868), (7869, 8869)
+HF_OWNER, HF_FETCHER = (7901, 8901), (7902, 8902)
 SECRET = "from-peers-test-secret-0123456789"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -53,6 +59,20 @@ def answer(gateway: int) -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
+def join_fetcher(tmp_path: Path, owner, owner_ports, ports, cache: Path, alone: str):
+    """A --from-peers peer joining `owner` (which answered `alone` by itself): the two-stage ring
+    must answer the same. The fetcher, its log and the log's `fetched layers [a, b)` match."""
+    fetcher = join(tmp_path, "fetcher", ports, "--from-peers", "--peer", f"127.0.0.1:{owner_ports[0]}",
+                   "--model-cache", str(cache))
+    logs = [tmp_path / "owner.log", tmp_path / "fetcher.log"]
+    wait_stages(ports[1], 2, [owner, fetcher], logs)
+    assert answer(ports[1]) == alone  # the fetched layers compute what the owner's do
+    log = logs[1].read_text()
+    fetched = re.search(r"fetched layers \[(\d+), (\d+)\): \d+ pieces, [\d.]+ MiB in [\d.]+ s", log)
+    assert fetched and "ready to be planned" in log, log[-3000:]
+    return fetcher, log, fetched
+
+
 def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_path):
     model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     cache = tmp_path / "cache"
@@ -66,15 +86,7 @@ def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_pat
         assert_one_line_error(other, 2, "no model 'another-model' here or on the cluster's peers (they serve ")
         assert model.name in other.stderr
 
-        fetcher = join(tmp_path, "fetcher", FETCHER, "--from-peers", "--peer", f"127.0.0.1:{OWNER[0]}",
-                       "--model-cache", str(cache))
-        logs = [tmp_path / "owner.log", tmp_path / "fetcher.log"]
-        wait_stages(FETCHER[1], 2, [owner, fetcher], logs)
-        assert answer(FETCHER[1]) == alone  # the fetched layers compute what the file's do
-
-        log = logs[1].read_text()
-        fetched = re.search(r"fetched layers \[(\d+), (\d+)\): \d+ pieces, [\d.]+ MiB in [\d.]+ s", log)
-        assert fetched and "ready to be planned" in log, log[-3000:]
+        fetcher, log, fetched = join_fetcher(tmp_path, owner, OWNER, FETCHER, cache, alone)
         assert log.index("ready to be planned") < log.index("plan epoch")  # fetched before it was planned
         copy = next(cache.glob("*/*.gguf"))
         assert copy.name == model.name and copy.stat().st_size == model.stat().st_size
@@ -87,10 +99,37 @@ def test_a_peer_without_the_file_fetches_only_its_layers_and_serves_them(tmp_pat
         stop_daemon(fetcher)  # the next start reads the header and the layers it holds from its cache
         fetcher = join(tmp_path, "fetcher", FETCHER, "--from-peers", "--peer", f"127.0.0.1:{OWNER[0]}",
                        "--model-cache", str(cache))
-        wait_stages(FETCHER[1], 2, [owner, fetcher], logs)
-        second = logs[1].read_text()[len(log):]
+        wait_stages(FETCHER[1], 2, [owner, fetcher], [tmp_path / "owner.log", tmp_path / "fetcher.log"])
+        second = (tmp_path / "fetcher.log").read_text()[len(log):]
         assert re.search(r"learned from 127\.0\.0\.1:\d+: layers \[", second), second[-3000:]  # resumed
         assert answer(FETCHER[1]) == alone
+    finally:
+        for proc in (fetcher, owner):
+            if proc is not None:
+                stop_daemon(proc)
+
+
+def test_a_peer_without_the_hf_folder_fetches_only_its_layers_and_answers_the_same(tmp_path):
+    """The same with a Hugging Face folder: the owner serves its config, tokenizer, shard headers
+    and tensors as pieces; the copy is a partial folder of sparse shards."""
+    model = make_hf(tmp_path / "model" / "tiny-hf")
+    cache = tmp_path / "cache"
+    owner = join(tmp_path, "owner", HF_OWNER, "--model", str(model))
+    fetcher = None
+    try:
+        wait_stages(HF_OWNER[1], 1, [owner], [tmp_path / "owner.log"])
+        fetcher, log, fetched = join_fetcher(tmp_path, owner, HF_OWNER, HF_FETCHER, cache, answer(HF_OWNER[1]))
+        copy = next(p for p in cache.glob("*/*") if p.is_dir())
+        assert copy.name == model.name
+        shards = sorted(p.name for p in model.glob("*.safetensors"))
+        assert sorted(p.name for p in copy.glob("*.safetensors")) == shards
+        assert (copy / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+        assert not (copy / "README.md").exists()
+        stored = sum((copy / s).stat().st_blocks * 512 for s in shards)
+        assert stored < 0.9 * sum((model / s).stat().st_size for s in shards)  # only its share
+        assert check_partial(copy, (int(fetched[1]), int(fetched[2])))[0].fingerprint == read_spec(model).fingerprint
+        other = "0:1" if fetched[1] != "0" else "5:6"
+        assert_one_line_error(run_cli("check-model", str(copy), "--layers", other), 2, "which this partial model does not hold")
     finally:
         for proc in (fetcher, owner):
             if proc is not None:

@@ -1,0 +1,214 @@
+"""Control plane, agreement: who coordinates, the coordinator's loop (replan on loss, join or a
+better plan), and the two-phase propose/commit every peer takes part in. The decisions are
+cluster/coordinator.py's; this carries them around and takes this peer's part of a plan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..cluster import coordinator as coord
+from ..cluster.membership import Membership
+from ..cluster.planner import Plan, PlanOptions
+from ..errors import P2PError
+from ..model.spec import ModelSpec
+from ..proto import p2pllm_pb2 as pb
+from ..runtime.recovery import plan_sources
+from ..transport.client import ClientPool
+
+if TYPE_CHECKING:
+    from .dataplane import DataPlane
+    from .loading import StageLoader
+    from .pieces import PeerPieces
+
+log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whole peer
+
+SETTLE_SECONDS = 1.0  # membership must be quiet this long before a (re)plan
+STARTUP_GRACE = 2.5  # mDNS answers take about a second: give peers started together time to meet
+
+
+class Agreement:
+    """The plan state of one peer: the committed epoch (`epoch`, `committed`, and `committed_plan`
+    where this peer made it), proposals accepted but not committed (`pending`), and the peer's
+    place in it (`state`: idle, loading, ready, serving, leaving). `dial(address)`: say hello to
+    a stage peer not met yet; `gateway_url`: for the "ready" line."""
+
+    def __init__(self, me: str, spec: ModelSpec, options: PlanOptions, membership: Membership, clients: ClientPool,
+                 data: DataPlane, loader: StageLoader, pieces: PeerPieces, kv_replicas: int,
+                 dial: Callable[[str], None], gateway_url: str, *, started_at: float | None = None):
+        self.id = me
+        self.spec = spec
+        self.options = options
+        self.membership = membership
+        self.clients = clients
+        self.data = data
+        self.loader = loader
+        self.pieces = pieces
+        self.kv_replicas = kv_replicas
+        self.dial = dial
+        self.gateway_url = gateway_url
+        self.epoch = 0
+        self.committed: pb.PlanProposal | None = None
+        self.committed_plan: Plan | None = None  # the Plan object, where this peer made it
+        self.pending: dict[int, tuple[pb.PlanProposal, object]] = {}
+        self.state = "idle"
+        self.highest_epoch = 0
+        self.replan_now = asyncio.Event()
+        self.started_at = time.monotonic() if started_at is None else started_at  # for STARTUP_GRACE
+        self._proposing = False
+        self._last_logged = ""
+
+    def coordinator(self) -> str:
+        return coord.elect(self.membership, self.epoch, self.committed.coordinator if self.committed else "")
+
+    def saw_epoch(self, epoch: int) -> None:
+        self.highest_epoch = max(self.highest_epoch, epoch)
+
+    # ------------------------------------------------------------------ the coordinator
+    async def coordinator_loop(self) -> None:
+        while True:
+            try:  # a lost stage wakes the loop at once; otherwise it looks twice a second
+                await asyncio.wait_for(self.replan_now.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            self.replan_now.clear()
+            if self.coordinator() != self.id or self._proposing:
+                continue
+            broken = self.committed is not None and coord.broken_reason(self.committed, self.membership)
+            if not broken and time.monotonic() - self.membership.changed_at < SETTLE_SECONDS:
+                continue  # a lost stage is replanned at once; joins wait for membership to settle
+            if self.committed is None and time.monotonic() - self.started_at < STARTUP_GRACE:
+                continue
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options)
+            scheduler = self.data.scheduler
+            if not candidate.feasible:
+                if self.committed is None:
+                    self._log_once(f"no feasible plan yet: {candidate.reason}")
+                elif scheduler is not None and coord.broken_reason(self.committed, self.membership):
+                    reason = f"the cluster lost capacity and cannot hold the model: {candidate.reason}"
+                    self._log_once(reason)
+                    scheduler.pause(reason)
+                    scheduler.unavailable = reason  # new requests: 503 until capacity returns
+                    scheduler.fail_parked(reason)  # running ones: a clear error now, not a hang
+                continue
+            why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
+                                       self.options.hysteresis)
+            if why:
+                self._proposing = True
+                try:
+                    await self._propose_and_commit(candidate, why)
+                finally:
+                    self._proposing = False
+
+    def _log_once(self, msg: str) -> None:
+        if msg != self._last_logged:
+            self._last_logged = msg
+            log.warning(msg)
+
+    async def _propose_and_commit(self, candidate: Plan, why: str) -> None:
+        epoch = max(self.epoch, self.highest_epoch, *(m.epoch for m in self.membership.members.values())) + 1
+        proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
+        sched = self.data.scheduler
+        if sched is not None and self.committed is not None:  # switch between steps, carrying sequences over
+            sched.pause(why)
+            await sched.drain(timeout=10.0)
+            proposal.resume.extend(pb.ResumeSeq(seq_id=s, positions=p) for s, p in sched.resume_points())
+        proposal.sources.extend(plan_sources(self.committed, bool(self.kv_replicas)))
+        proposal.kv_replicas = self.kv_replicas
+        log.info("proposing plan epoch %d (%s): %s; carrying %d sequences over", epoch, why,
+                 _describe(proposal, self.membership), len(proposal.resume))
+        targets = [m for m in self.membership.live_compatible()]
+
+        async def ask(member):
+            if member.info.id == self.id:
+                return await self.on_propose(proposal)
+            return await self.clients.get(member.info.address).propose(proposal)
+
+        replies = await asyncio.gather(*(ask(m) for m in targets), return_exceptions=True)
+        failed = [(m, r) for m, r in zip(targets, replies) if isinstance(r, BaseException) or not r.ok]
+        if failed:
+            m, r = failed[0]
+            reason = r if isinstance(r, BaseException) else r.reason
+            log.warning("epoch %d not accepted by %s: %s; will retry", epoch, m.info.name, reason)
+            self.highest_epoch = max(self.highest_epoch, epoch)
+            return
+
+        async def commit(member):
+            if member.info.id == self.id:
+                return await self.on_commit(pb.CommitRequest(epoch=epoch, coordinator=self.id))
+            return await self.clients.get(member.info.address).commit(epoch, self.id)
+
+        resume_at: dict[int, int] = {}  # per sequence: the positions every stage rebuilt
+        for r in replies:
+            for seq in r.restored:
+                resume_at[seq.seq_id] = min(resume_at.get(seq.seq_id, seq.positions), seq.positions)
+        await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
+        self.committed_plan = candidate
+        if self.data.scheduler is not None:
+            self.data.scheduler.resume(f"epoch {epoch}", resume_at)
+
+    # ------------------------------------------------------------------ every peer's part
+    async def on_propose(self, req: pb.PlanProposal) -> pb.PlanReply:
+        reason = coord.validate_proposal(req, self.spec, self.spec.fingerprint, self.epoch, self.coordinator())
+        if reason:
+            log.info("refused plan epoch %d: %s", req.epoch, reason)
+            return pb.PlanReply(ok=False, reason=reason)
+        self.highest_epoch = max(self.highest_epoch, req.epoch)
+        for s in req.stages:  # a stage peer we have not met yet: say hello (the ring needs it anyway)
+            if s.peer_id not in self.membership.members and s.peer_id != self.id:
+                self.dial(s.address)
+        mine = coord.my_assignment(req, self.id)
+        try:
+            stage = await self._load(mine) if mine else None
+        except P2PError as e:
+            return pb.PlanReply(ok=False, reason=str(e))
+        # the old epoch stops here: refuse its frames, let the one being computed finish
+        await self.data.unbind()
+        rebuilt = {r.seq_id: r.positions for r in req.resume}  # a peer without layers holds no KV
+        if stage is not None:
+            rebuilt = await self.data.restore(stage, req)
+        # a newer proposal supersedes every older one that never committed: their stages (weights
+        # and KV) go now, or a peer would hold two ranges at once and exceed its memory
+        self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}
+        self.pending[req.epoch] = (req, stage)
+        if self.state not in ("serving", "leaving"):
+            self.state = "ready"
+        return pb.PlanReply(ok=True, restored=[pb.ResumeSeq(seq_id=s, positions=n) for s, n in rebuilt.items()])
+
+    async def _load(self, rng: tuple[int, int]):
+        stage = self.loader.reusable(rng, self.data.stage)
+        if stage is not None:
+            return stage
+        await self.pieces.fetch_missing(rng)
+        self.state = "loading"
+        return await self.loader.load(rng)
+
+    async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
+        entry = self.pending.pop(req.epoch, None)
+        if entry is None:
+            return pb.PlanReply(ok=False, reason=f"epoch {req.epoch} was never accepted here")
+        proposal, stage = entry
+        if proposal.coordinator != req.coordinator:
+            return pb.PlanReply(ok=False, reason="commit from another coordinator than the proposal's")
+        self.epoch, self.committed = req.epoch, proposal
+        self.data.commit(proposal, stage)
+        if self.state != "leaving":
+            self.state = "serving"
+        mine = coord.my_assignment(proposal, self.id)
+        where = f"layers [{mine[0]}, {mine[1]}) loaded in {self.loader.load_seconds:.1f}s" if mine else "no layers"
+        log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
+                 where)
+        log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,
+                 self.gateway_url)
+        return pb.PlanReply(ok=True)
+
+
+def _describe(proposal: pb.PlanProposal, membership: Membership) -> str:
+    parts = []
+    for s in proposal.stages:
+        m = membership.members.get(s.peer_id)
+        parts.append(f"{m.info.name if m else s.peer_id[:8]}[{s.start},{s.end})")
+    return " -> ".join(parts)

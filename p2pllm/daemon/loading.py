@@ -1,0 +1,67 @@
+"""Data plane, loading: one layer range's stage built on the compute thread, with its progress
+(for health replies) and the last one built (a later proposal with the same range reuses it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..model.spec import ModelSpec
+
+log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whole peer
+
+
+class StageLoader:
+    def __init__(self, model, spec: ModelSpec, backend: str, device: str, kv_dtype: str, context: int,
+                 threads: int, tokenizer, compute: ThreadPoolExecutor):
+        self.model = model
+        self.spec = spec
+        self.backend = backend
+        self.device = device
+        self.kv_dtype = kv_dtype
+        self.context = context
+        self.threads = threads
+        self.tokenizer = tokenizer
+        self.compute = compute
+        self.loaded: tuple[tuple[int, int], object] | None = None  # ((start, end), Stage) reusable across epochs
+        self.load_progress = 0.0
+        self.load_seconds = 0.0
+
+    def reusable(self, rng: tuple[int, int], current):
+        """A stage for `rng` already here (None: it must be loaded)."""
+        if current is not None and (current.start, current.end) == rng:
+            return current  # the range this peer serves now (a later proposal may have loaded another)
+        if self.loaded is not None and self.loaded[0] == rng:
+            return self.loaded[1]
+        return None
+
+    async def load(self, rng: tuple[int, int]):
+        self.load_progress = 0.0
+        log.info("loading layers [%d, %d) of %d", rng[0], rng[1], self.spec.n_layers)
+
+        shown = [time.monotonic()]
+
+        def progress(done: int, total: int) -> None:
+            self.load_progress = done / max(total, 1)
+            if time.monotonic() - shown[0] >= 2.0 and done < total:  # a long load says how far it is
+                shown[0] = time.monotonic()
+                log.info("loading layers [%d, %d): %.0f%%", rng[0], rng[1], 100 * self.load_progress)
+
+        def build():
+            from ..model.backends import open_stage
+            from ..runtime.stage import Stage
+
+            return Stage(open_stage(self.model, rng[0], rng[1], spec=self.spec, backend=self.backend,
+                                    device=self.device, kv_dtype=self.kv_dtype, max_context=self.context,
+                                    threads=self.threads, progress=progress), self.tokenizer)
+
+        t0 = time.monotonic()
+        stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        self.loaded = (rng, stage)
+        self.load_progress = 1.0
+        self.load_seconds = time.monotonic() - t0
+        log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, KV %s)", rng[0], rng[1],
+                 self.load_seconds, stage.backend.name, stage.backend.weight_bytes / 2**20, stage.kv.format.name)
+        return stage
