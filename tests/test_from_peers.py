@@ -153,10 +153,16 @@ def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def join_from_peers(hosts, i: int, tmp_path: Path, *source: str):
-    """A host with an empty cache that learns the model from peers (`source`: how it finds them)."""
-    return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", *source,
-                           "--model-cache", str(tmp_path / f"cache-{i}"), "--name", f"host{i}", "--strategy", "even",
-                           "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET])
+    """A host with an empty home that learns the model from peers (`source`: how it finds them);
+    its copy goes to the default cache, home/.cache/p2pllm/models/ (`home_cache`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
+    env["HOME"] = str(tmp_path / f"home-{i}")
+    return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", *source, "--name", f"host{i}", "--strategy", "even",
+                           "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET], env=env)
+
+
+def home_cache(tmp_path: Path, i: int) -> Path:
+    return tmp_path / f"home-{i}" / ".cache" / "p2pllm" / "models"
 
 
 def peer_named(view: dict, name: str) -> dict:
@@ -178,7 +184,7 @@ def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, lla
     views = wait_for_agreement(hosts, [1, 2, 3], n_layers=30, timeout=120)
     assert time.monotonic() - t0 < 120 and all(p["layers"] for p in views[0]["peers"])
     for i in (2, 3):
-        copy = next((tmp_path / f"cache-{i}").glob("*/*.gguf"))
+        copy = next(home_cache(tmp_path, i).glob("*/*.gguf"))
         assert copy.stat().st_blocks * 512 < 0.9 * model.stat().st_size  # its share, not the file
         me = peer_named(views[0], f"host{i}")
         a, b = me["layers"]
