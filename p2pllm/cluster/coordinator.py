@@ -101,6 +101,17 @@ def kv_budget(proposal: pb.PlanProposal, positions: int, context: int) -> int | 
     return max(context, min(budgets)) if budgets else None
 
 
+def stage_total(proposal: pb.PlanProposal, peer_id: str) -> int | None:
+    """The memory the proposal's plan sized for `peer_id`'s stage (None: it has none, or unknown)."""
+    try:
+        for s in json.loads(proposal.plan_json)["stages"]:
+            if s["peer"] == peer_id:
+                return int(s["memory"]["total"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def kv_room(memory: dict) -> int:
     """Bytes a stage's plan leaves for KV (its planner JSON `memory`): the peer's usable memory
     less weights and workspace; without a known limit (0), the KV the plan sized."""

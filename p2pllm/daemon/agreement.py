@@ -161,6 +161,14 @@ class Agreement:
             if s.peer_id not in self.membership.members and s.peer_id != self.id:
                 self.dial(s.address)
         mine = coord.my_assignment(req, self.id)
+        carried = None  # the resumed sequences' KV, taken out of a stage freed before the load
+        tight = self._no_room_for_both(req, mine)
+        if tight:
+            log.info("freeing layers [%d, %d) before loading [%d, %d): %s", self.data.stage.start, self.data.stage.end,
+                     *mine, tight)
+            self.pending.clear()  # superseded by this proposal: their stages go too
+            self.loader.loaded = None
+            carried = await self.data.release_stage(mine, list(req.resume))
         try:
             stage = await self._load(mine) if mine else None
         except P2PError as e:
@@ -169,7 +177,7 @@ class Agreement:
         await self.data.unbind()
         rebuilt = {r.seq_id: r.positions for r in req.resume}  # a peer without layers holds no KV
         if stage is not None:
-            rebuilt = await self.data.restore(stage, req)
+            rebuilt = await self.data.restore(stage, req, carried)
         # a newer proposal supersedes every older one that never committed: their stages (weights
         # and KV) go now, or a peer would hold two ranges at once and exceed its memory
         self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}
@@ -177,6 +185,21 @@ class Agreement:
         if self.state not in ("serving", "leaving"):
             self.state = "ready"
         return pb.PlanReply(ok=True, restored=[pb.ResumeSeq(seq_id=s, positions=n) for s, n in rebuilt.items()])
+
+    def _no_room_for_both(self, req: pb.PlanProposal, mine: tuple[int, int] | None) -> str:
+        """Why the committed stage must go before the proposal's loads ('' = both fit): the two
+        stages' planned memory exceeds what this peer offers. Loading beside it is what keeps the
+        ring serving through a plan change; past the limit it got peers OOM-killed when one rejoined
+        (docs/performance.md, Mission). Freed first, the ring pauses for the load instead."""
+        old, limit = self.data.stage, int(self.membership.me.caps.mem_bytes)
+        if mine is None or old is None or limit <= 0 or self.loader.reusable(mine, old) is not None:
+            return ""
+        before = coord.stage_total(self.committed, self.id) if self.committed is not None else None
+        after = coord.stage_total(req, self.id)
+        if before is None or after is None or before + after <= limit:
+            return ""
+        return (f"both would need {(before + after) / 2**30:.2f} GiB, this peer offers {limit / 2**30:.2f} GiB "
+                f"(the ring pauses while it loads)")
 
     async def _load(self, rng: tuple[int, int]):
         stage = self.loader.reusable(rng, self.data.stage)

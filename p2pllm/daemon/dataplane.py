@@ -18,7 +18,7 @@ from ..proto import p2pllm_pb2 as pb
 from ..runtime.cluster_engine import serve_embed, serve_generate
 from ..runtime.cluster_ring import ClusterRing
 from ..runtime.recovery import plan_sources, restore_kv, serve_fetch
-from ..runtime.replica import ReplicaStore, exported
+from ..runtime.replica import ReplicaStore, exported, from_cache
 from ..runtime.ring_stage import Binding, RingStage
 from ..runtime.scheduler import Scheduler
 from ..transport import frames
@@ -115,10 +115,30 @@ class DataPlane:
         self.ring_stage.bind(None)
         await asyncio.get_running_loop().run_in_executor(self.compute, lambda: None)
 
-    async def restore(self, stage, req: pb.PlanProposal) -> dict[int, int]:
-        """The proposal's carried-over sequences' KV in `stage`: per sequence, the positions rebuilt."""
+    async def restore(self, stage, req: pb.PlanProposal, carried: dict | None = None) -> dict[int, int]:
+        """The proposal's carried-over sequences' KV in `stage`: per sequence, the positions rebuilt
+        (`carried`: what release_stage took out of the stage it freed)."""
         return await restore_kv(stage, self.stage, self.replicas, list(req.resume), list(req.sources),
-                                self._fetch_kv, self.spec, self.options.context, self.address)
+                                self._fetch_kv, self.spec, self.options.context, self.address, carried)
+
+    async def release_stage(self, rng: tuple[int, int], resume: list[pb.ResumeSeq]) -> dict:
+        """Free the committed stage before a new one loads, when both would not fit: the ring stops
+        here (its frames are refused; the head parks and replays, as for any plan change), the KV
+        the new range [start, end) can reuse is copied out, and the stage's memory is released.
+        Peers asking this one for its old layers' KV then find none and fall back to replicas or
+        a replay."""
+        await self.unbind()
+        old, self.stage = self.stage, None
+        if old is None:
+            return {}
+        a, b = rng
+
+        def take() -> dict:
+            kept = {r.seq_id: from_cache(old.kv, old.start, r.seq_id, a, b, r.positions, at_most=True) for r in resume}
+            old.close()
+            return {seq_id: kv for seq_id, kv in kept.items() if kv is not None}
+
+        return await asyncio.get_running_loop().run_in_executor(self.compute, take)
 
     # ------------------------------------------------------------------ ring binding
     def commit(self, proposal: pb.PlanProposal, stage) -> None:

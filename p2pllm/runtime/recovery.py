@@ -43,8 +43,10 @@ def plan_sources(proposal: pb.PlanProposal | None, replicas: bool) -> list[pb.KV
 
 async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStore, resume: list[pb.ResumeSeq],
                      sources: list[pb.KVSource], fetch: Fetch, spec: ModelSpec, context: int,
-                     my_address: str) -> dict[int, int]:
+                     my_address: str, carried: dict[int, LayerKV] | None = None) -> dict[int, int]:
     """Rebuild `stage`'s KV for the resumed sequences: per sequence, the positions rebuilt.
+    `carried`: this peer's own KV of them, taken out of a previous stage freed before `stage`
+    loaded (instead of `previous`).
 
     Fewer than asked (a replica one step behind, or none at all) means the head recomputes the
     rest: the missing tail, or the whole history at worst.
@@ -63,7 +65,10 @@ async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStor
             if n:
                 stage.kv.truncate(seq_id, n)
             continue
-        held = from_cache(previous.kv, previous.start, seq_id, a, b, n, at_most=True) if previous else None
+        if carried is not None:
+            held = carried.get(seq_id)
+        else:
+            held = from_cache(previous.kv, previous.start, seq_id, a, b, n, at_most=True) if previous else None
         pieces[seq_id] = usable([held, *replicas.pieces(seq_id, a, b, n, at_most=True)], stage.kv.format)
         if prefix(pieces[seq_id], a, b, n) < n:
             missing.append(seq_id)
