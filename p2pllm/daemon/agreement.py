@@ -166,7 +166,7 @@ class Agreement:
         if tight:
             log.info("freeing layers [%d, %d) before loading [%d, %d): %s", self.data.stage.start, self.data.stage.end,
                      *mine, tight)
-            self.pending.clear()  # superseded by this proposal: their stages go too
+            self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}  # superseded: their stages go
             self.loader.loaded = None
             carried = await self.data.release_stage(mine, list(req.resume))
         try:
