@@ -318,18 +318,7 @@ class LoopbackCluster:
         return [_metrics(port) for port in self.gw]
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        stop_groups(self.procs)
         self.procs = []
 
     def __enter__(self):
@@ -813,6 +802,22 @@ def main() -> int:
     print(f"\n({res['seconds']:.0f}s; raw numbers in {args.out})")
     return 0 if ok else 1
 
+
+
+def stop_groups(procs: list[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM each daemon's process group, then SIGKILL the ones still there after `timeout` s."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
 
 if __name__ == "__main__":
     sys.exit(main())
