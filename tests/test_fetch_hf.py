@@ -303,17 +303,8 @@ def test_the_partial_folder_opens_like_the_original_and_its_stage_computes_the_s
     text = "the partial copy tokenizes alike"
     assert load_tokenizer(path).encode(text) == load_tokenizer(model).encode(text)
     spec = read_spec(model)
-    x = torch.randn(5, spec.hidden, generator=torch.Generator().manual_seed(0))
-    meta = BatchMeta.build([SeqChunk(0, 0, 5)])
-    outs = []
-    for p in (model, path):
-        stage = open_stage(p, *MIDDLE, backend="torch", kv_dtype="f32")
-        try:
-            stage.kv.allocate(0, 16)
-            outs.append(stage.forward(x.clone(), meta))
-        finally:
-            stage.close()
-    assert torch.equal(outs[0], outs[1])
+    original, copy = stage_outputs((model, path), *MIDDLE, spec.hidden, tokens=5, seed=0)
+    assert torch.equal(original, copy)
 
 
 def test_check_model_accepts_the_partial_folder_for_its_range_and_names_a_missing_tensor_otherwise(
@@ -398,17 +389,8 @@ def test_a_tied_folder_gives_its_last_stage_the_embedding(tied, security, tmp_pa
 
     part = asyncio.run(scenario())
     assert part.holds("model.embed_tokens.weight") and part.holds("model.norm.weight")
-    x = torch.randn(3, SHAPE.hidden, generator=torch.Generator().manual_seed(1))
-    meta = BatchMeta.build([SeqChunk(0, 0, 3)])
-    outs = []
-    for p in (tied, part.path):
-        stage = open_stage(p, 5, 6, backend="torch", kv_dtype="f32")
-        try:
-            stage.kv.allocate(0, 8)
-            outs.append(stage.forward(x.clone(), meta))
-        finally:
-            stage.close()
-    assert torch.equal(outs[0], outs[1])
+    original, copy = stage_outputs((tied, part.path), 5, 6, SHAPE.hidden, tokens=3, seed=1)
+    assert torch.equal(original, copy)
 
 
 # --------------------------------------------------------------------------- lying sources
@@ -502,3 +484,18 @@ def test_a_fresh_copy_leaves_no_stale_shard_behind(model, tmp_path):
     assert part.held == {} and not is_partial(model)
     with pytest.raises(Exception, match="header has not been fetched"):
         PartialModel.load(folder)
+
+
+def stage_outputs(paths, start: int, end: int, hidden: int, tokens: int, seed: int) -> list:
+    """The torch stage [start, end) of each model path on the same random hidden states."""
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    meta = BatchMeta.build([SeqChunk(0, 0, tokens)])
+    outs = []
+    for p in paths:
+        stage = open_stage(p, start, end, backend="torch", kv_dtype="f32")
+        try:
+            stage.kv.allocate(0, tokens + 8)
+            outs.append(stage.forward(x.clone(), meta))
+        finally:
+            stage.close()
+    return outs
