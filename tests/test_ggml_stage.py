@@ -101,7 +101,7 @@ def f32_model(tmp_path_factory):
     from p2pllm.model.demo_tokenizer import demo_tokenizer_gguf_fields
     from p2pllm.model.writer import write_gguf
 
-    shape = DemoShape(n_layers=2, hidden=256, n_heads=4, n_kv_heads=2, ffn=512, vocab=512, context=256)
+    shape = DemoShape(n_layers=3, hidden=256, n_heads=4, n_kv_heads=2, ffn=512, vocab=512, context=256)
     path = tmp_path_factory.mktemp("quant") / "f32.gguf"
     write_gguf(path, spec_fields(shape), demo_weights(shape, seed=3), demo_tokenizer_gguf_fields(512), qtype="f32")
     return path
@@ -159,6 +159,66 @@ def test_bad_backend_and_kv_flags_are_one_line_errors(stories_gguf, demo_tiny_hf
     ]
     for args, needle in cases:
         assert_one_line_error(run_cli("run", *args, "--prompt", "hi", "--max-tokens", "2"), 2, needle)
+
+
+# --------------------------------------------------------------------------- a replan's stage
+
+
+def _hidden_out(stage, h: torch.Tensor) -> torch.Tensor:
+    stage.kv.allocate(0, 64)
+    out = stage.forward(h, BatchMeta.build([SeqChunk(0, 0, h.shape[0])]).all_rows())
+    stage.kv.free(0)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["mapped", "repacked"])
+def test_a_replans_stage_takes_the_layers_the_old_one_holds(llama_cpp, f32_model, tmp_path, weights):
+    """A survivor's new range [1, 3) beside its old [0, 2): layer 1 is taken (the same memory), only
+    layer 2 is read; it computes exactly what a stage loaded from scratch does, and goes on doing so
+    once the old stage is closed, which frees layer 0 but not layer 1."""
+    import weakref
+
+    from p2pllm.model.backends import layers_to_share
+
+    path = tmp_path / "q.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES["Q4_0" if weights == "repacked" else "Q8_0"]  # Q4_0: repacked for AVX2
+    assert llama_cpp.llama_model_quantize(str(f32_model).encode(), str(path).encode(), params) == 0
+    spec = read_spec(path)
+    assert spec.n_layers == 3
+    old = open_stage(path, 0, 2, spec=spec)
+    new = open_stage(path, 1, 3, spec=spec, shared=layers_to_share(old, 1, 3))
+    fresh = open_stage(path, 1, 3, spec=spec)
+    assert new.kept_layers == [1]
+    assert new.loaded_bytes == spec.weight_bytes(2, 3) + (new.weight_bytes - spec.weight_bytes(1, 3))
+    assert new.w["layers.1.wq"].contents.data == old.w["layers.1.wq"].contents.data  # not a copy
+    assert new.w["layers.2.wq"].contents.data != fresh.w["layers.2.wq"].contents.data
+    if weights == "repacked" and gl.repacks("Q4_0", spec.hidden):
+        assert old._res.weights.groups[1].kinds["blk.1.attn_q.weight"] == "repacked"
+    h = torch.randn(6, spec.hidden)
+    want = _hidden_out(fresh, h)
+    assert torch.equal(_hidden_out(new, h), want)
+    layer0, layer1 = (weakref.ref(old._res.weights.groups[i]) for i in (0, 1))
+    old.close()
+    assert layer0() is None and layer1() is not None  # freed with the old stage / held by the new one
+    assert torch.equal(_hidden_out(new, h), want)
+    other = open_stage(path, 1, 3, spec=spec, backend="torch", shared=layers_to_share(new, 1, 3))
+    assert other.loaded_bytes == other.weight_bytes  # another backend's weights are never taken
+    new.close()
+    fresh.close()
+
+
+def test_a_torch_stage_takes_the_layers_the_old_one_holds(demo_tiny_hf):
+    from p2pllm.model.backends import layers_to_share
+
+    spec = read_spec(demo_tiny_hf)
+    old = open_stage(demo_tiny_hf, 0, 4, spec=spec)
+    new = open_stage(demo_tiny_hf, 2, 6, spec=spec, shared=layers_to_share(old, 2, 6))
+    fresh = open_stage(demo_tiny_hf, 2, 6, spec=spec)
+    assert new.layers[:2] == old.layers[2:] and new.layers[2] is not fresh.layers[2]
+    assert 0 < new.loaded_bytes < new.weight_bytes
+    h = torch.randn(5, spec.hidden)
+    assert torch.equal(_hidden_out(new, h), _hidden_out(fresh, h))
 
 
 # --------------------------------------------------------------------------- memory

@@ -101,12 +101,13 @@ def kv_budget(proposal: pb.PlanProposal, positions: int, context: int) -> int | 
     return max(context, min(budgets)) if budgets else None
 
 
-def stage_total(proposal: pb.PlanProposal, peer_id: str) -> int | None:
-    """The memory the proposal's plan sized for `peer_id`'s stage (None: it has none, or unknown)."""
+def stage_memory(proposal: pb.PlanProposal, peer_id: str) -> dict[str, float] | None:
+    """The memory the proposal's plan sized for `peer_id`'s stage, in all and for its weights
+    (None: it has none, or unknown)."""
     try:
         for s in json.loads(proposal.plan_json)["stages"]:
             if s["peer"] == peer_id:
-                return int(s["memory"]["total"])
+                return {k: float(s["memory"][k]) for k in ("total", "weights")}
     except (ValueError, KeyError, TypeError):
         pass
     return None

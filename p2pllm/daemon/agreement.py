@@ -14,6 +14,7 @@ from ..cluster import coordinator as coord
 from ..cluster.membership import Membership
 from ..cluster.planner import Plan, PlanOptions
 from ..errors import P2PError
+from ..model.backends import layers_to_share
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.recovery import plan_sources
@@ -162,15 +163,16 @@ class Agreement:
                 self.dial(s.address)
         mine = coord.my_assignment(req, self.id)
         carried = None  # the resumed sequences' KV, taken out of a stage freed before the load
+        old = self.data.stage
+        shared = layers_to_share(old.backend, *mine) if old is not None and mine else None  # kept, not loaded
         tight = self._no_room_for_both(req, mine)
         if tight:
-            log.info("freeing layers [%d, %d) before loading [%d, %d): %s", self.data.stage.start, self.data.stage.end,
-                     *mine, tight)
+            log.info("freeing layers [%d, %d) before loading [%d, %d): %s", old.start, old.end, *mine, tight)
             self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}  # superseded: their stages go
             self.loader.loaded = None
             carried = await self.data.release_stage(mine, list(req.resume))
         try:
-            stage = await self._load(mine) if mine else None
+            stage = await self._load(mine, shared) if mine else None
         except P2PError as e:
             return pb.PlanReply(ok=False, reason=str(e))
         # the old epoch stops here: refuse its frames, let the one being computed finish
@@ -188,26 +190,32 @@ class Agreement:
 
     def _no_room_for_both(self, req: pb.PlanProposal, mine: tuple[int, int] | None) -> str:
         """Why the committed stage must go before the proposal's loads ('' = both fit): the two
-        stages' planned memory exceeds what this peer offers. Loading beside it is what keeps the
-        ring serving through a plan change; past the limit it got peers OOM-killed when one rejoined
-        (docs/performance.md, Mission). Freed first, the ring pauses for the load instead."""
+        stages' planned memory, less the layers both hold (kept, not loaded twice), exceeds what
+        this peer offers. Loading beside it is what keeps the ring serving through a plan change;
+        past the limit it got peers OOM-killed when one rejoined (docs/performance.md, Mission).
+        Freed first (but for the kept layers), the ring pauses for the load instead."""
         old, limit = self.data.stage, int(self.membership.me.caps.mem_bytes)
         if mine is None or old is None or limit <= 0 or self.loader.reusable(mine, old) is not None:
             return ""
-        before = coord.stage_total(self.committed, self.id) if self.committed is not None else None
-        after = coord.stage_total(req, self.id)
-        if before is None or after is None or before + after <= limit:
+        before = coord.stage_memory(self.committed, self.id) if self.committed is not None else None
+        after = coord.stage_memory(req, self.id)
+        if before is None or after is None:
             return ""
-        return (f"both would need {(before + after) / 2**30:.2f} GiB, this peer offers {limit / 2**30:.2f} GiB "
+        both = int(before["total"] + after["total"])
+        overlap = max(0, min(old.end, mine[1]) - max(old.start, mine[0]))
+        both -= int(before["weights"] * overlap / max(1, old.end - old.start))  # held once, by both stages
+        if both <= limit:
+            return ""
+        return (f"both would need {both / 2**30:.2f} GiB, this peer offers {limit / 2**30:.2f} GiB "
                 f"(the ring pauses while it loads)")
 
-    async def _load(self, rng: tuple[int, int]):
+    async def _load(self, rng: tuple[int, int], shared=None):
         stage = self.loader.reusable(rng, self.data.stage)
         if stage is not None:
             return stage
         await self.pieces.fetch_missing(rng)
         self.state = "loading"
-        return await self.loader.load(rng)
+        return await self.loader.load(rng, shared)
 
     async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
         entry = self.pending.pop(req.epoch, None)

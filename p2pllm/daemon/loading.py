@@ -37,9 +37,12 @@ class StageLoader:
             return self.loaded[1]
         return None
 
-    async def load(self, rng: tuple[int, int]):
+    async def load(self, rng: tuple[int, int], shared=None):
+        """A stage for `rng`; `shared` (layers_to_share of the stage this peer served): the layers
+        it already holds are taken from there, and only the others are read."""
         self.load_progress = 0.0
-        log.info("loading layers [%d, %d) of %d", rng[0], rng[1], self.spec.n_layers)
+        kept = f" (keeping layers [{shared.layers[0]}, {shared.layers[-1] + 1}) it holds)" if shared else ""
+        log.info("loading layers [%d, %d) of %d%s", rng[0], rng[1], self.spec.n_layers, kept)
 
         shown = [time.monotonic()]
 
@@ -55,13 +58,16 @@ class StageLoader:
 
             return Stage(open_stage(self.model, rng[0], rng[1], spec=self.spec, backend=self.backend,
                                     device=self.device, kv_dtype=self.kv_dtype, max_context=self.context,
-                                    threads=self.threads, progress=progress), self.tokenizer)
+                                    threads=self.threads, progress=progress, shared=shared), self.tokenizer)
 
         t0 = time.monotonic()
         stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)
         self.loaded = (rng, stage)
         self.load_progress = 1.0
         self.load_seconds = time.monotonic() - t0
-        log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, KV %s)", rng[0], rng[1],
-                 self.load_seconds, stage.backend.name, stage.backend.weight_bytes / 2**20, stage.kv.format.name)
+        backend = stage.backend
+        read = getattr(backend, "loaded_bytes", backend.weight_bytes)
+        log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, %.0f MiB of them read now, "
+                 "KV %s)", rng[0], rng[1], self.load_seconds, backend.name, backend.weight_bytes / 2**20,
+                 read / 2**20, stage.kv.format.name)
         return stage

@@ -101,7 +101,7 @@ class SliceWeights:
     start: int
     end: int
     embed: Tensor | None  # [vocab, hidden] iff start == 0
-    layers: list[LayerWeights]  # layers start..end-1
+    layers: list[LayerWeights | None]  # layers start..end-1 (None: skipped, held already)
     norm: Tensor | None  # [hidden] iff end == n_layers
     head: Tensor | None  # [vocab, hidden] iff end == n_layers (the embedding when tied)
     rope_freq_factors: Tensor | None = None  # GGUF 'rope_freqs.weight' [head_dim/2] (llama3 scaling)
@@ -218,6 +218,11 @@ def _checked_plan(path, mf: ModelFile, spec: ModelSpec | None, start, end):
 # --------------------------------------------------------------------------- public
 
 
+def layer_of_key(key: str) -> int | None:
+    """The layer index of a canonical key ("layers.3.wq" -> 3), None for the rest."""
+    return int(key.split(".")[1]) if key.startswith("layers.") else None
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """A tensor a stage computes with, as the file stores it (nothing decoded)."""
@@ -249,12 +254,15 @@ def load_slice(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    skip_layers: frozenset[int] = frozenset(),
 ) -> SliceWeights:
     """The weights of layers [start, end), plus the embedding if start == 0 and the final norm
-    and output head if end == n_layers; cast to `dtype` on `device`."""
+    and output head if end == n_layers; cast to `dtype` on `device`. Layers in `skip_layers`
+    (held already, by a stage handing them over) are not read: None in `layers`."""
     mf = open_model_file(path)
     try:
         spec, plan = _checked_plan(path, mf, spec, start, end)
+        plan = [p for p in plan if layer_of_key(p[0]) not in skip_layers]
         loaded: dict[str, Tensor] = {}
         cache: dict[str, Tensor] = {}  # a tied head is the embedding we already read
         for done, (key, name, _shape) in enumerate(plan, 1):
@@ -267,8 +275,11 @@ def load_slice(
                 progress(done, len(plan))
     finally:
         mf.close()
-    layers = []
+    layers: list[LayerWeights | None] = []
     for i in range(start, end):
+        if i in skip_layers:
+            layers.append(None)
+            continue
         fields = {f: loaded[f"layers.{i}.{f}"] for f in LAYER_FIELDS}
         if spec.qkv_bias:
             fields.update({f: loaded[f"layers.{i}.{f}"] for f in BIAS_FIELDS})

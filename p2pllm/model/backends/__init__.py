@@ -9,13 +9,16 @@ What the runtime (stage, scheduler, ring, replicas, recovery) relies on, whateve
 `start`, `end`, `is_first`, `is_last`, `spec`, `device`, `activation_dtype` (hidden states in and
 out), `weight_bytes`, `forward(x, meta)`, on the last stage `forward_last(x, meta)` (logits and,
 for embeddings, final-normed hidden states) and `kv` (allocate/free/length/truncate/sequences,
-`export`/`import_entries` of KVEntries in its `format`, `nbytes`), `close()`.
+`export`/`import_entries` of KVEntries in its `format`, `nbytes`), `close()`, and
+`share(start, end)`: the layers of its range a new stage of [start, end) may take instead of
+loading them (`open_stage(..., shared=layers_to_share(old, start, end))`, on a replan).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Protocol
 
@@ -61,7 +64,27 @@ class StageBackend(Protocol):
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor: ...
     def forward_last(self, x: torch.Tensor, meta: BatchMeta) -> LastOutputs: ...
+    def share(self, start: int, end: int) -> dict: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SharedLayers:
+    """Weights one stage hands to the next stage on the same peer (a replan): the layers both
+    ranges hold are taken, not loaded again. They stay valid after the old stage is closed."""
+
+    source: tuple  # (file, backend, dtype, device): a stage takes them only if its own is the same
+    parts: dict  # the backend's own per-layer (and non-layer) pieces
+    layers: tuple[int, ...]
+
+
+def layers_to_share(stage: StageBackend, start: int, end: int) -> SharedLayers | None:
+    """What a stage of [start, end) opened like `stage` may take from it (None: nothing)."""
+    source = getattr(stage, "source", None)
+    keep = [i for i in range(max(start, stage.start), min(end, stage.end))]
+    if source is None or not keep:
+        return None
+    return SharedLayers(source, stage.share(start, end), tuple(keep))
 
 
 def choose_backend(spec: ModelSpec, backend: str = "auto", device: str = "cpu", dtype: str | None = None) -> str:
@@ -103,22 +126,31 @@ def held_dtype(spec: ModelSpec, backend: str, device: str, dtype: str | None = N
 def open_stage(path: str | os.PathLike, start: int, end: int, *, spec: ModelSpec | None = None,
                backend: str = "auto", device: str = "cpu", dtype: str | None = None, kv_dtype: str | None = None,
                max_context: int | None = None, threads: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> StageBackend:
-    """Layers [start, end) of the model at `path`, ready to run micro-batches."""
+               progress: Callable[[int, int], None] | None = None,
+               shared: SharedLayers | None = None) -> StageBackend:
+    """Layers [start, end) of the model at `path`, ready to run micro-batches; `shared`: layers
+    another stage of the same model hands over (see layers_to_share)."""
     spec = spec or read_spec(path)
     chosen = choose_backend(spec, backend, device, dtype)
+    compute = None if chosen == "ggml" else DTYPES[dtype] if dtype else torch_dtype(spec, device)
+    source = (os.path.realpath(path), spec.fingerprint, chosen, str(compute), str(device))
+    parts = shared.parts if shared is not None and shared.source == source else None
     if chosen == "ggml":
         from .ggml_stage import GGMLStage
 
-        return GGMLStage(path, start, end, spec=spec, kv_dtype=check_kv_dtype(kv_dtype or "f16", spec.head_dim),
-                         max_context=max_context, threads=threads, progress=progress)
-    from ..loader import load_slice
-    from .torch_stage import TorchStage
+        stage = GGMLStage(path, start, end, spec=spec, kv_dtype=check_kv_dtype(kv_dtype or "f16", spec.head_dim),
+                          max_context=max_context, threads=threads, progress=progress, shared=parts)
+    else:
+        from ..loader import load_slice
+        from .torch_stage import TorchStage
 
-    compute = DTYPES[dtype] if dtype else torch_dtype(spec, device)
-    kv = DTYPES[stage_kv_dtype(spec, "torch", device, kv_dtype)] if kv_dtype else None
-    weights = load_slice(path, start, end, spec=spec, dtype=compute, device=device, progress=progress)
-    return TorchStage(weights, dtype=compute, device=device, kv_dtype=kv, max_context=max_context)
+        kv = DTYPES[stage_kv_dtype(spec, "torch", device, kv_dtype)] if kv_dtype else None
+        held = {i: layer for i, layer in (parts or {}).items() if start <= i < end}
+        weights = load_slice(path, start, end, spec=spec, dtype=compute, device=device, progress=progress,
+                             skip_layers=frozenset(held))
+        stage = TorchStage(weights, dtype=compute, device=device, kv_dtype=kv, max_context=max_context, shared=held)
+    stage.source = source
+    return stage
 
 
 def torch_dtype(spec: ModelSpec, device: str) -> torch.dtype:

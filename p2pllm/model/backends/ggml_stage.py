@@ -1,9 +1,10 @@
 """A GGUF stage computed by ggml on the file's own encodings (a Q4_K tensor stays Q4_K).
 
-Weights: the file is memory-mapped and each tensor of the stage's layer range is handed to ggml
-where it lies in the map; only those pages are read (prefaulted at load, with progress), so a
-stage holds its share of the file and nothing else. `ggml_mul_mat` picks the SIMD kernel for
-each encoding, exactly as llama.cpp does.
+Weights (ggml_weights.py): the file is memory-mapped and each tensor of the stage's layer range is
+handed to ggml where it lies in the map (repacked for the SIMD kernels where ggml does that), so a
+stage holds its share of the file and nothing else; a stage built beside another of the same
+file shares the layers both hold. `ggml_mul_mat` picks the SIMD kernel for each encoding,
+exactly as llama.cpp does.
 
 A step is one ggml graph over all tokens of a micro-batch (llama.cpp's `llm_build_llama`, layer
 range [start, end) instead of all layers): norm, q/k/v on the quantized weights, rope as the file
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import os
 import weakref
 from collections import OrderedDict
@@ -26,18 +26,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...errors import ModelFileError, UsageError
+from ...errors import UsageError
 from ..batch import BatchMeta, LastOutputs
 from ..kvcache import KVFormat
-from ..loader import StoredTensor, stored_slice
+from ..loader import stored_slice
 from ..spec import ModelSpec
 from . import ggml_lib as gl
 from .ggml_kv import CellPool
+from .ggml_weights import StageWeights
 
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8  # graphs kept for reuse (descriptions only: they share one compute buffer)
-_PAGE = mmap.PAGESIZE
 
 
 class GGMLStage:
@@ -45,7 +45,7 @@ class GGMLStage:
 
     def __init__(self, path: str | os.PathLike, start: int, end: int, *, spec: ModelSpec | None = None,
                  kv_dtype: str = "f16", max_context: int | None = None, threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, shared: dict | None = None):
         self.g = g = gl.ggml()
         self.spec, stored = stored_slice(path, start, end, spec=spec)
         spec = self.spec
@@ -59,7 +59,9 @@ class GGMLStage:
         self._finalizer = weakref.finalize(self, self._res.free)
         self.backend = gl.cpu_backend(self.threads)
         self._res.backends.append(self.backend)
-        self.w = self._map_weights(path, stored, progress)
+        weights = self._res.weights = StageWeights(path, stored, self.backend, shared=shared, progress=progress)
+        self.w = weights.by_key
+        self.weight_bytes, self.loaded_bytes, self.kept_layers = weights.nbytes, weights.loaded_bytes, weights.kept
         self.rope_mode = g.GGML_ROPE_TYPE_NEOX if spec.arch == "qwen2" else g.GGML_ROPE_TYPE_NORMAL
         fmt = KVFormat(kv_dtype, "half" if self.rope_mode == g.GGML_ROPE_TYPE_NEOX else "pairs")
         self.kv = CellPool(self.backend, end - start, spec.n_kv_heads * spec.head_dim, fmt, self.context)
@@ -74,63 +76,10 @@ class GGMLStage:
         return self.end - self.start
 
     # ------------------------------------------------------------------ weights
-    def _map_weights(self, path, stored: list[StoredTensor], progress) -> dict:
-        """ggml tensors over the file map, pages prefaulted. Copied instead: matrices ggml repacks
-        for its SIMD kernels (as llama.cpp does), misaligned tensors, and non-f32 vectors."""
-        for t in stored:
-            if t.info.dtype not in gl.COMPUTE_TYPES:
-                raise ModelFileError(path, f"tensor {t.info.name} is {t.info.dtype}, which the ggml backend cannot "
-                                           f"compute with (supported: {', '.join(gl.COMPUTE_TYPES)})")
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._res.maps.append(mm)
-        file = np.frombuffer(mm, dtype=np.uint8)
-        unique = {t.info.name: t.info for t in stored}
-        looked_up = {t.info.name for t in stored if t.key == "embed"}  # get_rows reads it: never repacked
-        to_f32 = {n for n, i in unique.items() if len(i.shape) == 1 and i.dtype != "F32"}
-        repacked = {n for n, i in unique.items()
-                    if len(i.shape) == 2 and n not in looked_up and gl.repacks(i.dtype, i.shape[0])}
-        copied = to_f32 | {n for n, i in unique.items() if i.offset % gl.TENSOR_ALIGNMENT and n not in repacked}
-        tensors = self._place(file, unique, to_f32, copied, repacked)
-        total, done = sum(i.nbytes for i in unique.values()), 0
-        with open(path, "rb", buffering=0) as f:
-            for name, info in unique.items():
-                if name in repacked:  # read, not mapped: the page cache keeps the file, we keep the repacked copy
-                    data = np.empty(info.nbytes, dtype=np.uint8)
-                    f.seek(info.offset)
-                    f.readinto(memoryview(data))
-                    self.g.ggml_backend_tensor_set(tensors[name], data.ctypes.data, 0, info.nbytes)
-                elif name in copied:
-                    data = _dequantize(path, file, info) if name in to_f32 else file[info.offset:info.offset + info.nbytes]
-                    gl.view(tensors[name], np.uint8, (data.nbytes,))[:] = data.view(np.uint8).ravel()
-                else:
-                    _prefault(mm, file, info.offset, info.nbytes)
-                done += info.nbytes
-                if progress is not None:
-                    progress(done, total)
-        self.weight_bytes = total
-        self.repacked = len(repacked)
-        return {t.key: tensors[t.info.name] for t in stored}
-
-    def _place(self, file: np.ndarray, unique: dict, to_f32: set, copied: set, repacked: set) -> dict:
-        """A ggml tensor per file tensor, given its memory: the map where it lies, or a buffer of
-        our own (copied; f32 for vectors stored otherwise), or ggml's repacking buffer."""
-        in_map, own, packed = gl.Context(len(unique) + 1), gl.Context(len(copied) + 1), gl.Context(len(repacked) + 1)
-        self._res.contexts += [in_map, own, packed]
-        tensors = {}
-        for name, info in unique.items():
-            ctx = packed if name in repacked else own if name in copied else in_map
-            tensors[name] = ctx.tensor("F32" if name in to_f32 else info.dtype, tuple(reversed(info.shape)))
-        mapped = gl.Buffer.wrapping(file.ctypes.data, file.size, owner=file)
-        self._res.buffers.append(mapped)
-        for name, info in unique.items():
-            if name not in copied and name not in repacked:
-                mapped.place(tensors[name], file.ctypes.data + info.offset)
-        if copied:
-            self._res.buffers.append(gl.Buffer.for_context(own, self.backend))
-        if repacked:
-            self._res.buffers.append(gl.Buffer.for_context_in(packed, gl.repack_buffer_type()))
-        return tensors
+    def share(self, start: int, end: int) -> dict:
+        """What a stage of layers [start, end) built from the same file may take from this one
+        (`shared=`) instead of loading it: the layers both hold. It stays valid after close()."""
+        return self._res.weights.share(start, end)
 
     # ------------------------------------------------------------------ a step
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
@@ -320,10 +269,8 @@ class _Resources:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.allocators: list = []
         self.pools: list[CellPool] = []
-        self.buffers: list[gl.Buffer] = []
-        self.contexts: list[gl.Context] = []
+        self.weights: StageWeights | None = None  # its groups go with the last stage holding them
         self.backends: list = []
-        self.maps: list[mmap.mmap] = []
 
     def free(self) -> None:
         for graph in self.graphs.values():
@@ -332,39 +279,9 @@ class _Resources:
             gl.ggml().ggml_gallocr_free(alloc)
         for pool in self.pools:
             pool.close()
-        for buf in self.buffers:
-            buf.free()
-        for ctx in self.contexts:
-            ctx.free()
         for backend in self.backends:
             gl.ggml().ggml_backend_free(backend)
-        for mm in self.maps:
-            try:
-                mm.close()
-            except BufferError:  # a numpy view still points into it; the map goes with the view
-                pass
         self.__init__()
-
-
-def _dequantize(path, file: np.ndarray, info) -> np.ndarray:
-    import gguf
-
-    raw = file[info.offset:info.offset + info.nbytes]
-    try:
-        return np.ascontiguousarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[info.dtype]),
-                                    dtype=np.float32)
-    except Exception as e:
-        raise ModelFileError(path, f"tensor {info.name}: cannot decode {info.dtype} data ({e})") from None
-
-
-def _prefault(mm: mmap.mmap, file: np.ndarray, offset: int, nbytes: int) -> None:
-    """Read a tensor's pages in now (at load, with progress) rather than on the first token."""
-    lo = offset - offset % _PAGE
-    try:
-        mm.madvise(mmap.MADV_WILLNEED, lo, offset + nbytes - lo)
-    except (AttributeError, OSError, ValueError):  # not every platform has it; touching still works
-        pass
-    int(file[offset:offset + nbytes:_PAGE].sum())
 
 
 def _freq_scale(spec: ModelSpec) -> float:

@@ -155,7 +155,7 @@ class TorchStage:
 
     def __init__(self, weights: "SliceWeights", *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", kv_dtype: torch.dtype | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, shared: dict[int, "DecoderLayer"] | None = None):
         spec = weights.spec
         self.spec = spec
         self.start, self.end = weights.start, weights.end
@@ -167,17 +167,24 @@ class TorchStage:
         # a tied embedding on a slice holding both ends is not copied: rows come from the head
         self.embed_from_head = self.is_first and self.is_last and weights.embed is weights.head
         self.embed = weights.embed.to(device=device, dtype=dtype) if self.is_first and not self.embed_from_head else None
-        self.layers = [DecoderLayer(spec, w, dtype, device) for w in weights.layers]
+        self.layers = [DecoderLayer(spec, w, dtype, device) if w is not None else shared[i]  # handed over
+                       for i, w in enumerate(weights.layers, start=self.start)]
         cos, sin = rope_tables(spec, weights.rope_freq_factors, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.activation_dtype = dtype
         self.weight_bytes = sum(t.numel() * t.element_size() for t in _weights(self))
+        handed = [layer for layer in self.layers if any(layer is h for h in (shared or {}).values())]
+        self.loaded_bytes = self.weight_bytes - sum(t.numel() * t.element_size() for t in _layer_tensors(handed))
         context = min(max_context or spec.context, spec.context)
         self.kv = KVCache(self.n_layers, spec.n_kv_heads, spec.head_dim, context, kv_dtype or dtype, self.device)
 
     @property
     def n_layers(self) -> int:
         return self.end - self.start
+
+    def share(self, start: int, end: int) -> dict[int, "DecoderLayer"]:
+        """The layers a stage of [start, end) opened like this one may take (they are immutable)."""
+        return {i: layer for i, layer in enumerate(self.layers, start=self.start) if start <= i < end}
 
     def close(self) -> None:
         pass
@@ -225,9 +232,14 @@ def _weights(stage: TorchStage):
     for t in (stage.norm, stage.embed, stage.head.weight if stage.head else None, stage.cos, stage.sin):
         if t is not None:
             seen[id(t)] = t
-    for layer in stage.layers:
+    for t in _layer_tensors(stage.layers):
+        seen[id(t)] = t
+    return list(seen.values())
+
+
+def _layer_tensors(layers: list[DecoderLayer]):
+    for layer in layers:
         for t in (layer.attn_norm, layer.ffn_norm, layer.qkv.weight, layer.qkv.bias, layer.wo.weight,
                   layer.gate_up.weight, layer.down.weight):
             if t is not None:
-                seen[id(t)] = t
-    return list(seen.values())
+                yield t
