@@ -41,10 +41,17 @@ class WeightGroup:
         self.nbytes = 0  # bytes as the file stores them
         self._contexts: list[gl.Context] = []
         self._buffers: list[gl.Buffer] = []
-        weakref.finalize(self, _free, self._buffers, self._contexts)  # with the last stage holding it
+        self._mapped: list[tuple[mmap.mmap, int, int]] = []  # (map, offset, bytes) of its mapped tensors
+        weakref.finalize(self, _free, self._buffers, self._contexts, self._mapped)  # with the last stage holding it
 
 
-def _free(buffers: list, contexts: list) -> None:
+def _free(buffers: list, contexts: list, mapped: list) -> None:
+    for mm, offset, nbytes in mapped:  # out of our resident set (the map lives on while other groups use it;
+        lo = offset - offset % _PAGE    # a page they share with this group is read in again from the page cache)
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, offset + nbytes - lo)
+        except (AttributeError, OSError, ValueError):
+            pass
     for buf in buffers:
         buf.free()
     for ctx in contexts:
@@ -96,7 +103,7 @@ class StageWeights:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         file = np.frombuffer(mm, dtype=np.uint8)  # the groups' mapped tensors keep the map alive
         for key, kinds in new.items():
-            self.groups[key] = _place(self.source, file, {n: infos[n] for n in kinds}, kinds, backend)
+            self.groups[key] = _place(self.source, mm, file, {n: infos[n] for n in kinds}, kinds, backend)
         total = sum(self.groups[k].nbytes for k in new)
         done = 0
         with open(path, "rb", buffering=0) as f:
@@ -136,7 +143,7 @@ def _placements(stored: list[StoredTensor]) -> dict[str, str]:
     return kinds
 
 
-def _place(source: str, file: np.ndarray, infos: dict, kinds: dict[str, str], backend) -> WeightGroup:
+def _place(source: str, mm: mmap.mmap, file: np.ndarray, infos: dict, kinds: dict[str, str], backend) -> WeightGroup:
     """A group's ggml tensors, given their memory: the map where they lie, or a buffer of our own
     (copied; f32 for vectors stored otherwise), or ggml's repacking buffer."""
     group = WeightGroup(source, kinds)
@@ -153,6 +160,7 @@ def _place(source: str, file: np.ndarray, infos: dict, kinds: dict[str, str], ba
         for name, kind in kinds.items():
             if kind == MAPPED:
                 mapped.place(group.tensors[name], file.ctypes.data + infos[name].offset)
+                group._mapped.append((mm, infos[name].offset, infos[name].nbytes))
     if "own" in contexts:
         group._buffers.append(gl.Buffer.for_context(contexts["own"], backend))
     if "packed" in contexts:
