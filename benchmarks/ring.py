@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -233,8 +234,18 @@ def free_port() -> int:
 
 
 def join_supports(flag: str) -> bool:
-    out = subprocess.run([sys.executable, "-m", "p2pllm", "join", "--help"], capture_output=True, text=True)
-    return flag in out.stdout
+    return flag in _join_help()
+
+
+@functools.lru_cache(maxsize=1)
+def _join_help() -> str:
+    return subprocess.run([sys.executable, "-m", "p2pllm", "join", "--help"], capture_output=True, text=True).stdout
+
+
+def caches_off() -> list[str]:
+    """Every request computed: the gateway's response cache would answer a repeated request at once."""
+    return [f for flag in ("--response-cache", "--prefix-cache") if join_supports(flag)
+            for f in (flag, "off" if flag == "--response-cache" else "0")]
 
 
 class LoopbackCluster:
@@ -252,7 +263,8 @@ class LoopbackCluster:
             for i in range(n):
                 argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"{tag}-{i + 1}",
                         "--port", str(self.grpc[i]), "--gateway-port", str(self.gw[i]), "--interface", "127.0.0.1",
-                        "--no-mdns", "--peer", f"127.0.0.1:{self.grpc[0]}", "--cluster", cluster, *security, *extra]
+                        "--no-mdns", "--peer", f"127.0.0.1:{self.grpc[0]}", "--cluster", cluster, *security,
+                        *caches_off(), *extra]
                 if pin:
                     argv = ["taskset", "-c", pin[i], *argv]
                 log = open(log_dir / f"{tag}-{i + 1}.log", "w")

@@ -98,3 +98,28 @@ def test_a_bad_held_is_one_line(value):
     code, out, err = run_cli("--model", "llama-3-8b", "--device", f"name=a,mem=16GiB,tflops=4,bw=60GBps,held={value}")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "held must be none or START:END ranges" in err
+
+
+@pytest.mark.parametrize("strategy", ["even", "proportional"])  # (optimal puts this tiny model on fewer peers)
+def test_the_head_is_put_at_an_end_of_the_ring_unless_that_costs_more(strategy):
+    """The coordinator runs the scheduler: at an end of the ring one of its two messages per token
+    is a call to itself. Equal peers: the plan moves it there; a move that would make a peer fetch
+    is not made."""
+    spec = tiny_spec(12)
+    options = P.PlanOptions(strategy=strategy, context=64)
+    peers = [peer("a"), peer("b"), peer("c")]
+    plain = P.plan(spec, peers, options=options)
+    middle = plain.stages[1].peer
+    moved = P.plan(spec, peers, options=options, head=middle)
+    assert [(s.start, s.end) for s in moved.stages] == [(s.start, s.end) for s in plain.stages]
+    assert middle in (moved.stages[0].peer, moved.stages[-1].peer)
+    assert moved.objective_ms <= plain.objective_ms * (1 + options.fetch_tolerance)
+    assert P.plan(spec, peers, options=options, head=plain.stages[0].peer).assignment == plain.assignment
+
+    # the middle peer holds its range (and nothing else): moving it would make it fetch
+    n = 12
+    ranges = {"a": (0, 4), "b": (4, 8), "c": (8, 12)}
+    holding = [peer("a"), peer("b", held(4, 8, n)), peer("c")]
+    even = P.PlanOptions(strategy="even", context=64)
+    kept = P.plan(spec, holding, options=even, head="b")
+    assert kept.assignment == [(k, *v) for k, v in ranges.items()] and kept.fetch_bytes == 0

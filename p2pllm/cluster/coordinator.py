@@ -45,11 +45,12 @@ def measured_links(members: list[Member]) -> Links:
 OUT_OF_PLAN = ("leaving", "drained", "fetching")  # states of live peers that get no layers
 
 
-def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions, exclude: frozenset = frozenset()) \
-        -> Plan:
-    """The plan over the live, compatible peers that are neither leaving nor drained (nor in `exclude`)."""
+def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions, exclude: frozenset = frozenset(),
+                   head: str | None = None) -> Plan:
+    """The plan over the live, compatible peers that are neither leaving nor drained (nor in `exclude`);
+    `head`: the coordinator, which runs the scheduler (planner.plan puts it at an end of the ring)."""
     members = [m for m in membership.live_compatible() if m.state not in OUT_OF_PLAN and m.info.id not in exclude]
-    return plan(spec, [peer_caps(m) for m in members], measured_links(members), options)
+    return plan(spec, [peer_caps(m) for m in members], measured_links(members), options, head=head)
 
 
 def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, candidate: Plan,

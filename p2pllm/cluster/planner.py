@@ -797,8 +797,11 @@ def _fitting_orders(c: _Costs, usable: list[int]) -> list[tuple[int, ...]]:
     return orders
 
 
-def plan(spec: ModelSpec, peers: Sequence[PeerCaps], links: Links | None = None, options: PlanOptions = PlanOptions()) -> Plan:
-    """The plan for `spec` on `peers` under `options.strategy` and `options.objective`."""
+def plan(spec: ModelSpec, peers: Sequence[PeerCaps], links: Links | None = None, options: PlanOptions = PlanOptions(),
+         head: str | None = None) -> Plan:
+    """The plan for `spec` on `peers` under `options.strategy` and `options.objective`; `head`: the
+    peer that will run the scheduler (the coordinator), put at an end of the ring where it costs
+    little (see _head_at_an_end)."""
     links = links or Links()
     ids = [p.id for p in peers]
     if len(set(ids)) != len(ids):
@@ -809,7 +812,31 @@ def plan(spec: ModelSpec, peers: Sequence[PeerCaps], links: Links | None = None,
         chosen = _even(spec, peers, links, options)
     else:
         chosen = _optimal(spec, peers, links, options)
-    return _prefer_held(spec, peers, links, options, chosen)
+    return _head_at_an_end(spec, peers, links, options, _prefer_held(spec, peers, links, options, chosen), head)
+
+
+def _head_at_an_end(spec, peers, links, options, chosen: Plan, head: str | None) -> Plan:
+    """The same layer ranges with the head moved to the first or the last stage, if that costs at
+    most `options.fetch_tolerance` more and fetches no longer. A token goes head -> first stage ->
+    ... -> last stage -> head: from a middle stage the head sends and receives two messages over
+    the network, from an end one of them is a call to itself (one network message per token fewer;
+    the cost model's ring closes last -> first, exact only then)."""
+    ids = [s.peer for s in chosen.stages]
+    if not chosen.feasible or head not in ids[1:-1]:
+        return chosen
+    ranges = [(s.start, s.end) for s in chosen.stages]
+    limit = chosen.objective_ms * (1.0 + options.fetch_tolerance)
+    best = None
+    for end in (0, len(ids) - 1):
+        order = ids.copy()
+        i = order.index(head)
+        order[i], order[end] = order[end], order[i]
+        p = evaluate(spec, peers, [(pid, a, b) for pid, (a, b) in zip(order, ranges)], links, options,
+                     chosen.strategy, chosen.excluded)
+        if p.feasible and p.objective_ms <= limit and p.fetch_s <= chosen.fetch_s and \
+                (best is None or p.objective_ms < best.objective_ms):
+            best = p
+    return best or chosen
 
 
 def _prefer_held(spec, peers, links, options, chosen: Plan) -> Plan:

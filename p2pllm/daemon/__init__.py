@@ -126,7 +126,8 @@ class Daemon:
                                   self.threads, self.tokenizer, self.compute)
         self.pieces = PeerPieces(cfg.model, self.spec, self.id, self.membership, self.options, self.clients,
                                  cfg.fetch_from, cfg.model_cache, on_change=self._out_of_plan_changed,
-                                 busy=self._ring_busy, busy_rate=cfg.fetch_serve_rate)
+                                 busy=self._ring_busy, busy_rate=cfg.fetch_serve_rate,
+                                 coordinator=lambda: self.agreement.coordinator())
         self._frames_seen = (0, 0.0)  # the stage's frame count, and when it last changed (_ring_busy)
         self.agreement = Agreement(self.id, self.spec, self.options, self.membership, self.clients, self.data,
                                    self.loader, self.pieces, cfg.kv_replicas, self.peers.dial, self.gateway_url,

@@ -44,8 +44,10 @@ class PeerPieces:
 
     def __init__(self, model, spec: ModelSpec, me: str, membership: Membership, options: PlanOptions,
                  clients: ClientPool, sources: list[str], cache: str | None, on_change: Callable[[], None],
-                 busy: Callable[[], bool] | None = None, busy_rate: float = 0.0):
+                 busy: Callable[[], bool] | None = None, busy_rate: float = 0.0,
+                 coordinator: Callable[[], str | None] = lambda: None):
         self.model = model
+        self.coordinator = coordinator  # who will plan (the head), to predict the range it will give
         # while `busy()` (requests run through this peer) what it serves is capped at busy_rate bytes/s
         self.pacing = {"busy": busy, "busy_rate": busy_rate} if busy is not None and busy_rate > 0 else {}
         self.spec = spec
@@ -104,7 +106,7 @@ class PeerPieces:
                 continue
             me = self.membership.members[self.id]
             me.state = "unknown"  # the plan as if this peer were in
-            candidate = coord.candidate_plan(self.spec, self.membership, self.options)
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options, head=self.coordinator())
             me.state = "fetching"
             mine = next(((s.start, s.end) for s in candidate.stages if s.peer == self.id), None)
             try:
