@@ -19,7 +19,7 @@ import sys
 
 from ..errors import UsageError
 from ..argtypes import non_negative_int
-from ..model.kvcache import kv_bytes_per_value
+from ..model.kv_dtypes import kv_bytes_per_value
 from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
 from ..model.store import ModelRefError, resolve_model
 from .capability import parse_duration, parse_rate, parse_size, probe

@@ -15,11 +15,12 @@ import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from .tokenizer import Tokenizer
 
 MAX_GRAMMAR_BYTES = 256 * 1024  # a grammar (a compiled schema) larger than this is refused, on the wire too
@@ -117,8 +118,9 @@ class Constraint:
         torch.compile (a C compiler and seconds on first use)."""
         self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self._vocab].astype(bool)
-        logits[: self._vocab][torch.from_numpy(~allowed)] = float("-inf")
-        logits[self._vocab:] = float("-inf")  # padding rows of the embedding are never text
+        row = logits.numpy()  # shares the tensor's memory
+        row[: self._vocab][~allowed] = -np.inf
+        row[self._vocab:] = -np.inf  # padding rows of the embedding are never text
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)

@@ -6,11 +6,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from .grammar import MAX_GRAMMAR_BYTES, Constraint
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a Sampler computes: SamplingParams alone is what the gateway's request
+# schema needs, and the CLI (status, chat, plan) then starts without torch's 1.5 s import
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class Sampler:
         """`generated`: the tokens this sequence generated before this sampler took over (after a
         replan), which the penalties count and the grammar replays. `tokenizer`: the model's, which
         a grammar needs."""
+        import torch
+
         self.params = params.validate()
         self._constraint = None
         if params.grammar:
@@ -105,6 +112,8 @@ class Sampler:
         k = self.params.top_logprobs
         if k is None:
             return Sampled(token)
+        import torch
+
         logprobs = torch.log_softmax(logits.float().cpu(), dim=-1)
         top = torch.topk(logprobs, k) if k else None
         alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
@@ -122,6 +131,8 @@ class Sampler:
         return token
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
         p = self.params
         logits = logits.float().cpu().clone()
         if self._counts:
@@ -135,6 +146,8 @@ class Sampler:
         return logits
 
     def _choose(self, logits: torch.Tensor) -> int:
+        import torch
+
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))

@@ -7,12 +7,14 @@ HTTP input, builds a GenerationRequest, and streams TokenEvents back to its clie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
-
-import torch
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from ..model.sampling import SamplingParams
-from ..model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.tokenizer import Tokenizer
 
 MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's limit)
 MAX_CHOICES = 128  # n: choices of one completion (OpenAI's limit)
