@@ -37,4 +37,7 @@ else
   step "installing p2pllm${EXTRAS}"
 fi
 pip install -q -c scripts/constraints.txt -e ".${EXTRAS}"
+# with llama.cpp installed (the test references), the stages compute with its own ggml build: the
+# same kernels and rounding as the reference (docs/backends.md, "Which ggml")
+python scripts/ggml_from_llama_cpp.py >&2
 echo "p2pllm installed in $(pwd)/.venv" >&2

@@ -73,10 +73,11 @@ def test_stories_greedy_ids_equal_llama_cpp(llama_cpp, stories_gguf, stories_pip
 
 
 def test_default_f16_kv_follows_llama_cpps_default_f16_kv(llama_cpp, stories_gguf):
-    """Both defaults (a ggml stage and llama.cpp keep KV in f16). The two ggml builds differ slightly
-    (llama-cpp-python vendors a newer ggml whose f16 dot product accumulates differently: logits
-    agree to ~1e-3), so a near-tie may flip late in a long generation: the first 16 tokens must
-    agree on every prompt, all 64 on at least 3 of 4."""
+    """Both defaults (a ggml stage and llama.cpp keep KV in f16). With ggml-python's bundled ggml the
+    two builds differ slightly (llama-cpp-python's newer ggml accumulates its f16 dot product
+    differently: logits agree to ~1e-3), so a near-tie may flip late in a long generation: the first
+    16 tokens must agree on every prompt, all 64 on at least 3 of 4 (setup.sh links llama.cpp's own
+    ggml where it can, and then all agree: docs/backends.md, "Which ggml")."""
     pipe = LocalPipeline(str(stories_gguf))
     assert pipe.backend == "ggml" and pipe.stages[0].kv.format.dtype == "f16"
     llm = llama_cpp_model(llama_cpp, stories_gguf, kv="f16")

@@ -65,9 +65,12 @@ class StageLoader:
         self.loaded = (rng, stage)
         self.load_progress = 1.0
         self.load_seconds = time.monotonic() - t0
+        from ..model.backends import ggml_lib as gl
+
         backend = stage.backend
         read = getattr(backend, "loaded_bytes", backend.weight_bytes)
+        kernels = f"ggml {gl.version()}" if backend.name == "ggml" else backend.name
         log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, %.0f MiB of them read now, "
-                 "KV %s)", rng[0], rng[1], self.load_seconds, backend.name, backend.weight_bytes / 2**20,
+                 "KV %s)", rng[0], rng[1], self.load_seconds, kernels, backend.weight_bytes / 2**20,
                  read / 2**20, stage.kv.format.name)
         return stage

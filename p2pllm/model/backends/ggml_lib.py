@@ -52,6 +52,13 @@ def ggml():
 
 
 @lru_cache(maxsize=1)
+def version() -> str:
+    """The ggml build the stages compute with, e.g. "0.25.3 (0c1e570)" (scripts/ggml_from_llama_cpp.py)."""
+    g = ggml()
+    return f"{g.ggml_version().decode()} ({g.ggml_commit().decode()})"
+
+
+@lru_cache(maxsize=1)
 def _log_callback(g):
     def forward(level: int, text: bytes, _user) -> None:
         message = (text or b"").decode("utf-8", "replace").rstrip()
