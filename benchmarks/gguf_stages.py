@@ -44,6 +44,13 @@ RAW = ["Once upon a time, in a small town by the sea, there lived", "The three m
 SPLIT = [10, 20]
 
 
+def ggml_build() -> str:
+    """Which ggml the stages computed with (scripts/ggml_from_llama_cpp.py links llama.cpp's)."""
+    from p2pllm.model.backends import ggml_lib
+
+    return ggml_lib.version()
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -294,7 +301,8 @@ def main() -> int:
     repeats, n_tokens = (1, 32) if args.quick else (args.repeats, 128)
     res = {"quick": args.quick, "repeats": repeats, "threads": THREADS, "statistic": "best",
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "load_average_1m_at_start": os.getloadavg()[0], "python": platform.python_version()},
+                       "load_average_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
+                       "ggml": ggml_build()},
            "files": []}
     files = [SMOL, quantized(SMOL, "Q8_0", FTYPES["Q8_0"]), quantized(SMOL, "Q4_K_M", FTYPES["Q4_K_M"])]
     for i, path in enumerate(files):
