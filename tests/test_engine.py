@@ -248,6 +248,34 @@ def test_quantized_gguf_logits_agree_with_llama_cpp(llama_cpp, qtype, backend, t
         assert (ours - ref).abs().max().item() < 0.05
 
 
+def test_the_stages_compute_with_llama_cpps_ggml_and_a_real_q4_k_m_file_gives_its_greedy_ids(llama_cpp, tmp_path):
+    """setup.sh links llama.cpp's own ggml into ggml-python (scripts/ggml_from_llama_cpp.py), so a
+    stage and llama.cpp round alike: SmolLM2-135M, whose first tokens are near-ties, quantized to
+    Q4_K_M by llama.cpp, gives llama.cpp's greedy ids (f16 KV, its defaults), whole and split in 3.
+    With ggml-python's bundled ggml 2 of 5 such prompts matched (docs/backends.md)."""
+    import os
+
+    from conftest import shared_model
+    from p2pllm.model.backends import ggml_lib
+
+    ggml_lib.ggml()
+    loaded = {os.path.realpath(line.split()[-1]) for line in open("/proc/self/maps") if "libggml-base" in line}
+    assert loaded and all(path.startswith(os.path.realpath(os.path.dirname(llama_cpp.__file__))) for path in loaded), loaded
+    path = tmp_path / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = 15, True  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")).encode(),
+                                          str(path).encode(), params) == 0
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, type_k=1, type_v=1,
+                          flash_attn=True, verbose=False)  # llama.cpp's defaults: f16 KV, flash attention
+    whole, split = LocalPipeline(str(path), threads=2), LocalPipeline(str(path), [10, 20], threads=2)
+    for question in ("What is the capital of France?", "Write a haiku about the sea."):
+        ids = whole.tokenizer.encode_chat([{"role": "user", "content": question}])
+        want = llama_cpp_greedy(llm, ids, 32)
+        assert whole.generate(ids, max_tokens=32).ids[:len(want)] == want, question
+        assert split.generate(ids, max_tokens=32).ids[:len(want)] == want, question
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_demo_model_fp32_greedy_equals_llama_cpp(llama_cpp, demo_tiny_gguf, backend):
     pipe = LocalPipeline(str(demo_tiny_gguf), [2, 4], backend=backend, kv_dtype="f32")
