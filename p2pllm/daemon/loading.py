@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..model.backends import ggml_lib as gl
 from ..model.spec import ModelSpec
 
 log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whole peer
@@ -65,8 +66,6 @@ class StageLoader:
         self.loaded = (rng, stage)
         self.load_progress = 1.0
         self.load_seconds = time.monotonic() - t0
-        from ..model.backends import ggml_lib as gl
-
         backend = stage.backend
         read = getattr(backend, "loaded_bytes", backend.weight_bytes)
         kernels = f"ggml {gl.version()}" if backend.name == "ggml" else backend.name

@@ -73,7 +73,7 @@ class SharedLayers:
     """Weights one stage hands to the next stage on the same peer (a replan): the layers both
     ranges hold are taken, not loaded again. They stay valid after the old stage is closed."""
 
-    source: tuple  # (file, backend, dtype, device): a stage takes them only if its own is the same
+    source: tuple  # (file, fingerprint, backend, dtype, device): taken only by a stage of the same
     parts: dict  # the backend's own per-layer (and non-layer) pieces
     layers: tuple[int, ...]
 
