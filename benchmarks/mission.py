@@ -479,7 +479,7 @@ class Mission:
         argv = [sys.executable, "-m", "p2pllm", "join", "--model", self.model, "--name", f"host{i}",
                 "--interface", self.h.addr(i), "--port", GRPC_PORT, "--gateway-port", GATEWAY_PORT, "--no-mdns",
                 "--peer", self.address(1), "--cluster", f"mission-{os.getpid()}", "--context", self.cfg["context"],
-                "--threads", self.cfg["threads"], *security]
+                "--threads", self.cfg["threads"], *security, *self.cfg["daemon_args"]]
         # into the cgroup first, then into the host's network namespace with nsenter: `ip netns exec`
         # (what Hosts.popen uses) remounts /sys, which hides /sys/fs/cgroup, so a daemon started that
         # way cannot see its own memory limit
@@ -874,6 +874,8 @@ def main() -> int:
     ap.add_argument("--insecure", action="store_true", help="plaintext peer traffic instead of a cluster secret")
     ap.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                     help="an environment variable for every daemon (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                    help="an extra `join` argument for every daemon (e.g. --daemon-arg=--kv-replicas --daemon-arg=0)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
@@ -890,7 +892,7 @@ def main() -> int:
     cfg = dict(tokens=64, tokens_limited=16, ceiling_repeats=3, repeats=3, tokens8=32, repeats8=2, long_tokens=100,
                kill_after=24, llama_bound_s=180, alone_s=60, ready_timeout=420, recover_timeout=300, context=128,
                threads=args.threads, rate="1gbit", limit_ratio=args.limit_ratio,
-               daemon_env=dict(kv.split("=", 1) for kv in args.daemon_env))
+               daemon_env=dict(kv.split("=", 1) for kv in args.daemon_env), daemon_args=args.daemon_arg)
     if args.quick:
         cfg.update(tokens=16, ceiling_repeats=1, repeats=1, tokens8=8, repeats8=1, llama_bound_s=45, kill_after=8)
     model = ensure_model()
