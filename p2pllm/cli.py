@@ -450,7 +450,9 @@ def _add_join(sub) -> None:
     p.add_argument("--workers", default=None, metavar="FILE.json",
                    help="external backends from a JSON list of {id, host, port, type, model, max_concurrent_requests}")
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
-    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="compute threads (default: cores - 1); several daemons on one machine should split the "
+                        "cores between them: OpenMP threads spinning on shared cores slow every stage")
     p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
