@@ -15,7 +15,6 @@ new to them, and for a moment hold the new layers beside the old, not the whole 
 from __future__ import annotations
 
 import mmap
-import os
 import weakref
 from typing import Callable
 
@@ -34,8 +33,7 @@ _MEMORY = {MAPPED: "map", COPIED: "own", WIDENED: "own", REPACKED: "packed"}  # 
 class WeightGroup:
     """One layer's tensors (or one non-layer tensor) and the ggml memory they live in."""
 
-    def __init__(self, source: str, kinds: dict[str, str]):
-        self.source = source  # the model file the data came from
+    def __init__(self, kinds: dict[str, str]):
         self.kinds = kinds  # file tensor name -> where its data lives (a group is shared only as placed)
         self.tensors: dict[str, object] = {}
         self.nbytes = 0  # bytes as the file stores them
@@ -73,15 +71,14 @@ class StageWeights:
             if t.info.dtype not in gl.COMPUTE_TYPES:
                 raise ModelFileError(path, f"tensor {t.info.name} is {t.info.dtype}, which the ggml backend cannot "
                                            f"compute with (supported: {', '.join(gl.COMPUTE_TYPES)})")
-        self.source = os.path.realpath(path)
         kinds = _placements(stored)
         wanted: dict[int | str, dict[str, str]] = {}
         for t in stored:
             wanted.setdefault(group_of(t), {})[t.info.name] = kinds[t.info.name]
         self.groups: dict[int | str, WeightGroup] = {}
         for key, want in wanted.items():
-            old = (shared or {}).get(key)
-            if old is not None and old.source == self.source and old.kinds == want:
+            old = (shared or {}).get(key)  # (open_stage hands over only groups of the same file)
+            if old is not None and old.kinds == want:
                 self.groups[key] = old
         self.kept = [k for k in self.groups if isinstance(k, int)]  # layers taken from another stage
         infos = {t.info.name: t.info for t in stored}
@@ -92,7 +89,6 @@ class StageWeights:
         self.by_key = {t.key: tensors[t.info.name] for t in stored}
         self.nbytes = sum(g.nbytes for g in self.groups.values())
         self.loaded_bytes = sum(self.groups[k].nbytes for k in new)
-        self.repacked = sum(kind == REPACKED for g in self.groups.values() for kind in g.kinds.values())
 
     def share(self, start: int, end: int) -> dict:
         """The groups another stage of layers [start, end) may take: its layers and the rest."""
@@ -103,7 +99,7 @@ class StageWeights:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         file = np.frombuffer(mm, dtype=np.uint8)  # the groups' mapped tensors keep the map alive
         for key, kinds in new.items():
-            self.groups[key] = _place(self.source, mm, file, {n: infos[n] for n in kinds}, kinds, backend)
+            self.groups[key] = _place(mm, file, {n: infos[n] for n in kinds}, kinds, backend)
         total = sum(self.groups[k].nbytes for k in new)
         done = 0
         with open(path, "rb", buffering=0) as f:
@@ -143,10 +139,10 @@ def _placements(stored: list[StoredTensor]) -> dict[str, str]:
     return kinds
 
 
-def _place(source: str, mm: mmap.mmap, file: np.ndarray, infos: dict, kinds: dict[str, str], backend) -> WeightGroup:
+def _place(mm: mmap.mmap, file: np.ndarray, infos: dict, kinds: dict[str, str], backend) -> WeightGroup:
     """A group's ggml tensors, given their memory: the map where they lie, or a buffer of our own
     (copied; f32 for vectors stored otherwise), or ggml's repacking buffer."""
-    group = WeightGroup(source, kinds)
+    group = WeightGroup(kinds)
     memory = {name: _MEMORY[kind] for name, kind in kinds.items()}
     contexts = {m: gl.Context(list(memory.values()).count(m) + 1) for m in set(memory.values())}
     group._contexts.extend(contexts.values())

@@ -173,7 +173,7 @@ class TorchStage:
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.activation_dtype = dtype
         self.weight_bytes = sum(t.numel() * t.element_size() for t in _weights(self))
-        handed = [layer for layer in self.layers if any(layer is h for h in (shared or {}).values())]
+        handed = [layer for layer, w in zip(self.layers, weights.layers) if w is None]
         self.loaded_bytes = self.weight_bytes - sum(t.numel() * t.element_size() for t in _layer_tensors(handed))
         context = min(max_context or spec.context, spec.context)
         self.kv = KVCache(self.n_layers, spec.n_kv_heads, spec.head_dim, context, kv_dtype or dtype, self.device)
