@@ -24,7 +24,6 @@ import logging
 import secrets
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import PROTOCOL_VERSION
@@ -41,6 +40,7 @@ from ..model.spec import read_spec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.api import EngineStats
 from ..runtime.cluster_engine import ClusterEngine
+from ..runtime.compute_lane import ComputeLane
 from ..transport.client import ClientPool
 from ..transport.server import start_server
 from .agreement import Agreement
@@ -103,7 +103,7 @@ class Daemon:
             strategy=cfg.strategy,
             hysteresis=cfg.hysteresis,
         )
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.compute = ComputeLane()  # the stage's one thread (or, for small steps, the event loop)
         self.started_at = time.monotonic()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -257,7 +257,7 @@ class Daemon:
         await self.data.links.close()
         self.pieces.close()
         await self.clients.close()
-        self.compute.shutdown(wait=False, cancel_futures=True)
+        self.compute.shutdown()
 
     # ------------------------------------------------------------------ the gateway
     async def _start_gateway(self) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from ..cluster import coordinator as coord
 from ..cluster.membership import Membership
@@ -17,6 +16,7 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.cluster_engine import serve_embed, serve_generate
 from ..runtime.cluster_ring import ClusterRing
+from ..runtime.compute_lane import ComputeLane
 from ..runtime.recovery import plan_sources, restore_kv, serve_fetch
 from ..runtime.replica import ReplicaStore, exported, from_cache
 from ..runtime.ring_stage import Binding, RingStage
@@ -35,7 +35,7 @@ class DataPlane:
     (`ring`, `scheduler`). `on_broken(address)`: a ring link to a peer broke."""
 
     def __init__(self, me: str, address: str, spec: ModelSpec, options: PlanOptions, security: Security,
-                 clients: ClientPool, membership: Membership, compute: ThreadPoolExecutor, tokenizer,
+                 clients: ClientPool, membership: Membership, compute: ComputeLane, tokenizer,
                  model_name: str, micro_batches: int | None, wire_dtype: str | None,
                  on_broken: Callable[[str], None]):
         self.id = me
@@ -100,8 +100,7 @@ class DataPlane:
     # ------------------------------------------------------------------ KV across plan changes
     async def on_fetch_kv(self, req: pb.FetchKVRequest) -> list[pb.KVDelta]:
         stage = self.stage
-        return await asyncio.get_running_loop().run_in_executor(
-            self.compute, serve_fetch, req, stage, self.replicas)
+        return await self.compute.run(serve_fetch, req, stage, self.replicas)
 
     async def _fetch_kv(self, address: str, req: pb.FetchKVRequest) -> list[pb.KVDelta]:
         member = self.membership.by_address(address)
@@ -113,7 +112,7 @@ class DataPlane:
     async def unbind(self) -> None:
         """The old epoch stops here: refuse its frames, let the one being computed finish."""
         self.ring_stage.bind(None)
-        await asyncio.get_running_loop().run_in_executor(self.compute, lambda: None)
+        await self.compute.drain()
 
     async def restore(self, stage, req: pb.PlanProposal, carried: dict | None = None) -> dict[int, int]:
         """The proposal's carried-over sequences' KV in `stage`: per sequence, the positions rebuilt
@@ -138,7 +137,7 @@ class DataPlane:
             old.close()
             return {seq_id: kv for seq_id, kv in kept.items() if kv is not None}
 
-        return await asyncio.get_running_loop().run_in_executor(self.compute, take)
+        return await self.compute.run(take)
 
     # ------------------------------------------------------------------ ring binding
     def commit(self, proposal: pb.PlanProposal, stage) -> None:
@@ -179,7 +178,7 @@ class DataPlane:
             kv = b.stage.kv
             return [exported(kv, b.stage.start, s, 0, kv.length(s)) for s in kv.sequences() if kv.length(s) > 0]
 
-        deltas = await asyncio.get_running_loop().run_in_executor(self.compute, export)
+        deltas = await self.compute.run(export)
         if deltas:
             await self.ring_stage.send_replica(b, deltas)
 

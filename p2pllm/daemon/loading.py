@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ..model.backends import ggml_lib as gl
 from ..model.spec import ModelSpec
+from ..runtime.compute_lane import ComputeLane
 
 log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whole peer
 
 
 class StageLoader:
     def __init__(self, model, spec: ModelSpec, backend: str, device: str, kv_dtype: str, context: int,
-                 threads: int, tokenizer, compute: ThreadPoolExecutor):
+                 threads: int, tokenizer, compute: ComputeLane):
         self.model = model
         self.spec = spec
         self.backend = backend
@@ -62,7 +61,7 @@ class StageLoader:
                                     threads=self.threads, progress=progress, shared=shared), self.tokenizer)
 
         t0 = time.monotonic()
-        stage = await asyncio.get_running_loop().run_in_executor(self.compute, build)
+        stage = await self.compute.run(build)
         self.loaded = (rng, stage)
         self.load_progress = 1.0
         self.load_seconds = time.monotonic() - t0

@@ -3,10 +3,8 @@ pass the result on (to the next stage, or the sampled tokens and pooled embeddin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import P2PError
@@ -14,11 +12,17 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
 from ..transport.ring import LinkPool
+from .compute_lane import ComputeLane
 from .frames import LayerKV
 from .replica import exported
 from .stage import Stage
 
 log = logging.getLogger(__name__)
+
+# A step runs on the event loop (no thread hop) when it is this small and such steps take this
+# little: a loop busy longer would delay health checks, ring acks and the gateway.
+INLINE_MAX_TOKENS = 8
+INLINE_MAX_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Binding:
 
 
 class RingStage:
-    def __init__(self, spec: ModelSpec, links: LinkPool, compute: ThreadPoolExecutor, wire_dtype: str | None = None):
+    def __init__(self, spec: ModelSpec, links: LinkPool, compute: ComputeLane, wire_dtype: str | None = None):
         self.spec = spec
         self.links = links
         self.compute = compute
@@ -43,6 +47,7 @@ class RingStage:
         self.compute_seconds = 0.0
         self.frames = 0
         self.replica_bytes = 0
+        self.small_step_seconds = 0.0  # the last small step's time (decides whether the next runs inline)
 
     def bind(self, binding: Binding | None) -> None:
         self.binding = binding
@@ -55,8 +60,10 @@ class RingStage:
                 raise frames.FrameError(f"this peer is switching plans (frame of epoch {frame.epoch} refused)")
             if b.stage is None:
                 raise frames.FrameError(f"this peer holds no layers in epoch {b.epoch}")
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self.compute, self._process, b, frame)
+            if self._inline(frame):
+                out = self._process(b, frame)
+            else:
+                out = await self.compute.run(self._process, b, frame)
         except P2PError as e:
             log.warning("refused micro-batch %d (epoch %d): %s", frame.micro_batch, frame.epoch, e)
             if b is not None:
@@ -65,8 +72,10 @@ class RingStage:
             return str(e)
         mb, outgoing = out
         await self.links.get(b.head_address if b.stage.is_last else b.next_address).send(outgoing)
-        if b.replica_address:  # after the result, off the critical path (a step whose replica never left is replayed)
-            deltas = await loop.run_in_executor(self.compute, self._deltas, b, mb)
+        # the replica after the result, off the critical path (a step whose replica never left is
+        # replayed); none once the epoch is over: its stage may be gone
+        if b.replica_address and self.binding is b:
+            deltas = self._deltas(b, mb) if self.compute.idle() else await self.compute.run(self._deltas, b, mb)
             if deltas:
                 await self.send_replica(b, deltas)
         return ""
@@ -75,6 +84,12 @@ class RingStage:
         frame = pb.Frame(epoch=b.epoch, replica=True, kv=[frames.encode_kv(d, b.epoch) for d in deltas])
         self.replica_bytes += frame.ByteSize()
         await self.links.get(b.replica_address).send(frame)
+
+    def _inline(self, frame: pb.Frame) -> bool:
+        """Whether this frame's step may run on the event loop (see compute_lane.py)."""
+        return (self.compute.idle() and len(frame.chunks) <= INLINE_MAX_TOKENS
+                and sum(c.length for c in frame.chunks) <= INLINE_MAX_TOKENS
+                and self.small_step_seconds <= INLINE_MAX_SECONDS)
 
     def _process(self, b: Binding, frame: pb.Frame):
         t0 = time.perf_counter()
@@ -88,14 +103,17 @@ class RingStage:
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
         result = stage.process(mb, hidden)
-        # encoded here, on the compute thread: copying the activations into the message is work
-        # the event loop (ring, health checks, the gateway) need not wait for
+        # encoded here, where the step ran: on the compute thread, copying the activations into
+        # the message is work the event loop (ring, health checks, the gateway) need not wait for
         if stage.is_last:
             outgoing = frames.result_frame(mb.epoch, mb.mb_id, result)
         else:
             outgoing = frames.encode(mb, result, self.wire_dtype)
-        self.compute_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.compute_seconds += seconds
         self.frames += 1
+        if mb.n_tokens <= INLINE_MAX_TOKENS:
+            self.small_step_seconds = seconds
         return mb, outgoing
 
     def _deltas(self, b: Binding, mb) -> list[LayerKV]:
