@@ -5,6 +5,7 @@ real frames; the ring's links hand the results to this test instead of a network
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -93,6 +94,7 @@ def _where_steps_run(stage: Stage) -> list[tuple[int, str]]:
 
 
 def test_a_small_step_runs_on_the_event_loop_and_a_prefill_on_the_compute_thread(demo_tiny_gguf):
+    """With a core to spare (the stage computes with fewer threads than there are cores)."""
     backend = _whole(demo_tiny_gguf)
     stage = Stage(backend)
     seen = _where_steps_run(stage)
@@ -100,7 +102,7 @@ def test_a_small_step_runs_on_the_event_loop_and_a_prefill_on_the_compute_thread
     prompt = list(range(1, 1 + ring_stage.INLINE_MAX_TOKENS + 4))  # more tokens than a step run inline
 
     async def main():
-        lane = ComputeLane()
+        lane = ComputeLane(inline=True)
         links = LinkPool(Security.insecure(), local=(HEAD, head))
         rs = RingStage(backend.spec, links, lane)
         rs.bind(Binding(epoch=1, stage=stage, next_address=None, head_address=HEAD, context=64))
@@ -134,6 +136,28 @@ def test_a_small_step_runs_on_the_event_loop_and_a_prefill_on_the_compute_thread
     stage.close()
 
 
+def test_without_a_core_to_spare_every_step_runs_on_the_compute_thread(demo_tiny_gguf):
+    cores = len(os.sched_getaffinity(0))
+    assert ComputeLane.for_threads(cores).inline is False
+    assert ComputeLane.for_threads(cores - 1).inline is (cores > 1)
+    stage, head = Stage(_whole(demo_tiny_gguf)), _Head()
+    seen = _where_steps_run(stage)
+
+    async def main():
+        lane = ComputeLane(inline=False)
+        rs = RingStage(stage.backend.spec, LinkPool(Security.insecure(), local=(HEAD, head)), lane)
+        rs.bind(Binding(epoch=1, stage=stage, next_address=None, head_address=HEAD, context=64))
+        mb = MicroBatch(1, 1, [Chunk(1, 0, 3, True)], [5, 6, 7], [SeqStart(1, 64, SamplingParams())])
+        assert await rs.handle(frames.encode(mb)) == ""
+        mb = MicroBatch(1, 2, [Chunk(1, 3, 1, True)], [head.results[-1].sampled[0]])
+        assert await rs.handle(frames.encode(mb)) == ""
+        lane.shutdown()
+
+    asyncio.run(main())
+    assert [n for n, _ in seen] == [3, 1] and all(t.startswith("compute") for _, t in seen)
+    stage.close()
+
+
 def test_the_same_tokens_whichever_lane_computes_them(demo_tiny_gguf, monkeypatch):
     """Greedy tokens of a prompt, with every step inline and with none inline."""
 
@@ -143,7 +167,7 @@ def test_the_same_tokens_whichever_lane_computes_them(demo_tiny_gguf, monkeypatc
         stage, head = Stage(backend), _Head()
 
         async def main():
-            lane = ComputeLane()
+            lane = ComputeLane(inline=True)
             rs = RingStage(backend.spec, LinkPool(Security.insecure(), local=(HEAD, head)), lane)
             rs.bind(Binding(epoch=1, stage=stage, next_address=None, head_address=HEAD, context=64))
             prompt = [5, 6, 7]

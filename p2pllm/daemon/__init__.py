@@ -103,7 +103,7 @@ class Daemon:
             strategy=cfg.strategy,
             hysteresis=cfg.hysteresis,
         )
-        self.compute = ComputeLane()  # the stage's one thread (or, for small steps, the event loop)
+        self.compute = ComputeLane.for_threads(self.threads)  # the stage's one thread (small steps: maybe the loop)
         self.started_at = time.monotonic()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []

@@ -75,7 +75,7 @@ class RingStage:
         # the replica after the result, off the critical path (a step whose replica never left is
         # replayed); none once the epoch is over: its stage may be gone
         if b.replica_address and self.binding is b:
-            deltas = self._deltas(b, mb) if self.compute.idle() else await self.compute.run(self._deltas, b, mb)
+            deltas = self._deltas(b, mb) if self.compute.may_inline() else await self.compute.run(self._deltas, b, mb)
             if deltas:
                 await self.send_replica(b, deltas)
         return ""
@@ -87,7 +87,7 @@ class RingStage:
 
     def _inline(self, frame: pb.Frame) -> bool:
         """Whether this frame's step may run on the event loop (see compute_lane.py)."""
-        return (self.compute.idle() and len(frame.chunks) <= INLINE_MAX_TOKENS
+        return (self.compute.may_inline() and len(frame.chunks) <= INLINE_MAX_TOKENS
                 and sum(c.length for c in frame.chunks) <= INLINE_MAX_TOKENS
                 and self.small_step_seconds <= INLINE_MAX_SECONDS)
 
