@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from p2pllm.transport.wire import (
-    TensorBlob, WireError, blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob,
+    TensorBlob, WireError, all_finite, blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob,
 )
 
 
@@ -13,6 +13,23 @@ def test_round_trip_is_bit_exact(dtype):
     t = (torch.randn(5, 7) * 100).to(dtype)
     back = blob_to_tensor(unpack_blob(pack_blob(tensor_to_blob(t))), expect_shape=(5, 7))
     assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_an_activation_travels_as_its_own_bytes_whatever_its_layout():
+    t = torch.randn(6, 4)
+    for view in (t, t.t(), t[::2], t.requires_grad_(False)):
+        blob = tensor_to_blob(view)
+        assert blob.dtype == "float32" and blob.shape == tuple(view.shape)
+        assert torch.equal(blob_to_tensor(blob), view)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_found_in_every_activation_dtype(dtype, bad):
+    t = torch.randn(3, 5).to(dtype)
+    assert all_finite(tensor_to_blob(t))
+    t[2, 4] = bad
+    assert not all_finite(tensor_to_blob(t))
 
 
 def test_wire_dtype_casts_activations():

@@ -22,6 +22,9 @@ def _no_rows() -> torch.Tensor:
     return torch.empty(0, dtype=torch.long)
 
 
+_NO_ROWS = _no_rows()  # shared by every batch without such rows (never written: it has no elements)
+
+
 @dataclass
 class BatchMeta:
     chunks: list[SeqChunk]
@@ -47,7 +50,8 @@ class BatchMeta:
             list(chunks),
             torch.tensor(pos, dtype=torch.long, device=device),
             torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(normed, dtype=torch.long, device=device),
+            # most batches pool nothing: one torch call less per step (each costs ~0.1 ms after a pause)
+            torch.tensor(normed, dtype=torch.long, device=device) if normed or str(device) != "cpu" else _NO_ROWS,
         )
 
     def to(self, device: str | torch.device) -> "BatchMeta":

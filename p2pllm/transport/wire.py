@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 import msgpack
+import numpy as np
 import torch
 
 from ..errors import P2PError
@@ -43,6 +44,9 @@ class TensorBlob:
 
 def tensor_to_blob(t: torch.Tensor, wire_dtype: str | None = None) -> TensorBlob:
     """Encode a tensor, optionally cast (activations travel as f16/bf16 to halve the bytes)."""
+    if wire_dtype is None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() \
+            and not t.requires_grad:  # an activation as a stage returns it: its bytes as they are
+        return TensorBlob("float32", tuple(t.shape), t.numpy().tobytes())
     if wire_dtype is not None:
         t = t.to(WIRE_DTYPES[wire_dtype])
     name = _NAMES.get(t.dtype)
@@ -86,7 +90,21 @@ def blob_to_tensor(
         t = torch.frombuffer(bytearray(blob.data), dtype=dtype).reshape(shape)
     if out_dtype is not None and t.dtype != out_dtype:
         t = t.to(out_dtype)
-    return t.to(device)
+    return t if str(device) == "cpu" else t.to(device)
+
+
+# numpy reads these straight from the bytes (bfloat16 it cannot)
+_NUMPY_FLOATS = {"float32": np.float32, "float16": np.float16}
+
+
+def all_finite(blob: TensorBlob) -> bool:
+    """No NaN or infinity among a float blob's values. Checked on the bytes with numpy where it
+    can: a ring stage runs this once per token, after a pause, where each torch call costs ~0.1 ms
+    (benchmarks/split_floor.py)."""
+    kind = _NUMPY_FLOATS.get(blob.dtype)
+    if kind is not None:
+        return bool(np.isfinite(np.frombuffer(blob.data, dtype=kind)).all())
+    return bool(torch.isfinite(blob_to_tensor(blob)).all())
 
 
 def pack_blob(blob: TensorBlob) -> bytes:

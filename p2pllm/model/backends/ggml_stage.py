@@ -124,7 +124,7 @@ class GGMLStage:
         if self.is_first:
             graph.tokens[:] = x.numpy()
         else:
-            graph.hidden[:] = x.to(torch.float32).numpy()
+            graph.hidden[:] = (x if x.dtype == torch.float32 else x.to(torch.float32)).numpy()
         graph.pos[:] = pos
         graph.cells[:] = cells
         self.kv.fill_mask(graph.mask, tok_seq, pos)
