@@ -1,0 +1,206 @@
+"""What splitting a model into three processes costs on this machine before any of p2pllm's ring
+runs: the floor under benchmarks/ring.py's "3 daemons vs 1".
+
+    python benchmarks/split_floor.py     # writes benchmarks/results/split_floor.json, prints markdown (~2 min)
+
+1. **Stages over OS pipes.** The SmolLM2 file's 30 layers as 1 ggml stage in one process, and as
+   3 stages [0,10) [10,20) [20,30) in 3 processes linked by pipes (a driver sends the token, each
+   stage computes and writes its activations to the next, the last returns the greedy token):
+   the same GGMLStage a daemon runs, 1 compute thread each, no gRPC, no TLS, no event loop, no
+   frame checks. The two configurations alternate repeat by repeat.
+2. **Code run after a pause.** The same small piece of Python (a 50-entry dict comprehension; a
+   decode frame's `transport.frames.decode`) timed in a tight loop and right after 5 ms of
+   something else (spinning in Python; sleeping): a ring stage's per-token Python always runs
+   after a pause (the other stages' compute), never in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "split_floor.json"
+MODEL = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+WARMUP = 8
+
+
+def _stage_process(path: str, start: int, end: int, inbox, outbox, report) -> None:
+    """One stage: take (position, token id or activations), compute, pass on; report step times."""
+    import torch
+
+    from p2pllm.model.backends.ggml_stage import GGMLStage
+    from p2pllm.model.batch import BatchMeta, SeqChunk
+
+    stage = GGMLStage(path, start, end, threads=1, max_context=512)
+    stage.kv.allocate(1, 512)
+    steps: list[float] = []
+    report.send("ready")
+    while (msg := inbox.recv()) is not None:
+        pos, x = msg
+        if pos == 0:
+            stage.kv.truncate(1, 0)  # a new repeat starts the sequence again
+        t0 = time.perf_counter()
+        inp = torch.tensor([x], dtype=torch.int32) if stage.is_first else torch.from_numpy(x)
+        out = stage.forward(inp, BatchMeta.build([SeqChunk(1, pos, 1)]))
+        steps.append(time.perf_counter() - t0)
+        outbox.send((pos + 1, int(out[0].argmax())) if stage.is_last else (pos, out.numpy()))
+    report.send(steps)
+
+
+class PipeRing:
+    """n stage processes in a pipe ring with this process as the driver."""
+
+    def __init__(self, path: Path, n: int, n_layers: int):
+        ctx = mp.get_context("spawn")
+        bounds = [round(i * n_layers / n) for i in range(n + 1)]
+        self.pipes = [ctx.Pipe(duplex=False) for _ in range(n + 1)]  # [i]: into stage i; [n]: back here
+        self.reports, self.procs = [], []
+        for i in range(n):
+            recv_report, send_report = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_stage_process, args=(str(path), bounds[i], bounds[i + 1], self.pipes[i][0],
+                                                         self.pipes[i + 1][1], send_report))
+            p.start()
+            self.procs.append(p)
+            self.reports.append(recv_report)
+        for r in self.reports:
+            if r.recv() != "ready":
+                raise RuntimeError("a stage process failed to start")
+        self.n, self.layers = n, [[bounds[i], bounds[i + 1]] for i in range(n)]
+        self.steps_before = 0
+
+    def decode(self, tokens: int) -> list[float]:
+        """Seconds per token of a greedy run of `tokens` tokens (warm-up tokens left out)."""
+        token, pos, times = 1, 0, []
+        for k in range(tokens + WARMUP):
+            t0 = time.perf_counter()
+            self.pipes[0][1].send((pos, token))
+            pos, token = self.pipes[self.n][0].recv()
+            if k >= WARMUP:
+                times.append(time.perf_counter() - t0)
+        return times
+
+    def close(self) -> list[list[float]]:
+        for i in range(self.n):
+            self.pipes[i][1].send(None)
+        steps = [r.recv() for r in self.reports]
+        for p in self.procs:
+            p.join(timeout=30)
+        return steps
+
+
+def part1(path: Path, tokens: int, repeats: int) -> dict:
+    from p2pllm.model.spec import read_spec
+
+    n_layers = read_spec(path).n_layers
+    rings = {n: PipeRing(path, n, n_layers) for n in (1, 3)}
+    runs = {n: [] for n in rings}
+    try:
+        for _ in range(repeats):
+            for n, ring in rings.items():
+                runs[n].append(ring.decode(tokens))
+    finally:
+        steps = {n: ring.close() for n, ring in rings.items()}
+    out = {"tokens": tokens, "repeats": repeats, "configs": {}}
+    for n, ring in rings.items():
+        per_token = [statistics.median(r) for r in runs[n]]
+        stage_ms = [statistics.median(s) * 1e3 for s in steps[n]]  # includes warm-up steps: a median
+        out["configs"][str(n)] = {
+            "processes": n, "layers": ring.layers,
+            "tokens_per_s": [1 / t for t in per_token], "tokens_per_s_median": 1 / statistics.median(per_token),
+            "ms_per_token_median": statistics.median(per_token) * 1e3,
+            "stage_ms_median": stage_ms, "stage_ms_sum": sum(stage_ms),
+        }
+    one, three = out["configs"]["1"], out["configs"]["3"]
+    out["ratio_3_vs_1"] = three["tokens_per_s_median"] / one["tokens_per_s_median"]
+    out["outside_compute_ms"] = {k: c["ms_per_token_median"] - c["stage_ms_sum"] for k, c in out["configs"].items()}
+    return out
+
+
+def _timed_after(fn, pause, n: int = 300) -> float:
+    """Median microseconds of fn() right after `pause()` (or in a tight loop: pause None)."""
+    times = []
+    for _ in range(n):
+        if pause is not None:
+            pause()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[20:]) * 1e6
+
+
+def part2(path: Path) -> dict:
+    import torch
+
+    from p2pllm.model.spec import read_spec
+    from p2pllm.proto import p2pllm_pb2 as pb
+    from p2pllm.runtime.frames import Chunk, MicroBatch
+    from p2pllm.transport import frames
+
+    spec = read_spec(path)
+    frame = frames.encode(MicroBatch(1, 2, [Chunk(1, 5, 1, True)], [0]), torch.randn(1, spec.hidden))
+    frame = pb.Frame.FromString(frame.SerializeToString())
+
+    def spin():
+        end = time.perf_counter() + 0.005
+        while time.perf_counter() < end:
+            pass
+
+    pieces = {
+        "dict comprehension (50 entries)": lambda: {i: i for i in range(50)},
+        "frames.decode of a decode frame": lambda: frames.decode(frame, spec, 1, 512, False, known={1}, live=1),
+    }
+    pauses = {"tight loop": None, "after 5 ms spinning": spin, "after 5 ms asleep": lambda: time.sleep(0.005)}
+    return {name: {p: round(_timed_after(fn, pause), 1) for p, pause in pauses.items()} for name, fn in pieces.items()}
+
+
+def markdown(res: dict) -> str:
+    p1, lines = res["part1"], []
+    lines.append(f"**1. 1 vs 3 ggml stages over OS pipes** ({res['model']}, {p1['tokens']} tokens, median of "
+                 f"{p1['repeats']} alternating repeats, 1 compute thread per process)\n")
+    lines.append("| processes | layers | tok/s (median) | ms/token | stage compute ms/token | outside compute, ms/token |")
+    lines.append("|---|---|---|---|---|---|")
+    for k, c in p1["configs"].items():
+        lines.append(f"| {k} | {' '.join(f'[{a},{b})' for a, b in c['layers'])} | {c['tokens_per_s_median']:.1f} | "
+                     f"{c['ms_per_token_median']:.2f} | {c['stage_ms_sum']:.2f} "
+                     f"({' + '.join(f'{x:.2f}' for x in c['stage_ms_median'])}) | {p1['outside_compute_ms'][k]:.2f} |")
+    lines.append(f"\n3 processes / 1: **{p1['ratio_3_vs_1']:.2f}×**\n")
+    lines.append("**2. The same Python in a loop and after a pause** (median µs)\n")
+    pauses = list(next(iter(res["part2"].values())))
+    lines.append("| code | " + " | ".join(pauses) + " |")
+    lines.append("|---|" + "---|" * len(pauses))
+    for name, row in res["part2"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[p]:.1f}" for p in pauses) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if not args.model.exists():
+        print(f"split_floor: {args.model} not found (the shared SmolLM2 file)", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model.name, "load_at_start": os.getloadavg(),
+           "part1": part1(args.model, args.tokens, args.repeats), "part2": part2(args.model)}
+    res["load_at_end"], res["seconds"] = os.getloadavg(), round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(markdown(res))
+    print(f"\n({res['seconds']:.0f}s; raw numbers in {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
