@@ -1,13 +1,16 @@
 """What splitting a model into three processes costs on this machine before any of p2pllm's ring
 runs: the floor under benchmarks/ring.py's "3 daemons vs 1".
 
-    python benchmarks/split_floor.py     # writes benchmarks/results/split_floor.json, prints markdown (~2 min)
+    python benchmarks/split_floor.py     # writes benchmarks/results/split_floor.json, prints markdown (~1 min)
+    GOMP_SPINCOUNT=10000 python benchmarks/split_floor.py --model ~/.cache/p2pllm/demo-3b.Q4_K_M.gguf \
+        --threads 2 --tokens 24 --repeats 3 --out ...   # the mission's model, 2 OpenMP threads a stage
 
 1. **Stages over OS pipes.** The SmolLM2 file's 30 layers as 1 ggml stage in one process, and as
    3 stages [0,10) [10,20) [20,30) in 3 processes linked by pipes (a driver sends the token, each
    stage computes and writes its activations to the next, the last returns the greedy token):
-   the same GGMLStage a daemon runs, 1 compute thread each, no gRPC, no TLS, no event loop, no
-   frame checks. The two configurations alternate repeat by repeat.
+   the same GGMLStage a daemon runs, 1 compute thread each (`--threads`), no gRPC, no TLS, no
+   event loop, no frame checks. The two configurations alternate repeat by repeat. OpenMP's
+   settings (GOMP_SPINCOUNT, OMP_WAIT_POLICY) come from the environment and are recorded.
 2. **Code run after a pause.** The same small piece of Python (a 50-entry dict comprehension; a
    decode frame's `transport.frames.decode`) timed in a tight loop and right after 5 ms of
    something else (spinning in Python; sleeping): a ring stage's per-token Python always runs
@@ -32,14 +35,14 @@ MODEL = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WARMUP = 8
 
 
-def _stage_process(path: str, start: int, end: int, inbox, outbox, report) -> None:
+def _stage_process(path: str, start: int, end: int, threads: int, inbox, outbox, report) -> None:
     """One stage: take (position, token id or activations), compute, pass on; report step times."""
     import torch
 
     from p2pllm.model.backends.ggml_stage import GGMLStage
     from p2pllm.model.batch import BatchMeta, SeqChunk
 
-    stage = GGMLStage(path, start, end, threads=1, max_context=512)
+    stage = GGMLStage(path, start, end, threads=threads, max_context=512)
     stage.kv.allocate(1, 512)
     steps: list[float] = []
     report.send("ready")
@@ -58,15 +61,15 @@ def _stage_process(path: str, start: int, end: int, inbox, outbox, report) -> No
 class PipeRing:
     """n stage processes in a pipe ring with this process as the driver."""
 
-    def __init__(self, path: Path, n: int, n_layers: int):
+    def __init__(self, path: Path, n: int, n_layers: int, threads: int):
         ctx = mp.get_context("spawn")
         bounds = [round(i * n_layers / n) for i in range(n + 1)]
         self.pipes = [ctx.Pipe(duplex=False) for _ in range(n + 1)]  # [i]: into stage i; [n]: back here
         self.reports, self.procs = [], []
         for i in range(n):
             recv_report, send_report = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_stage_process, args=(str(path), bounds[i], bounds[i + 1], self.pipes[i][0],
-                                                         self.pipes[i + 1][1], send_report))
+            p = ctx.Process(target=_stage_process, args=(str(path), bounds[i], bounds[i + 1], threads,
+                                                         self.pipes[i][0], self.pipes[i + 1][1], send_report))
             p.start()
             self.procs.append(p)
             self.reports.append(recv_report)
@@ -96,11 +99,11 @@ class PipeRing:
         return steps
 
 
-def part1(path: Path, tokens: int, repeats: int) -> dict:
+def part1(path: Path, tokens: int, repeats: int, threads: int) -> dict:
     from p2pllm.model.spec import read_spec
 
     n_layers = read_spec(path).n_layers
-    rings = {n: PipeRing(path, n, n_layers) for n in (1, 3)}
+    rings = {n: PipeRing(path, n, n_layers, threads) for n in (1, 3)}
     runs = {n: [] for n in rings}
     try:
         for _ in range(repeats):
@@ -108,7 +111,7 @@ def part1(path: Path, tokens: int, repeats: int) -> dict:
                 runs[n].append(ring.decode(tokens))
     finally:
         steps = {n: ring.close() for n, ring in rings.items()}
-    out = {"tokens": tokens, "repeats": repeats, "configs": {}}
+    out = {"tokens": tokens, "repeats": repeats, "threads": threads, "configs": {}}
     for n, ring in rings.items():
         per_token = [statistics.median(r) for r in runs[n]]
         stage_ms = [statistics.median(s) * 1e3 for s in steps[n]]  # includes warm-up steps: a median
@@ -164,7 +167,8 @@ def part2(path: Path) -> dict:
 def markdown(res: dict) -> str:
     p1, lines = res["part1"], []
     lines.append(f"**1. 1 vs 3 ggml stages over OS pipes** ({res['model']}, {p1['tokens']} tokens, median of "
-                 f"{p1['repeats']} alternating repeats, 1 compute thread per process)\n")
+                 f"{p1['repeats']} alternating repeats, {p1['threads']} compute thread(s) per process; "
+                 f"OpenMP: {res['openmp'] or 'defaults'})\n")
     lines.append("| processes | layers | tok/s (median) | ms/token | stage compute ms/token | outside compute, ms/token |")
     lines.append("|---|---|---|---|---|---|")
     for k, c in p1["configs"].items():
@@ -186,6 +190,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1, help="compute threads per stage process (default 1)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not args.model.exists():
@@ -193,7 +198,8 @@ def main() -> int:
         return 2
     t0 = time.time()
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model.name, "load_at_start": os.getloadavg(),
-           "part1": part1(args.model, args.tokens, args.repeats), "part2": part2(args.model)}
+           "openmp": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ},
+           "part1": part1(args.model, args.tokens, args.repeats, args.threads), "part2": part2(args.model)}
     res["load_at_end"], res["seconds"] = os.getloadavg(), round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
