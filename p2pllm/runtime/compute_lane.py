@@ -60,7 +60,7 @@ class ComputeLane:
     @staticmethod
     def for_threads(threads: int) -> "ComputeLane":
         """The lane of a stage computing with `threads` threads: inline only with a core to spare."""
-        return ComputeLane(inline=threads < len(os.sched_getaffinity(0)))
+        return ComputeLane(inline=threads < (os.cpu_count() or 1))
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
