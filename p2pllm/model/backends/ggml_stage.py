@@ -70,6 +70,7 @@ class GGMLStage:
         self._alloc = g.ggml_gallocr_new(g.ggml_backend_cpu_buffer_type())
         self._res.allocators.append(self._alloc)
         self._allocated: _Graph | None = None  # the graph whose tensors the compute buffer holds now
+        self._no_normed = torch.empty(0, spec.hidden)  # a step's normed rows when it pools none (never written)
 
     @property
     def n_layers(self) -> int:
@@ -135,7 +136,7 @@ class GGMLStage:
         if not self.is_last:
             return torch.from_numpy(graph.output.copy())
         logits = torch.from_numpy(graph.logits.copy()) if n_logits else torch.empty(0, self.spec.vocab)
-        normed = torch.from_numpy(graph.normed.copy()) if n_normed else torch.empty(0, self.spec.hidden)
+        normed = torch.from_numpy(graph.normed.copy()) if n_normed else self._no_normed
         return LastOutputs(logits, normed)
 
     def _graph(self, n_tokens: int, n_kv: int, n_logits: int, n_normed: int) -> "_Graph":
