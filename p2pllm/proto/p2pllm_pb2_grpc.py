@@ -147,7 +147,7 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ring(self, request_iterator, context):
-        """One persistent stream per ring link; acks flow back for backpressure.
+        """One persistent stream per ring link; only refused frames are answered (an ack with the error).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

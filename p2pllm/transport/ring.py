@@ -1,8 +1,8 @@
 """Ring links: one persistent bidirectional gRPC stream per (this peer -> next peer) link.
 
 The sender writes each frame itself (gRPC's flow control is the backpressure: a slow successor
-slows its predecessor instead of growing memory); the receiver acks every frame, with an error
-where it refused one.
+slows its predecessor instead of growing memory); the receiver answers only the frames it refuses
+(an ack with the error). A broken stream shows on the reader of those answers all the same.
 """
 
 from __future__ import annotations

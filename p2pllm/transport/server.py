@@ -89,7 +89,8 @@ class PeerService(pb_grpc.PeerServicer):
                 log.exception("frame (micro-batch %d, epoch %d) from %s failed", frame.micro_batch, frame.epoch,
                               context.peer())
                 ack = pb.FrameAck(micro_batch=frame.micro_batch, error=f"internal error: {type(e).__name__}")
-            yield ack
+            if ack.error:  # only a refusal is answered: an ack per accepted frame was one more gRPC message per hop
+                yield ack
 
     async def FetchKV(self, request, context):
         for delta in await self.handler.on_fetch_kv(request):
