@@ -35,7 +35,7 @@ class ComputeLane:
 
     def may_inline(self) -> bool:
         """Whether work may run on the event loop now instead of the compute thread."""
-        return self.inline and self._queued == 0
+        return self.inline and self.idle()
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the compute thread, after everything queued before it."""
