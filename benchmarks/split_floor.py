@@ -77,7 +77,6 @@ class PipeRing:
             if r.recv() != "ready":
                 raise RuntimeError("a stage process failed to start")
         self.n, self.layers = n, [[bounds[i], bounds[i + 1]] for i in range(n)]
-        self.steps_before = 0
 
     def decode(self, tokens: int) -> list[float]:
         """Seconds per token of a greedy run of `tokens` tokens (warm-up tokens left out)."""
