@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from p2pllm.transport.wire import (
-    TensorBlob, WireError, all_finite, blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob,
+    TensorBlob, WireError, blob_to_tensor, pack_blob, tensor_to_blob, unpack_blob,
 )
 
 
@@ -25,11 +25,13 @@ def test_an_activation_travels_as_its_own_bytes_whatever_its_layout():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_values_are_found_in_every_activation_dtype(dtype, bad):
+def test_non_finite_values_are_refused_in_every_activation_dtype(dtype, bad):
     t = torch.randn(3, 5).to(dtype)
-    assert all_finite(tensor_to_blob(t))
+    assert torch.equal(blob_to_tensor(tensor_to_blob(t), finite=True), t)
     t[2, 4] = bad
-    assert not all_finite(tensor_to_blob(t))
+    assert not torch.isfinite(blob_to_tensor(tensor_to_blob(t))).all()  # refused only when asked
+    with pytest.raises(WireError, match="NaN or infinity"):
+        blob_to_tensor(tensor_to_blob(t), finite=True)
 
 
 def test_wire_dtype_casts_activations():

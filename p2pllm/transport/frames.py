@@ -21,7 +21,7 @@ from ..proto import p2pllm_pb2 as pb
 from ..runtime.frames import Chunk, LayerKV, MicroBatch, Pooled, SeqStart
 from .sampling_wire import sampling_fields, sampling_from
 from .vectors import vectors_from, vectors_message
-from .wire import TensorBlob, WireError, all_finite, blob_to_tensor, tensor_to_blob
+from .wire import TensorBlob, WireError, blob_to_tensor, tensor_to_blob
 
 MAX_FRAME_TOKENS = 16384
 MAX_FRAME_CHUNKS = 1024  # also the limit on starts, finished and retained ids in one frame
@@ -195,11 +195,9 @@ def decode(frame: pb.Frame, spec: ModelSpec, epoch: int, context: int, first: bo
         blob = TensorBlob(t.dtype, tuple(t.shape), t.data)
         try:
             hidden = blob_to_tensor(blob, expect_shape=(n_tokens, spec.hidden), allowed=ACTIVATION_DTYPES,
-                                    device=device, out_dtype=dtype)
+                                    device=device, out_dtype=dtype, finite=True)
         except WireError as e:
             raise FrameError(f"hidden states: {e}") from None
-        if not all_finite(blob):
-            raise FrameError("hidden states contain NaN or infinity")
     mb = MicroBatch(frame.epoch, frame.micro_batch, chunks, tokens, starts, list(frame.finished), list(frame.retained))
     return mb, hidden
 

@@ -20,9 +20,7 @@ def vectors_from(msg: pb.Tensor, n: int, hidden: int) -> list[torch.Tensor]:
     """The `n` vectors a message carries; WireError unless they are float32 [n, hidden], finite,
     and of unit length (or zero: the mean of states that cancel out)."""
     t = blob_to_tensor(TensorBlob(msg.dtype, tuple(msg.shape), msg.data), expect_shape=(n, hidden),
-                       allowed=("float32",))
-    if not bool(torch.isfinite(t).all()):
-        raise WireError("an embedding contains NaN or infinity")
+                       allowed=("float32",), finite=True)
     norms = torch.linalg.vector_norm(t.double(), dim=1)
     if bool(((norms - 1).abs() > _UNIT).logical_and(norms != 0).any()):
         raise WireError("an embedding that is not of unit length")

@@ -26,6 +26,8 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_TENSOR_BYTES = 1 << 30
+# the wire dtypes numpy reads straight from the bytes (bfloat16 it cannot)
+_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we run on is little-endian
     raise ImportError("p2pllm's wire format assumes a little-endian host")
@@ -65,8 +67,10 @@ def blob_to_tensor(
     allowed: tuple[str, ...] | None = None,
     device: str | torch.device = "cpu",
     out_dtype: torch.dtype | None = None,
+    finite: bool = False,
 ) -> torch.Tensor:
-    """Decode and validate. `None` in expect_shape matches any size on that axis."""
+    """Decode and validate. `None` in expect_shape matches any size on that axis; `finite`: refuse
+    NaN and infinity."""
     if blob.dtype not in WIRE_DTYPES or (allowed is not None and blob.dtype not in allowed):
         raise WireError(f"dtype {blob.dtype!r} not allowed here")
     shape = tuple(blob.shape)
@@ -86,25 +90,19 @@ def blob_to_tensor(
         raise WireError(f"{len(blob.data)} bytes for shape {list(shape)} {blob.dtype} (expected {nbytes})")
     if n == 0:
         t = torch.empty(shape, dtype=dtype)
+    elif blob.dtype in _NUMPY:  # checked and shaped in numpy: one torch call (a ring stage decodes
+        # an activation per token, after a pause, where each torch call costs ~0.1 ms: split_floor.py)
+        a = np.frombuffer(bytearray(blob.data), dtype=_NUMPY[blob.dtype]).reshape(shape)
+        if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise WireError("NaN or infinity among the values")
+        t = torch.from_numpy(a)
     else:
         t = torch.frombuffer(bytearray(blob.data), dtype=dtype).reshape(shape)
+        if finite and not torch.isfinite(t).all():
+            raise WireError("NaN or infinity among the values")
     if out_dtype is not None and t.dtype != out_dtype:
         t = t.to(out_dtype)
     return t if str(device) == "cpu" else t.to(device)
-
-
-# numpy reads these straight from the bytes (bfloat16 it cannot)
-_NUMPY_FLOATS = {"float32": np.float32, "float16": np.float16}
-
-
-def all_finite(blob: TensorBlob) -> bool:
-    """No NaN or infinity among a float blob's values. Checked on the bytes with numpy where it
-    can: a ring stage runs this once per token, after a pause, where each torch call costs ~0.1 ms
-    (benchmarks/split_floor.py)."""
-    kind = _NUMPY_FLOATS.get(blob.dtype)
-    if kind is not None:
-        return bool(np.isfinite(np.frombuffer(blob.data, dtype=kind)).all())
-    return bool(torch.isfinite(blob_to_tensor(blob)).all())
 
 
 def pack_blob(blob: TensorBlob) -> bytes:
