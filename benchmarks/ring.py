@@ -5,7 +5,10 @@
     python benchmarks/ring.py --only 1,3     # some parts only
 
 1. 125M demo model on loopback: single-stream decode tokens/s with 3 daemons (`--strategy even`)
-   vs 1 daemon, and the latency one ring hop adds (p50/p99).
+   vs 1 daemon, and the latency one ring hop adds (p50/p99); the same two with 8 concurrent
+   streams; and where a single stream's token goes, from the daemons' timelines
+   (`P2PLLM_TIMELINE`, p2pllm/runtime/timeline.py): each stage's decode, layers and encode, each
+   ring message, the head's turn.
 2. Two daemons pinned to one core each (`taskset -c 0` / `-c 1`, `--threads 1`), 8 concurrent
    fixed-length streams: aggregate tokens/s with `--micro-batches 2` vs `--micro-batches 1`.
 3. Three network-namespace hosts (tests/netns.py) whose links are shaped to 100 Mbit/s
@@ -49,6 +52,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "ring.json"
 MODEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "p2pllm" / "demo-125m.gguf"
 PROMPT_IDS = [1, 599, 610, 265, 593, 294, 263, 2319, 4726, 491, 278, 7205]  # a fixed 12-token prompt
 READY_TIMEOUT = 120.0
+STREAMS1 = 8  # part 1's concurrent streams (besides the single stream)
 SPLIT_BRAIN_SECONDS = 10.0
 
 
@@ -224,6 +228,61 @@ def aggregate(run: dict) -> dict:
             "steady_tokens_per_s": inside / (end - start) if end > start else float("nan")}
 
 
+def timeline_breakdown(path: Path, spans: list[tuple[float, float]]) -> dict | None:
+    """Where a single stream's token goes, from the daemons' timeline (p2pllm/runtime/timeline.py)
+    over the measured runs (`spans`): median ms per token of each stage's decode, layers and encode
+    (in ring order), of each ring message (the sender's frame encoded -> the receiver's handler
+    running; the first from the head's launch, the last to the head's result), and of the head's
+    turn (the answers taken, the next micro-batch launched). Medians of parts do not add up to the
+    median cycle exactly. None when the timeline has no lines (a tree without it)."""
+    try:
+        lines = [line.split() for line in path.read_text().splitlines()]
+    except FileNotFoundError:
+        return None
+    events = sorted((float(t), int(pid), name) for t, pid, name in lines)
+    inside = lambda t: any(a <= t <= b for a, b in spans)  # noqa: E731
+    launches = [i for i, (t, _, name) in enumerate(events) if name == "launch" and inside(t)]
+    cycles = []
+    for a, b in zip(launches, launches[1:]):
+        if not any(s0 <= events[a][0] and events[b][0] <= s1 for s0, s1 in spans):
+            continue  # the last token of one run and the first of the next
+        first: dict = {}
+        for t, pid, name in events[a + 1: b + 1]:
+            first.setdefault((pid, name), t)
+        order = sorted((t, pid) for (pid, name), t in first.items() if name == "recv")
+        if not order or any((pid, e) not in first for _, pid in order for e in ("decoded", "stepped", "computed")):
+            continue
+        head, t0 = events[a][1], events[a][0]
+        if (head, "result") not in first or (head, "answers") not in first:
+            continue
+        stages = [pid for _, pid in order]
+        hops = [first[(stages[0], "recv")] - t0]
+        hops += [first[(nxt, "recv")] - first[(pid, "computed")] for pid, nxt in zip(stages, stages[1:])]
+        hops.append(first[(head, "result")] - first[(stages[-1], "computed")])
+        cycles.append({
+            "cycle": events[b][0] - t0,
+            "stages": [(first[(p, "decoded")] - first[(p, "recv")], first[(p, "stepped")] - first[(p, "decoded")],
+                        first[(p, "computed")] - first[(p, "stepped")]) for p in stages],
+            "hops": hops,
+            "head": (first[(head, "answers")] - first[(head, "result")], events[b][0] - first[(head, "answers")]),
+            "head_stage": stages.index(head) if head in stages else None,
+        })
+    n_stages = statistics.mode(len(c["stages"]) for c in cycles) if cycles else 0
+    cycles = [c for c in cycles if len(c["stages"]) == n_stages]
+    if not cycles:
+        return None
+    med = lambda f: statistics.median(f(c) for c in cycles) * 1e3  # noqa: E731
+    return {
+        "tokens": len(cycles),
+        "cycle_ms": med(lambda c: c["cycle"]),
+        "head_stage": statistics.mode(c["head_stage"] for c in cycles),
+        "stages_ms": [{"decode": med(lambda c: c["stages"][i][0]), "layers": med(lambda c: c["stages"][i][1]),
+                       "encode": med(lambda c: c["stages"][i][2])} for i in range(n_stages)],
+        "messages_ms": [med(lambda c: c["hops"][i]) for i in range(n_stages + 1)],
+        "head_ms": {"take": med(lambda c: c["head"][0]), "launch": med(lambda c: c["head"][1])},
+    }
+
+
 # =========================================================================== loopback clusters
 
 
@@ -252,8 +311,10 @@ class LoopbackCluster:
     """N `p2pllm join` daemons on 127.0.0.1, each optionally pinned with taskset."""
 
     def __init__(self, model: Path, n: int, *, extra=(), pin: list[str] | None = None, secret: str | None,
-                 log_dir: Path, tag: str):
+                 log_dir: Path, tag: str, timeline: Path | None = None):
         self.model, self.n, self.secret, self.log_dir, self.tag = model, n, secret, log_dir, tag
+        self.timeline = timeline  # where the daemons write p2pllm/runtime/timeline.py's lines (None: not)
+        env = {**os.environ, "P2PLLM_TIMELINE": str(timeline)} if timeline else None
         self.procs: list[subprocess.Popen] = []
         self.grpc = [free_port() for _ in range(n)]
         self.gw = [free_port() for _ in range(n)]
@@ -268,7 +329,7 @@ class LoopbackCluster:
                 if pin:
                     argv = ["taskset", "-c", pin[i], *argv]
                 log = open(log_dir / f"{tag}-{i + 1}.log", "w")
-                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                    stdin=subprocess.DEVNULL, start_new_session=True))
                 log.close()
             self.status = self._wait_ready()
@@ -371,7 +432,9 @@ def measure(c: LoopbackCluster, streams: int, max_tokens: int) -> dict:
     """One run on c, with every daemon's stage counters read around it."""
     before = c.metrics()
     load = os.getloadavg()[0]
+    t0 = time.perf_counter()
     r = c.generate(streams, max_tokens)
+    r["span"] = (t0, time.perf_counter())  # on the daemons' timeline clock (CLOCK_MONOTONIC)
     r["stages"] = delta(before, c.metrics())
     r["load1"] = load
     return r
@@ -411,11 +474,15 @@ def part1(model: Path, cfg: dict, secret: str | None, log_dir: Path) -> dict:
             configs["3-norep"] = (3, ["--kv-replicas", "0"])
         for key, (n, flags) in configs.items():
             clusters[key] = stack.enter_context(start_cluster(model, n, extra=["--strategy", "even", *flags],
-                                                              secret=secret, log_dir=log_dir, tag=f"p1-{key}"))
+                                                              secret=secret, log_dir=log_dir, tag=f"p1-{key}",
+                                                              timeline=log_dir / f"timeline-p1-{key}.txt"))
         for c in clusters.values():  # warm-up: first-call allocations, ring streams opened
             c.generate(1, 16)
+            c.generate(STREAMS1, 8)
             _http_completion(c.gw[c.head], model.name, 8)
         runs = side_by_side(clusters, 1, cfg["tokens"], cfg["repeats"])
+        # the same two rings with several streams at once (no replicas variant: single stream says it)
+        many = side_by_side({k: clusters[k] for k in ("1", "3")}, STREAMS1, cfg["tokens"], cfg["repeats"])
         http = {k: [_http_completion(c.gw[c.head], model.name, cfg["tokens"]) for _ in range(cfg["repeats"])]
                 for k, c in clusters.items()}
         pings = {k: run(_ping(c.address, secret, cfg["pings"])) for k, c in clusters.items()}
@@ -455,8 +522,22 @@ def part1(model: Path, cfg: dict, secret: str | None, log_dir: Path) -> dict:
                 "load1": [r["load1"] for r in runs[key]],
                 "runs": [_compact(r) for r in runs[key]],
             }
+    for key, c in clusters.items():  # (the daemons have exited: their timelines are written)
+        out["configs"][key]["timeline"] = timeline_breakdown(c.timeline, [r["span"] for r in runs[key]])
+    out["streams"] = STREAMS1
+    for key in many:
+        aggs = [aggregate(r) for r in many[key]]
+        out["configs"][key]["many_streams"] = {
+            "steady_tokens_per_s": [a["steady_tokens_per_s"] for a in aggs],
+            "wall_tokens_per_s": [a["wall_tokens_per_s"] for a in aggs],
+            "steady_tokens_per_s_median": statistics.median(a["steady_tokens_per_s"] for a in aggs),
+            "wall_tokens_per_s_median": statistics.median(a["wall_tokens_per_s"] for a in aggs),
+            "runs": [_compact(r) for r in many[key]],
+        }
     one, three = out["configs"]["1"], out["configs"]["3"]
     out["ratio_3_vs_1"] = three["decode_tokens_per_s_median"] / one["decode_tokens_per_s_median"]
+    out["ratio_3_vs_1_streams"] = (three["many_streams"]["steady_tokens_per_s_median"]
+                                   / one["many_streams"]["steady_tokens_per_s_median"])
     if "3-norep" in out["configs"]:
         out["ratio_3_norep_vs_1"] = (out["configs"]["3-norep"]["decode_tokens_per_s_median"]
                                      / one["decode_tokens_per_s_median"])
@@ -697,6 +778,33 @@ def markdown(res: dict) -> str:
                       f"messages of the 3-daemon ring: {x['mean']:.2f} ms mean, {x['p50']:.2f} ms at p50, "
                       f"{x['p99']:.2f} ms at p99 (ITL minus compute, 3 daemons minus 1 daemon, over "
                       f"{p1['extra_messages']})."]
+        if "ratio_3_vs_1_streams" in p1:
+            m1, m3 = one["many_streams"], three["many_streams"]
+            lines += ["", f"{p1['streams']} concurrent streams ({p1['max_tokens']} tokens each; steady state: "
+                          f"tokens while all decode): 1 daemon {m1['steady_tokens_per_s_median']:.1f} tok/s "
+                          f"({m1['wall_tokens_per_s_median']:.1f} with the prefills), 3 daemons "
+                          f"{m3['steady_tokens_per_s_median']:.1f} ({m3['wall_tokens_per_s_median']:.1f}): "
+                          f"**{p1['ratio_3_vs_1_streams']:.2f}×** (goal ≥ 0.90×)."]
+        timed = [(k, c) for k, c in p1["configs"].items() if c.get("timeline")]
+        if timed:
+            lines += ["", "Where a single stream's token goes (median ms per token over the measured runs, from "
+                          "the daemons' timelines: `P2PLLM_TIMELINE`, p2pllm/runtime/timeline.py; ring messages "
+                          "from the sender's encoded frame to the receiver's handler, in ring order from the "
+                          "head's launch to its result; (local): the head's own stage, no network)", "",
+                      "| daemons | token | layers (per stage) | decode + encode (per stage) | ring messages "
+                      "| head: take answers + launch next |", "|---|---|---|---|---|---|"]
+            for k, c in timed:
+                tl = c["timeline"]
+                st, msgs, n = tl["stages_ms"], list(tl["messages_ms"]), len(tl["stages_ms"])
+                local = {0} if tl["head_stage"] == 0 else set()
+                local |= {n} if tl["head_stage"] == n - 1 else set()
+                layers = " + ".join(f"{x['layers']:.2f}" for x in st)
+                other = " + ".join(f"{x['decode']:.2f} + {x['encode']:.2f}" for x in st)
+                hops = " → ".join(f"{m:.2f}" + (" (local)" if i in local else "") for i, m in enumerate(msgs))
+                lines.append(
+                    f"| {k} | {tl['cycle_ms']:.2f} | {sum(x['layers'] for x in st):.2f} ({layers}) "
+                    f"| {sum(x['decode'] + x['encode'] for x in st):.2f} ({other}) | {hops} "
+                    f"| {tl['head_ms']['take']:.2f} + {tl['head_ms']['launch']:.2f} |")
     p2 = res.get("part2")
     if p2 and "configs" in p2:
         lines += ["", f"**2. Two daemons pinned to one core each, {p2['streams']} concurrent streams** "

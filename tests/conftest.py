@@ -130,8 +130,10 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
 class LiveCluster:
     """`p2pllm join` processes on loopback serving one model; clients talk to `url`."""
 
-    def __init__(self, url: str, model: str, secret: str = "", procs: list | None = None):
+    def __init__(self, url: str, model: str, secret: str = "", procs: list | None = None,
+                 timeline: Path | None = None):
         self.url, self.model, self.secret, self.procs = url, model, secret, procs or []
+        self.timeline = timeline  # the daemons' P2PLLM_TIMELINE file
 
     def client(self):
         import openai
@@ -166,7 +168,8 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
-    env = dict(os.environ, P2PLLM_SECRET=f"{name}-cluster-test-secret-0123456789", HOME=str(logs))
+    env = dict(os.environ, P2PLLM_SECRET=f"{name}-cluster-test-secret-0123456789", HOME=str(logs),
+               P2PLLM_TIMELINE=str(logs / "timeline.txt"))
     n = len(ports) // 2
     grpc, gateways = ports[:n], ports[n:]
     procs = []
@@ -187,7 +190,8 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
         status = asyncio.run(fetch_status(f"127.0.0.1:{grpc[0]}", Security.from_secret(env["P2PLLM_SECRET"])))
         coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
         other_gateway = next(gw for rpc, gw in zip(grpc, gateways) if not coordinator.endswith(f":{rpc}"))
-        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"], procs)
+        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"], procs,
+                          logs / "timeline.txt")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -12,6 +12,7 @@ from ..transport import frames
 from ..transport.ring import LinkPool
 from .frames import MicroBatch, Pooled
 from .scheduler import RingRetry, RingUnavailable
+from .timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,26 @@ class ClusterRing:
     async def run(self, mb: MicroBatch) -> list[Sampled | Pooled]:
         if self.first_address is None:
             raise RingUnavailable("the cluster has no committed plan yet")
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[mb.mb_id] = (fut, [c.seq_id for c in mb.chunks if c.sample])
+        # a timer, not asyncio.wait_for: that wraps the future and costs the answer a loop turn
+        timer = loop.call_later(MICRO_BATCH_TIMEOUT, _expire, fut)
         try:
+            mark("launch")
+            if self.first_address == self.links.local_address:
+                # this peer's own stage runs the step right here, on the loop: let the tokens just
+                # taken go to their clients first (after the step they would arrive in pairs)
+                await asyncio.sleep(0)
             await self.links.get(self.first_address).send(frames.encode(mb))
-            return await asyncio.wait_for(fut, MICRO_BATCH_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise RingUnavailable(f"no answer from the ring for {MICRO_BATCH_TIMEOUT:.0f}s") from None
+            return await fut
         finally:
+            timer.cancel()
             self._pending.pop(mb.mb_id, None)
 
     def deliver(self, frame: pb.Frame) -> None:
         """A result frame from the last stage (or an error from any stage)."""
+        mark("result")
         fut, answering = self._pending.get(frame.micro_batch, (None, []))
         if fut is None or fut.done():
             log.debug("result for unknown micro-batch %d", frame.micro_batch)
@@ -75,3 +84,8 @@ class ClusterRing:
         for fut, _ in list(self._pending.values()):
             if not fut.done():
                 fut.set_exception(RingUnavailable(reason))
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(RingUnavailable(f"no answer from the ring for {MICRO_BATCH_TIMEOUT:.0f}s"))

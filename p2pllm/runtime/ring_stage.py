@@ -3,6 +3,7 @@ pass the result on (to the next stage, or the sampled tokens and pooled embeddin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from .compute_lane import ComputeLane
 from .frames import LayerKV
 from .replica import exported
 from .stage import Stage
+from .timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class RingStage:
     async def handle(self, frame: pb.Frame) -> str:
         """Process one frame from the predecessor; returns the refusal reason ('' when accepted)."""
         b = self.binding
+        mark("recv")
         try:
             if b is None:
                 raise frames.FrameError(f"this peer is switching plans (frame of epoch {frame.epoch} refused)")
@@ -71,13 +74,22 @@ class RingStage:
                                                                               error=str(e)))
             return str(e)
         mb, outgoing = out
-        await self.links.get(b.head_address if b.stage.is_last else b.next_address).send(outgoing)
+        mark("computed")
+        target = b.head_address if b.stage.is_last else b.next_address
+        await self.links.get(target).send(outgoing)
+        mark("sent")
         # the replica after the result, off the critical path (a step whose replica never left is
         # replayed); none once the epoch is over: its stage may be gone
+        if b.replica_address and target == self.links.local_address:
+            # the result went to this peer's own head: let it take the answers and launch the next
+            # micro-batch first (two loop turns: its task wakes, then the one it starts runs)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
         if b.replica_address and self.binding is b:
             deltas = self._deltas(b, mb) if self.compute.may_inline() else await self.compute.run(self._deltas, b, mb)
             if deltas:
                 await self.send_replica(b, deltas)
+        mark("done")
         return ""
 
     async def send_replica(self, b: Binding, deltas: list[LayerKV]) -> None:
@@ -102,7 +114,9 @@ class RingStage:
                        and c.seq_id not in stage.pools and c.seq_id not in {s.seq_id for s in mb.starts}]
             if missing:
                 raise frames.FrameError(f"sequence {missing[0]} was never started on this stage")
+        mark("decoded")
         result = stage.process(mb, hidden)
+        mark("stepped")
         # encoded here, where the step ran: on the compute thread, copying the activations into
         # the message is work the event loop (ring, health checks, the gateway) need not wait for
         if stage.is_last:

@@ -23,6 +23,7 @@ from ..model.tokenizer import Tokenizer
 from .api import MAX_CHOICES, MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
 from .frames import Chunk, MicroBatch, Pooled, SeqStart
 from .prefix_cache import PrefixCache
+from .timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Scheduler:
         # finished sequences whose KV the stages keep for prompts that start alike (0 positions: off)
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self._in_flight: set[asyncio.Task] = set()
+        self._held: list[tuple[asyncio.Queue, TokenEvent]] | None = None  # see _run
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.ready = True
@@ -254,14 +256,18 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while not self.paused and len(self._in_flight) < self.max_in_flight:
-                mb = self._build()
-                if mb is None:
-                    break
-                task = asyncio.create_task(self._run(mb))
-                self._in_flight.add(task)
-                self._idle.clear()
-                task.add_done_callback(self._landed)
+            self._launch()
+
+    def _launch(self) -> None:
+        """Start micro-batches while a slot is free and a sequence is ready."""
+        while not self.paused and len(self._in_flight) < self.max_in_flight:
+            mb = self._build()
+            if mb is None:
+                break
+            task = asyncio.create_task(self._run(mb))
+            self._in_flight.add(task)
+            self._idle.clear()
+            task.add_done_callback(self._landed)
 
     def _landed(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)
@@ -395,6 +401,7 @@ class Scheduler:
     async def _run(self, mb: MicroBatch) -> None:
         try:
             answers = await self.ring.run(mb)
+            mark("answers")
             if len(answers) != mb.n_sampled:
                 raise RingUnavailable(f"the ring returned {len(answers)} answers for {mb.n_sampled} sequences")
         except asyncio.CancelledError:
@@ -424,6 +431,24 @@ class Scheduler:
             else:
                 self._wake.set()
             return
+        self._held = []
+        try:
+            self._take(mb, answers)
+        finally:
+            held, self._held = self._held, None
+        # the next micro-batch leaves before the tokens go to their clients: writing to a client's
+        # stream waits until the frame is on its way (ClusterRing.run lets them go first where the
+        # step is computed right here)
+        self._in_flight.discard(asyncio.current_task())
+        try:
+            self._launch()
+        finally:
+            for events, event in held:
+                events.put_nowait(event)
+            self._wake.set()
+
+    def _take(self, mb: MicroBatch, answers: list[Sampled | Pooled]) -> None:
+        """A micro-batch's answers: sequences move on, tokens become events, embeddings results."""
         results = iter(answers)
         for c in mb.chunks:
             seq = self._seqs.get(c.seq_id)
@@ -445,7 +470,6 @@ class Scheduler:
                 self._finish(seq, "stop")
             else:
                 self._accept(seq, answer)
-        self._wake.set()
 
     # ------------------------------------------------------------------ tokens -> events
     def _accept(self, seq: _Seq, sampled: Sampled) -> None:
@@ -460,14 +484,21 @@ class Scheduler:
         text = seq.held + seq.decoder.push(tok)
         cut = _first_stop(text, req.stop)
         if cut is not None:
-            seq.events.put_nowait(TokenEvent(tok, text[:cut], **logprobs, index=seq.index))
+            self._emit(seq, TokenEvent(tok, text[:cut], **logprobs, index=seq.index))
             self._finish(seq, "stop", flush=False)  # nothing after a stop string is returned
             return
         keep = _stop_prefix_len(text, req.stop)
         seq.held = text[len(text) - keep:] if keep else ""
-        seq.events.put_nowait(TokenEvent(tok, text[: len(text) - keep], **logprobs, index=seq.index))
+        self._emit(seq, TokenEvent(tok, text[: len(text) - keep], **logprobs, index=seq.index))
         if seq.generated >= req.max_tokens or len(seq.tokens) >= self.context:
             self._finish(seq, "length")
+
+    def _emit(self, seq: _Seq, event: TokenEvent) -> None:
+        """An event for the sequence's client; held while a landed micro-batch's answers are taken."""
+        if self._held is not None:
+            self._held.append((seq.events, event))
+        else:
+            seq.events.put_nowait(event)
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None, flush: bool = True) -> None:
         if seq.done:
@@ -482,7 +513,7 @@ class Scheduler:
         else:
             tail = seq.held + seq.decoder.flush() if flush and reason in ("stop", "length") else ""
             seq.held = ""
-            seq.events.put_nowait(TokenEvent(None, tail, reason, error, index=seq.index, cached_tokens=seq.cached))
+            self._emit(seq, TokenEvent(None, tail, reason, error, index=seq.index, cached_tokens=seq.cached))
         if not seq.in_flight:
             self._release(seq)
         self._wake.set()

@@ -122,6 +122,7 @@ class LinkPool:
         self.on_refused = on_refused
         self.on_broken = on_broken
         self.local = local  # (this peer's address, its frame handler): frames to itself skip the network
+        self.local_address = local[0] if local is not None else None
         self._links: dict[str, RingLink | LocalLink] = {}
 
     def get(self, address: str) -> RingLink | LocalLink:
