@@ -431,18 +431,16 @@ class Scheduler:
             else:
                 self._wake.set()
             return
-        self._held = []
-        try:
-            self._take(mb, answers)
-        finally:
-            held, self._held = self._held, None
         # the next micro-batch leaves before the tokens go to their clients: writing to a client's
         # stream waits until the frame is on its way (ClusterRing.run lets them go first where the
         # step is computed right here)
-        self._in_flight.discard(asyncio.current_task())
+        self._held = []
         try:
+            self._take(mb, answers)
+            self._in_flight.discard(asyncio.current_task())
             self._launch()
         finally:
+            held, self._held = self._held, None
             for events, event in held:
                 events.put_nowait(event)
             self._wake.set()
@@ -494,7 +492,8 @@ class Scheduler:
             self._finish(seq, "length")
 
     def _emit(self, seq: _Seq, event: TokenEvent) -> None:
-        """An event for the sequence's client; held while a landed micro-batch's answers are taken."""
+        """An event for the sequence's client; held while a landed micro-batch's answers are taken
+        and the next micro-batch starts."""
         if self._held is not None:
             self._held.append((seq.events, event))
         else:
