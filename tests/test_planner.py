@@ -9,12 +9,14 @@ import itertools
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pllm.cluster import planner as P
+from p2pllm.cluster.planner import PeerCaps
 from p2pllm.cluster.plan_cli import add_plan_parser, cmd_plan, parse_device
 from p2pllm.errors import P2PError, UsageError
 from p2pllm.model.spec import ModelSpec, resolve_spec
@@ -376,3 +378,19 @@ def test_plan_from_a_header_only_gguf_sizes_the_model_from_its_metadata():
     out = json.loads(proc.stdout)
     assert out["feasible"] and out["stages"][0]["layers"] == [0, 32]
     assert 12 << 30 < out["stages"][0]["memory"]["weights"] < 14 << 30  # 6.7B parameters in f16
+
+
+@pytest.mark.parametrize("strategy", P.STRATEGIES)
+@pytest.mark.parametrize("head", [None, "a", "b"])
+def test_a_replan_keeps_each_survivor_on_the_layers_it_has_loaded(strategy, head):
+    spec = tiny_spec(12, hidden=2048, vocab=32000)  # 1.1 GB of weights: no one peer holds it all
+    # the peer serving [4, 8) was lost; b serves [0, 4) and a [8, 12). Alike peers, so any order
+    # costs the same: the one that keeps what each has loaded is taken
+    a = PeerCaps("a", "a", GiB, 1e11, 1e10, 1e8, serving=(8, 12))
+    b = PeerCaps("b", "b", GiB, 1e11, 1e10, 1e8, serving=(0, 4))
+    options = P.PlanOptions(strategy=strategy, context=64)
+    fresh = P.plan(spec, [replace(a, serving=None), replace(b, serving=None)], options=options, head=head)
+    assert [peer for peer, _, _ in fresh.assignment] == ["a", "b"]  # what it would take knowing nothing
+    replan = P.plan(spec, [a, b], options=options, head=head)
+    assert [peer for peer, _, _ in replan.assignment] == ["b", "a"]
+    assert replan.objective_ms == pytest.approx(fresh.objective_ms)

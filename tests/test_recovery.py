@@ -109,7 +109,8 @@ def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_mod
     assert rebuilt, log[-3000:]
     # both survivors keep the layers they hold and read only the lost peer's share
     kept = re.findall(r"loading layers \[(\d+), (\d+)\) of 8 \(keeping layers \[(\d+), (\d+)\) it holds\)", log)
-    assert len(kept) == 2 and all(int(b) - int(a) < int(d) - int(c) for c, d, a, b in kept), kept
+    plans = [line for line in log.splitlines() if "proposing plan" in line or "loading layers" in line]
+    assert len(kept) == 2 and all(int(b) - int(a) < int(d) - int(c) for c, d, a, b in kept), (kept, plans)
     if replicas == "1":  # warm: KV rebuilt from caches and replicas, no history replayed
         assert all(line.endswith(", 0 to replay") for line in rebuilt), rebuilt
     else:  # no replica of the lost layers: the head replays those histories

@@ -18,7 +18,8 @@ from .planner import Held, Links, PeerCaps, Plan, PlanOptions, plan, should_repl
 log = logging.getLogger(__name__)
 
 
-def peer_caps(member: Member) -> PeerCaps:
+def peer_caps(member: Member, serving: tuple[int, int] | None = None) -> PeerCaps:
+    """`serving`: the layers the member has loaded (its stage in the running plan)."""
     c = member.info.caps
     return PeerCaps(
         id=member.info.id,
@@ -29,6 +30,7 @@ def peer_caps(member: Member) -> PeerCaps:
         net_bw=float(c.net_bw) if c.net_bw > 0 else 125e6,  # unmeasured: assume 1 Gbit/s
         held=None if member.holds is None else
         Held(frozenset(member.holds.layers), bool(member.holds.embed), bool(member.holds.head)),
+        serving=serving,
     )
 
 
@@ -46,11 +48,15 @@ OUT_OF_PLAN = ("leaving", "drained", "fetching")  # states of live peers that ge
 
 
 def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions, exclude: frozenset = frozenset(),
-                   head: str | None = None) -> Plan:
+                   head: str | None = None, running: pb.PlanProposal | None = None) -> Plan:
     """The plan over the live, compatible peers that are neither leaving nor drained (nor in `exclude`);
-    `head`: the coordinator, which runs the scheduler (planner.plan puts it at an end of the ring)."""
+    `head`: the coordinator, which runs the scheduler (planner.plan puts it at an end of the ring);
+    `running`: the committed plan, whose peers keep the layers they have loaded where that costs
+    little."""
     members = [m for m in membership.live_compatible() if m.state not in OUT_OF_PLAN and m.info.id not in exclude]
-    return plan(spec, [peer_caps(m) for m in members], measured_links(members), options, head=head)
+    serving = {s.peer_id: (s.start, s.end) for s in running.stages} if running is not None else {}
+    return plan(spec, [peer_caps(m, serving.get(m.info.id)) for m in members], measured_links(members), options,
+                head=head)
 
 
 def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, candidate: Plan,

@@ -63,6 +63,7 @@ class PeerCaps:
     net_bw: float  # bytes/s of the peer's network link
     rtt_s: float = 0.0  # round trip from the peer to the LAN's switch / access point
     held: Held | None = None  # what its partial copy holds (`join --from-peers`); None: the whole file
+    serving: tuple[int, int] | None = None  # the layers it has loaded (its stage in the running plan)
 
     def __post_init__(self):
         for name in ("mem_bytes", "flops", "mem_bw", "net_bw", "rtt_s"):
@@ -840,12 +841,14 @@ def _head_at_an_end(spec, peers, links, options, chosen: Plan, head: str | None)
 
 
 def _prefer_held(spec, peers, links, options, chosen: Plan) -> Plan:
-    """The same layer ranges with the peers permuted so that the least has to be fetched first
-    (peers that joined with --from-peers hold only some layers): among permutations that stay
-    feasible and within `options.fetch_tolerance` of the chosen plan's cost, the one whose slowest
-    fetch ends first, then the fewest bytes, then the cheapest. Exhaustive up to 5 stages, pairwise
-    swaps beyond."""
-    if not chosen.feasible or chosen.fetch_bytes == 0 or len(chosen.stages) < 2:
+    """The same layer ranges with the peers permuted so that the least has to be fetched and then
+    loaded first (peers that joined with --from-peers hold only some layers on disk; a replan's
+    peers have their running stage's layers in memory): among permutations that stay feasible and
+    within `options.fetch_tolerance` of the chosen plan's cost, the one whose slowest fetch ends
+    first, then the fewest bytes, then the fewest layers to load, then the cheapest. Exhaustive up
+    to 5 stages, pairwise swaps beyond."""
+    serving = {p.id: p.serving for p in peers if p.serving is not None}
+    if not chosen.feasible or len(chosen.stages) < 2 or (chosen.fetch_bytes == 0 and not serving):
         return chosen
     ranges = [(s.start, s.end) for s in chosen.stages]
     ids = [s.peer for s in chosen.stages]
@@ -856,8 +859,16 @@ def _prefer_held(spec, peers, links, options, chosen: Plan) -> Plan:
         return evaluate(spec, peers, [(pid, a, b) for pid, (a, b) in zip(order, ranges)], links, options,
                         chosen.strategy, excluded)
 
+    def to_load(p: Plan) -> int:
+        """Layers the plan's peers do not have loaded now."""
+        kept = 0
+        for s in p.stages:
+            a, b = serving.get(s.peer, (0, 0))
+            kept += max(0, min(b, s.end) - max(a, s.start))
+        return sum(s.end - s.start for s in p.stages) - kept
+
     def rank(p: Plan):
-        return (round(p.fetch_s, 3), p.fetch_bytes, p.objective_ms)
+        return (round(p.fetch_s, 3), p.fetch_bytes, to_load(p), p.objective_ms)
 
     def acceptable(p: Plan) -> bool:
         return p.feasible and p.objective_ms <= limit

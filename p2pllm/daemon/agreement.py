@@ -83,7 +83,8 @@ class Agreement:
                 continue  # a lost stage is replanned at once; joins wait for membership to settle
             if self.committed is None and time.monotonic() - self.started_at < STARTUP_GRACE:
                 continue
-            candidate = coord.candidate_plan(self.spec, self.membership, self.options, head=self.id)
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options, head=self.id,
+                                             running=self.committed)
             scheduler = self.data.scheduler
             if not candidate.feasible:
                 if self.committed is None:
