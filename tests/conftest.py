@@ -168,8 +168,9 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session's cluster?)")
+    timeline = logs / "timeline.txt"
     env = dict(os.environ, P2PLLM_SECRET=f"{name}-cluster-test-secret-0123456789", HOME=str(logs),
-               P2PLLM_TIMELINE=str(logs / "timeline.txt"))
+               P2PLLM_TIMELINE=str(timeline))
     n = len(ports) // 2
     grpc, gateways = ports[:n], ports[n:]
     procs = []
@@ -190,8 +191,7 @@ def live_smol_cluster(logs: Path, name: str, ports: tuple[int, int, int, int], *
         status = asyncio.run(fetch_status(f"127.0.0.1:{grpc[0]}", Security.from_secret(env["P2PLLM_SECRET"])))
         coordinator = next(p["address"] for p in status["peers"] if p["id"] == status["coordinator"])
         other_gateway = next(gw for rpc, gw in zip(grpc, gateways) if not coordinator.endswith(f":{rpc}"))
-        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"], procs,
-                          logs / "timeline.txt")
+        yield LiveCluster(f"http://127.0.0.1:{other_gateway}", path.name, env["P2PLLM_SECRET"], procs, timeline)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -1,9 +1,10 @@
 """Where a token's time goes in a ring: per-frame timestamps, off unless asked for.
 
 With P2PLLM_TIMELINE=FILE each process appends lines "<seconds> <pid> <event>" to FILE (buffered:
-written at the first event a second after the last write, every 256 events, and at exit). The seconds are time.perf_counter(), CLOCK_MONOTONIC on
-Linux: one clock for every process of the machine, so the daemons' lines merge into one timeline
-(benchmarks/ring.py reads them). Events, in the order a token meets them:
+written at the first event a second after the last write, every 256 events, and at exit). The
+seconds are time.perf_counter(), CLOCK_MONOTONIC on Linux: one clock for every process of the
+machine, so the daemons' lines merge into one timeline (benchmarks/ring.py reads them). Events, in
+the order a token meets them:
 
     launch      the head sends a micro-batch to the first stage
     recv        a stage's frame handler starts

@@ -122,13 +122,17 @@ class LinkPool:
         self.on_refused = on_refused
         self.on_broken = on_broken
         self.local = local  # (this peer's address, its frame handler): frames to itself skip the network
-        self.local_address = local[0] if local is not None else None
         self._links: dict[str, RingLink | LocalLink] = {}
+
+    @property
+    def local_address(self) -> str | None:
+        """This peer's own address (frames to it skip the network); None without a local handler."""
+        return self.local[0] if self.local is not None else None
 
     def get(self, address: str) -> RingLink | LocalLink:
         link = self._links.get(address)
         if link is None:
-            if self.local is not None and address == self.local[0]:
+            if address == self.local_address:
                 link = LocalLink(address, self.local[1], self.on_refused)
             else:
                 link = RingLink(address, self.security, self.on_refused, self.on_broken)
