@@ -142,6 +142,45 @@ def test_a_lost_or_leaving_stage_peer_breaks_the_plan(table):
     assert "lost" in coord.broken_reason(running, m)
 
 
+def test_a_plan_that_does_not_serve_is_proposed_again_even_unchanged(table):
+    # the ring paused when survivors could not hold the model, or a stage never took the commit:
+    # once a feasible plan exists it goes out as a new epoch even if it is the committed one
+    # (CI: a rejoined peer missed epoch 2's round and the cluster answered 503 for good)
+    m, _ = table
+    m.upsert(info("c"))
+    spec = builtin_spec("llama-3-8b")
+    opts = PlanOptions(context=2048, strategy="even")
+    current = coord.candidate_plan(spec, m, opts)
+    running = coord.to_proposal(current, 2, "b", m, "fp")
+    same = coord.candidate_plan(spec, m, opts, running=running)
+    assert coord.needs_new_plan(running, current, same, m, 0.10) == ""
+    assert coord.needs_new_plan(running, current, same, m, 0.10, "n-c did not take the commit") == \
+        "n-c did not take the commit"
+    m.members["c"].state = "leaving"  # a broken stage is the reason given first
+    alone = coord.candidate_plan(spec, m, opts)
+    assert coord.needs_new_plan(running, current, alone, m, 0.10, "paused") == "peer n-c is leaving"
+
+
+def test_a_proposal_goes_to_every_stage_peer_even_one_that_missed_a_health_check(table):
+    m, clock = table
+    for pid in ("c", "d"):
+        m.upsert(info(pid))
+    spec = builtin_spec("llama-3-8b")
+    proposal = coord.to_proposal(coord.candidate_plan(spec, m, PlanOptions(context=2048, strategy="even")),
+                                 3, "b", m, "fp")
+    clock.t += 4.0
+    m.heard_from("d")
+    m.touch_self()  # c is silent right now, but the plan names it: it must take part or fail the round
+    targets, unknown = coord.proposal_targets(proposal, m)
+    assert sorted(t.info.id for t in targets) == ["b", "c", "d"] and unknown == []
+    m.upsert(info("e"))  # live, not in the plan: told all the same
+    targets, _ = coord.proposal_targets(proposal, m)
+    assert sorted(t.info.id for t in targets) == ["b", "c", "d", "e"]
+    m.forget("c")
+    targets, unknown = coord.proposal_targets(proposal, m)
+    assert unknown == ["c"] and "c" not in {t.info.id for t in targets}
+
+
 def test_a_drained_peer_gets_no_layers_until_admitted_and_can_be_left_out_of_a_what_if(table):
     m, _ = table
     m.upsert(info("c"))

@@ -1,11 +1,13 @@
 """The daemon's parts alone (p2pllm/daemon/): status rows and health numbers from a Membership and
 a plan, what a partial copy holds as health replies and status show it, the membership loops'
-bookkeeping. Real objects, no network, no daemon."""
+bookkeeping. Real objects, no daemon (one test calls a loopback port nobody listens on, over real
+gRPC)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from types import SimpleNamespace
 
 import grpc
@@ -21,6 +23,8 @@ from p2pllm.model.demo import make_demo_model
 from p2pllm.model.pieces import PartialModel, pieces_of
 from p2pllm.model.spec import read_spec
 from p2pllm.proto import p2pllm_pb2 as pb
+from p2pllm.transport.client import ClientPool
+from p2pllm.transport.security import Security
 from p2pllm.transport.server import RpcRefused
 
 GiB = 1 << 30
@@ -177,3 +181,33 @@ def test_the_membership_loops_answer_hello_and_report_lost_peers_once():
     assert lost == [["c"]]
     loops.dial("10.0.0.8:7700")
     assert loops._dial == {"10.0.0.9:7700", "10.0.0.8:7700"}
+
+
+def test_a_dropped_connection_belongs_to_the_identity_that_was_at_the_address():
+    # A daemon restarted at the address of one whose connection dropped is a new identity: its
+    # first failed check must not make it lost at once (CI: the cluster's old channel to that
+    # address was still in reconnect backoff and the new member flapped while a plan went out).
+    # Real gRPC calls to a port nobody listens on.
+    async def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+        m, _ = clocked(info("a"))
+        clients = ClientPool(Security.insecure())
+        loops = PeerLoops(info("a"), m, clients, dial=[], on_lost=lambda ids: None, on_epoch=lambda e: None)
+        old, new = info("c"), info("d")
+        old.address = new.address = address
+        try:
+            m.upsert(old)
+            loops.connection_dropped(address)
+            await loops.on_hello(pb.HelloRequest(peer=new), "ipv4:127.0.0.1:5000")
+            assert "c" not in m.members and address not in loops._dropped
+            await loops._health_one(m.members["d"])
+            assert m.is_live("d")  # one refused check could be a restart: lost after two
+            loops.connection_dropped(address)  # its own connection dropped: a failing check is final
+            await loops._health_one(m.members["d"])
+            assert not m.is_live("d")
+        finally:
+            await clients.close()
+
+    asyncio.run(run())

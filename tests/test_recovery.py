@@ -201,6 +201,7 @@ def test_survivors_too_small_answer_503_then_service_resumes(hosts, small_model)
     assert "GiB" in got["json"]["error"]["message"], got
     join(hosts, victim, small_model, "--threads", "1", "--max-memory", cap)
     got = wait_status(hosts, head, 200, timeout=30)
+    assert got["status"] == 200, (got, hosts.logs())
     assert got["json"]["usage"]["completion_tokens"] == 4
 
 

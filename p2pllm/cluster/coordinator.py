@@ -60,8 +60,11 @@ def candidate_plan(spec: ModelSpec, membership: Membership, options: PlanOptions
 
 
 def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, candidate: Plan,
-                   membership: Membership, hysteresis: float) -> str:
-    """Why a new plan should be proposed now ('' = keep the current one)."""
+                   membership: Membership, hysteresis: float, not_serving: str = "") -> str:
+    """Why a new plan should be proposed now ('' = keep the current one). `not_serving`: why the
+    committed plan does not serve although no stage of it is lost now (the ring paused when the
+    survivors could not hold the model; a stage peer never took the commit): a feasible candidate
+    is proposed then even if it is the same plan, as a new epoch every stage peer accepts again."""
     if not candidate.feasible:
         return ""
     if current is None:
@@ -69,12 +72,34 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
     broken = broken_reason(current, membership)
     if broken:
         return broken
+    if not_serving:
+        return not_serving
     if candidate.strategy == "even" and {s.peer_id for s in current.stages} != {s.peer for s in candidate.stages}:
         return "the strategy is even and the set of peers changed"  # even means every compatible peer
     same = [(s.peer_id, s.start, s.end) for s in current.stages] == [(s.peer, s.start, s.end) for s in candidate.stages]
     if not same and current_plan is not None and should_replace(current_plan, candidate, hysteresis):
         return "a better plan is available"
     return ""
+
+
+def proposal_targets(proposal: pb.PlanProposal, membership: Membership) -> tuple[list[Member], list[str]]:
+    """Who a proposal goes to: every live compatible member, and every stage peer even if it does
+    not answer at this moment (one that misses it must fail the round, not be left out of it:
+    a plan committed without one of its stages would never serve). Second: stage peer ids this
+    peer has no entry for."""
+    targets = membership.live_compatible()
+    asked = {m.info.id for m in targets}
+    unknown = []
+    for s in proposal.stages:
+        if s.peer_id in asked:
+            continue
+        member = membership.members.get(s.peer_id)
+        if member is None:
+            unknown.append(s.peer_id)
+        else:
+            targets.append(member)
+            asked.add(s.peer_id)
+    return targets, unknown
 
 
 def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:

@@ -61,6 +61,7 @@ class Agreement:
         self.started_at = time.monotonic() if started_at is None else started_at  # for STARTUP_GRACE
         self._proposing = False
         self._last_logged = ""
+        self._uncommitted = ""  # why the last commit did not reach every stage peer ('' = it did)
 
     def coordinator(self) -> str:
         return coord.elect(self.membership, self.epoch, self.committed.coordinator if self.committed else "")
@@ -97,13 +98,20 @@ class Agreement:
                     scheduler.fail_parked(reason)  # running ones: a clear error now, not a hang
                 continue
             why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
-                                       self.options.hysteresis)
+                                       self.options.hysteresis, self._not_serving())
             if why:
                 self._proposing = True
                 try:
                     await self._propose_and_commit(candidate, why)
                 finally:
                     self._proposing = False
+
+    def _not_serving(self) -> str:
+        """Why the committed plan does not serve though none of its stages is lost ('' = it does)."""
+        scheduler = self.data.scheduler
+        if scheduler is not None and scheduler.unavailable:
+            return "the cluster can hold the model again"
+        return self._uncommitted
 
     def _log_once(self, msg: str) -> None:
         if msg != self._last_logged:
@@ -122,7 +130,12 @@ class Agreement:
         proposal.kv_replicas = self.kv_replicas
         log.info("proposing plan epoch %d (%s): %s; carrying %d sequences over", epoch, why,
                  _describe(proposal, self.membership), len(proposal.resume))
-        targets = [m for m in self.membership.live_compatible()]
+        targets, unknown = coord.proposal_targets(proposal, self.membership)
+        if unknown:
+            log.warning("epoch %d names peers this one has not met (%s); will retry", epoch,
+                        ", ".join(u[:8] for u in unknown))
+            self.highest_epoch = max(self.highest_epoch, epoch)
+            return
 
         async def ask(member):
             if member.info.id == self.id:
@@ -147,7 +160,14 @@ class Agreement:
         for r in replies:
             for seq in r.restored:
                 resume_at[seq.seq_id] = min(resume_at.get(seq.seq_id, seq.positions), seq.positions)
-        await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
+        commits = await asyncio.gather(*(commit(m) for m in targets), return_exceptions=True)
+        stage_peers = {s.peer_id for s in proposal.stages}
+        missed = [m.info.name for m, r in zip(targets, commits)
+                  if m.info.id in stage_peers and (isinstance(r, BaseException) or not r.ok)]
+        self._uncommitted = f"{', '.join(missed)} did not take the commit of epoch {epoch}" if missed else ""
+        if missed:  # that stage refuses the epoch's frames: propose again (a lost peer is replanned without)
+            log.warning("epoch %d: %s; proposing again", epoch, self._uncommitted)
+            self.replan_now.set()
         self.committed_plan = candidate
         if self.data.scheduler is not None:
             self.data.scheduler.resume(f"epoch {epoch}", resume_at)

@@ -62,9 +62,17 @@ class PeerLoops:
             log.info("peer %s (%s) said goodbye", member.info.name, peer_id[:8])
             member.last_seen = -1e9  # silent from now on: the next expiry marks it lost
 
+    def _met(self, info: pb.PeerInfo):
+        """A peer said who it is (its hello, or its answer to ours): it is live."""
+        new = info.id not in self.membership.members
+        member = self.membership.upsert(info)
+        if new:  # a drop seen at its address was the connection of whoever was there before
+            self._dropped.discard(info.address)
+        self.membership.heard_from(info.id)
+        return member
+
     async def on_hello(self, req: pb.HelloRequest, peer: str) -> pb.HelloReply:
-        member = self.membership.upsert(req.peer)
-        self.membership.heard_from(req.peer.id)
+        member = self._met(req.peer)
         known = [m.info for m in self.membership.members.values() if m.info.id not in (self.id, req.peer.id)]
         return pb.HelloReply(peer=self.info, compatible=member.compatible, reason=member.reason, known=known)
 
@@ -74,8 +82,7 @@ class PeerLoops:
         except Exception as e:  # an unreachable or refusing peer: try again later
             log.debug("hello %s failed: %s", address, e)
             return
-        self.membership.upsert(reply.peer)
-        self.membership.heard_from(reply.peer.id)
+        self._met(reply.peer)
         for known in reply.known:
             if known.id != self.id and known.id not in self.membership.members:
                 self._dial.add(known.address)

@@ -24,6 +24,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
+    # after a peer's process died gRPC waits longer and longer between reconnects (up to 120 s), so
+    # a daemon restarted at that address stayed unreachable from here for seconds (a flapping
+    # member in CI); on a LAN a reconnect a second is cheap
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
