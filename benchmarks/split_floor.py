@@ -15,6 +15,12 @@ runs: the floor under benchmarks/ring.py's "3 daemons vs 1".
    decode frame's `transport.frames.decode`) timed in a tight loop and right after 5 ms of
    something else (spinning in Python; sleeping): a ring stage's per-token Python always runs
    after a pause (the other stages' compute), never in a loop.
+3. **A stage's step after a pause.** One GGMLStage [10,20) (22 MB of Q4_1 weights), 1 thread,
+   decode steps with something before each, the kinds drawn at random step by step so that the
+   machine's drift hits all alike: nothing (back to back), 8 ms asleep, 8 ms spinning, 64 MB of
+   other memory traffic (what the other stages' weights are to this one's in the shared L3), and
+   that traffic followed by 8 ms asleep or spinning. A ring stage on this machine always meets
+   the last: the other stages compute while it sleeps.
 """
 
 from __future__ import annotations
@@ -163,6 +169,48 @@ def part2(path: Path) -> dict:
     return {name: {p: round(_timed_after(fn, pause), 1) for p, pause in pauses.items()} for name, fn in pieces.items()}
 
 
+def part3(path: Path, steps: int = 1800) -> dict:
+    import random
+
+    import torch
+
+    from p2pllm.model.backends.ggml_stage import GGMLStage
+    from p2pllm.model.batch import BatchMeta, SeqChunk
+
+    stage = GGMLStage(path, 10, 20, threads=1, max_context=512)
+    stage.kv.allocate(1, 512)
+    x, junk = torch.randn(1, stage.spec.hidden), bytearray(64 << 20)
+
+    def spin():
+        end = time.perf_counter() + 0.008
+        while time.perf_counter() < end:
+            pass
+
+    def traffic():
+        junk[::64] = b"\1" * (len(junk) // 64)
+
+    before = {"back to back": lambda: None, "8 ms asleep": lambda: time.sleep(0.008), "8 ms spinning": spin,
+              "64 MB of other traffic": traffic,
+              "64 MB of traffic, then 8 ms asleep (a ring stage)": lambda: (traffic(), time.sleep(0.008)),
+              "64 MB of traffic, then 8 ms spinning": lambda: (traffic(), spin())}
+    times: dict[str, list[float]] = {k: [] for k in before}
+    rng, pos = random.Random(0), 0
+    try:
+        for _ in range(steps):
+            kind = rng.choice(list(before))
+            if pos == 300:  # the context stays short: a new sequence
+                stage.kv.truncate(1, 0)
+                pos = 0
+            before[kind]()
+            t0 = time.perf_counter()
+            stage.forward(x, BatchMeta.build([SeqChunk(1, pos, 1)]))
+            times[kind].append(time.perf_counter() - t0)
+            pos += 1
+    finally:
+        stage.close()
+    return {k: {"steps": len(v), "ms_median": round(statistics.median(v) * 1e3, 3)} for k, v in times.items()}
+
+
 def markdown(res: dict) -> str:
     p1, lines = res["part1"], []
     lines.append(f"**1. 1 vs 3 ggml stages over OS pipes** ({res['model']}, {p1['tokens']} tokens, median of "
@@ -181,6 +229,13 @@ def markdown(res: dict) -> str:
     lines.append("|---|" + "---|" * len(pauses))
     for name, row in res["part2"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[p]:.1f}" for p in pauses) + " |")
+    p3 = res["part3"]
+    base = p3["back to back"]["ms_median"]
+    lines.append("\n**3. A 10-layer stage's decode step after a pause** (median ms; steps drawn at random)\n")
+    lines.append("| before each step | steps | ms (median) | vs back to back |")
+    lines.append("|---|---|---|---|")
+    for name, row in p3.items():
+        lines.append(f"| {name} | {row['steps']} | {row['ms_median']:.2f} | {row['ms_median'] / base:.2f}× |")
     return "\n".join(lines)
 
 
@@ -198,7 +253,7 @@ def main() -> int:
     t0 = time.time()
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model.name, "load_at_start": os.getloadavg(),
            "openmp": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ},
-           "part1": part1(args.model, args.tokens, args.repeats, args.threads), "part2": part2(args.model)}
+           "part1": part1(args.model, args.tokens, args.repeats, args.threads), "part2": part2(args.model), "part3": part3(args.model)}
     res["load_at_end"], res["seconds"] = os.getloadavg(), round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
