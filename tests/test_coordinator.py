@@ -126,13 +126,20 @@ def test_a_joining_peer_replans_only_when_the_gain_passes_the_margin(table):
     assert coord.needs_new_plan(running, current, better, m, 0.10) == "a better plan is available"
 
 
+EVEN = PlanOptions(context=2048, strategy="even")
+
+
+def even_plan(m: Membership, epoch: int = 1) -> tuple[object, pb.PlanProposal]:
+    """The even plan of llama-3-8b over m's live peers, and that plan as coordinator b commits it."""
+    p = coord.candidate_plan(builtin_spec("llama-3-8b"), m, EVEN)
+    return p, coord.to_proposal(p, epoch, "b", m, "fp")
+
+
 def test_a_lost_or_leaving_stage_peer_breaks_the_plan(table):
     m, clock = table
     m.upsert(info("c"))
-    spec = builtin_spec("llama-3-8b")
-    opts = PlanOptions(context=2048, strategy="even")
-    p = coord.candidate_plan(spec, m, opts)
-    running = coord.to_proposal(p, 1, "b", m, "fp")
+    spec, opts = builtin_spec("llama-3-8b"), EVEN
+    _, running = even_plan(m)
     assert coord.broken_reason(running, m) == ""
     m.members["c"].state = "leaving"
     assert "leaving" in coord.broken_reason(running, m)
@@ -148,10 +155,8 @@ def test_a_plan_that_does_not_serve_is_proposed_again_even_unchanged(table):
     # (CI: a rejoined peer missed epoch 2's round and the cluster answered 503 for good)
     m, _ = table
     m.upsert(info("c"))
-    spec = builtin_spec("llama-3-8b")
-    opts = PlanOptions(context=2048, strategy="even")
-    current = coord.candidate_plan(spec, m, opts)
-    running = coord.to_proposal(current, 2, "b", m, "fp")
+    spec, opts = builtin_spec("llama-3-8b"), EVEN
+    current, running = even_plan(m, 2)
     same = coord.candidate_plan(spec, m, opts, running=running)
     assert coord.needs_new_plan(running, current, same, m, 0.10) == ""
     assert coord.needs_new_plan(running, current, same, m, 0.10, "n-c did not take the commit") == \
@@ -165,9 +170,7 @@ def test_a_proposal_goes_to_every_stage_peer_even_one_that_missed_a_health_check
     m, clock = table
     for pid in ("c", "d"):
         m.upsert(info(pid))
-    spec = builtin_spec("llama-3-8b")
-    proposal = coord.to_proposal(coord.candidate_plan(spec, m, PlanOptions(context=2048, strategy="even")),
-                                 3, "b", m, "fp")
+    _, proposal = even_plan(m, 3)
     clock.t += 4.0
     m.heard_from("d")
     m.touch_self()  # c is silent right now, but the plan names it: it must take part or fail the round
@@ -184,9 +187,8 @@ def test_a_proposal_goes_to_every_stage_peer_even_one_that_missed_a_health_check
 def test_a_drained_peer_gets_no_layers_until_admitted_and_can_be_left_out_of_a_what_if(table):
     m, _ = table
     m.upsert(info("c"))
-    spec = builtin_spec("llama-3-8b")
-    opts = PlanOptions(context=2048, strategy="even")
-    running = coord.to_proposal(coord.candidate_plan(spec, m, opts), 1, "b", m, "fp")
+    spec, opts = builtin_spec("llama-3-8b"), EVEN
+    _, running = even_plan(m)
     m.members["c"].state = "drained"  # from its health reply (cluster/management.py)
     assert coord.broken_reason(running, m) == "peer n-c is drained"
     assert {s.peer for s in coord.candidate_plan(spec, m, opts).stages} == {"b"}
