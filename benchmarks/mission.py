@@ -475,7 +475,7 @@ class Mission:
         name = f"host{i}{tag}"
         cg = self.cg.make(name, self.limit)
         self.groups[name] = cg
-        security = ["--secret", self.secret] if self.secret else ["--insecure"]
+        security = [f"--secret={self.secret}"] if self.secret else ["--insecure"]
         argv = [sys.executable, "-m", "p2pllm", "join", "--model", self.model, "--name", f"host{i}",
                 "--interface", self.h.addr(i), "--port", GRPC_PORT, "--gateway-port", GATEWAY_PORT, "--no-mdns",
                 "--peer", self.address(1), "--cluster", f"mission-{os.getpid()}", "--context", self.cfg["context"],

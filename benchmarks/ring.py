@@ -319,7 +319,7 @@ class LoopbackCluster:
         self.grpc = [free_port() for _ in range(n)]
         self.gw = [free_port() for _ in range(n)]
         cluster = f"bench-{tag}-{os.getpid()}"
-        security = ["--secret", secret] if secret else (["--insecure"] if join_supports("--insecure") else [])
+        security = [f"--secret={secret}"] if secret else (["--insecure"] if join_supports("--insecure") else [])
         try:
             for i in range(n):
                 argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"{tag}-{i + 1}",
@@ -631,7 +631,7 @@ def part3(model: Path, cfg: dict, secret: str | None, log_dir: Path) -> dict:
                     for i in h.indices:
                         subprocess.run(["tc", "qdisc", "add", "dev", h.veth(i), "root", "tbf", "rate", "100mbit",
                                         "burst", "64kb", "latency", "100ms"], check=True, capture_output=True, text=True)
-                    security = ["--secret", secret] if secret else (["--insecure"] if join_supports("--insecure") else [])
+                    security = [f"--secret={secret}"] if secret else (["--insecure"] if join_supports("--insecure") else [])
 
                     def client(i: int, job: dict, timeout: float = 600):
                         job = {**job, "secret": secret}

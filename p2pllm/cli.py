@@ -407,7 +407,8 @@ def _announce_secret(args, resolved) -> None:
     what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
     model = getattr(args.model, "ref", str(args.model))  # as typed: a store name works on the other machines too
     source = ["--from-peers", "--peer", args.peer[0]] if args.from_peers else ["--model", model]
-    command = shlex.join(["p2pllm", "join", *source, "--cluster", args.cluster, "--secret", resolved.secret])
+    # --secret=S: a secret of the user's own may start with "-", which `--secret S` reads as a flag
+    command = shlex.join(["p2pllm", "join", *source, "--cluster", args.cluster, f"--secret={resolved.secret}"])
     print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
           f"p2pllm: to add another machine to this cluster, run there:\n\n    {command}\n", flush=True)
 

@@ -18,6 +18,7 @@ import pytest
 from clusterutil import TEST_SECRET, join, status, wait_for_agreement
 from conftest import REPO, assert_one_line_error, run_cli
 from netns import hosts  # noqa: F401  (a fixture)
+from p2pllm.cli import build_parser
 from p2pllm.transport import security as sec
 
 # ------------------------------------------------------------------------------ the secret on disk
@@ -37,6 +38,15 @@ def test_same_secret_same_certificate_other_secret_other_key():
     c = sec.derive_credentials("s3cret-for-the-lab-clusteR")
     assert c.key_pem != a.key_pem and c.cert_pem != a.cert_pem
     assert b"PRIVATE KEY" in a.key_pem and b"s3cret" not in a.cert_pem + a.key_pem
+
+
+def test_a_made_secret_never_reads_as_a_flag(demo_tiny_gguf):
+    # token_urlsafe starts with "-" once in 64 draws, and `join --secret -x...` then fails to parse
+    made = [sec.generate_secret() for _ in range(2000)]
+    assert not any(s.startswith("-") for s in made) and len(set(made)) == len(made)
+    # a secret of the user's own may start with "-": the printed command's --secret=S form takes it
+    args = build_parser().parse_args(["join", "--model", str(demo_tiny_gguf), "--secret=-own-secret-0123456789"])
+    assert args.secret == "-own-secret-0123456789"
 
 
 def test_secret_precedence_flag_env_file_new(config_home, monkeypatch):
@@ -94,7 +104,7 @@ def test_first_join_makes_a_secret_prints_the_command_and_the_next_reuses_it(sto
             line = next(l for l in out.splitlines() if l.strip().startswith("p2pllm join "))
             argv = shlex.split(line)
             assert argv[:6] == ["p2pllm", "join", "--model", str(stories_gguf), "--cluster", "office"]
-            assert argv[6] == "--secret" and len(argv) == 8
+            assert argv[6].startswith("--secret=") and len(argv) == 7
             commands.append(argv)
             assert ("made a new cluster secret" if run == 0 else "using the cluster secret") in out
             assert "peer traffic: mutual TLS" in out
@@ -107,7 +117,7 @@ def test_first_join_makes_a_secret_prints_the_command_and_the_next_reuses_it(sto
             proc.wait(timeout=20)
     assert commands[0] == commands[1]
     path = tmp_path / "cfg" / "p2pllm" / "secret-office"
-    assert path.read_text().strip() == commands[0][7]
+    assert path.read_text().strip() == commands[0][6].removeprefix("--secret=")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 

@@ -173,7 +173,10 @@ def secret_path(cluster: str) -> Path:
 
 
 def generate_secret() -> str:
-    return _secrets.token_urlsafe(24)  # 192 bits
+    """192 random bits, never starting with "-" (1 in 64 would: `--secret -x...` reads as a flag)."""
+    while (secret := _secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return secret
 
 
 def load_secret(cluster: str) -> str | None:
