@@ -268,15 +268,18 @@ def cmd_join(args) -> int:
     import asyncio
 
     from .cluster.capability import parse_size, resolve_device
+    from .cluster.discovery import pick_interface_address
     from .daemon import Daemon, DaemonConfig
+    from .model.backends import choose_backend, stage_kv_dtype
     from .model.spec import read_spec
     from .transport.security import resolve_secret
-
-    from .model.backends import choose_backend, stage_kv_dtype
 
     response_cache = _response_cache(args)
     backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
+    if args.interface:
+        pick_interface_address(args.interface)
     sources = []
     if args.from_peers or isinstance(args.model, PeerModel):
         args.model, sources = _model_from_peers(args)
@@ -289,8 +292,7 @@ def cmd_join(args) -> int:
         model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
         device=args.device, backend=args.backend, kv_dtype=args.kv_dtype,
-        max_memory=parse_size(args.max_memory) if args.max_memory else None,
-        threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
+        max_memory=max_memory, threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy, objective=args.objective,
         context=args.context, prefix_cache=args.prefix_cache, reprobe=args.reprobe,
         micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],

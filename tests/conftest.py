@@ -76,9 +76,10 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.kill()
 
 
-def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    """`p2pllm ARGS...` in a fresh process, as a user would run it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(*args: str, timeout: float = 300, input: str | None = None,
+            env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`p2pllm ARGS...` in a fresh process, as a user would run it (with env_extra's variables set)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("P2PLLM_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "p2pllm", *map(str, args)],

@@ -22,6 +22,17 @@ def test_a_device_this_machine_lacks_is_a_usage_error_naming_the_devices_it_has(
     assert "internal error" not in line
 
 
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--max-memory", "5XB", "bad size '5XB'"),
+    ("--interface", "no-such-if0", "no interface no-such-if0 (have: lo"),
+])
+def test_a_bad_join_flag_is_refused_before_a_secret_is_made(demo_tiny_gguf, tmp_path, flag, value, needle):
+    proc = run_cli("join", "--model", demo_tiny_gguf, "--cluster", "lab", "--no-mdns", flag, value, timeout=60,
+                   env_extra={"XDG_CONFIG_HOME": str(tmp_path), "P2PLLM_SECRET": ""})
+    assert_one_line_error(proc, 2, needle)
+    assert proc.stdout == "" and not (tmp_path / "p2pllm").exists()  # no secret made, no join command printed
+
+
 @pytest.mark.parametrize("argv, unknown, suggestion", [
     (["run", "--modle", "x"], "--modle", "--model"),  # a required flag's typo: the typo is named, not --model
     (["run", "--model", "m.gguf", "--prompt", "hi", "--max-tokns", "3"], "--max-tokns", "--max-tokens"),
