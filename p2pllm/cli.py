@@ -280,6 +280,10 @@ def cmd_join(args) -> int:
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     if args.interface:
         pick_interface_address(args.interface)
+    # the command printed for the other machines names the model as typed (a store name or the
+    # cluster's model name works there too), or --from-peers; never this machine's cache path
+    elsewhere = (["--from-peers", *(["--peer", args.peer[0]] if args.peer else [])] if args.from_peers
+                 else ["--model", getattr(args.model, "ref", None) or str(args.model)])
     sources = []
     if args.from_peers or isinstance(args.model, PeerModel):
         args.model, sources = _model_from_peers(args)
@@ -287,7 +291,7 @@ def cmd_join(args) -> int:
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     state_dir = _check_history(args)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
-    _announce_secret(args, resolved)
+    _announce_secret(args, resolved, elsewhere)
     cfg = DaemonConfig(
         model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
@@ -394,7 +398,7 @@ def _response_cache(args):
                          args.semantic_cache)
 
 
-def _announce_secret(args, resolved) -> None:
+def _announce_secret(args, resolved, model_args: list[str]) -> None:
     """Tell the user how other machines join (the secret was made or read here), or warn loudly."""
     import shlex
 
@@ -408,10 +412,8 @@ def _announce_secret(args, resolved) -> None:
     if resolved.source not in ("new", "file"):
         return
     what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
-    model = getattr(args.model, "ref", str(args.model))  # as typed: a store name works on the other machines too
-    source = ["--from-peers", "--peer", args.peer[0]] if args.from_peers else ["--model", model]
     # --secret=S: a secret of the user's own may start with "-", which `--secret S` reads as a flag
-    command = shlex.join(["p2pllm", "join", *source, "--cluster", args.cluster, f"--secret={resolved.secret}"])
+    command = shlex.join(["p2pllm", "join", *model_args, "--cluster", args.cluster, f"--secret={resolved.secret}"])
     print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
           f"p2pllm: to add another machine to this cluster, run there:\n\n    {command}\n", flush=True)
 

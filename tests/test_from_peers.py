@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -153,12 +154,29 @@ def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def join_from_peers(hosts, i: int, tmp_path: Path, *source: str):
-    """A host with an empty home that learns the model from peers (`source`: how it finds them);
-    its copy goes to the default cache, home/.cache/p2pllm/models/ (`home_cache`)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
-    env["HOME"] = str(tmp_path / f"home-{i}")
+    """A host with an empty home but for the cluster's stored secret that learns the model from
+    peers (`source`: how it finds them); its copy goes to the default cache,
+    home/.cache/p2pllm/models/ (`home_cache`). With the secret read from its file, it prints the
+    command that adds the next machine (`printed_join`)."""
+    home = tmp_path / f"home-{i}"
+    stored = home / ".config" / "p2pllm" / "secret-default"
+    stored.parent.mkdir(mode=0o700, parents=True)
+    stored.write_text(TEST_SECRET + "\n")
+    stored.chmod(0o600)
+    drop = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "P2PLLM_SECRET")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["HOME"] = str(home)
     return hosts.popen(i, [sys.executable, "-m", "p2pllm", "join", *source, "--name", f"host{i}", "--strategy", "even",
-                           "--response-cache", "off", "--prefix-cache", "0", "--secret", TEST_SECRET], env=env)
+                           "--response-cache", "off", "--prefix-cache", "0"], env=env)
+
+
+def printed_join(proc) -> list[str]:
+    """How the command `join` printed for the next machine finds the model (its arguments before
+    --cluster and --secret=S)."""
+    line = next(line for line in Path(proc.log_path).read_text().splitlines() if line.strip().startswith("p2pllm join "))
+    argv = shlex.split(line)
+    assert argv[-3:-1] == ["--cluster", "default"] and argv[-1] == f"--secret={TEST_SECRET}", argv
+    return argv[2:-3]
 
 
 def home_cache(tmp_path: Path, i: int) -> Path:
@@ -192,6 +210,10 @@ def test_three_hosts_one_file_two_fetch_and_all_answer_like_llama_cpp(hosts, lla
         a, b = me["layers"]
         assert any(h[0] <= a and b <= h[1] for h in me["holds"]["layers"]), me  # planned onto what it holds
     assert peer_named(views[0], "host1")["holds"] is None  # the whole file
+    # the next machine is told the model as typed here (mDNS; the cluster's model name), never this
+    # host's partial copy in its cache
+    assert printed_join(fetchers[2]) == ["--from-peers"]
+    assert printed_join(fetchers[3]) == ["--model", model.stem]
 
     llm = llama_cpp_model(llama_cpp, model, kv="f16")
     ids = llm.tokenize(b"The capital of France is", add_bos=False)
