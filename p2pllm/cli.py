@@ -116,7 +116,7 @@ def _check_run_fits(args, spec, cuts: list[int]) -> None:
     if need <= mem.usable_memory:
         return
     weights, kv_bytes = sum(p.weights for p in parts), sum(p.kv for p in parts)
-    model = getattr(args.model, "ref", None) or str(args.model)
+    model = _typed_model(args)
     # the cluster a plain `join` makes plans for its default batch (DaemonConfig.batch, 8) and the whole context
     join_options = PlanOptions(context=spec.context, batch=8, prefix_cache=spec.context, dtype=held,
                                kv_dtype_bytes=kv_bytes_per_value(kv), backend=backend)
@@ -280,20 +280,16 @@ def cmd_join(args) -> int:
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     if args.interface:
         pick_interface_address(args.interface)
-    # the command printed for the other machines names the model as typed (a store name or the
-    # cluster's model name works there too), or --from-peers; never this machine's cache path
-    elsewhere = (["--from-peers", *(["--peer", args.peer[0]] if args.peer else [])] if args.from_peers
-                 else ["--model", getattr(args.model, "ref", None) or str(args.model)])
-    sources = []
+    model, sources = args.model, []  # args.model stays as typed: the command for other machines names it
     if args.from_peers or isinstance(args.model, PeerModel):
-        args.model, sources = _model_from_peers(args)
-    spec = read_spec(args.model)
+        model, sources = _model_from_peers(args)  # the partial copy in this machine's cache
+    spec = read_spec(model)
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     state_dir = _check_history(args)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
-    _announce_secret(args, resolved, elsewhere)
+    _announce_secret(args, resolved)
     cfg = DaemonConfig(
-        model=args.model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
+        model=model, port=args.port, gateway_port=args.gateway_port, gateway_host=args.gateway_host,
         cluster=args.cluster, peers=list(args.peer or []), mdns=not args.no_mdns, interface=args.interface,
         device=args.device, backend=args.backend, kv_dtype=args.kv_dtype,
         max_memory=max_memory, threads=args.threads, peer_timeout=args.peer_timeout, strategy=args.strategy,
@@ -398,7 +394,12 @@ def _response_cache(args):
                          args.semantic_cache)
 
 
-def _announce_secret(args, resolved, model_args: list[str]) -> None:
+def _typed_model(args) -> str:
+    """--model as the user typed it: a store name works on the other machines too, a resolved path may not."""
+    return getattr(args.model, "ref", None) or str(args.model)
+
+
+def _announce_secret(args, resolved) -> None:
     """Tell the user how other machines join (the secret was made or read here), or warn loudly."""
     import shlex
 
@@ -412,6 +413,8 @@ def _announce_secret(args, resolved, model_args: list[str]) -> None:
     if resolved.source not in ("new", "file"):
         return
     what = "made a new cluster secret" if resolved.source == "new" else "using the cluster secret"
+    model_args = (["--from-peers", *(["--peer", args.peer[0]] if args.peer else [])] if args.from_peers
+                  else ["--model", _typed_model(args)])
     # --secret=S: a secret of the user's own may start with "-", which `--secret S` reads as a flag
     command = shlex.join(["p2pllm", "join", *model_args, "--cluster", args.cluster, f"--secret={resolved.secret}"])
     print(f"p2pllm: {what} of cluster {args.cluster!r} kept in {resolved.path} (mode 0600)\n"
