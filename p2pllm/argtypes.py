@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _parse(kind: type, text: str, expected: str):
@@ -16,6 +17,32 @@ def positive_int(text: str) -> int:
     value = _parse(int, text, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def is_utf8(text: str) -> bool:
+    """Whether text can be sent: a command line or stdin that is not UTF-8 reaches Python as lone
+    surrogates, which no tokenizer or JSON body can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_text(text: str) -> str:
+    if not is_utf8(text):
+        raise argparse.ArgumentTypeError("not valid UTF-8 text")
+    return text
+
+
+def thread_count(text: str) -> int:
+    """--threads: more threads than 4 per core only slow a step down (each barrier waits for all of
+    them), and torch crashes outright on very large counts (set_num_threads(100000) segfaults)."""
+    value = positive_int(text)
+    most = 4 * (os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} on this machine (4 per core), got {value}")
     return value
 
 

@@ -12,7 +12,7 @@ import time
 from . import __version__
 from .argparser import Parser
 from .argtypes import (PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int,
-                       seconds, serve_rate)
+                       seconds, serve_rate, thread_count, utf8_text)
 from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -136,7 +136,7 @@ def _add_run(sub) -> None:
                        description="Run a model in one process; --split cuts it into in-process stages.")
     p.add_argument("--model", required=True, type=model_ref, metavar="PATH|NAME",
                    help=".gguf file, Hugging Face folder, or a model in Ollama / LM Studio / the HF cache (p2pllm models)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=utf8_text)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -149,7 +149,7 @@ def _add_run(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16"],
                    help="torch backend weights (auto: a bf16/f16 checkpoint stays so where this device computes it "
                         "well, else f32); a float dtype on a GGUF file selects the torch backend")
-    p.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: every core)")
+    p.add_argument("--threads", type=thread_count, default=None, help="compute threads (default: every core)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="refuse (exit 3) a model that needs more than this, e.g. 8GiB (default: free memory, "
                         "or the cgroup's limit where smaller)")
@@ -459,7 +459,7 @@ def _add_join(sub) -> None:
     p.add_argument("--workers", default=None, metavar="FILE.json",
                    help="external backends from a JSON list of {id, host, port, type, model, max_concurrent_requests}")
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="compute threads (default: cores - 1); several daemons on one machine should split the "
                         "cores between them: OpenMP threads spinning on shared cores slow every stage")
     p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")

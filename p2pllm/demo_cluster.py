@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .argtypes import model_ref
+from .argtypes import model_ref, utf8_text
 from .errors import P2PError, UsageError
 
 BASE_GRPC = 7701
@@ -347,7 +347,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--random-model", action="store_true",
                    help="serve the random-weight demo model (no download; its answers are random text)")
     p.add_argument("--peers", type=int, default=3, choices=range(1, 9), metavar="N", help="peers to start (1-8)")
-    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--prompt", default="What is the capital of France?", type=utf8_text)
     # SmolLM2's template puts in its own system prompt when there is none, and under that one a
     # 135M model starts its answer in French half the time: a plain one keeps it on the question
     p.add_argument("--system", default="You are a helpful assistant.", help="system message ('' for none)")

@@ -28,6 +28,12 @@ class UnsupportedModelError(ModelFileError):
     """A well-formed model of an architecture we do not run."""
 
 
+class ModelOutputError(P2PError):
+    """A model that computes NaN or infinite logits: its weights are broken, whatever read them."""
+
+    exit_code = 2
+
+
 class InfeasiblePlanError(P2PError):
     """The model cannot be placed on the available peers."""
 

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
@@ -41,6 +42,15 @@ def _gguf_offset_out_of_bounds(good: Path, bad: Path) -> None:
     bad.write_bytes(data)
 
 
+def _gguf_misaligned_offset(good: Path, bad: Path) -> None:
+    t = gguf.GGUFReader(str(good)).tensors[3]
+    at = t.field.offset + 8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4  # the u64 data offset
+    data = bytearray(good.read_bytes())
+    offset = struct.unpack("<Q", data[at: at + 8])[0]
+    data[at: at + 8] = struct.pack("<Q", offset + 4)  # inside the file, but not where ggml can read it
+    bad.write_bytes(data)
+
+
 def _gguf_shape_disagrees(good: Path, bad: Path) -> None:
     fields = _spec_fields()
     write_gguf(bad, {**fields, "ffn": 128}, _canonical(fields), _spm_tokenizer(fields["vocab"]))
@@ -52,6 +62,7 @@ GGUF_CASES = [
     (_gguf_truncated_header, ["truncated GGUF header"]),
     (_gguf_truncated_data, ["past the end of the file"]),
     (_gguf_offset_out_of_bounds, ["past the end of the file"]),
+    (_gguf_misaligned_offset, ["data offset", "is not a multiple of the file's alignment (32)"]),
     (_gguf_shape_disagrees, ["shape [", "but the metadata says ["]),
 ]
 
@@ -98,3 +109,75 @@ def test_check_model_on_a_corrupt_safetensors_folder_is_one_line_exit_2(demo_tin
 def test_check_model_on_a_good_model_says_ok(demo_tiny_gguf):
     proc = run_cli("check-model", demo_tiny_gguf)
     assert proc.returncode == 0 and ": ok (" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_run_on_a_model_that_computes_nan_fails_in_one_line(tmp_path, temperature):
+    """One NaN weight makes every logit NaN: greedy then chose token 0 every step and `run` exited 0
+    with empty text; sampling failed inside torch.multinomial."""
+    fields = _spec_fields()
+    weights = _canonical(fields)
+    weights["layers.1.w_up"][3, 5] = float("nan")
+    path = tmp_path / "nan.gguf"
+    write_gguf(path, fields, weights, _spm_tokenizer(fields["vocab"]))
+    proc = run_cli("run", "--model", path, "--prompt", "hello", "--max-tokens", "3", "--temperature", temperature,
+                   "--json")
+    assert proc.returncode != 0 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "NaN or infinite logits" in last and "check-model" in last, last
+
+
+CONFIG_CASES = [  # a config.json edit -> what the one line names
+    ({"max_position_embeddings": "big"}, "field max_position_embeddings is 'big', expected a whole number"),
+    ({"num_hidden_layers": "six"}, "field num_hidden_layers is 'six', expected a whole number"),
+    ({"num_attention_heads": 0}, "n_heads = 0 must be positive"),
+    ({"hidden_size": [128]}, "field hidden_size is [128], expected a whole number"),
+    ({"rope_theta": "x"}, "field rope_theta is 'x', expected a number"),
+    ({"rms_norm_eps": "x"}, "field rms_norm_eps is 'x', expected a number"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "missing field rope_scaling.factor"),
+    ({"rope_scaling": "yes"}, "field rope_scaling is 'yes', expected an object"),
+    ({"model_type": ["llama"]}, "unsupported architecture ['llama']"),
+    ({"vocab_size": None}, "missing field vocab_size"),
+]
+
+
+@pytest.mark.parametrize("edit, needle", CONFIG_CASES, ids=[next(iter(e)) + "=" + repr(e[next(iter(e))])
+                                                             for e, _ in CONFIG_CASES])
+def test_a_malformed_config_field_is_named_in_one_line(demo_tiny_hf, tmp_path, edit, needle):
+    """Each of these was "internal error: ValueError/KeyError/ZeroDivisionError/..." (exit 1)."""
+    import json
+
+    from p2pllm.errors import ModelFileError
+    from p2pllm.model.spec import read_spec
+
+    folder = tmp_path / "bad"
+    shutil.copytree(demo_tiny_hf, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ModelFileError) as e:
+        read_spec(folder)
+    assert needle in str(e.value) and str(folder) in str(e.value), str(e.value)
+
+
+def test_a_gguf_metadata_number_stored_as_text_is_one_line_exit_2(tmp_path):
+    fields = _spec_fields()
+    path = tmp_path / "text-context.gguf"
+    write_gguf(path, fields, _canonical(fields), _spm_tokenizer(fields["vocab"]))
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch="llama")
+    for key, field in reader.fields.items():  # the same file, its context length written as a string
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if key == "llama.context_length":
+            value, vtype = "long", gguf.GGUFValueType.STRING
+        writer.add_key_value(key, value, vtype, sub_type=field.types[1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(run_cli("check-model", tmp_path / "bad.gguf"), 2,
+                          "metadata llama.context_length is 'long', expected a whole number")

@@ -50,3 +50,26 @@ def test_an_unknown_flag_is_named_with_the_closest_real_one(argv, unknown, sugge
 def test_a_missing_required_flag_is_still_reported_as_missing():
     proc = run_cli("run", "--prompt", "hi", timeout=60)
     assert proc.returncode == 2 and "the following arguments are required: --model" in proc.stderr
+
+
+def test_a_thread_count_far_beyond_the_cores_is_refused():
+    """torch.set_num_threads(100000) segfaulted `run` (exit 139, no message); 10000 took minutes."""
+    import os
+
+    most = 4 * (os.cpu_count() or 1)
+    proc = run_cli("run", "--threads", "100000", "--model", "m.gguf", "--prompt", "hi", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"argument --threads: at most {most} on this machine (4 per core), got 100000")
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--prompt", "\udcff\udcfe bad", "--model", "m.gguf"],  # how Python reads argv bytes 0xff 0xfe
+    ["chat", "--prompt", "\udcff bad"],
+    ["batch", "--prompt", "\udcff {content}", "--input", ".", "--output", "o.json"],
+])
+def test_a_prompt_that_is_not_utf8_is_one_line(argv):
+    """It was "internal error: UnicodeEncodeError" when the text was first encoded."""
+    proc = run_cli(*argv, timeout=60)  # subprocess writes the surrogates back as the raw bytes
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("argument --prompt: not valid UTF-8 text")

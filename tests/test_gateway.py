@@ -593,6 +593,19 @@ def test_chat_repl_reads_turns_until_exit(demo, monkeypatch, capsys):
     assert len(answers) == 2 and answers[0] == answers[1]  # /reset: the second turn starts afresh
 
 
+def test_chat_repl_skips_a_line_that_is_not_utf8(demo):
+    """Such a line ended the conversation with "internal error: UnicodeEncodeError"."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("P2PLLM_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "p2pllm", "chat", "--host", _host(demo), "--max-tokens", "8",
+                           "--temperature", "0", "--api-key", API_KEY],
+                          input=b"\xff\xfe caf\xe9\nName a color.\n/exit\n", capture_output=True, timeout=120,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert b"(that line is not valid UTF-8; nothing was sent)" in proc.stderr
+    assert len(proc.stdout.decode().splitlines()) == 1  # the next line was answered
+
+
 def test_stopping_an_answer_closes_its_stream_and_keeps_what_came(stories):
     from p2pllm.gateway.chat_cli import ChatClient
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import positive_float, positive_int, temperature
+from ..argtypes import positive_float, positive_int, temperature, utf8_text
 from ..errors import P2PError, UsageError
 from .documents import find_documents
 from .journal import Journal, journal_path, read_journal
@@ -34,7 +34,7 @@ def add_batch_parser(sub) -> None:
     p.add_argument("--preset", action="append", choices=sorted(PRESETS), default=[],
                    help=f"a set of prompts (repeatable; default {DEFAULT_PRESET} when no --prompt is given): "
                         + "; ".join(f"{k}: {', '.join(v)}" for k, v in PRESETS.items()))
-    p.add_argument("--prompt", action="append", default=[], metavar="TEMPLATE",
+    p.add_argument("--prompt", action="append", default=[], metavar="TEMPLATE", type=utf8_text,
                    help="a prompt template with {content} (the document) and optionally {filename} (repeatable)")
     p.add_argument("--max-concurrent", type=positive_int, default=4, metavar="N",
                    help="requests in flight at once (default 4)")

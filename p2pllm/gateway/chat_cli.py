@@ -17,7 +17,7 @@ from typing import Iterator
 
 import httpx
 
-from ..argtypes import positive_float, positive_int, temperature
+from ..argtypes import is_utf8, positive_float, positive_int, temperature, utf8_text
 from ..errors import P2PError
 
 DEFAULT_GATEWAY = "127.0.0.1:8700"
@@ -30,8 +30,8 @@ def add_chat_parser(sub) -> None:
                                    "print one answer and exit; otherwise start a conversation.")
     p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P",
                    help=f"a gateway address, HOST:PORT or a URL (default {DEFAULT_GATEWAY})")
-    p.add_argument("--prompt", default=None, help="ask this, print the answer, exit")
-    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--prompt", default=None, type=utf8_text, help="ask this, print the answer, exit")
+    p.add_argument("--system", default=None, type=utf8_text, help="a system message to start the conversation with")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="most tokens per answer (default: the server's, up to 256)")
     p.add_argument("--temperature", type=temperature, default=0.7, help="0 is greedy (default 0.7)")
@@ -216,6 +216,11 @@ def _repl(client: ChatClient, model: str, system: str | None) -> int:
             return 0
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D to leave)", file=sys.stderr)
+            continue
+        except UnicodeDecodeError:  # a strict stdin; a surrogate-escaping one gives lone surrogates
+            line = None
+        if line is None or not is_utf8(line):  # another encoding: no JSON body can carry it
+            print("(that line is not valid UTF-8; nothing was sent)", file=sys.stderr)
             continue
         text = line.strip()
         if not text:

@@ -223,6 +223,10 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
         raise ModelFileError(path, f"corrupt GGUF header: alignment {alignment}")
+    for name, _, _, offset in infos:  # as llama.cpp's gguf reader refuses them: ggml reads aligned data
+        if offset % alignment:
+            raise ModelFileError(path, f"corrupt GGUF header: tensor {name}'s data offset {offset} is not a "
+                                       f"multiple of the file's alignment ({alignment})")
     return metadata, infos, -(-pos // alignment) * alignment
 
 

@@ -3,16 +3,20 @@ frequency penalties over the tokens generated so far and a per-token logit bias 
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import ModelOutputError, UsageError
 from .grammar import MAX_GRAMMAR_BYTES, Constraint
 
 if TYPE_CHECKING:
     import torch
+
+NON_FINITE_LOGITS = ("the model computed NaN or infinite logits: its weights are corrupt or were quantized "
+                     "wrongly (`p2pllm check-model` on its file checks every tensor)")
 
 # torch is imported where a Sampler computes: SamplingParams alone is what the gateway's request
 # schema needs, and the CLI (status, chat, plan) then starts without torch's 1.5 s import
@@ -121,9 +125,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float32 on any device."""
+        raw = logits
         if self.params.adjusts_logits:
             logits = self._adjusted(logits)
         token = self._choose(logits)
+        # argmax picks a NaN wherever there is one: checking the chosen logit costs one lookup a token
+        if not math.isfinite(float(raw[token])):
+            raise ModelOutputError(NON_FINITE_LOGITS)
         if self._counts is not None:
             self._counts[token] += 1
         if self._constraint is not None:
@@ -163,4 +171,7 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._gen))
+        try:
+            return int(torch.multinomial(probs, 1, generator=self._gen))
+        except RuntimeError:  # "probability tensor contains either inf, nan or element < 0"
+            raise ModelOutputError(NON_FINITE_LOGITS) from None

@@ -134,6 +134,21 @@ def resolve_spec(model: str) -> ModelSpec:
     return read_spec(model)
 
 
+def _number(path, where: str, key: str, value, kind: type):
+    """value as an int or a finite float, or one line naming the field: a config.json or GGUF
+    header written by hand or by a broken converter holds anything ("big", null, a list)."""
+    try:
+        if isinstance(value, (bool, list, dict)) or value is None:
+            raise TypeError
+        number = kind(value)
+        if kind is float and not number == number or number in (float("inf"), float("-inf")):
+            raise ValueError
+        return number
+    except (TypeError, ValueError, OverflowError):
+        expected = "a whole number" if kind is int else "a number"
+        raise ModelFileError(path, f"{where} {key} is {value!r}, expected {expected}") from None
+
+
 def _gguf_get(mf: ModelFile, key: str, default=None, required: bool = False):
     if key in mf.metadata:
         return mf.metadata[key]
@@ -142,19 +157,37 @@ def _gguf_get(mf: ModelFile, key: str, default=None, required: bool = False):
     return default
 
 
+def _gguf_number(mf: ModelFile, key: str, kind: type, default=None, required: bool = False):
+    value = _gguf_get(mf, key, default, required)
+    return value if value is None else _number(mf.path, "metadata", key, value, kind)
+
+
+def _cfg_number(path: Path, cfg: dict, key: str, kind: type, default=None):
+    """A config.json field; absent or null reads as the default (as transformers does)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelFileError(path, f"missing field {key}")
+        return default
+    return _number(path, "field", key, value, kind)
+
+
+_REQUIRED = object()
+
+
 def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
     arch_name = _gguf_get(mf, "general.architecture", required=True)
     if arch_name not in GGUF_ARCHS:
         raise UnsupportedModelError(mf.path, f"unsupported architecture {arch_name} (supported: llama, qwen2)")
     a = arch_name
-    n_layers = int(_gguf_get(mf, f"{a}.block_count", required=True))
-    hidden = int(_gguf_get(mf, f"{a}.embedding_length", required=True))
-    n_heads = int(_gguf_get(mf, f"{a}.attention.head_count", required=True))
-    n_kv = int(_gguf_get(mf, f"{a}.attention.head_count_kv", n_heads))
-    head_dim = int(_gguf_get(mf, f"{a}.attention.key_length", hidden // max(n_heads, 1)))
-    ffn = int(_gguf_get(mf, f"{a}.feed_forward_length", required=True))
+    n_layers = _gguf_number(mf, f"{a}.block_count", int, required=True)
+    hidden = _gguf_number(mf, f"{a}.embedding_length", int, required=True)
+    n_heads = _gguf_number(mf, f"{a}.attention.head_count", int, required=True)
+    n_kv = _gguf_number(mf, f"{a}.attention.head_count_kv", int, n_heads)
+    head_dim = _gguf_number(mf, f"{a}.attention.key_length", int, hidden // max(n_heads, 1))
+    ffn = _gguf_number(mf, f"{a}.feed_forward_length", int, required=True)
     embd = mf.tensors.get("token_embd.weight")
-    vocab = _gguf_get(mf, f"{a}.vocab_size")
+    vocab = _gguf_number(mf, f"{a}.vocab_size", int)
     if vocab is None:
         if embd is not None:
             vocab = embd.shape[0]
@@ -165,7 +198,7 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
     if "rope_freqs.weight" in mf.tensors:
         rope_scaling = RopeScaling("freq_factors")
     elif kind == "linear":
-        rope_scaling = RopeScaling("linear", float(_gguf_get(mf, f"{a}.rope.scaling.factor", 1.0)))
+        rope_scaling = RopeScaling("linear", _gguf_number(mf, f"{a}.rope.scaling.factor", float, 1.0))
     elif kind not in (None, "none"):
         raise UnsupportedModelError(mf.path, f"unsupported rope scaling {kind}")
     tied = "output.weight" not in mf.tensors
@@ -179,10 +212,10 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
         head_dim=head_dim,
         ffn=ffn,
         vocab=int(vocab),
-        context=int(_gguf_get(mf, f"{a}.context_length", 2048)),
-        rope_theta=float(_gguf_get(mf, f"{a}.rope.freq_base", 10000.0)),
+        context=_gguf_number(mf, f"{a}.context_length", int, 2048),
+        rope_theta=_gguf_number(mf, f"{a}.rope.freq_base", float, 10000.0),
         rope_scaling=rope_scaling,
-        norm_eps=float(_gguf_get(mf, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=_gguf_number(mf, f"{a}.attention.layer_norm_rms_epsilon", float, 1e-5),
         tied_embeddings=tied,
         qkv_bias=a == "qwen2" or "blk.0.attn_q.bias" in mf.tensors,
         layer_bytes=0,
@@ -210,49 +243,52 @@ def _load_config(path: Path) -> dict:
 
 
 def _hf_rope(path: Path, cfg: dict) -> tuple[float, RopeScaling | None]:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    src = params if params.get("rope_type", "default") != "default" else scaling
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ModelFileError(path, f"field {key} is {value!r}, expected an object")
+    theta = _cfg_number(path, params if "rope_theta" in params else cfg, "rope_theta", float, 10000.0)
+    key, src = ("rope_parameters", params) if params.get("rope_type", "default") != "default" else ("rope_scaling", scaling)
     kind = src.get("rope_type", src.get("type", "default")) if src else "default"
     if kind in (None, "default"):
         return theta, None
+
+    def field(name: str, kind: type, default=_REQUIRED):
+        return _cfg_number(path, {f"{key}.{name}": src.get(name)}, f"{key}.{name}", kind, default)
+
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
-            float(src["factor"]),
-            float(src.get("low_freq_factor", 1.0)),
-            float(src.get("high_freq_factor", 4.0)),
-            int(src.get("original_max_position_embeddings", 8192)),
+            field("factor", float),
+            field("low_freq_factor", float, 1.0),
+            field("high_freq_factor", float, 4.0),
+            field("original_max_position_embeddings", int, 8192),
         )
     if kind == "linear":
-        return theta, RopeScaling("linear", float(src["factor"]))
+        return theta, RopeScaling("linear", field("factor", float))
     raise UnsupportedModelError(path, f"unsupported rope scaling {kind}")
 
 
 def _spec_from_hf_config(path: Path, cfg: dict, mf: ModelFile | None) -> ModelSpec:
     model_type = cfg.get("model_type")
-    if model_type not in HF_ARCHS:
+    if not isinstance(model_type, str) or model_type not in HF_ARCHS:
         raise UnsupportedModelError(
             path, f"unsupported architecture {model_type} (supported: {', '.join(sorted(HF_ARCHS))})"
         )
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(path, "unsupported architecture variant: mlp_bias=true")
-    try:
-        hidden = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
-        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
-        n_layers = int(cfg["num_hidden_layers"])
-        ffn = int(cfg["intermediate_size"])
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(path, f"missing or malformed field {e}") from None
+    hidden = _cfg_number(path, cfg, "hidden_size", int, _REQUIRED)
+    n_heads = _cfg_number(path, cfg, "num_attention_heads", int, _REQUIRED)
+    n_kv = _cfg_number(path, cfg, "num_key_value_heads", int, n_heads) or n_heads
+    head_dim = _cfg_number(path, cfg, "head_dim", int, 0) or (hidden // n_heads if n_heads > 0 else 0)
+    n_layers = _cfg_number(path, cfg, "num_hidden_layers", int, _REQUIRED)
+    ffn = _cfg_number(path, cfg, "intermediate_size", int, _REQUIRED)
+    vocab = _cfg_number(path, cfg, "vocab_size", int, _REQUIRED)
     theta, scaling = _hf_rope(path, cfg)
-    context = int(cfg.get("max_position_embeddings", 2048))
-    window = cfg.get("sliding_window")
+    context = _cfg_number(path, cfg, "max_position_embeddings", int, 2048)
+    window = _cfg_number(path, cfg, "sliding_window", int, 0)
     if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
-        context = min(context, int(window))  # we attend to the full context; cap it at the window
+        context = min(context, window)  # we attend to the full context; cap it at the window
     tied = bool(cfg.get("tie_word_embeddings", model_type == "qwen2" and False))
     if mf is not None and "lm_head.weight" not in mf.tensors:
         tied = True
@@ -269,7 +305,7 @@ def _spec_from_hf_config(path: Path, cfg: dict, mf: ModelFile | None) -> ModelSp
         context=context,
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        norm_eps=_cfg_number(path, cfg, "rms_norm_eps", float, 1e-6),
         tied_embeddings=tied,
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
         layer_bytes=0,
