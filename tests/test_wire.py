@@ -73,3 +73,17 @@ def test_absurd_shapes_are_refused_before_allocating():
 def test_garbage_messages_raise_wire_error(garbage):
     with pytest.raises(WireError):
         unpack_blob(garbage)
+
+
+@pytest.mark.parametrize("message", ["SequenceStart", "GenerateRequest"])
+def test_sampling_params_that_a_float32_rounds_to_zero_still_pass_the_stages_checks(message):
+    """A top_p of 1e-300 (accepted by the gateway) became 0.0 on the wire, and the last stage
+    refused the micro-batch it came in, failing the other requests in it too."""
+    from p2pllm.model.sampling import SamplingParams
+    from p2pllm.proto import p2pllm_pb2 as pb
+    from p2pllm.transport.sampling_wire import sampling_fields, sampling_from
+
+    sent = SamplingParams(temperature=1e-300, top_p=1e-300, presence_penalty=1e-300).validate()
+    msg = getattr(pb, message).FromString(getattr(pb, message)(**sampling_fields(sent)).SerializeToString())
+    received = sampling_from(msg)
+    assert 0.0 < received.top_p < 1e-37 and received.greedy

@@ -7,9 +7,16 @@ from ..errors import UsageError
 from ..model.sampling import SamplingParams
 
 
+# top_p travels as a float32: a request's top_p of 1e-300 (valid: only the likeliest token stays)
+# arrived as 0.0, which the last stage refused, failing every sequence of its micro-batch. Any
+# top_p below a token's smallest possible share keeps the same single token.
+F32_SMALLEST_NORMAL = 1.1754943508222875e-38
+
+
 def sampling_fields(p: SamplingParams) -> dict:
     """Keyword arguments for a pb.SequenceStart or pb.GenerateRequest."""
-    return dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, has_seed=p.seed is not None,
+    return dict(temperature=p.temperature, top_k=p.top_k, top_p=max(p.top_p, F32_SMALLEST_NORMAL),
+                has_seed=p.seed is not None,
                 seed=p.seed or 0, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                 bias_ids=[t for t, _ in p.logit_bias], bias_values=[b for _, b in p.logit_bias], grammar=p.grammar,
                 logprobs=p.top_logprobs is not None, top_logprobs=p.top_logprobs or 0)
