@@ -76,6 +76,20 @@ def test_a_response_format_that_cannot_be_used_is_a_400_naming_it(smol, rf):
     _error(reply, 400, param="response_format")
 
 
+def test_a_schema_no_finite_json_meets_is_a_400_not_a_stop_that_does_not_parse(smol):
+    """An object that requires itself passes llguidance's checks and dead-ends after `{"`: the masked
+    argmax then chose token 0 (end of text) and the answer was `{"` with finish_reason "stop"."""
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    rf = {"type": "json_schema", "json_schema": {"name": "endless", "schema": endless}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "response_format": rf, "max_tokens": 40}
+    with httpx.Client(base_url=smol.url, timeout=60) as http:
+        error = _error(http.post("/v1/chat/completions", json=body), 400, code="invalid_value",
+                       param="response_format")
+        assert "allows no next token" in error["message"]
+        good = http.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}})
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
 def test_the_same_constrained_answer_from_one_stage_and_three():
     path = shared_model(SMOLLM2)
     sampling = SamplingParams(grammar=grammar_for_response_format(

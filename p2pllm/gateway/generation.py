@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive
 
 from ..errors import P2PError
+from ..model.grammar import GRAMMAR_DEAD_END
 from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
 from .history import record_of
 from .metrics import GatewayMetrics
@@ -218,6 +219,9 @@ def _refused(e: EngineError, req: CompletionRequest) -> ApiError:
 
 def _failure(event: TokenEvent) -> ApiError:
     """A request that ended other than by "stop" or "length"."""
+    if event.finish_reason == "error" and event.error == GRAMMAR_DEAD_END:  # the request's fault, not the engine's
+        return ApiError(400, GRAMMAR_DEAD_END[0].upper() + GRAMMAR_DEAD_END[1:], code="invalid_value",
+                        param="response_format")
     if event.finish_reason == "error":
         return ApiError(503, f"Generation failed: {event.error or 'unknown engine error'}", code="engine_error")
     return ApiError(503, f"The request was {event.finish_reason} by the server.", code="engine_error")

@@ -95,6 +95,15 @@ class _TokenTable:
         return self._tokenizer.encode(text, add_bos=False, parse_special=False, continuation=True)
 
 
+# The answer of a sequence whose grammar allows no next token (a JSON schema no finite JSON meets,
+# such as an object that requires itself, passes llguidance's checks and dead-ends mid-answer):
+# the head ends that sequence alone with GRAMMAR_DEAD_END, rather than the masked argmax picking
+# token 0 (end of text) and a "stop" answer that does not parse.
+NO_TOKEN = -1
+GRAMMAR_DEAD_END = ("the response_format cannot be met: after the text so far its grammar allows no next token "
+                    "(a JSON schema that no finite JSON satisfies?)")
+
+
 class Constraint:
     """One sequence's grammar state at the sampler: the mask before a choice, the advance after."""
 
@@ -110,9 +119,9 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(f"grammar rejected: {self._matcher.get_error()[:200]}")
 
-    def mask_(self, logits: torch.Tensor) -> None:
+    def mask_(self, logits: torch.Tensor) -> bool:
         """Set every token the grammar forbids to -inf, in place (`logits`: the sampler's own
-        float32 copy on the CPU).
+        float32 copy on the CPU); False when it forbids every token.
 
         The bitmask is unpacked with numpy rather than llguidance.torch, whose kernel is a
         torch.compile (a C compiler and seconds on first use)."""
@@ -121,6 +130,7 @@ class Constraint:
         row = logits.numpy()  # shares the tensor's memory
         row[: self._vocab][~allowed] = -np.inf
         row[self._vocab:] = -np.inf  # padding rows of the embedding are never text
+        return bool(allowed.any()) and not self._matcher.is_error()
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ModelOutputError, UsageError
-from .grammar import MAX_GRAMMAR_BYTES, Constraint
+from .grammar import MAX_GRAMMAR_BYTES, NO_TOKEN, Constraint
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +114,7 @@ class Sampler:
         those are the model's own distribution (log-softmax of the raw logits), as OpenAI reports."""
         token = self.sample(logits)
         k = self.params.top_logprobs
-        if k is None:
+        if k is None or token == NO_TOKEN:
             return Sampled(token)
         import torch
 
@@ -124,10 +124,12 @@ class Sampler:
         return Sampled(token, float(logprobs[token]), alternatives)
 
     def sample(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] float32 on any device."""
+        """logits: [vocab] float32 on any device. NO_TOKEN where the grammar allows none."""
         raw = logits
         if self.params.adjusts_logits:
             logits = self._adjusted(logits)
+            if logits is None:
+                return NO_TOKEN
         token = self._choose(logits)
         # argmax picks a NaN wherever there is one: checking the chosen logit costs one lookup a token
         if not math.isfinite(float(raw[token])):
@@ -138,7 +140,7 @@ class Sampler:
             self._constraint.consume(token)
         return token
 
-    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor | None:
         import torch
 
         p = self.params
@@ -149,8 +151,8 @@ class Sampler:
             logits.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
         if self._bias is not None:
             logits.index_add_(0, *self._bias)
-        if self._constraint is not None:  # last: no bias brings back a token the grammar forbids
-            self._constraint.mask_(logits)
+        if self._constraint is not None and not self._constraint.mask_(logits):  # last: no bias brings
+            return None  # back a token the grammar forbids
         return logits
 
     def _choose(self, logits: torch.Tensor) -> int:

@@ -18,6 +18,7 @@ from typing import AsyncIterator, Protocol
 
 import torch
 
+from ..model.grammar import GRAMMAR_DEAD_END, NO_TOKEN
 from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
 from .api import MAX_CHOICES, MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
@@ -472,6 +473,9 @@ class Scheduler:
     # ------------------------------------------------------------------ tokens -> events
     def _accept(self, seq: _Seq, sampled: Sampled) -> None:
         req, tok = seq.req, sampled.token
+        if tok == NO_TOKEN:
+            self._finish(seq, "error", error=GRAMMAR_DEAD_END)
+            return
         logprobs = dict(logprob=sampled.logprob, top=sampled.top)
         if tok in self.tokenizer.eos_ids and not req.ignore_eos:
             self._finish(seq, "stop")

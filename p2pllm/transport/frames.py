@@ -14,6 +14,7 @@ from typing import Container
 import torch
 
 from ..errors import P2PError, UsageError
+from ..model.grammar import NO_TOKEN
 from ..model.kvcache import KVFormat
 from ..model.sampling import Sampled, SamplingParams
 from ..model.spec import ModelSpec
@@ -94,7 +95,7 @@ def decode_result(frame: pb.Frame, vocab: int, answering: list[int], hidden: int
 
 def _decode_sampled(frame: pb.Frame, vocab: int) -> list[Sampled]:
     n = len(frame.sampled)
-    if any(not 0 <= t < vocab for t in frame.sampled):
+    if any(not 0 <= t < vocab and t != NO_TOKEN for t in frame.sampled):
         raise FrameError("a sampled token id outside the vocabulary")
     if not frame.sampled_logprobs:
         if frame.top_counts or frame.top_ids or frame.top_logprobs:
