@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -489,6 +490,27 @@ def test_metrics_count_requests_tokens_and_latencies(stories):
     assert value("p2pllm_engine_running_requests") == 0
     assert value("p2pllm_engine_queued_requests") == 0
     assert value("p2pllm_engine_stages") == 1
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_not_a_logged_500(stories, caplog):
+    """Each such request was logged as ERROR with a traceback and counted as a 500."""
+    def count(status: str) -> float:
+        text = httpx.get(f"{stories.url}/metrics", timeout=30).text
+        match = re.search(r'^p2pllm_gateway_requests_total\{endpoint="/v1/completions",status="%s"\} ([0-9.e+]+)$'
+                          % status, text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    before_499, before_500 = count("499"), count("500")
+    with caplog.at_level(logging.INFO, logger="p2pllm"):
+        for i in range(3):
+            with socket.create_connection(("127.0.0.1", stories.server.port), timeout=10) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"prompt\": \"Once")
+            deadline = time.monotonic() + 10
+            while count("499") < before_499 + i + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert count("499") == before_499 + 3 and count("500") == before_500
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # --------------------------------------------------------------------------- server

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -205,6 +205,10 @@ class _GatewayMiddleware:
                 record.fail(e.message)
             if not status:
                 await error_response(e)(scope, receive, send_with_id)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer (counted as 499)
+            log.info("request %s: the client left before its body arrived", request_id)
+            if record is not None:
+                record.fail("the client disconnected before its request body arrived")
         except Exception:
             log.exception("request %s: %s %s failed", request_id, scope["method"], path)
             if record is not None:
