@@ -658,6 +658,19 @@ def test_chat_without_a_gateway_is_one_line_exit_1():
             cmd_chat(_chat_args(host=host, prompt="hi"))
 
 
+def test_chat_gives_up_on_a_port_that_accepts_and_never_answers():
+    """It waited for the answer timeout (600 s) before its first word."""
+    with socket.socket() as silent:  # the kernel completes the handshake; nobody ever reads or writes
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = _run_chat("--host", host, "--prompt", "hi")
+        took = time.monotonic() - started
+    assert proc.returncode == 1 and took < 60, (took, proc.stderr)
+    assert proc.stderr.strip() == f"p2pllm: error: the gateway at {host} did not answer in time (ReadTimeout)"
+
+
 def test_chat_reports_the_gateways_error_message(demo):
     if _chat_wired():
         proc = _run_chat("--host", _host(demo), "--prompt", "hi", env={"P2PLLM_API_KEY": "sk-wrong"})

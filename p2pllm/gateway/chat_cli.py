@@ -41,6 +41,9 @@ def add_chat_parser(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+FIRST_CONTACT_SECONDS = 10.0
+
+
 def base_url(host: str) -> str:
     """'127.0.0.1:8700' or 'http://host:8700/' -> 'http://127.0.0.1:8700'."""
     host = host.strip().rstrip("/")
@@ -73,8 +76,8 @@ class ChatClient:
 
     def connect(self) -> str:
         """The model the gateway serves; the first sign of life of the gateway."""
-        with self._errors():
-            reply = self._http.get("/v1/models")
+        with self._errors():  # a gateway lists its models at once: a port that accepts and says nothing is no gateway
+            reply = self._http.get("/v1/models", timeout=min(self.timeout, FIRST_CONTACT_SECONDS))
             _check(reply)
         try:
             self.model = reply.json()["data"][0]["id"]
