@@ -91,7 +91,8 @@ def ensure_model(path: Path = MODEL) -> Path:
     try:
         t0 = time.monotonic()
         log(f"writing the seeded-random 3b model (f16, ~6.4 GB) to {f16} ...")
-        subprocess.run([sys.executable, "-m", "p2pllm", "make-demo-model", str(f16), "--size", "3b", "--qtype", "f16"],
+        subprocess.run([sys.executable, "-m", "p2pllm", "make-demo-model", str(f16), "--size", "3b", "--qtype", "f16",
+                        "--force"],
                        check=True, cwd=ROOT)
         log(f"  written in {time.monotonic() - t0:.0f}s; quantizing to Q4_K_M with llama.cpp ...")
         params = llama_cpp.llama_model_quantize_default_params()

@@ -46,6 +46,14 @@ def thread_count(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: what torch's generators and the sampling wire (int64) carry."""
+    value = _parse(int, text, "a whole number")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63-1, got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _parse(int, text, "a whole number")
     if value < 0:
@@ -85,7 +93,7 @@ def host_port(text: str) -> str:
 def seconds(text: str) -> float:
     value = _parse(float, text, "seconds")
     if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, got {text}")
     return value
 
 

@@ -12,7 +12,7 @@ import time
 from . import __version__
 from .argparser import Parser
 from .argtypes import (PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int,
-                       seconds, serve_rate, thread_count, utf8_text)
+                       seconds, seed, serve_rate, thread_count, utf8_text)
 from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -142,7 +142,7 @@ def _add_run(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--split", default=None, help="cut before these layers, e.g. 2,4")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     _add_backend_flags(p)
@@ -197,8 +197,11 @@ def _external_backends(args) -> list:
 
 
 def cmd_make_demo_model(args) -> int:
+    from .errors import UsageError
     from .model.demo import make_demo_model
 
+    if os.path.lexists(args.path) and not os.path.isdir(args.path) and not args.force:
+        raise UsageError(f"{args.path} exists; pass --force to replace it")
     path = make_demo_model(args.path, args.format, args.size, args.seed, args.qtype)
     print(f"wrote {args.size} demo model ({args.format}) to {path} (random weights: its output is random text)")
     return 0
@@ -213,8 +216,9 @@ def _add_make_demo_model(sub) -> None:
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "125m", "1b", "3b"],
                    help="tiny: 6 layers, hidden 128; small: 8 layers, hidden 256; 125m: 12 layers, hidden 768; "
                         "1b: 16 layers, hidden 2048 (1.1B parameters); 3b: 30 layers, hidden 3072 (3.2B parameters)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--qtype", default="f32", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type")
+    p.add_argument("--force", action="store_true", help="replace an existing file at PATH")
     p.set_defaults(func=cmd_make_demo_model)
 
 

@@ -73,3 +73,24 @@ def test_a_prompt_that_is_not_utf8_is_one_line(argv):
     proc = run_cli(*argv, timeout=60)  # subprocess writes the surrogates back as the raw bytes
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("argument --prompt: not valid UTF-8 text")
+
+
+def test_make_demo_model_does_not_replace_a_file_unless_forced(tmp_path):
+    """It wrote over any file it was given (a text file became 5.8 MB of GGUF)."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine")
+    assert_one_line_error(run_cli("make-demo-model", victim, timeout=60), 2, f"{victim} exists; pass --force")
+    assert victim.read_text() == "mine"
+    assert run_cli("make-demo-model", victim, "--force", timeout=120).returncode == 0
+    assert victim.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["make-demo-model", "x.gguf", "--seed", "99999999999999999999999"], "argument --seed: must be between 0 and 2^63-1"),
+    (["demo", "--stop", "--keep"], "argument --keep: not allowed with argument --stop"),
+    (["plan", "--model", "llama-3-8b", "--device", "name=a,mem=1e400GiB,tflops=1,bw=1GBps"], "bad size '1e400GiB': too large"),
+])
+def test_values_that_used_to_be_internal_errors_or_ignored_are_one_line(argv, needle):
+    proc = run_cli(*argv, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr

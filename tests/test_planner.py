@@ -353,8 +353,9 @@ def test_parse_device():
     p = parse_device("name=x,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps", 0, 32)
     assert (p.id, p.mem_bytes, p.flops, p.mem_bw, p.net_bw) == ("x", 16 * GiB, 4e12, 60e9, 1e9 / 8)
     assert parse_device("mem=8GB,flops=2TFLOPS,bw=50GB/s", 3, 32).id == "peer3"
-    with pytest.raises(UsageError):
-        parse_device("mem=8GB,tflops=-1,bw=50GBps", 0, 32)
+    for bad in ("mem=8GB,tflops=-1,bw=50GBps", "mem=8GB,tflops=inf,bw=50GBps", "mem=8GB,tflops=1e400,bw=50GBps"):
+        with pytest.raises(UsageError):
+            parse_device(bad, 0, 32)
 
 
 def test_cli_discover_plans_for_this_machine(tmp_path, monkeypatch):

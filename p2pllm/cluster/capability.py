@@ -60,7 +60,14 @@ def parse_size(text: str | int) -> int:
     unit = m.group(2).lower() if m else None
     if not m or unit not in _SIZE_UNITS:
         raise UsageError(f"bad size {text!r}: expected a number and a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 8GiB")
-    return int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
+    return int(round(_finite(float(m.group(1)) * _SIZE_UNITS[unit], "size", text)))
+
+
+def _finite(value: float, kind: str, text) -> float:
+    """1e400GiB parses as a float: infinity, which no plan or int() survives."""
+    if not math.isfinite(value):
+        raise UsageError(f"bad {kind} {text!r}: too large")
+    return value
 
 
 def parse_rate(text: str, kind: str | None = None) -> float:
@@ -87,7 +94,7 @@ def parse_rate(text: str, kind: str | None = None) -> float:
         )
     if kind is not None and found[0] != kind:
         raise UsageError(f"bad rate {text!r}: expected a {kind} rate, got {found[0]}")
-    return found[1]
+    return _finite(found[1], "rate", text)
 
 
 def parse_duration(text: str) -> float:
@@ -96,7 +103,7 @@ def parse_duration(text: str) -> float:
     if not m:
         raise UsageError(f"bad duration {text!r}: expected a number and a unit, e.g. 2ms")
     scale = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}[m.group(2)]
-    return float(m.group(1)) * scale
+    return _finite(float(m.group(1)) * scale, "duration", text)
 
 
 # --------------------------------------------------------------------------- capabilities

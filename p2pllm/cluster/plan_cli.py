@@ -98,8 +98,10 @@ def parse_device(text: str, index: int, n_layers: int) -> PeerCaps:
     if "tflops" in fields:
         try:
             flops = float(fields["tflops"]) * 1e12
+            if not math.isfinite(flops):
+                raise ValueError
         except ValueError:
-            raise UsageError(f"--device {text}: tflops must be a number, got {fields['tflops']!r}") from None
+            raise UsageError(f"--device {text}: tflops must be a finite number, got {fields['tflops']!r}") from None
     else:
         flops = parse_rate(fields["flops"], "flops")
     values = {

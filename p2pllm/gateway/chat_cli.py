@@ -17,7 +17,7 @@ from typing import Iterator
 
 import httpx
 
-from ..argtypes import is_utf8, positive_float, positive_int, temperature, utf8_text
+from ..argtypes import is_utf8, positive_float, positive_int, seed, temperature, utf8_text
 from ..errors import P2PError
 
 DEFAULT_GATEWAY = "127.0.0.1:8700"
@@ -35,7 +35,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="most tokens per answer (default: the server's, up to 256)")
     p.add_argument("--temperature", type=temperature, default=0.7, help="0 is greedy (default 0.7)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--api-key", default=None, help="the gateway's API key (default: $P2PLLM_API_KEY)")
     p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for an answer (default 600)")
     p.set_defaults(func=cmd_chat)
