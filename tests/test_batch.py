@@ -204,14 +204,17 @@ def _wait_port(port: int, timeout: float = 30) -> None:
     ("docs", ["--prompt", "Summarize this"], 2, "no {content} placeholder"),
     ("docs", ["--host", "127.0.0.1:1"], 1, "no gateway at 127.0.0.1:1"),
     ("journal", [], 2, "pass --resume"),
+    ("journal-dir", ["--resume"], 2, "out.json.jsonl is not a file"),  # was "internal error: IsADirectoryError"
 ])
 def test_bad_input_is_one_clear_line(tmp_path, setup, extra, code, needle):
     folder = tmp_path / "in"
     if setup != "missing":
         folder.mkdir()
-    if setup in ("docs", "journal"):
+    if setup in ("docs", "journal", "journal-dir"):
         write_docs(folder, 1)
     out = tmp_path / "out.json"
+    if setup == "journal-dir":
+        Path(str(out) + ".jsonl").mkdir()
     if setup == "journal":
         Path(str(out) + ".jsonl").write_text('{"file": "doc0.txt", "prompt_template": "x", "success": true}\n')
     proc = run_cli("batch", "--input", folder, "--output", out, "--host", "127.0.0.1:1", *extra, timeout=60)

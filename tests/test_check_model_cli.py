@@ -181,3 +181,13 @@ def test_a_gguf_metadata_number_stored_as_text_is_one_line_exit_2(tmp_path):
     writer.close()
     assert_one_line_error(run_cli("check-model", tmp_path / "bad.gguf"), 2,
                           "metadata llama.context_length is 'long', expected a whole number")
+
+
+def test_a_dangling_safetensors_link_is_named_as_such_not_as_a_shard_of_an_absent_index(demo_tiny_hf, tmp_path):
+    """What an interrupted Hugging Face download leaves; it was blamed on model.safetensors.index.json."""
+    folder = tmp_path / "cut"
+    shutil.copytree(demo_tiny_hf, folder)
+    st = next(folder.glob("*.safetensors"))
+    st.unlink()
+    st.symlink_to(tmp_path / "blobs" / "never-downloaded")
+    assert_one_line_error(run_cli("check-model", folder), 2, f"{st}: a link to a missing file")

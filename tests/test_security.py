@@ -186,7 +186,7 @@ def test_peers_without_the_secret_are_refused_and_never_members(hosts, stories_g
     assert_one_line_error(plain, 1, "requires the cluster secret")
     to_insecure = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(4)}:7700",
                                 "--secret", TEST_SECRET], timeout=30)
-    assert_one_line_error(to_insecure, 1, "runs without a secret")
+    assert_one_line_error(to_insecure, 1, "does not speak TLS: a peer there runs without a secret (--insecure")
 
     # what mDNS carries: the documented keys, never the secret
     browsed = hosts.run(2, [sys.executable, "-c", _BROWSE, hosts.addr(2)], timeout=30)

@@ -86,10 +86,17 @@ def _check_output(output: Path, journal: Path, resume: bool) -> None:
         raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
     if not os.access(output.parent, os.W_OK):
         raise UsageError(f"--output {output}: cannot write in {output.parent}")
+    if journal.exists() and not journal.is_file():
+        raise UsageError(f"--output {output}: its journal {journal} is not a file")
     if not resume and journal.exists() and journal.stat().st_size > 0:
         # never start over silently on top of finished work
         raise UsageError(f"{journal} holds an earlier batch: pass --resume to continue it, or remove it to "
                          f"start over")
+    try:  # the journal is where finished work goes: find out now, not after the first task
+        with journal.open("a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--output {output}: cannot write its journal {journal} ({e.strerror or e})") from None
 
 
 async def _batch(args, tasks: list[Task], n_files: int, journal_file: Path, api_key: str | None) -> int:

@@ -262,7 +262,11 @@ class SafetensorsModelFile(ModelFile):
             if not Path(os.path.normpath(shard_path)).is_relative_to(os.path.normpath(self.path)):
                 raise ModelFileError(index_path, f"shard {shard} lies outside the model folder")
             if not shard_path.is_file():
-                raise ModelFileError(shard_path, f"missing shard (listed in {index_path.name})")
+                if weight_map is not None:
+                    raise ModelFileError(shard_path, f"missing shard (listed in {index_path.name})")
+                what = ("a link to a missing file (an interrupted download?)" if shard_path.is_symlink()
+                        else "not a file")
+                raise ModelFileError(shard_path, what)
             for info, data_start in _read_safetensors_header(shard_path):
                 if info.name in self.tensors:
                     raise ModelFileError(shard_path, f"tensor {info.name} appears in two shards")

@@ -251,7 +251,9 @@ def explain_refusal(address: str, error: grpc.aio.AioRpcError, secure: bool) -> 
         return None
     details = (error.details() or "").lower()
     if secure and "wrong_version_number" in details:
-        return f"the peer at {address} runs without a secret (--insecure): pass --insecure to talk to it"
+        # any server without TLS answers a TLS hello so (a plain HTTP server too): say both
+        return (f"{address} does not speak TLS: a peer there runs without a secret (--insecure: pass --insecure "
+                f"to talk to it), or it is not a p2pllm peer")
     if refusal_reason(error, secure) is None:
         return None
     if secure:
