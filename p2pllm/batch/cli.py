@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import json
@@ -23,6 +24,14 @@ DEFAULT_MAX_TOKENS = 512
 MIN_DOCUMENT_ROOM = 64  # tokens of document per request below which a batch is not worth starting
 
 
+def _chunk_tokens(text: str) -> int:
+    value = positive_int(text)
+    if value < MIN_DOCUMENT_ROOM:  # (below it, the template check blamed the template and --max-tokens)
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_DOCUMENT_ROOM}, the smallest piece a document is "
+                                         f"read in, got {value}")
+    return value
+
+
 def add_batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="run prompt templates over a folder of documents",
                        description="Send every .txt/.md file of a folder (and .pdf where pdftotext is installed) "
@@ -41,7 +50,7 @@ def add_batch_parser(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help=f"most tokens per answer (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 is greedy (default 0)")
-    p.add_argument("--chunk-tokens", type=positive_int, default=None, metavar="N",
+    p.add_argument("--chunk-tokens", type=_chunk_tokens, default=None, metavar="N",
                    help="read documents in pieces of at most about N tokens (default: as much as the context "
                         "holds beside the template and the answer)")
     p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P",
@@ -92,9 +101,12 @@ def _check_output(output: Path, journal: Path, resume: bool) -> None:
         # never start over silently on top of finished work
         raise UsageError(f"{journal} holds an earlier batch: pass --resume to continue it, or remove it to "
                          f"start over")
+    existed = journal.exists()
     try:  # the journal is where finished work goes: find out now, not after the first task
         with journal.open("a", encoding="utf-8"):
             pass
+        if not existed:
+            journal.unlink()  # made when the first task ends, as before
     except OSError as e:
         raise UsageError(f"--output {output}: cannot write its journal {journal} ({e.strerror or e})") from None
 
