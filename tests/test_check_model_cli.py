@@ -191,3 +191,15 @@ def test_a_dangling_safetensors_link_is_named_as_such_not_as_a_shard_of_an_absen
     st.unlink()
     st.symlink_to(tmp_path / "blobs" / "never-downloaded")
     assert_one_line_error(run_cli("check-model", folder), 2, f"{st}: a link to a missing file")
+
+
+def test_the_wrong_kind_of_path_says_which_path_to_pass(demo_tiny_hf, demo_tiny_gguf, tmp_path):
+    """A safetensors file was read as GGUF ("wrong magic ... not a GGUF file"); a folder of GGUF
+    files as a Hugging Face folder ("config.json: missing")."""
+    st = next(demo_tiny_hf.glob("*.safetensors"))
+    assert_one_line_error(run_cli("check-model", st), 2, f"a Hugging Face model is its folder: pass --model {st.parent}")
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    shutil.copy(demo_tiny_gguf, folder / "tiny.gguf")
+    assert_one_line_error(run_cli("check-model", folder), 2, "pass the GGUF file itself",
+                          f"--model {folder / 'tiny.gguf'}")

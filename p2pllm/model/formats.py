@@ -344,9 +344,15 @@ def open_model_file(path: str | os.PathLike) -> ModelFile:
     if not p.exists():
         raise ModelFileError(p, "no such file or folder")
     if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs and not (p / "config.json").exists():  # a folder of GGUF files is no Hugging Face folder
+            raise ModelFileError(p, f"no config.json: not a Hugging Face folder; pass the GGUF file itself, "
+                                    f"e.g. --model {ggufs[0]}")
         return SafetensorsModelFile(p)
     if p.name == "config.json":
         return SafetensorsModelFile(p.parent)
+    if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json":
+        raise ModelFileError(p, f"a Hugging Face model is its folder: pass --model {p.parent}")
     return GGUFModelFile(p)
 
 
