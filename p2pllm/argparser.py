@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 
 
@@ -23,7 +24,10 @@ class Parser(argparse.ArgumentParser):
         if unknown and not message.startswith("unrecognized arguments"):
             message = f"unrecognized arguments: {' '.join(unknown)}"
         if unknown:
-            close = difflib.get_close_matches(unknown[0].split("=", 1)[0], self._known_flags(), n=1, cutoff=0.6)
+            flag = unknown[0].split("=", 1)[0]
+            known = self._known_flags()
+            close = ([k for k in known if k.startswith("-" + flag)][:1] if len(flag) == 2  # -m: --model
+                     else difflib.get_close_matches(flag, known, n=1, cutoff=0.6))
             if close:
                 message += f" (did you mean {close[0]}?)"
         super().error(message)
@@ -39,6 +43,6 @@ class Parser(argparse.ArgumentParser):
 
     def _unknown_flags(self) -> list[str]:
         known = self._known_flags()
-        flags = [t for t in Parser.argv if t.startswith("--") and len(t) > 2]
+        flags = [t for t in Parser.argv if (t.startswith("--") and len(t) > 2) or re.fullmatch(r"-[A-Za-z]", t)]
         # argparse accepts unambiguous prefixes (--max for --max-tokens), so those are not unknown
         return [t for t in flags if not any(k.startswith(t.split("=", 1)[0]) for k in known)]

@@ -38,6 +38,7 @@ def test_a_bad_join_flag_is_refused_before_a_secret_is_made(demo_tiny_gguf, tmp_
     (["run", "--model", "m.gguf", "--prompt", "hi", "--max-tokns", "3"], "--max-tokns", "--max-tokens"),
     (["status", "--hots", "127.0.0.1:1"], "--hots", "--host"),
     (["plan", "--model", "llama-3-8b", "--discovr"], "--discovr", "--discover"),
+    (["run", "-m", "m.gguf", "--prompt", "hi"], "-m", "--model"),  # short flags were not considered at all
 ])
 def test_an_unknown_flag_is_named_with_the_closest_real_one(argv, unknown, suggestion):
     proc = run_cli(*argv, timeout=60)
