@@ -2,7 +2,10 @@
 
 Each stage streams the KV entries it adds at every step to its ring successor, which keeps them
 in host memory (ReplicaStore), as raw rows in the stage's KV format (f16, q8_0 or f32; see
-model/kvcache.py): a q8_0 cache replicates at about half the bytes of f16. When the plan changes, a stage taking layers [a, b) rebuilds the
+model/kvcache.py): a q8_0 cache replicates at about half the bytes of f16. A sequence's first
+delta in an epoch carries its KV from position 0 (RingStage._deltas), so KV no step computed there
+(a copy of the prefix cache or of another choice's prompt, KV rebuilt at a plan change) reaches the
+replica too; the holder keeps only replicas complete from position 0. When the plan changes, a stage taking layers [a, b) rebuilds the
 KV of every carried-over sequence from, in order: its own previous cache, the replicas it holds,
 and the previous owner of those layers (or that owner's replica holder) over FetchKV. A sequence
 whose KV cannot be rebuilt completely is replayed by the head instead (a prefill).
@@ -47,8 +50,9 @@ class ReplicaStore:
         seqs = self._held.setdefault((delta.first_layer, n), {})
         chunks = seqs.get(delta.seq_id)
         if chunks is None:
-            if delta.start != 0:
-                return  # the beginning is missing: useless as a replica
+            if delta.start != 0:  # the beginning is missing: useless as a replica
+                log.debug("replica of sequence %d starts at position %d; dropped", delta.seq_id, delta.start)
+                return
             chunks = seqs[delta.seq_id] = []
         held = sum(c[1] for c in chunks)
         if delta.start > held:

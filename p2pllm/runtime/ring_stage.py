@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import P2PError
 from ..model.spec import ModelSpec
@@ -37,6 +37,9 @@ class Binding:
     head_address: str
     context: int
     replica_address: str | None = None  # where this stage's KV deltas go (its ring successor)
+    # the sequences whose replica holder was sent their KV from position 0 under this binding: a
+    # sequence's later deltas continue that; its first one starts at 0 (see RingStage._deltas)
+    replicated: set[int] = field(default_factory=set, compare=False, repr=False)
 
 
 class RingStage:
@@ -133,8 +136,22 @@ class RingStage:
     def _deltas(self, b: Binding, mb) -> list[LayerKV]:
         """The KV entries a step added, for the replica holder (not an embedding's: after a plan
         change it is computed again from its start, its pooled sum being gone; nor a sequence a
-        later frame freed meanwhile)."""
+        later frame freed meanwhile).
+
+        A sequence's first delta under a binding starts at position 0: its KV may hold positions
+        no step of this binding computed (a copy of the prefix cache or of another choice's prompt,
+        KV rebuilt at a plan change), and a holder keeps only a replica complete from 0 (it drops
+        one whose beginning is missing). Later deltas carry just the step's positions."""
         stage = b.stage
-        return [exported(stage.kv, stage.start, c.seq_id, c.start, c.start + c.length)
-                for c in mb.chunks if c.seq_id in stage.kv and c.seq_id not in stage.embeddings
-                and stage.kv.length(c.seq_id) >= c.start + c.length]
+        sent = b.replicated
+        for seq_id in (*mb.finished, *mb.retained):
+            sent.discard(seq_id)
+        out = []
+        for c in mb.chunks:
+            if (c.seq_id not in stage.kv or c.seq_id in stage.embeddings
+                    or stage.kv.length(c.seq_id) < c.start + c.length):
+                continue
+            start = c.start if c.seq_id in sent else 0
+            out.append(exported(stage.kv, stage.start, c.seq_id, start, c.start + c.length))
+            sent.add(c.seq_id)
+        return out
