@@ -197,6 +197,32 @@ def test_a_drained_peer_gets_no_layers_until_admitted_and_can_be_left_out_of_a_w
     assert {s.peer for s in coord.candidate_plan(spec, m, opts, exclude={"b"}).stages} == {"c"}
 
 
+def test_a_late_peer_outside_the_unchanged_plan_is_sent_it_with_why_it_holds_no_layers(table):
+    # repro: a peer joined after epoch 1 and the plan with it was the same: no proposal reached it,
+    # its gateway answered 503 for good and its status showed epoch 0
+    m, _ = table
+    spec, opts = builtin_spec("llama-3-8b"), PlanOptions(context=2048, objective="latency")
+    current = plan(spec, [coord.peer_caps(m.members["b"])], options=opts)
+    running = coord.to_proposal(current, 1, "b", m, "fp")
+    running.resume.add(seq_id=7, positions=3)
+    m.upsert(info("c", bw=105e9))
+    m.upsert(info("d", mem=GiB // 1024))
+    same = coord.candidate_plan(spec, m, opts, running=running)
+    assert coord.needs_new_plan(running, current, same, m, 0.10) == ""
+    assert [x.info.id for x in coord.missing_the_plan(running, m, {})] == ["c", "d"]
+    assert coord.missing_the_plan(running, m, {"c": 1, "d": 1}) == []  # committed to them already
+    m.members["c"].epoch = 1  # its health reply says it has the plan
+    assert [x.info.id for x in coord.missing_the_plan(running, m, {})] == ["d"]
+
+    why = coord.why_no_layers(same, m.members["d"], 0.10)
+    assert why.startswith("not enough memory for one layer")
+    sent = coord.for_unused_peer(running, "d", why)
+    assert sent.epoch == 1 and list(sent.stages) == list(running.stages) and not sent.resume
+    assert coord.unused_reason(sent, "d") == why and coord.unused_reason(running, "d") == ""
+    m.members["c"].state = "drained"
+    assert coord.why_no_layers(same, m.members["c"], 0.10) == "it is drained"
+
+
 def test_plan_sources_point_at_owners_and_their_ring_successors():
     from p2pllm.runtime.recovery import plan_sources
 
@@ -211,3 +237,17 @@ def test_peer_caps_come_from_the_advertised_capabilities(table):
     m, _ = table
     caps = coord.peer_caps(m.members["b"])
     assert isinstance(caps, PeerCaps) and caps.mem_bytes == 64 * GiB and caps.net_bw == 1e9
+
+
+def test_an_excluded_peer_that_refuses_us_is_forgotten_with_the_true_reason(table, caplog):
+    """It was forgotten at once with "lost for over 120 s", 25 s after it joined."""
+    import logging
+
+    m, _ = table
+    m.upsert(info("c", fp="other"))
+    m.refused("c", why="connections refused")
+    m.refused("c", why="connections refused")  # two in a row: nobody listens there
+    with caplog.at_level(logging.INFO, logger="p2pllm"):
+        m.expire()
+    assert "c" not in m.members
+    assert "forgetting excluded peer n-c (c): connections refused" in caplog.text and "lost for over" not in caplog.text

@@ -82,6 +82,62 @@ def needs_new_plan(current: pb.PlanProposal | None, current_plan: Plan | None, c
     return ""
 
 
+def missing_the_plan(current: pb.PlanProposal | None, membership: Membership, told: dict[str, int]) -> list[Member]:
+    """Live compatible peers outside the committed plan that do not have its epoch: they joined
+    after the commit and the plan with them was not proposed (the same plan, not better by the
+    hysteresis, or infeasible with them). No proposal would reach them, and without the plan their
+    gateway has no coordinator to forward to (503 for good), so the coordinator sends it to them.
+    `told`: peer id -> the epoch the coordinator already committed to it (health replies lag)."""
+    if current is None:
+        return []
+    stage_peers = {s.peer_id for s in current.stages}
+    return [m for m in membership.live_compatible()
+            if m.info.id != membership.me.id and m.info.id not in stage_peers and m.state != "leaving"
+            and m.epoch < current.epoch and told.get(m.info.id) != current.epoch]
+
+
+def why_no_layers(candidate: Plan, member: Member, hysteresis: float) -> str:
+    """Why `member`, outside the committed plan, gets no layers now (`candidate`: the plan over the
+    peers as they are now, which the coordinator did not propose)."""
+    if member.state in OUT_OF_PLAN:
+        return f"it is {member.state}"
+    if not candidate.feasible:
+        return f"no plan that gives it layers is feasible: {candidate.reason}"
+    for pid, why in candidate.excluded:
+        if pid == member.info.id:
+            return why
+    if any(s.peer == member.info.id for s in candidate.stages):
+        return f"a plan that gives it layers is not {hysteresis:.0%} better than the committed one"
+    return "the planner left it out"
+
+
+def for_unused_peer(current: pb.PlanProposal, peer_id: str, reason: str) -> pb.PlanProposal:
+    """The committed plan as sent to a peer outside it (missing_the_plan): the same epoch and stages,
+    its reason among the planner JSON's unused_peers, no sequences to resume (it holds no KV)."""
+    proposal = pb.PlanProposal()
+    proposal.CopyFrom(current)
+    proposal.ClearField("resume")
+    try:
+        data = json.loads(proposal.plan_json)
+        data["unused_peers"] = [u for u in data.get("unused_peers", []) if u.get("peer") != peer_id] + \
+            [{"peer": peer_id, "reason": reason}]
+        proposal.plan_json = json.dumps(data)
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return proposal
+
+
+def unused_reason(proposal: pb.PlanProposal, peer_id: str) -> str:
+    """The reason the plan's JSON gives for `peer_id` having no layers ('' = none given)."""
+    try:
+        for u in json.loads(proposal.plan_json).get("unused_peers", []):
+            if u.get("peer") == peer_id:
+                return str(u.get("reason", ""))
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return ""
+
+
 def proposal_targets(proposal: pb.PlanProposal, membership: Membership) -> tuple[list[Member], list[str]]:
     """Who a proposal goes to: every live compatible member, and every stage peer even if it does
     not answer at this moment (one that misses it must fail the round, not be left out of it:

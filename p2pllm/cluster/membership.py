@@ -157,10 +157,13 @@ class Membership:
                 log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
         now = self.clock()
         for m in [m for m in self.members.values() if m.info.id != self.me.id and not self.is_live(m.info.id)]:
-            if (now - m.lost_at if m.state == "lost" else now - m.last_seen if not m.compatible else 0) > \
-                    self.forget_after:
+            if m.state == "lost" and now - m.lost_at > self.forget_after:
                 log.info("forgetting peer %s (%s): lost for over %.0f s", m.info.name, m.info.id[:8],
                          self.forget_after)
+                self.forget(m.info.id)
+            elif not m.compatible and now - m.last_seen > self.forget_after:  # at once when it refused us
+                log.info("forgetting excluded peer %s (%s): %s", m.info.name, m.info.id[:8],
+                         m.refused_why or f"silent for over {self.forget_after:.0f} s")
                 self.forget(m.info.id)
         if lost:
             self._changed()

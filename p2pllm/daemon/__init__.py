@@ -161,6 +161,16 @@ class Daemon:
                 pass
         await self.pieces.open()
         self.server = await start_server(self, "0.0.0.0", self.cfg.port, self.security)
+        try:
+            await self._start()
+        except BaseException:  # e.g. the gateway's port is taken: stop what started, or the gRPC
+            await self._close()  # server's finaliser runs after the loop closed and prints tracebacks
+            raise
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def _start(self) -> None:
+        """Everything after the gRPC server: discovery, the gateway, the loops."""
         log.info("peer traffic: %s", self.security.describe())
         log.info(
             "peer %s (%s) listening on %s; model %s: %s, %d layers, %.2f GiB; fingerprint %s",
@@ -189,8 +199,6 @@ class Daemon:
         ]
         if self.pieces.fetching:
             self._tasks.append(asyncio.create_task(self.pieces.prefetch(), name="prefetch"))
-        await self._stop.wait()
-        await self.shutdown()
 
     def stop(self) -> None:
         self._stop.set()
@@ -240,6 +248,9 @@ class Daemon:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        await self._close()
+
+    async def _close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

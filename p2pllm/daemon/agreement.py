@@ -62,6 +62,8 @@ class Agreement:
         self._proposing = False
         self._last_logged = ""
         self._uncommitted = ""  # why the last commit did not reach every stage peer ('' = it did)
+        self._told: dict[str, int] = {}  # peer id -> the epoch this coordinator committed to it
+        self._tell_after: dict[str, float] = {}  # peer id -> when to send it the committed plan again
 
     def coordinator(self) -> str:
         return coord.elect(self.membership, self.epoch, self.committed.coordinator if self.committed else "")
@@ -96,6 +98,10 @@ class Agreement:
                     scheduler.pause(reason)
                     scheduler.unavailable = reason  # new requests: 503 until capacity returns
                     scheduler.fail_parked(reason)  # running ones: a clear error now, not a hang
+                elif not coord.broken_reason(self.committed, self.membership):  # e.g. a newcomer too small
+                    self._log_once(f"keeping plan epoch {self.epoch}: a plan with every peer is not feasible: "
+                                   f"{candidate.reason}")
+                    await self._share_committed(candidate)
                 continue
             why = coord.needs_new_plan(self.committed, self.committed_plan, candidate, self.membership,
                                        self.options.hysteresis, self._not_serving())
@@ -105,6 +111,8 @@ class Agreement:
                     await self._propose_and_commit(candidate, why)
                 finally:
                     self._proposing = False
+            else:
+                await self._share_committed(candidate)
 
     def _not_serving(self) -> str:
         """Why the committed plan does not serve though none of its stages is lost ('' = it does)."""
@@ -112,6 +120,40 @@ class Agreement:
         if scheduler is not None and scheduler.unavailable:
             return "the cluster can hold the model again"
         return self._uncommitted
+
+    async def _share_committed(self, candidate: Plan) -> None:
+        """Send the committed plan (the same epoch: proposed, then committed) to the peers outside it
+        that do not have it (coord.missing_the_plan), with why they hold no layers. They serve
+        no stage, so the ring is untouched; their gateways then forward to this coordinator."""
+        now = time.monotonic()
+        late = [m for m in coord.missing_the_plan(self.committed, self.membership, self._told)
+                if now >= self._tell_after.get(m.info.id, 0.0)]
+        if not late:
+            return
+        epoch = self.epoch
+
+        async def tell(member) -> None:
+            pid, reason = member.info.id, coord.why_no_layers(candidate, member, self.options.hysteresis)
+            client = self.clients.get(member.info.address)
+            try:
+                reply = await client.propose(coord.for_unused_peer(self.committed, pid, reason), timeout=10.0)
+                if reply.ok:
+                    reply = await client.commit(epoch, self.id)
+                problem = "" if reply.ok else reply.reason
+            except Exception as e:  # unreachable now: its health checks decide whether it is lost
+                problem = str(e) or type(e).__name__
+            if problem:  # e.g. it has not yet heard that this peer coordinates: try again shortly
+                if pid not in self._tell_after:  # once, not every retry
+                    log.info("plan epoch %d not yet sent to %s: %s; will retry", epoch, member.info.name, problem)
+                self._tell_after[pid] = time.monotonic() + 2.0
+                return
+            self._told[pid] = epoch
+            log.info("sent plan epoch %d to %s, which holds no layers: %s", epoch, member.info.name, reason)
+
+        await asyncio.gather(*(tell(m) for m in late))
+        for pid in [p for p in self._told if p not in self.membership.members]:  # forgotten peers
+            self._told.pop(pid)
+            self._tell_after.pop(pid, None)
 
     def _log_once(self, msg: str) -> None:
         if msg != self._last_logged:
@@ -165,6 +207,8 @@ class Agreement:
         missed = [m.info.name for m, r in zip(targets, commits)
                   if m.info.id in stage_peers and (isinstance(r, BaseException) or not r.ok)]
         self._uncommitted = f"{', '.join(missed)} did not take the commit of epoch {epoch}" if missed else ""
+        self._told.update({m.info.id: epoch for m, r in zip(targets, commits)  # their health replies lag
+                           if not isinstance(r, BaseException) and r.ok})
         if missed:  # that stage refuses the epoch's frames: propose again (a lost peer is replanned without)
             log.warning("epoch %d: %s; proposing again", epoch, self._uncommitted)
             self.replan_now.set()
@@ -250,7 +294,11 @@ class Agreement:
         if self.state != "leaving":
             self.state = "serving"
         mine = coord.my_assignment(proposal, self.id)
-        where = f"layers [{mine[0]}, {mine[1]}) loaded in {self.loader.load_seconds:.1f}s" if mine else "no layers"
+        if mine:
+            where = f"layers [{mine[0]}, {mine[1]}) loaded in {self.loader.load_seconds:.1f}s"
+        else:  # say why: a peer that sits out should not look broken
+            why = coord.unused_reason(proposal, self.id)
+            where = f"no layers ({why})" if why else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
                  where)
         log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,

@@ -1,0 +1,177 @@
+"""A peer that joins a running cluster and gets no layers still learns the committed plan (its
+gateway forwards to the coordinator, its status shows the plan) and says why it holds none; and a
+join whose gateway cannot bind stops with its one-line error only. Real daemons on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p2pllm.transport.client import fetch_status
+from p2pllm.transport.security import Security
+
+from conftest import REPO, run_cli
+
+SECRET = "late-join-test-secret-0123456789abcdef"
+
+
+def _free(port: int) -> None:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.fail(f"port {port} on 127.0.0.1 is taken (another test session?)")
+
+
+class Peers:
+    """`p2pllm join` daemons on loopback, each on (grpc, gateway) ports, all dialling the first."""
+
+    def __init__(self, model: Path, logs: Path, home: Path, cluster: str, *extra: str):
+        self.model, self.logs, self.home, self.cluster, self.extra = model, logs, home, cluster, extra
+        self.procs: list[subprocess.Popen] = []
+        self.ports: list[tuple[int, int]] = []
+
+    def start(self, name: str, grpc: int, gateway: int, *extra: str) -> None:
+        _free(grpc)
+        _free(gateway)
+        seed = self.ports[0][0] if self.ports else grpc + 1
+        argv = [sys.executable, "-m", "p2pllm", "join", "--model", str(self.model), "--name", name,
+                "--port", str(grpc), "--gateway-port", str(gateway), "--interface", "127.0.0.1", "--no-mdns",
+                "--peer", f"127.0.0.1:{seed}", "--cluster", self.cluster, "--state-dir", str(self.logs / name),
+                *self.extra, *extra]
+        env = dict(os.environ, P2PLLM_SECRET=SECRET, HOME=str(self.home))
+        self.procs.append(subprocess.Popen(argv, stdout=open(self.logs / f"{name}.log", "w"),
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                                           start_new_session=True))
+        self.ports.append((grpc, gateway))
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def all_logs(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log")))
+
+    def health(self, i: int) -> dict:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.ports[i][1]}/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def wait(self, what, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in self.procs), self.all_logs()
+            got = what()
+            if got:
+                return got
+            time.sleep(0.3)
+        pytest.fail(f"timed out after {timeout}s\n{self.all_logs()}")
+
+    def status(self, i: int) -> dict:
+        return asyncio.run(fetch_status(f"127.0.0.1:{self.ports[i][0]}", Security.from_secret(SECRET)))
+
+    def chat(self, i: int) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.ports[i][1]}/v1/chat/completions", timeout=60,
+                          json={"model": self.model.name, "max_tokens": 4, "temperature": 0,
+                                "messages": [{"role": "user", "content": "What is 2+2?"}]})
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """One HOME for the module's daemons: the capability benchmarks run once, then are cached."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture
+def peers(demo_tiny_gguf, tmp_path, home):
+    made = []
+
+    def make(cluster: str, *extra: str) -> Peers:
+        made.append(Peers(demo_tiny_gguf, tmp_path, home, cluster, "--response-cache", "off", *extra))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def _layers(s: dict) -> dict:
+    return {p["name"]: p["layers"] and tuple(p["layers"]) for p in s["peers"]}
+
+
+def test_a_late_peer_the_plan_does_not_need_learns_the_committed_plan_and_serves(peers):
+    c = peers("late-opt")  # --strategy optimal: the model fits on the first peer, a second adds nothing
+    c.start("late-1", 47611, 48611)
+    c.wait(lambda: c.health(0).get("epoch") == 1 and c.health(0).get("stages") == 1)
+    c.start("late-2", 47612, 48612)
+    c.wait(lambda: c.health(1).get("status") == "ok")
+    assert c.health(1)["epoch"] == 1  # the committed epoch, not a new one: nothing else changed
+
+    reply = c.chat(1)  # forwarded to the coordinator (late-1)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+
+    mine, theirs = c.status(1), c.status(0)
+    assert mine["epoch"] == theirs["epoch"] == 1 and mine["coordinator"] == theirs["coordinator"]
+    assert _layers(mine) == _layers(theirs) == {"late-1": (0, 6), "late-2": None}
+    assert mine["plan"]["stages"] == theirs["plan"]["stages"]
+    assert re.search(r"plan epoch 1 committed: late-1\[0,6\); this peer holds no layers \(not used: ",
+                     c.log("late-2")), c.log("late-2")
+    assert "sent plan epoch 1 to late-2, which holds no layers: not used" in c.log("late-1")
+
+
+def test_a_late_peer_too_small_for_an_even_share_serves_and_says_why(peers):
+    c = peers("late-even", "--strategy", "even")
+    c.start("even-1", 47621, 48621)
+    c.start("even-2", 47622, 48622)
+    c.wait(lambda: all(c.health(i).get("stages") == 2 for i in (0, 1)))
+    epoch = c.health(0)["epoch"]
+    c.start("even-3", 47623, 48623, "--max-memory", "1MiB")  # not enough for one layer
+    c.wait(lambda: c.health(2).get("status") == "ok")
+    assert c.health(2)["stages"] == 2 and c.health(2)["epoch"] == epoch  # the plan it joined, unchanged
+
+    reply = c.chat(2)
+    assert reply.status_code == 200, reply.text
+    s = c.status(2)
+    assert s["epoch"] == epoch and _layers(s)["even-3"] is None and all(
+        _layers(s)[n] for n in ("even-1", "even-2"))
+    assert re.search(r"this peer holds no layers \(no plan that gives it layers is feasible: needs .* more "
+                     r"memory", c.log("even-3")), c.log("even-3")
+    coordinator = next(p["name"] for p in s["peers"] if p["id"] == s["coordinator"])
+    assert f"keeping plan epoch {epoch}: a plan with every peer is not feasible" in c.log(coordinator)
+
+
+@pytest.mark.parametrize("same_port", [False, True])
+def test_join_with_its_gateway_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, home, same_port):
+    grpc, gateway = 47631, 47631 if same_port else 48631
+    _free(grpc)
+    with socket.socket() as taken:
+        if not same_port:
+            taken.bind(("127.0.0.1", gateway))
+            taken.listen()
+        proc = run_cli("join", "--model", demo_tiny_gguf, "--name", "busy", "--port", grpc, "--gateway-port", gateway,
+                       "--interface", "127.0.0.1", "--no-mdns", "--insecure", "--state-dir", tmp_path / "state",
+                       timeout=60, env_extra={"HOME": str(home)})
+    assert proc.returncode == 1, proc.stderr
+    # the daemon's log lines (and --insecure's warning) aside, exactly the error line
+    other = [line for line in proc.stderr.splitlines()
+             if line.strip() and not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ |WARNING: ", line)]
+    assert other == [f"p2pllm: error: cannot bind the gateway to 127.0.0.1:{gateway}: address already in use"], \
+        proc.stderr
