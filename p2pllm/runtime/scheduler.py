@@ -100,6 +100,9 @@ class Scheduler:
         self._mb_ids = itertools.count(1)
         self._to_free: list[int] = []
         self._to_retain: list[int] = []
+        # positions of ended sequences whose free (or keep) has not been sent yet: a stage runs a
+        # micro-batch's starts before its frees, so their room is not free for the one that sends them
+        self._freeing: dict[int, int] = {}
         # finished sequences whose KV the stages keep for prompts that start alike (0 positions: off)
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self._in_flight: set[asyncio.Task] = set()
@@ -145,8 +148,10 @@ class Scheduler:
         return sum(self.kv_need(s.req) for s in self._seqs.values() if s.started)
 
     def _kv_held(self) -> int:
-        """What admission counts: the room of running sequences and the prefix cache's positions."""
-        return self.kv_reserved() + (self.prefix_cache.tokens if self.prefix_cache else 0)
+        """What admission counts: the room of running sequences (and of the choices still to copy
+        their prompt from one of them) and the prefix cache's positions."""
+        waiting = sum(self.kv_need(s.req) * s.pending_forks for s in self._seqs.values() if s.started and not s.done)
+        return self.kv_reserved() + waiting + (self.prefix_cache.tokens if self.prefix_cache else 0)
 
     def stats(self) -> EngineStats:
         running = sum(1 for s in self._seqs.values() if s.started and not s.done)
@@ -333,8 +338,12 @@ class Scheduler:
 
     def _build(self) -> MicroBatch | None:
         ready = [s for s in self._seqs.values() if not s.done and not s.in_flight]
-        running = sum(1 for s in self._seqs.values() if s.started and not s.done)
-        reserved, admitting = self._kv_held(), True
+        # a started choice's siblings still to copy its prompt count as running: they start without
+        # a place of their own (admitting them separately deadlocked: first choices filled the
+        # budget, each waiting for siblings that could not be admitted)
+        running = sum(1 + s.pending_forks for s in self._seqs.values() if s.started and not s.done)
+        freeing = sum(self._freeing.get(s, 0) for s in (*self._to_free, *self._to_retain))
+        reserved, admitting = self._kv_held() + freeing, True
         # a fair share per micro-batch, so that every micro-batch in flight has work
         active = [s for s in ready if s.started] + [s for s in ready if not s.started]
         share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
@@ -343,16 +352,24 @@ class Scheduler:
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
-                need = self.kv_need(seq.req)
-                if admitting and self.kv_budget is not None and reserved + need > self.kv_budget:
-                    reserved -= self._evict(reserved + need - self.kv_budget)  # the cache gives way first
-                # first come, first served: once one does not fit, later ones wait too
-                admitting = admitting and (self.kv_budget is None or running == 0
-                                           or reserved + need <= self.kv_budget)
-                if not admitting or running >= self.max_running or not self._may_start(seq, starts):
-                    continue
-                running += 1
-                reserved += need
+                parent = seq.fork_of
+                if parent is not None and parent.started and not parent.done:
+                    # a choice of a request admitted with its first choice: its room and place are counted
+                    if not self._may_start(seq, starts):
+                        continue
+                else:
+                    group = 1 + seq.pending_forks  # a request's choices are admitted together
+                    need = self.kv_need(seq.req) * group
+                    if admitting and self.kv_budget is not None and reserved + need > self.kv_budget:
+                        reserved -= self._evict(reserved + need - self.kv_budget)  # the cache gives way first
+                    # first come, first served: once one does not fit, later ones wait too
+                    admitting = admitting and (self.kv_budget is None or (running == 0 and not freeing)
+                                               or reserved + need <= self.kv_budget)
+                    if not admitting or (running and running + group > self.max_running) \
+                            or not self._may_start(seq, starts):
+                        continue
+                    running += group
+                    reserved += need
                 seq.started = True
                 self._reuse_prefix(seq)
                 capacity = min(self.context, len(seq.tokens) + seq.req.max_tokens)
@@ -371,6 +388,8 @@ class Scheduler:
             budget -= length
         finished, self._to_free = self._to_free, []
         retained, self._to_retain = self._to_retain, []
+        for s in (*finished, *retained):  # the next micro-batch's starts come after these frees
+            self._freeing.pop(s, None)
         if not chunks and not finished and not starts and not retained:
             return None
         return MicroBatch(self.ring.epoch, next(self._mb_ids), chunks, tokens, starts, finished, retained)
@@ -525,6 +544,7 @@ class Scheduler:
         self._seqs.pop(seq.seq_id, None)
         if not seq.started:
             return
+        self._freeing[seq.seq_id] = self.kv_need(seq.req)
         cache = self.prefix_cache
         # a failed sequence's KV may be half-written; an embedding input is seldom the start of a prompt
         if cache is None or seq.reason == "error" or seq.embedding is not None or self.paused:

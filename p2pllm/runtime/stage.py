@@ -62,7 +62,8 @@ class Stage:
         """(bytes of the KV rows held, bytes the caches have allocated), kept sequences included.
 
         They differ because both caches grow ahead of use: a torch sequence's buffer is sized for
-        prompt + max_tokens, and the ggml cell pool grows in steps and never shrinks. Called from
+        prompt + max_tokens, and the ggml cell pool holds the cells written since it last handed memory
+        back (model/backends/ggml_kv.py). Called from
         the event loop (/metrics) while the compute thread may add or free sequences: a sequence
         freed meanwhile is skipped, and a dict changing under iteration is read again."""
         spec = self.backend.spec

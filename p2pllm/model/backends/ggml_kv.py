@@ -8,11 +8,22 @@ see exactly the cells of its own sequence at positions up to its own (`mask`); g
 attention skips masked cells, so mixing sequences costs almost nothing. Because the graph sees
 only "the first n_kv cells" and a mask, one compiled graph serves every step of the same size.
 
-The pool grows (rarely: when sequences reserve more than it holds) by reallocating; `generation`
-changes then, which tells the stage to rebuild its graphs.
+Memory. The head admits sequences against a KV budget counted in reserved positions (prompt +
+max_tokens of every running sequence, scheduler.kv_budget), so the pool is sized by exactly
+those reservations (rounded up to WINDOW), never more: it grows (rarely: when sequences reserve
+more than it holds) to what they reserve, by reallocating; `generation` changes then, which tells
+the stage to rebuild its graphs. Its memory is an anonymous mapping, which the OS commits page by
+page as cells are first written: a reservation that is never used costs address space, not RAM.
+Growing copies only the cells below the highest one in use, layer by layer, handing each copied
+part of the old mapping back at once, so it never holds both pools; and when sequences end, the
+cells above the highest one still in use are handed back (all of them once the pool is idle).
+A step never copies the pool: it only writes its tokens' cells.
 """
 
 from __future__ import annotations
+
+import ctypes
+import mmap
 
 import numpy as np
 import torch
@@ -37,42 +48,85 @@ class CellPool:
         self._seq_cells: dict[int, list[int]] = {}  # sequence -> cell of each position
         self._reserved: dict[int, int] = {}  # sequence -> positions it asked room for
         self.n_cells = 0
-        self._ctx = self._buf = self.pool = None
+        self._touched = 0  # cells [0, _touched) may have been written since the memory was last handed back
+        self._ctx = self._buf = self._mem = self.pool = None
         self._grow(max(WINDOW, _round_up(initial_cells, WINDOW)))
 
     # ---- memory
     def _grow(self, n_cells: int) -> None:
+        """Move to a pool of n_cells (every cell in use must lie below it)."""
+        size = n_cells * self.row_bytes * 2 * self.n_layers
+        mem = mmap.mmap(-1, size)  # anonymous: zero-filled, committed page by page as it is written
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mem))  # (the temporary export ends here)
         ctx = gl.Context(1)
         pool = ctx.tensor(self.type_name, (self.kv_dim, n_cells, 2, self.n_layers))
-        buf = gl.Buffer.for_context(ctx, self.backend)
+        buf = gl.Buffer.wrapping(address, size, mem)
+        buf.place(pool, address)
         rows = gl.view(pool, np.uint8, (self.n_layers, 2, n_cells, self.row_bytes))
         cell_seq = np.full(n_cells, -1, dtype=np.int64)
         cell_pos = np.zeros(n_cells, dtype=np.int64)
         if self.pool is not None:
-            old = self.n_cells
-            rows[:, :, :old] = self.rows
-            cell_seq[:old], cell_pos[:old] = self.cell_seq, self.cell_pos
+            keep = self._top()
+            if keep > n_cells:
+                raise KVCacheError(f"cannot shrink the KV pool to {n_cells} cells: cell {keep - 1} is in use")
+            seg = self.n_cells * self.row_bytes
+            for layer in range(self.n_layers):  # one (layer, K|V) row block at a time, then its old copy goes
+                for kind in range(2):
+                    rows[layer, kind, :keep] = self.rows[layer, kind, :keep]
+                    _release(self._mem, 0, (layer * 2 + kind + 1) * seg)
+            cell_seq[:keep], cell_pos[:keep] = self.cell_seq[:keep], self.cell_pos[:keep]
             self.close()
-        self._ctx, self._buf, self.pool, self.rows = ctx, buf, pool, rows
+            self._touched = keep
+        self._ctx, self._buf, self._mem, self.pool, self.rows = ctx, buf, mem, pool, rows
         self.cell_seq, self.cell_pos = cell_seq, cell_pos
         self.n_cells = n_cells
         self.generation += 1
 
-    def _ensure(self, extra: int = 0) -> None:
-        """Room for every reservation (and `extra` more cells right now)."""
+    def _need(self, extra: int = 0) -> int:
+        """Cells every reservation may fill (and `extra` more cells right now)."""
         need = sum(max(r, len(self._seq_cells.get(s, ()))) for s, r in self._reserved.items())
-        need = max(need, int((self.cell_seq >= 0).sum()) + extra)
+        return max(need, int((self.cell_seq >= 0).sum()) + extra)
+
+    def _ensure(self, extra: int = 0) -> None:
+        """Room for every reservation (and `extra` more cells right now): exactly that, no more,
+        since admission counts reservations against the memory the stages have."""
+        need = self._need(extra)
         if need > self.n_cells:
-            self._grow(_round_up(max(need, self.n_cells * 3 // 2), WINDOW))
+            self._grow(_round_up(need, WINDOW))
+
+    def _top(self) -> int:
+        """One past the highest cell in use (0: none)."""
+        used = np.flatnonzero(self.cell_seq >= 0)
+        return int(used[-1]) + 1 if used.size else 0
+
+    def _trim(self) -> None:
+        """Hand back the memory of the cells above the highest one in use, once that is at least
+        half of what was written (every bit of it when the pool is idle); cheap: no copy."""
+        keep = _round_up(self._top(), WINDOW)
+        if self._touched <= WINDOW or keep > self._touched // 2:
+            return
+        seg = self.n_cells * self.row_bytes
+        for block in range(self.n_layers * 2):
+            _release(self._mem, block * seg + keep * self.row_bytes, block * seg + self._touched * self.row_bytes)
+        self._touched = keep
 
     def nbytes(self) -> int:
+        """Bytes the pool may hold in memory: the cells written since its memory was last handed
+        back (at most capacity_bytes(), which reservations bound)."""
+        return min(self._touched, self.n_cells) * self.row_bytes * 2 * self.n_layers
+
+    def capacity_bytes(self) -> int:
+        """Bytes of the pool's cells (address space: the cells written are what memory holds)."""
         return self.n_cells * self.row_bytes * 2 * self.n_layers
 
     def close(self) -> None:
         if self._buf is not None:
+            self.rows = None  # (views of the mapping must go before it)
             self._buf.free()
             self._ctx.free()
-            self._buf = self._ctx = self.pool = self.rows = None
+            self._mem.close()
+            self._buf = self._ctx = self._mem = self.pool = None
+            self._touched = 0
 
     # ---- sequences
     def allocate(self, seq_id: int, capacity: int) -> None:
@@ -87,6 +141,7 @@ class CellPool:
         self._reserved.pop(seq_id, None)
         if cells:
             self.cell_seq[cells] = -1
+            self._trim()
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seq_cells
@@ -113,6 +168,8 @@ class CellPool:
             self._ensure(total)
             free = np.flatnonzero(self.cell_seq < 0)
         free = free[:total]
+        if total:
+            self._touched = max(self._touched, int(free[-1]) + 1)  # (free is sorted)
         at = 0
         for seq_id, start, n in zip(seq_ids, starts, lengths):
             cells = self._seq_cells[seq_id]
@@ -168,6 +225,15 @@ class CellPool:
             self.place([seq_id], [have], [n - held])
         cells = self._seq_cells[seq_id][start:start + n]
         self.rows[:, :, cells] = entries.data.numpy()
+
+
+def _release(mem: mmap.mmap, start: int, end: int) -> None:
+    """Give the pages wholly inside [start, end) of an anonymous mapping back to the OS; they read
+    as zeros after (where the platform cannot, they stay until the mapping is closed)."""
+    page = mmap.PAGESIZE
+    start, end = _round_up(start, page), end // page * page
+    if end > start and hasattr(mem, "madvise"):
+        mem.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _round_up(n: int, k: int) -> int:
