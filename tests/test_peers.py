@@ -102,6 +102,8 @@ def test_a_peer_is_tested_by_address_and_an_unreachable_one_is_not_added(cluster
     nobody = peers(cluster, "test", "127.0.0.1:9")
     assert nobody.returncode == 1 and "no p2pllm peer answers" in nobody.stdout
     assert_one_line_error(peers(cluster, "add", "127.0.0.1:9"), 1, "not added", "no p2pllm peer answers")
+    # the asked peer under another of its names: it was dialled as a peer of its own
+    assert_one_line_error(peers(cluster, "add", f"localhost:{GRPC[0]}"), 2, f"localhost:{GRPC[0]} is this peer")
 
 
 def test_the_dashboards_json_matches_status_and_streams_every_second(cluster):

@@ -102,6 +102,8 @@ class PeerManager:
             if add:
                 raise ManageError(502, f"not added: {report['message']}")
             return report
+        if described.get("id") == self.d.id:  # this peer under another of its addresses (127.0.0.1, say)
+            raise ManageError(400, f"{address} is this peer")
         report.update({k: described.get(k) for k in ("name", "cluster", "protocol", "model_fingerprint")})
         other = pb.PeerInfo(name=described.get("name", ""), cluster=described.get("cluster", ""),
                             protocol=int(described.get("protocol") or 0),
@@ -113,8 +115,8 @@ class PeerManager:
         if add and not reason:
             self.d.add_static_peer(address)
             deadline = time.monotonic() + JOIN_SECONDS
-            while time.monotonic() < deadline:
-                member = self.d.membership.by_address(address)
+            while time.monotonic() < deadline:  # by id: a peer advertises its own address, not the one typed
+                member = self.d.membership.members.get(described.get("id", "")) or self.d.membership.by_address(address)
                 if member is not None and self.d.membership.is_live(member.info.id):
                     report["added"] = True
                     break
