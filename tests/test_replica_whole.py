@@ -106,6 +106,14 @@ def model(demo_tiny_gguf):
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])
+
+def assert_whole_replicas(ring, stages, seq_id: int, positions: int) -> None:
+    """Each stage's successor holds its KV of the sequence, every position from 0, byte for byte."""
+    for st in stages:
+        replica = held(ring.replicas, st, seq_id, positions)
+        assert replica is not None, f"no replica of sequence {seq_id} for layers [{st.start}, {st.end})"
+        assert torch.equal(replica, exported(st.kv, st.start, seq_id, 0, positions).data)
+
 def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it_over(model, kv):
     spec = read_spec(model)
     first, last = stage(model, 0, CUT, kv), stage(model, CUT, spec.n_layers, kv)
@@ -130,10 +138,7 @@ def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it
         token, pos = asyncio.run(main())
     finally:
         ring.first.compute.shutdown()
-    for st in (first, last):
-        replica = held(ring.replicas, st, FORKED, pos)
-        assert replica is not None, f"no replica of the forked sequence for layers [{st.start}, {st.end})"
-        assert torch.equal(replica, exported(st.kv, st.start, FORKED, 0, pos).data)
+    assert_whole_replicas(ring, (first, last), FORKED, pos)
 
     # the last stage's peer dies: its successor takes the layers over from the replica it holds
     fresh = stage(model, CUT, spec.n_layers, kv)
@@ -182,9 +187,7 @@ def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
         token, end = asyncio.run(after())
     finally:
         ring.first.compute.shutdown()
-    for st in (first, moved):
-        replica = held(ring.replicas, st, KEPT, end)
-        assert replica is not None and torch.equal(replica, exported(st.kv, st.start, KEPT, 0, end).data)
+    assert_whole_replicas(ring, (first, moved), KEPT, end)
     # the first step's delta covers the rebuilt KV; the next one carries its own position
     for layer in (0, CUT):
         assert [(a, n) for f, _, a, n in ring.deltas if f == layer] == [(0, pos + 1), (pos + 1, 1)]
