@@ -105,8 +105,6 @@ def model(demo_tiny_gguf):
     return demo_tiny_gguf
 
 
-@pytest.mark.parametrize("kv", ["f16", "q8_0"])
-
 def assert_whole_replicas(ring, stages, seq_id: int, positions: int) -> None:
     """Each stage's successor holds its KV of the sequence, every position from 0, byte for byte."""
     for st in stages:
@@ -114,6 +112,8 @@ def assert_whole_replicas(ring, stages, seq_id: int, positions: int) -> None:
         assert replica is not None, f"no replica of sequence {seq_id} for layers [{st.start}, {st.end})"
         assert torch.equal(replica, exported(st.kv, st.start, seq_id, 0, positions).data)
 
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
 def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it_over(model, kv):
     spec = read_spec(model)
     first, last = stage(model, 0, CUT, kv), stage(model, CUT, spec.n_layers, kv)
