@@ -164,7 +164,10 @@ def test_sigterm_drains_a_peer_without_failing_requests(hosts, small_model):
     log = hosts.logs(tail=None)
     assert "is leaving" in log and "carrying 4 sequences over" in log
     daemon.wait(timeout=30)
-    assert "no longer needs this peer's layers" in open(daemon.log_path).read()
+    left = open(daemon.log_path).read()
+    assert "no longer needs this peer's layers" in left
+    after_signal = left[left.index("leaving: waiting"):]  # on its way out it said "ready ... no layers"
+    assert "left the plan: epoch" in after_signal and "ready: epoch" not in after_signal
 
 
 def test_a_joining_peer_replans_only_when_it_helps(hosts, small_model):

@@ -222,6 +222,8 @@ class Daemon:
         log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._stop.is_set():  # a second Ctrl-C: stopping already, nothing more to say
+                return
             if self.committed is None or not coord.my_assignment(self.committed, self.id):
                 log.info("the cluster no longer needs this peer's layers")
                 break

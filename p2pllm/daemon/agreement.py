@@ -301,8 +301,11 @@ class Agreement:
             where = f"no layers ({why})" if why else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
                  where)
-        log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,
-                 self.gateway_url)
+        if self.state == "leaving":  # the plan without this peer, which is on its way out: not "ready"
+            log.info("left the plan: epoch %d goes on without this peer's layers", self.epoch)
+        else:
+            log.info("ready: epoch %d, coordinator %s, %s; gateway %s", self.epoch, proposal.coordinator[:8], where,
+                     self.gateway_url)
         return pb.PlanReply(ok=True)
 
 
