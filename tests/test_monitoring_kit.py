@@ -198,7 +198,11 @@ def test_stage_kv_memory_counts_rows_held_apart_from_what_the_cache_allocated(ba
     rows = torch.zeros((spec.n_layers, 2, 10, per_position // (2 * spec.n_layers)), dtype=torch.uint8)
     stage.kv.import_entries(KVEntries(1, 0, rows, stage.kv.format))
     held, allocated = stage.kv_memory()
-    assert held == 10 * per_position and allocated >= 64 * per_position  # room reserved for 64 positions
+    assert held == 10 * per_position
+    if backend == "torch":
+        assert allocated >= 64 * per_position  # a buffer sized for the 64 positions reserved
+    else:  # the ggml pool's memory is committed as cells are written: 10, of 256 reserved cells
+        assert held <= allocated < 64 * per_position and stage.kv.capacity_bytes() >= 64 * per_position
     stage.keep(1)  # the prefix cache's copy of exactly its rows
     assert stage.kv_memory()[0] == 10 * per_position
     stage.free(1)

@@ -61,11 +61,11 @@ class Stage:
     def kv_memory(self) -> tuple[int, int]:
         """(bytes of the KV rows held, bytes the caches have allocated), kept sequences included.
 
-        They differ because both caches grow ahead of use: a torch sequence's buffer is sized for
-        prompt + max_tokens, and the ggml cell pool holds the cells written since it last handed memory
-        back (model/backends/ggml_kv.py). Called from
-        the event loop (/metrics) while the compute thread may add or free sequences: a sequence
-        freed meanwhile is skipped, and a dict changing under iteration is read again."""
+        They differ: a torch sequence's buffer is sized for prompt + max_tokens ahead of use, and
+        the ggml cell pool holds the cells written since it last handed memory back, freed ones
+        included (model/backends/ggml_kv.py). Called from the event loop (/metrics) while the
+        compute thread may add or free sequences: a sequence freed meanwhile is skipped, and a dict
+        changing under iteration is read again."""
         spec = self.backend.spec
         per_position = 2 * self.kv.n_layers * self.kv.format.row_bytes(spec.n_kv_heads * spec.head_dim)
         for _ in range(3):
