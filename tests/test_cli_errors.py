@@ -89,6 +89,8 @@ def test_make_demo_model_does_not_replace_a_file_unless_forced(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["make-demo-model", "x.gguf", "--seed", "99999999999999999999999"], "argument --seed: must be between 0 and 2^63-1"),
     (["demo", "--stop", "--keep"], "argument --keep: not allowed with argument --stop"),
+    (["join", "--peer-timeout", "0", "--model", "m.gguf"],  # it said "must be between 0 and 3600", got 0
+     "argument --peer-timeout: must be more than 0 and at most 3600 seconds, got 0"),
     (["batch", "--chunk-tokens", "1", "--input", ".", "--output", "o.json"],  # it blamed the template
      "argument --chunk-tokens: must be at least 64, the smallest piece a document is read in, got 1"),
     (["plan", "--model", "llama-3-8b", "--device", "name=a,mem=1e400GiB,tflops=1,bw=1GBps"], "bad size '1e400GiB': too large"),
