@@ -97,7 +97,7 @@ def test_a_full_queue_answers_429_with_retry_after(served):
     assert refused and len(refused) <= 6 - 3, [r.status_code for r in replies]  # at least 1 running + 2 queued
     assert all(r.status_code == 200 for r in replies if r not in refused)
     for r in refused:
-        _error(r, 429, code="rate_limit_exceeded")
+        assert _error(r, 429, code="rate_limit_exceeded")["type"] == "requests"  # OpenAI's rate-limit type
         assert r.headers["retry-after"] == "1"
     _wait_idle(served)
 

@@ -436,6 +436,24 @@ def test_oversized_bodies_are_413(demo):
         assert http.get("/v1/models", headers=_key(demo)).status_code == 200  # still serving
 
 
+def test_a_body_that_trickles_in_is_a_408_and_frees_its_connection(demo, monkeypatch):
+    import p2pllm.gateway.app as gateway_app
+    monkeypatch.setattr(gateway_app, "BODY_TIMEOUT_SECONDS", 1.0)
+    started = time.monotonic()
+
+    def trickle():  # a byte every 0.3 s, forever: a client (or an attacker) that never finishes
+        yield b'{"prompt": "'
+        while time.monotonic() - started < 30:
+            time.sleep(0.3)
+            yield b"x"
+
+    with httpx.Client(base_url=demo.url, timeout=60) as http:
+        err = _error(http.post("/v1/completions", content=trickle(), headers=_key(demo)), 408, "request_timeout")
+        assert "did not arrive within 1 s" in err["message"], err
+        assert time.monotonic() - started < 10
+        assert http.get("/v1/models", headers=_key(demo)).status_code == 200  # still serving
+
+
 def test_unknown_routes_and_methods_answer_in_openai_shape(stories):
     with httpx.Client(base_url=stories.url, timeout=30) as http:
         err = _error(http.get("/v1/images/generations"), 404)

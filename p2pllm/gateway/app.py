@@ -12,6 +12,7 @@ carry the request id that the log line also names.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -156,15 +157,26 @@ class Gateway:
         return await self.router.complete(request, body, req, arrived)
 
 
+BODY_TIMEOUT_SECONDS = 60.0  # a whole body (4 MiB at most) within a minute, as nginx's client_body_timeout
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it passes `limit` bytes (the middleware has already
-    refused a larger Content-Length; this catches chunked bodies and lies)."""
+    refused a larger Content-Length; this catches chunked bodies and lies), and with a 408 when it
+    has not all arrived in BODY_TIMEOUT_SECONDS: a client trickling bytes does not hold a
+    connection and its buffer forever."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"The request body is too large (more than {limit} bytes).", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"The request body is too large (more than {limit} bytes).",
+                                   code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {BODY_TIMEOUT_SECONDS:g} s "
+                            f"({size} bytes came).", code="request_timeout") from None
     return b"".join(chunks)
 
 

@@ -45,6 +45,8 @@ class _ErrorResponse(JSON):
     def __init__(self, error: ApiError, headers: dict[str, str] | None):
         if error.status in (429, 503) and not any(k.lower() == "retry-after" for k in headers or {}):
             headers = {**(headers or {}), "Retry-After": RETRY_AFTER_SECONDS}
+        if error.status in (408, 413):  # the body was not read to its end: the connection cannot carry another
+            headers = {**(headers or {}), "Connection": "close"}
         super().__init__(error.body(), status_code=error.status, headers=headers)
         self.error = error
 

@@ -17,6 +17,9 @@ MAX_STOP_STRINGS = 4
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
+_ERROR_TYPES = {429: "requests"}  # OpenAI's type for a rate limit on requests (code rate_limit_exceeded)
+
+
 class ApiError(Exception):
     """A request we answer with an OpenAI error object."""
 
@@ -27,7 +30,7 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.type = type or _ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
