@@ -197,6 +197,22 @@ def test_a_drained_peer_gets_no_layers_until_admitted_and_can_be_left_out_of_a_w
     assert {s.peer for s in coord.candidate_plan(spec, m, opts, exclude={"b"}).stages} == {"c"}
 
 
+def test_when_every_live_peer_is_drained_every_peer_says_so_not_that_it_is_electing(table):
+    m, clock = table
+    m.upsert(info("c"))
+    m.upsert(info("d"))
+    assert coord.nobody_to_plan(m) == ""
+    m.members["b"].state = "drained"
+    m.members["c"].state = "drained"
+    assert coord.nobody_to_plan(m) == ""  # d can still hold layers
+    clock.t += 4.0
+    m.heard_from("b")
+    m.heard_from("c")
+    m.expire()  # d, the serving one, is lost
+    why = coord.nobody_to_plan(m)
+    assert why.startswith("every live peer is drained") and "`p2pllm peers admit n-b`" in why, why
+
+
 def test_a_late_peer_outside_the_unchanged_plan_is_sent_it_with_why_it_holds_no_layers(table):
     # repro: a peer joined after epoch 1 and the plan with it was the same: no proposal reached it,
     # its gateway answered 503 for good and its status showed epoch 0

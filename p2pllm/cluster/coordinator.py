@@ -158,6 +158,17 @@ def proposal_targets(proposal: pb.PlanProposal, membership: Membership) -> tuple
     return targets, unknown
 
 
+def nobody_to_plan(membership: Membership) -> str:
+    """Why no plan can be made whoever coordinates ('' = some live peer could hold layers): every
+    live compatible peer is drained, leaving or fetching. Every peer sees it alike."""
+    out = membership.live_compatible()
+    if any(m.state not in OUT_OF_PLAN for m in out):
+        return ""
+    drained = sorted(m.info.name for m in out if m.state == "drained")
+    hint = f" (`p2pllm peers admit {drained[0]}` brings one back)" if drained else ""
+    return "every live peer is drained, leaving or fetching: none can hold layers" + hint
+
+
 def broken_reason(current: pb.PlanProposal, membership: Membership) -> str:
     """Why the running plan cannot go on ('' = it can): a stage's peer is lost, leaving or drained."""
     for s in current.stages:

@@ -323,7 +323,9 @@ class Daemon:
         if self.scheduler is not None:
             return self.scheduler.unavailable or ""  # the head queues requests through a plan change
         if not self.membership.is_live(self.committed.coordinator):
-            return "the coordinator was lost; the peers are electing a new one"
+            nobody = coord.nobody_to_plan(self.membership)
+            return f"the coordinator was lost and {nobody}" if nobody else \
+                "the coordinator was lost; the peers are electing a new one"
         return ""
 
     def _engine_stats(self) -> EngineStats:
