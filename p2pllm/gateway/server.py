@@ -16,6 +16,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from ..errors import P2PError
+from ..sockets import bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,13 @@ class GatewayServer:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    sock = bind_tcp(host, port, "the gateway")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise P2PError(f"cannot bind the gateway to {host}:{port}: unknown address ({e.strerror})") from None
-    family, kind, proto, _, addr = infos[0]
-    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only then (without
-    # it every keep-alive response waits ~40 ms for a delayed ACK)
-    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
         sock.listen(1024)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        reason = "address already in use" if e.errno == 98 else (e.strerror or str(e)).lower()
-        raise P2PError(f"cannot bind the gateway to {host}:{port}: {reason}") from None
+        raise P2PError(f"cannot bind the gateway to {host}:{port}: {(e.strerror or str(e)).lower()}") from None
     return sock
 
 

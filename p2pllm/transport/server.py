@@ -9,6 +9,7 @@ from typing import AsyncIterator, Protocol
 import grpc
 
 from ..errors import P2PError
+from ..sockets import bind_tcp
 from ..proto import p2pllm_pb2 as pb
 from ..proto import p2pllm_pb2_grpc as pb_grpc
 from .client import MAX_MESSAGE_BYTES
@@ -143,6 +144,7 @@ logging.getLogger("grpc._cython.cygrpc").addFilter(_UndecodableMessages())
 
 async def start_server(handler: ControlHandler, host: str, port: int, security: Security) -> grpc.aio.Server:
     """The peer's gRPC server; with a secret, only holders of it complete the TLS handshake."""
+    bind_tcp(host, port, "the gRPC server").close()  # taken or foreign: our one line, before gRPC logs its own
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_PeerServicer_to_server(PeerService(handler), server)
     try:
