@@ -239,6 +239,43 @@ def test_inputs_share_micro_batches_with_generation_and_free_their_kv(loop, demo
         served.close()
 
 
+def test_a_chat_after_a_large_embeddings_request_is_not_held_back_for_its_whole_prefill(loop, demo_tiny_gguf):
+    """Prompts take turns by request: a chat's prompt goes into the first micro-batch built after it
+    arrives, though an earlier embeddings request still has many chunks of prefill to go."""
+    pipe = LocalPipeline(str(demo_tiny_gguf), kv_dtype="f32")
+    served = Served(loop, pipe)
+    engine, batches = served.engine, []
+    try:
+        run = pipe.ring.run
+
+        async def recording(mb):  # per micro-batch: the generations it starts
+            batches.append({st.seq_id for st in mb.starts if not st.embed})
+            return await run(mb)
+
+        pipe.ring.run = recording
+        inputs = [[(7 * i + j) % 200 + 3 for j in range(300)] for i in range(16)]  # 4,800 tokens: 10 batches
+
+        async def chat_while_embedding():
+            embedding = asyncio.ensure_future(engine.embed(inputs))
+            while not batches:
+                await asyncio.sleep(0.001)
+            built = len(batches)
+            events = await engine.generate(GenerationRequest("g", pipe.tokenizer.encode("Once upon a time"), 1,
+                                                             SamplingParams(), (), True))
+            got = [e.token_id async for e in events if e.token_id is not None]
+            first = next(i for i, started in enumerate(batches) if started)
+            await embedding
+            return built, first, got
+
+        built, first, got = loop.run(chat_while_embedding())
+        assert len(got) == 1
+        # at most the micro-batch in flight when it arrived comes first, then its own
+        assert first <= built + 1, (built, first, len(batches))
+        assert len(batches) >= first + 5, "the embeddings should still have had most of their prefill to go"
+    finally:
+        served.close()
+
+
 def test_an_embedding_caught_by_a_plan_change_is_computed_again_from_its_start(loop, demo_tiny_gguf):
     """Its pooled sum lived on the old last stage: after resume() the sequence is announced again
     (the new last stage pools from position 0) and recomputed, never carried over halfway."""
@@ -326,6 +363,7 @@ def test_a_client_that_leaves_cancels_its_inputs_on_every_stage(loop, demo_tiny_
     ({"input": ["a", 1]}, "input", "invalid_type"),
     ({"input": [{"text": "a"}]}, "input", "invalid_type"),
     ({"input": ["a"] * 2049}, "input", "invalid_value"),
+    ({"input": [[1] * 2000] * 151}, "input", "invalid_value"),  # 302,000 tokens: OpenAI's cap is 300,000
     ({}, "input", "missing_required_parameter"),
 ], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
 def test_bad_inputs_are_a_400_naming_the_param(hf_served, body, param, code):

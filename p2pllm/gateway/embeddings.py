@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..runtime.api import MAX_EMBED_INPUTS, Engine, EngineError
+from ..runtime.api import MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, Engine, EngineError
 from .responses import JSON
 from .schema import ApiError, bad, parse_json_object, short
 
@@ -126,6 +126,9 @@ async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict)
         if len(seq) > engine.context:
             raise ApiError(400, f"This model's maximum context length is {engine.context} tokens; input[{i}] has "
                                 f"{len(seq)} tokens.", param="input", code="context_length_exceeded")
+    if sum(map(len, ids)) > MAX_EMBED_TOKENS:
+        raise bad(f"The inputs have {sum(map(len, ids))} tokens in all; at most {MAX_EMBED_TOKENS} may be embedded "
+                  "in one request.", "input", "invalid_value")
     try:
         vectors = await _unless_client_leaves(request, engine.embed(ids, request_id))
     except EngineError as e:

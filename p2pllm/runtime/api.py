@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..model.tokenizer import Tokenizer
 
 MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's limit)
+MAX_EMBED_TOKENS = 300_000  # tokens summed over one embeddings request's inputs (OpenAI's limit)
 MAX_CHOICES = 128  # n: choices of one completion (OpenAI's limit)
 
 

@@ -21,7 +21,8 @@ import torch
 from ..model.grammar import GRAMMAR_DEAD_END, NO_TOKEN
 from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
-from .api import MAX_CHOICES, MAX_EMBED_INPUTS, EngineError, EngineStats, GenerationRequest, TokenEvent
+from .api import (MAX_CHOICES, MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, EngineError, EngineStats, GenerationRequest,
+                  TokenEvent)
 from .frames import Chunk, MicroBatch, Pooled, SeqStart
 from .prefix_cache import PrefixCache
 from .timeline import mark
@@ -74,6 +75,11 @@ class _Seq:
     fork_src: tuple[int, int] | None = None  # (sequence, positions) its start copies, kept for a resend
     cached: int = 0  # prompt positions copied from the prefix cache instead of computed
     reason: str | None = None  # how it finished
+    request: int = -1  # the first sequence of its request (its choices, its embedding inputs share it)
+
+    def __post_init__(self) -> None:
+        if self.request < 0:
+            self.request = self.seq_id
 
 
 class Scheduler:
@@ -206,6 +212,7 @@ class Scheduler:
                 replace(req.sampling, seed=(req.sampling.seed + i) % 2**63)  # seeded, yet each its own
             child = _Seq(replace(req, sampling=sampling), next(self._ids), list(req.prompt_ids),
                          self.tokenizer.stream_decoder(continuation=True), events=first.events, index=i,
+                         request=first.seq_id,
                          fork_of=first if n_prompt > 1 else None)
             group.append(child)
         first.pending_forks = sum(1 for s in group if s.fork_of is not None)
@@ -234,6 +241,9 @@ class Scheduler:
             raise EngineError("there are no inputs to embed")
         if len(inputs) > MAX_EMBED_INPUTS:
             raise EngineError(f"{len(inputs)} inputs; at most {MAX_EMBED_INPUTS} may be embedded at once")
+        if sum(map(len, inputs)) > MAX_EMBED_TOKENS:
+            raise EngineError(f"the inputs have {sum(map(len, inputs))} tokens; at most {MAX_EMBED_TOKENS} may be "
+                              "embedded at once")
         for i, ids in enumerate(inputs):
             if not ids:
                 raise EngineError(f"input {i} is empty")
@@ -246,8 +256,9 @@ class Scheduler:
             raise EngineError(self.unavailable or "this peer is draining and takes no new requests", status=503,
                               code="service_unavailable")
         loop = asyncio.get_running_loop()
-        seqs = [_Seq(GenerationRequest(request_id, list(ids), 0), next(self._ids), list(ids), None,
-                     embedding=loop.create_future()) for ids in inputs]
+        first = next(self._ids)
+        seqs = [_Seq(GenerationRequest(request_id, list(ids), 0), first if i == 0 else next(self._ids), list(ids),
+                     None, embedding=loop.create_future(), request=first) for i, ids in enumerate(inputs)]
         for seq in seqs:
             self._seqs[seq.seq_id] = seq
         self._wake.set()
@@ -345,10 +356,10 @@ class Scheduler:
         freeing = sum(self._freeing.get(s, 0) for s in (*self._to_free, *self._to_retain))
         reserved, admitting = self._kv_held() + freeing, True
         # a fair share per micro-batch, so that every micro-batch in flight has work
-        active = [s for s in ready if s.started] + [s for s in ready if not s.started]
+        active = ready
         share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
         chunks, tokens, starts, budget = [], [], [], self.token_budget
-        for seq in sorted(active, key=lambda s: (s.pos == 0, s.admitted_at)):  # decodes first
+        for seq in _turns(active):
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
@@ -577,6 +588,21 @@ class Scheduler:
         if source is not None:
             seq.pos, seq.fork_src = n, (source, n)
             seq.cached = seq.cached or n  # (a replay after a plan change reports its first start's)
+
+
+def _turns(ready: list[_Seq]) -> list[_Seq]:
+    """The order in which sequences get room in a micro-batch: decodes first, oldest first; then
+    prompts and embedding inputs taking turns by request (every request's first waiting sequence
+    before any request's second), in order of arrival. So one request of many sequences (an
+    embeddings batch of long inputs, n choices) does not hold back the prompt of a chat that came
+    after it for the whole of its prefill, as first come first served would."""
+    decoding = sorted((s for s in ready if s.pos >= len(s.req.prompt_ids)), key=lambda s: s.admitted_at)
+    turn: dict[int, int] = {}
+    prompts = []
+    for s in sorted((s for s in ready if s.pos < len(s.req.prompt_ids)), key=lambda s: (s.admitted_at, s.seq_id)):
+        turn[s.request] = turn.get(s.request, -1) + 1
+        prompts.append((turn[s.request], s.admitted_at, s.seq_id, s))
+    return decoding + [s for *_, s in sorted(prompts, key=lambda t: t[:3])]
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
