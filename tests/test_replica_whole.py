@@ -154,9 +154,9 @@ def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it
 
 
 def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
-    """After a plan change the new holder's store starts empty (it clears it when it commits,
-    which may come after the predecessor's snapshot arrived): the first step of the new epoch
-    still leaves it a complete replica."""
+    """After a plan change the first step of the new epoch leaves the holder a complete replica,
+    even when the holder commits the epoch after that step's delta arrived (its commit drops only
+    the old epochs' replicas)."""
     spec = read_spec(model)
     first, last = stage(model, 0, CUT, "f16"), stage(model, CUT, spec.n_layers, "f16")
     ring = Ring(model, spec.context)
@@ -175,12 +175,14 @@ def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
     moved = stage(model, CUT, spec.n_layers, "f16")
     assert asyncio.run(restore_kv(moved, None, ring.replicas, [pb.ResumeSeq(seq_id=KEPT, positions=pos)], [],
                                   None, spec, spec.context, "me:1")) == {KEPT: pos}
-    ring.replicas.clear()
     ring.deltas.clear()
     ring.bind(2, first, moved)
 
     async def after() -> tuple[int, int]:  # the head starts its sequences again (the last stage's samplers)
         nxt = await ring.run([Chunk(KEPT, pos, 1, True)], [token], [SeqStart(KEPT, 64, SamplingParams())])
+        old = ring.replicas.nbytes()
+        ring.replicas.keep_from(2)  # the holder commits epoch 2 only now
+        assert 0 < ring.replicas.nbytes() < old  # epoch 1's replicas gone, the first step's kept
         return await ring.decode(KEPT, nxt, pos + 1, 1)
 
     try:

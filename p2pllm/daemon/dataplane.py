@@ -18,7 +18,7 @@ from ..runtime.cluster_engine import serve_embed, serve_generate
 from ..runtime.cluster_ring import ClusterRing
 from ..runtime.compute_lane import ComputeLane
 from ..runtime.recovery import plan_sources, restore_kv, serve_fetch
-from ..runtime.replica import ReplicaStore, exported, from_cache
+from ..runtime.replica import ReplicaStore, from_cache
 from ..runtime.ring_stage import Binding, RingStage
 from ..runtime.scheduler import Scheduler
 from ..transport import frames
@@ -143,7 +143,9 @@ class DataPlane:
     def commit(self, proposal: pb.PlanProposal, stage) -> None:
         """Serve `proposal` (just committed) with `stage`."""
         self.stage = stage
-        self.replicas.clear()  # the new predecessor sends a full snapshot
+        # the old epoch's replicas are done with; the new predecessor's first delta of each sequence
+        # carries it from position 0 (RingStage._deltas), and may have arrived already
+        self.replicas.keep_from(proposal.epoch)
         self._bind_ring(proposal, stage)
 
     def _bind_ring(self, proposal: pb.PlanProposal, stage) -> None:
@@ -156,8 +158,6 @@ class DataPlane:
             replica = plan_sources(proposal, bool(proposal.kv_replicas))[mine[0]].replica_address or None
         binding = Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context, replica)
         self.ring_stage.bind(binding)
-        if replica and stage is not None and stage.kv.sequences():
-            asyncio.get_running_loop().create_task(self._send_snapshot(binding))
         if proposal.coordinator == self.id:
             if self.ring is None:
                 self.ring = ClusterRing(self.links, self.spec.vocab, self.spec.hidden)
@@ -171,16 +171,6 @@ class DataPlane:
         elif self.scheduler is not None:  # no longer the head: its requests fail cleanly
             scheduler, self.scheduler, self.ring = self.scheduler, None, None
             asyncio.get_running_loop().create_task(scheduler.stop())
-
-    async def _send_snapshot(self, b: Binding) -> None:
-        """All of our carried-over KV to the new replica holder (deltas follow step by step)."""
-        def export():
-            kv = b.stage.kv
-            return [exported(kv, b.stage.start, s, 0, kv.length(s)) for s in kv.sequences() if kv.length(s) > 0]
-
-        deltas = await self.compute.run(export)
-        if deltas:
-            await self.ring_stage.send_replica(b, deltas)
 
     def peers_lost(self, lost: list[str], committed: pb.PlanProposal | None) -> None:
         """A lost stage parks the ring's sequences at once (the head only)."""

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaStore:
-    """The KV replicas this peer holds for its ring predecessor, by (first layer, layer count).
+    """The KV replicas this peer holds for its ring predecessor, by (epoch, first layer, layer count).
 
     Deltas are kept as they arrived (raw bytes, headers checked) and decoded — dtype, shape and
     size checked — only when a plan change needs them: replication stays off the hot path.
@@ -36,8 +36,8 @@ class ReplicaStore:
     def __init__(self, spec: ModelSpec, context: int):
         self.spec = spec
         self.context = context
-        # (first layer, n layers) -> sequence -> [(start, usable length, delta)], contiguous from 0
-        self._held: dict[tuple[int, int], dict[int, list[tuple[int, int, pb.KVDelta]]]] = {}
+        # (epoch, first layer, n layers) -> sequence -> [(start, usable length, delta)], contiguous from 0
+        self._held: dict[tuple[int, int, int], dict[int, list[tuple[int, int, pb.KVDelta]]]] = {}
         self._bytes = 0
 
     def add(self, delta: pb.KVDelta) -> None:
@@ -47,7 +47,7 @@ class ReplicaStore:
         n, length = int(shape[0]), int(shape[2])
         if delta.first_layer + n > self.spec.n_layers or delta.start + length > self.context:
             raise frames.FrameError("KV delta outside the model's layers or context")
-        seqs = self._held.setdefault((delta.first_layer, n), {})
+        seqs = self._held.setdefault((delta.epoch, delta.first_layer, n), {})
         chunks = seqs.get(delta.seq_id)
         if chunks is None:
             if delta.start != 0:  # the beginning is missing: useless as a replica
@@ -70,7 +70,7 @@ class ReplicaStore:
     def pieces(self, seq_id: int, a: int, b: int, positions: int, at_most: bool = False) -> list[LayerKV]:
         """What is held of layers [a, b), positions [0, positions), of a sequence."""
         out = []
-        for (first, n), seqs in self._held.items():
+        for (_, first, n), seqs in self._held.items():
             lo, hi = max(a, first), min(b, first + n)
             chunks = seqs.get(seq_id)
             if lo >= hi or not chunks:
@@ -97,6 +97,16 @@ class ReplicaStore:
     def clear(self) -> None:
         self._held.clear()
         self._bytes = 0
+
+    def keep_from(self, epoch: int) -> None:
+        """Drop the replicas of epochs before `epoch` (this peer committed it: the old ones' owners
+        have moved on). Deltas of `epoch` that arrived before this peer committed it are kept: its
+        predecessor may commit and step first, and its first delta of a sequence, from position 0,
+        is the only one the replica can begin with."""
+        for key in [k for k in self._held if k[0] < epoch]:
+            for seq_id in list(self._held[key]):
+                self._drop(self._held[key], seq_id)
+            del self._held[key]
 
     def nbytes(self) -> int:
         return self._bytes
