@@ -14,7 +14,7 @@ from p2pllm.model.spec import resolve_spec
 from p2pllm.runtime.api import GenerationRequest
 from p2pllm.runtime.frames import MicroBatch, SeqStart
 from p2pllm.transport import frames as wire_frames
-from p2pllm.gateway.schema import NO_EFFECT_FIELDS, UNSUPPORTED_FIELDS
+from p2pllm.gateway.schema import NO_EFFECT_FIELDS, UNSUPPORTED_FIELDS, ignored_fields
 from test_gateway import _error, _key, demo, stories  # noqa: F401  (fixtures)
 
 
@@ -156,6 +156,20 @@ def test_every_openai_request_field_is_classified():
     # a field the openai package adds later fails here until it is honoured or refused
     assert _openai_fields(chat) - known == set() and _openai_fields(completions) - known == set()
     assert set(NO_EFFECT) == set(NO_EFFECT_FIELDS) and set(REFUSED_WHEN_SET) == set(UNSUPPORTED_FIELDS)
+    # and the gateway's own list of what it reads agrees: no OpenAI field is logged as ignored
+    assert ignored_fields(dict.fromkeys(known | {"stream", "top_k", "ignore_eos"})) == []
+
+
+def test_a_field_no_one_here_knows_is_accepted_and_named_once_in_the_log(demo, caplog):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=demo.url, timeout=60, headers=_key(demo)) as http, \
+            caplog.at_level("WARNING", logger="p2pllm.gateway.app"):
+        plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        for _ in range(3):  # llama.cpp's min_p, and a typo of max_tokens
+            reply = http.post("/v1/chat/completions", json={**body, "min_p": 0.1, "max_token": 1})
+            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == plain
+    named = [r.getMessage() for r in caplog.records if "ignoring request fields" in r.getMessage()]
+    assert len(named) == 1 and "max_token, min_p" in named[0], named
 
 
 @pytest.mark.parametrize("field", sorted({**DEFAULT_ONLY, **REFUSED_WHEN_SET}))

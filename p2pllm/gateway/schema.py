@@ -261,6 +261,21 @@ UNSUPPORTED_FIELDS = ("audio", "functions", "function_call", "prediction", "web_
                       "verbosity", "reasoning_effort")
 
 
+# what the completion endpoints read; beside NO_EFFECT_FIELDS and UNSUPPORTED_FIELDS, the rest of a body is ignored
+READ_FIELDS = ("messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+               "seed", "stop", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+               "response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+               "ignore_eos", "modalities", "echo", "best_of", "suffix")
+
+
+def ignored_fields(body: dict) -> list[str]:
+    """A completion body's fields this server neither reads nor knows from OpenAI's API (another
+    server's extensions such as llama.cpp's `min_p`, or a typo): accepted, as llama.cpp and vLLM do,
+    and named in the log so the operator can tell why they changed nothing."""
+    return sorted(k for k in body if k not in READ_FIELDS and k not in NO_EFFECT_FIELDS
+                  and k not in UNSUPPORTED_FIELDS)
+
+
 def _refuse_unsupported(body: dict) -> None:
     """Parameters whose answer would not be what the client asked for are a 400, not ignored."""
     for name in UNSUPPORTED_FIELDS:
