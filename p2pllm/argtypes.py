@@ -186,3 +186,13 @@ def similarity(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {text}")
     return value
+
+
+def web_origin(text: str) -> str:
+    """A browser origin: scheme://host[:port] (what an Origin header carries), or * for any."""
+    import re
+
+    if text == "*" or re.fullmatch(r"https?://[^/\s?#@]+", text.rstrip("/")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected scheme://host[:port] such as https://app.example.com (or *), "
+                                     f"got {text!r}")

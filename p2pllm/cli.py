@@ -12,7 +12,7 @@ import time
 from . import __version__
 from .argparser import Parser
 from .argtypes import (PeerModel, host_port, model_ref, model_ref_or_peer_model, non_negative_int, port, positive_int,
-                       seconds, seed, serve_rate, thread_count, utf8_text)
+                       seconds, seed, serve_rate, thread_count, utf8_text, web_origin)
 from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
@@ -302,6 +302,8 @@ def cmd_join(args) -> int:
         micro_batches=args.micro_batches, kv_replicas=args.kv_replicas,
         wire_dtype=None if args.wire_dtype == "f32" else {"f16": "float16", "bf16": "bfloat16"}[args.wire_dtype],
         api_key=args.api_key or os.environ.get("P2PLLM_API_KEY") or None, response_cache=response_cache,
+        allowed_origins=tuple(args.allowed_origin or os.environ.get("P2PLLM_ORIGINS", "").split(",")),
+        allowed_hosts=tuple(args.allowed_host or ()),
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
         state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
         fetch_from=sources, model_cache=args.model_cache, fetch_serve_rate=args.fetch_serve_rate,
@@ -480,6 +482,12 @@ def _add_join(sub) -> None:
     p.add_argument("--wire-dtype", default="f32", choices=["f32", "f16", "bf16"],
                    help="activations on the wire (f16/bf16 halve the bytes; f32 keeps tokens exact)")
     p.add_argument("--api-key", default=None, help="require this bearer key on the gateway (or P2PLLM_API_KEY)")
+    p.add_argument("--allowed-origin", action="append", type=web_origin, default=None, metavar="ORIGIN",
+                   help="a web page origin (https://app.example.com; *: any) whose browser requests the gateway "
+                        "answers, besides its own and loopback ones (repeatable; or P2PLLM_ORIGINS, comma-separated)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name a loopback-bound gateway answers besides local ones, e.g. behind a proxy "
+                        "that keeps the client's Host (repeatable; *: any)")
     _add_response_cache_flags(p)
     _add_history_flags(p)
     _add_security_flags(p, "that peers authenticate each other with; made and stored on first use")

@@ -34,6 +34,7 @@ from ..cluster.management import PeerManager
 from ..cluster.membership import Membership
 from ..cluster.planner import PlanOptions
 from ..gateway.backends import BackendPool
+from ..gateway.origins import RequestOrigins, is_loopback_name
 from ..model.backends import choose_backend, held_dtype, stage_kv_dtype
 from ..model.kvcache import kv_bytes_per_value
 from ..model.spec import read_spec
@@ -283,9 +284,11 @@ class Daemon:
             not_ready=self._not_ready, stats=self._engine_stats, spec=self.spec,
         )
         await self.backends.start()
+        origins = RequestOrigins(self.cfg.allowed_origins, self.cfg.allowed_hosts,
+                                 local_only=is_loopback_name(self.cfg.gateway_host))
         self.gateway = await serve_gateway(create_app(engine, api_key=self.cfg.api_key, backends=self.backends,
                                                       response_cache=self.cfg.response_cache, cluster=self,
-                                                      history=self.history),
+                                                      history=self.history, origins=origins),
                                            self.cfg.gateway_host, self.cfg.gateway_port)
         log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator%s)", self.gateway_url,
                  f" or to external backends {', '.join(b.id for b in self.backends.backends)}" if self.backends else "")

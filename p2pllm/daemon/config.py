@@ -39,6 +39,8 @@ class DaemonConfig:
     reprobe: bool = False
     wire_dtype: str | None = None  # activations on the wire: None = the compute dtype (exact)
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the gateway's own and loopback (gateway/origins.py)
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound gateway answers besides local ones
     response_cache: object | None = None  # a gateway.response_cache.CacheSettings; None: off (join: on)
     secret: str | None = None  # the cluster secret (mutual TLS between peers); None needs insecure=True
     insecure: bool = False

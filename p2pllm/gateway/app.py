@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -38,6 +39,7 @@ from .history import (COMPLETION_PATHS, STATE_KEY, RequestHistory, RequestRecord
                       record_of)
 from .metrics import GatewayMetrics, endpoint_label
 from .ollama import ollama_routes
+from .origins import RequestOrigins
 from .response_cache import CacheSettings
 from .responses import JSON, error_response
 from .routing import Router
@@ -50,8 +52,9 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               response_cache: CacheSettings | None = None, backends: BackendPool | None = None, cluster: ClusterControl | None = None,
-               history: RequestHistory | None = None) -> Starlette:
+               response_cache: CacheSettings | None = None, backends: BackendPool | None = None,
+               cluster: ClusterControl | None = None, history: RequestHistory | None = None,
+               origins: RequestOrigins | None = None) -> Starlette:
     """The gateway's ASGI app for `engine`.
 
     `api_key`: when set, every request but /health needs `Authorization: Bearer KEY`.
@@ -60,9 +63,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     (gateway/routing.py); whoever serves the app starts and stops the pool.
     `cluster`: the daemon behind the gateway, for the dashboard's data and node management.
     `history`: where finished completions are recorded and GET /v1/history reads (None: off; gateway/history.py).
+    `origins`: which browser origins and Host names are answered (gateway/origins.py; default: the
+    gateway's own and loopback origins, any Host).
     """
+    origins = origins or RequestOrigins()
     gateway = Gateway(engine, api_key=api_key, max_body_bytes=max_body_bytes, response_cache=response_cache,
-                      backends=backends, history=history)
+                      backends=backends, history=history, origins=origins)
     routes = [
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
@@ -77,6 +83,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, ApiError: _api_error})
     app.add_middleware(_GatewayMiddleware, gateway=gateway)
+    # outermost: answers allowed pages' CORS preflights (they carry no API key) and marks their answers readable
+    app.add_middleware(CORSMiddleware, allow_origin_regex=origins.cors_origin_regex(),
+                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
+                       expose_headers=["x-request-id", "retry-after"], max_age=600)
     return app
 
 
@@ -85,8 +95,9 @@ class Gateway:
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES,
                  response_cache: CacheSettings | None = None, backends: BackendPool | None = None,
-                 history: RequestHistory | None = None):
+                 history: RequestHistory | None = None, origins: RequestOrigins | None = None):
         self.engine = engine
+        self.origins = origins or RequestOrigins()
         self.history = history
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
@@ -249,7 +260,11 @@ class _GatewayMiddleware:
             self.gw.history.add(record.end(status[0] if status else 499, epoch_of(self.gw.engine), cut=cut))
 
     def _admit(self, headers: Headers, path: str) -> None:
-        """Refuse a request before it reaches a route: a wrong API key, a declared body too large."""
+        """Refuse a request before it reaches a route: a foreign page or Host name, a wrong API key, a
+        declared body too large."""
+        refusal = self.gw.origins.refusal(headers) if path != "/health" else ""
+        if refusal:
+            raise ApiError(403, refusal, code="forbidden_origin")
         if path != "/health" and not is_public(path) and not self.gw.authorized(headers):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY' with the key this "
                                 "gateway was started with.", code="invalid_api_key")
