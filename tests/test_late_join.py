@@ -158,6 +158,20 @@ def test_a_late_peer_too_small_for_an_even_share_serves_and_says_why(peers):
     assert f"keeping plan epoch {epoch}: a plan with every peer is not feasible" in c.log(coordinator)
 
 
+def test_peers_that_cannot_hold_the_model_say_why_in_the_503_and_health(peers):
+    c = peers("too-small")
+    c.start("small-1", 47641, 48641, "--max-memory", "1MiB")
+    c.wait(lambda: "no feasible plan" in c.log("small-1"))
+    health = c.wait(lambda: (h := c.health(0)) and "reason" in h and h)
+    assert health["status"] == "unavailable" and "needs" in health["reason"] and "more memory" in health["reason"], \
+        health
+    reply = c.chat(0)
+    assert reply.status_code == 503, reply.text
+    message = reply.json()["error"]["message"]
+    assert message.startswith("the cluster has no plan: with the peers here none is feasible: needs"), message
+    assert "still meeting" not in message
+
+
 @pytest.mark.parametrize("taken_port", ["gateway", "same", "grpc"])
 def test_join_with_a_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, home, taken_port):
     grpc, gateway = 47631, 47631 if taken_port == "same" else 48631

@@ -113,6 +113,7 @@ class Daemon:
         self.gateway = None
         self.backends = BackendPool(cfg.backends, self.model_name)  # health-checked while the gateway runs
         self.leaving = False
+        self._no_plan: tuple[float, str] = (-1e9, "")  # (when, why) of _why_no_plan
         self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
         from ..model.tokenizer import load_tokenizer
 
@@ -322,7 +323,9 @@ class Daemon:
 
     def _not_ready(self) -> str:
         if self.committed is None:
-            return "the cluster has no plan yet (peers are still meeting or loading)"
+            infeasible = self._why_no_plan()
+            return f"the cluster has no plan: with the peers here none is feasible: {infeasible}" if infeasible \
+                else "the cluster has no plan yet (peers are still meeting or loading)"
         if self.scheduler is not None:
             return self.scheduler.unavailable or ""  # the head queues requests through a plan change
         if not self.membership.is_live(self.committed.coordinator):
@@ -330,6 +333,16 @@ class Daemon:
             return f"the coordinator was lost and {nobody}" if nobody else \
                 "the coordinator was lost; the peers are electing a new one"
         return ""
+
+    def _why_no_plan(self) -> str:
+        """Before any plan: why the peers met so far cannot make one ('' = they can, or may yet), as
+        every peer's planner sees it (at most once every 2 s: requests ask on every 503)."""
+        now = time.monotonic()
+        if now - self._no_plan[0] >= 2.0:
+            candidate = coord.candidate_plan(self.spec, self.membership, self.options)
+            planned = [m for m in self.membership.live_compatible() if m.state not in coord.OUT_OF_PLAN]
+            self._no_plan = (now, "" if candidate.feasible or not planned else candidate.reason)
+        return self._no_plan[1]
 
     def _engine_stats(self) -> EngineStats:
         if self.scheduler is not None:

@@ -45,6 +45,10 @@ class ClusterEngine:
     def ready(self) -> bool:
         return not self._not_ready()
 
+    def not_ready_reason(self) -> str:
+        """Why requests get a 503 now ('' = they do not): /health says it too."""
+        return self._not_ready()
+
     def stats(self) -> EngineStats:
         return self._stats()
 
