@@ -134,6 +134,9 @@ class Gateway:
         if callable(ready):
             ready = ready()
         body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "model": self.engine.model_name}
+        why = getattr(self.engine, "not_ready_reason", None)
+        if not ready and why is not None and why():
+            body["reason"] = why()
         try:
             stats = self.engine.stats()
             body.update(queued=stats.queued, running=stats.running, stages=stats.stages, epoch=stats.epoch)
@@ -256,8 +259,12 @@ class _GatewayMiddleware:
                 self._record(record, status, cut=bool(status))
 
     def _record(self, record: RequestRecord, status: list[int], *, cut: bool = False) -> None:
+        """The request's history row; never raises: it runs before the answer's last bytes go out."""
         if record.begun and not record.ended:  # a body that did not parse is no completion: no row
-            self.gw.history.add(record.end(status[0] if status else 499, epoch_of(self.gw.engine), cut=cut))
+            try:
+                self.gw.history.add(record.end(status[0] if status else 499, epoch_of(self.gw.engine), cut=cut))
+            except Exception:
+                log.exception("request %s: its history row could not be written", record.request_id)
 
     def _admit(self, headers: Headers, path: str) -> None:
         """Refuse a request before it reaches a route: a foreign page or Host name, a wrong API key, a
