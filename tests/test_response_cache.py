@@ -10,6 +10,7 @@ flags are checked as a user types them, and once through a real `p2pllm join`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -60,8 +61,9 @@ class Gateway:
         """The x-p2pllm-cache header of the answer to `body`."""
         return self.post(body, chat).headers.get("x-p2pllm-cache")
 
-    def metric(self, name: str, labels: str = "") -> float:
-        text = self.http.get("/metrics").text
+    def metric(self, name: str, labels: str = "", text: str | None = None) -> float:
+        """One value of /metrics (of `text`, one scrape already read, when given)."""
+        text = self.http.get("/metrics").text if text is None else text
         m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
         assert m, f"{name}{labels} not in /metrics"
         return float(m.group(1))
@@ -263,8 +265,9 @@ def test_an_answer_expires_after_its_ttl(gateway):
     g = gateway(CacheSettings(ttl=0.5))
     assert [g.cache(COMPLETION) for _ in range(2)] == ["miss", "hit"]
     time.sleep(0.6)
-    assert g.metric("p2pllm_gateway_response_cache_entries") == 0
-    assert g.metric("p2pllm_gateway_response_cache_evictions_total", '{reason="expired"}') == 1
+    scrape = g.http.get("/metrics").text  # one scrape: the entries gauge and the evictions agree in it
+    assert g.metric("p2pllm_gateway_response_cache_entries", text=scrape) == 0
+    assert g.metric("p2pllm_gateway_response_cache_evictions_total", '{reason="expired"}', text=scrape) == 1
     assert [g.cache(COMPLETION) for _ in range(2)] == ["miss", "hit"]  # stored again
 
 
@@ -329,6 +332,56 @@ def test_semantic_mode_serves_a_near_identical_question_in_the_same_scope_only(g
     assert _ask(g, "What is the capital of France ?", max_tokens=15).headers["x-p2pllm-cache"] == "miss"
     assert g.cache({**COMPLETION, "prompt": "What is the capital of France ?"}) == "miss"
     assert g.metric("p2pllm_gateway_response_cache_hits_total", '{kind="semantic"}') == 1
+
+
+def test_a_request_the_engine_refuses_is_not_embedded_first_nor_counted_as_a_miss(gateway, engine, loop):
+    g = gateway(CacheSettings(semantic=0.9))
+    embedded = []
+    real = engine.embed
+
+    async def counting(inputs, request_id="embed"):  # the engine's own embed, counted
+        embedded.append(request_id)
+        return await real(inputs, request_id)
+
+    engine.embed = counting
+    try:
+        _ask(g, "What is the capital of France?")
+        assert len(embedded) == 1 and g.metric("p2pllm_gateway_response_cache_misses_total") == 1
+        too_long = g.http.post("/v1/chat/completions", json={
+            **CHAT, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": engine.context})  # prompt + max_tokens beyond the context
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        assert len(embedded) == 1  # refused at once, not after embedding its text
+        assert g.metric("p2pllm_gateway_response_cache_misses_total") == 1
+        sampled = g.http.post("/v1/chat/completions", json={**CHAT, "temperature": 1, "max_tokens": engine.context})
+        assert sampled.status_code == 400 and g.metric("p2pllm_gateway_response_cache_bypassed_total") == 0
+    finally:
+        engine.embed = real
+
+
+def test_a_client_that_leaves_during_the_semantic_lookup_cancels_it(gateway, engine, loop):
+    g = gateway(CacheSettings(semantic=0.9))
+    cancelled = []
+    real = engine.embed
+
+    async def slow(inputs, request_id="embed"):  # a long text's embedding: slow on a big model
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(request_id)
+            raise
+        return await real(inputs, request_id)
+
+    engine.embed = slow
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            g.http.post("/v1/chat/completions", json=CHAT, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while not cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled, "the lookup went on after its client left"
+    finally:
+        engine.embed = real
 
 
 def test_semantic_mode_is_off_by_default_and_its_threshold_is_strict(gateway):

@@ -150,6 +150,8 @@ class Gateway:
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if self.cache is not None:
+            self.cache.size()  # drops expired answers first: their evictions and the entries gauge then agree
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat_completions(self, request: Request) -> Response | ASGIApp:

@@ -24,8 +24,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
-from .embeddings import embedding_of
-from .generation import Job, openai_answer
+from .embeddings import embedding_of, unless_client_leaves
+from .generation import Job, fits_the_context, openai_answer
 from .history import record_of
 from .metrics import GatewayMetrics
 from .response_cache import CacheSettings, Entry, ResponseCache, cacheable, exact_key, query_text, semantic_scope
@@ -59,15 +59,19 @@ class CachedCompletions:
                        run: Run) -> ASGIApp:
         """The answer to a checked request: replayed from the cache, or `run(engine)` recorded."""
         if not cacheable(req):
-            self.metrics.cache_bypassed.inc()
-            return _tagged(await run(engine), {HEADER: "bypass"})
+            answer = await run(engine)
+            self.metrics.cache_bypassed.inc()  # (counted once the engine took it: a refused request is no use)
+            return _tagged(answer, {HEADER: "bypass"})
         key = exact_key(body, model=engine.model_name, chat=req.chat)
         entry = self.cache.get(key)
         if entry is not None:
             self.metrics.cache_hits.labels("exact").inc()
             log.info("request %s: response cache hit (exact)", _request_id(request))
             return _tagged(await _replay(engine, request, req, entry, arrived), {HEADER: "hit"})
-        scope, vector = await self._semantic_query(engine, request, body, req)
+        looked_up = await unless_client_leaves(request, self._semantic_query(engine, request, body, req))
+        if looked_up is None:  # the client left while its text was embedded
+            return Response(status_code=_CLIENT_GONE)
+        scope, vector = looked_up
         if vector is not None:
             found = self.cache.nearest(scope, vector)
             if found is not None:
@@ -76,14 +80,15 @@ class CachedCompletions:
                 log.info("request %s: response cache hit (semantic, cosine %.4f)", _request_id(request), similarity)
                 return _tagged(await _replay(engine, request, req, entry, arrived),
                                {HEADER: "hit", HEADER + "-similarity": f"{similarity:.4f}"})
-        self.metrics.cache_misses.inc()
 
         def store(n_prompt: int, events: list[TokenEvent]) -> None:
             answer = tuple(tuple(getattr(e, f) for f in _EVENT_FIELDS) for e in events)
             size = len(key) + sum(_event_bytes(e) for e in answer) + (vector.nbytes if vector is not None else 0)
             self.cache.put(key, Entry(answer, n_prompt, size, scope=scope, vector=vector))
 
-        return _tagged(await run(_Recorder(engine, store)), {HEADER: "miss"})
+        answer = await run(_Recorder(engine, store))
+        self.metrics.cache_misses.inc()  # (a request the engine refused was no miss)
+        return _tagged(answer, {HEADER: "miss"})
 
     async def _semantic_query(self, engine: Engine, request: Request, body: dict,
                               req: CompletionRequest) -> tuple[str | None, np.ndarray | None]:
@@ -93,6 +98,8 @@ class CachedCompletions:
         text = query_text(req)
         scope = semantic_scope(body, model=engine.model_name, chat=req.chat)
         if text is None or scope is None:
+            return None, None
+        if not await fits_the_context(engine, req):  # the engine refuses it at once: do not embed it first
             return None, None
         request_id = _request_id(request)
         try:

@@ -130,7 +130,7 @@ async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict)
         raise bad(f"The inputs have {sum(map(len, ids))} tokens in all; at most {MAX_EMBED_TOKENS} may be embedded "
                   "in one request.", "input", "invalid_value")
     try:
-        vectors = await _unless_client_leaves(request, engine.embed(ids, request_id))
+        vectors = await unless_client_leaves(request, engine.embed(ids, request_id))
     except EngineError as e:
         raise ApiError(e.status, str(e), code=e.code, param="input" if e.status < 500 else None) from None
     if vectors is None:
@@ -143,7 +143,7 @@ async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict)
                  "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
+async def unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
     """`work`'s result; None when the HTTP client leaves first (the work is cancelled: a large
     request's inputs stop running on the cluster)."""
     job = asyncio.ensure_future(work)

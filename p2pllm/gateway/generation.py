@@ -168,6 +168,13 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
     return await job.whole(first)
 
 
+async def fits_the_context(engine: Engine, req: CompletionRequest) -> bool:
+    """Whether the request's prompt and max_tokens fit the context, as the engine will check (a 400
+    for a conversation the template refuses or a window with no room, as `complete` raises)."""
+    prompt_ids = await _prompt_ids(engine, req)
+    return bool(prompt_ids) and len(prompt_ids) + _max_tokens(engine, req, len(prompt_ids)) <= engine.context
+
+
 def openai_answer(engine: Engine, req: CompletionRequest) -> Answer:
     """OpenAI's wire format for a /v1 request, with a fresh id: tool calls when it offers tools."""
     kind = ToolAnswer if req.tools is not None and req.tools.constrained else OpenAIAnswer
