@@ -490,6 +490,30 @@ def test_a_backend_stream_broken_after_its_first_token_ends_with_an_error_event(
         failing.close(loop)
 
 
+def test_a_ring_stream_broken_after_its_first_token_is_counted_broken(loop, engine):
+    """As when the ring loses capacity mid-answer: the head parks its sequences, then fails them."""
+    gw = Gateway(loop, engine, [])
+    try:
+        with httpx.stream("POST", gw.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the first token is out
+
+            async def lose_the_ring():
+                engine.pause("a peer of the ring was lost (test)")
+                await engine.drain(10)
+                engine.fail_parked("a peer of the ring was lost (test)")
+                engine.resume("the same ring (test)", {})  # capacity back: serving again
+
+            loop.run(lose_the_ring())
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "engine_error", rest[-3:]
+        assert gw.metric("p2pllm_gateway_routed_requests_total", backend="ring", outcome="broken") == 1
+        assert gw.metric("p2pllm_gateway_routed_requests_total", backend="ring", outcome="served") == 1
+    finally:
+        gw.close()
+
+
 def test_status_shows_the_backends_of_a_joined_peer(stories, llama_server, tmp_path):
     for port in (7811, 8811):
         with socket.socket() as s:

@@ -16,7 +16,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -128,10 +128,12 @@ class ToolAnswer(OpenAIAnswer):
 
 
 async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, req: CompletionRequest,
-                   arrived: float, answer: Answer | None = None) -> Response | ASGIApp:
+                   arrived: float, answer: Answer | None = None,
+                   on_done: Callable[[str], None] | None = None) -> Response | ASGIApp:
     """The answer to a checked request: a JSON body, or a stream once the first token is in.
 
     `answer`: the wire format (default: OpenAI's, for /v1/chat/completions and /v1/completions).
+    `on_done`: told how a stream ended (Job.stream_outcome) once it has.
     """
     prompt_ids = await _prompt_ids(engine, req)
     if not prompt_ids:
@@ -164,6 +166,7 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
         await job.close()
         raise _failure(first)
     if req.stream:
+        job.on_done = on_done
         return EventStream(job.events(first), media_type=answer.media_type)
     return await job.whole(first)
 
@@ -299,6 +302,8 @@ class Job:
         self.closed = False
         self.outcome = "unfinished"
         self.error: str | None = None  # why the engine ended it, when not by "stop" or "length"
+        self.error_status = 0  # ... and the HTTP status that failure has (a 4xx: the request's own fault)
+        self.on_done: Callable[[str], None] | None = None  # told a stream's stream_outcome() when it ends
         if (record := record_of(request)) is not None:
             record.job = self  # the request's history row is read from this Job when it ends
 
@@ -334,7 +339,8 @@ class Job:
             if event.finish_reason not in ("stop", "length") or self.finished:
                 self.outcome = event.finish_reason
             if event.finish_reason not in ("stop", "length"):
-                self.error = _failure(event).message
+                failure = _failure(event)
+                self.error, self.error_status = failure.message, failure.status
         return event
 
     @property
@@ -421,3 +427,15 @@ class Job:
                 event = await self.next()
         finally:
             await self.close()
+            if self.on_done is not None:
+                self.on_done(self.stream_outcome())
+
+    def stream_outcome(self) -> str:
+        """How a stream ended, as routing counts it: "ok", "broken" (the server failed it after its
+        first token: the error event), "refused" (its own fault, e.g. a grammar no text can finish)
+        or "client gone"."""
+        if self.outcome in ("stop", "length"):
+            return "ok"
+        if self.outcome in ("client gone", "unfinished"):
+            return "client gone"
+        return "broken" if self.error_status >= 500 else "refused"

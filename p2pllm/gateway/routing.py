@@ -101,7 +101,7 @@ class Router:
     async def _on_ring(self, engine: Engine, request: Request, req: CompletionRequest, arrived: float) -> ASGIApp:
         slot = _Slot(self, None)
         try:
-            answer = await complete(engine, self.metrics, request, req, arrived)
+            answer = await complete(engine, self.metrics, request, req, arrived, on_done=slot.release)
         except ApiError as e:
             if e.status == 429 or e.status >= 500:  # full or between plans: a backend may take it
                 slot.release("failed")
