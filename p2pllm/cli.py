@@ -17,7 +17,7 @@ from .cluster.peers_cli import add_peers_parser
 from .cluster.plan_cli import add_plan_parser
 from .demo_cluster import add_demo_parser
 from .model.models_cli import add_models_parser
-from .errors import P2PError
+from .errors import ModelFileError, P2PError
 from .gateway.chat_cli import add_chat_parser
 from .batch.cli import add_batch_parser
 
@@ -50,6 +50,19 @@ def _set_threads(threads: int | None) -> None:
 # --------------------------------------------------------------------------- run
 
 
+def _refuse_partial_copy(path, n_layers: int, command: str) -> None:
+    """A partial copy (`join --from-peers` fetches only its stage's pieces; the rest are holes that
+    read as zeros) is no model for a command that needs every layer."""
+    from .model.pieces import PartialModel, is_partial
+
+    if is_partial(path):
+        part = PartialModel.load(path)
+        if not part.complete(0, n_layers):
+            raise ModelFileError(path, f"a partial copy holding {part.describe()} (what `join --from-peers` "
+                                       f"fetched for its stage): {command} needs all {n_layers} layers and the "
+                                       "embedding and output head; give the whole model file")
+
+
 def cmd_run(args) -> int:
     from .model.sampling import SamplingParams
     from .runtime.local import LocalPipeline, parse_split
@@ -61,6 +74,7 @@ def cmd_run(args) -> int:
     _set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = read_spec(args.model)
+    _refuse_partial_copy(args.model, spec.n_layers, "run")
     cuts = parse_split(args.split, spec.n_layers)
     _check_run_fits(args, spec, cuts)
     t0 = time.perf_counter()

@@ -311,6 +311,13 @@ def test_check_model_accepts_the_partial_for_its_range_and_names_a_missing_tenso
     assert "does not hold" in line
 
 
+def test_run_refuses_a_partial_copy_instead_of_computing_on_its_holes(middle):
+    # its other layers and the output head read as zeros: run answered "" and exited 0
+    line = assert_one_line_error(run_cli("run", "--model", middle["path"], "--prompt", "hi", "--max-tokens", "2"),
+                                 2, str(middle["path"]), "partial copy holding layers [2, 4) of 6")
+    assert "run needs all 6 layers" in line
+
+
 def test_a_partial_copy_serves_what_it_holds_and_a_source_of_another_model_is_left_out(
         model, middle, security, tmp_path, caplog):
     layout = pieces_of(model)
