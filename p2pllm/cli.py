@@ -240,6 +240,7 @@ def cmd_check_model(args) -> int:
     from .errors import UsageError
     from .model.loader import check_model
     from .model.pieces import check_partial, is_partial
+    from .model.tokenizer import load_tokenizer
 
     layers = getattr(args, "layers", None)
     if is_partial(args.path):  # a copy fetched from peers (docs/fetch.md): only the layers it holds
@@ -249,6 +250,7 @@ def cmd_check_model(args) -> int:
         spec, held = check_model(args.path), ""
         if layers is not None and not 0 <= layers[0] < layers[1] <= spec.n_layers:
             raise UsageError(f"--layers {layers[0]}:{layers[1]} is not within the model's {spec.n_layers} layers")
+    load_tokenizer(args.path)  # the vocabulary and merges a head needs (a corrupt token refuses the file)
     print(
         f"{args.path}: ok{', ' + held if held else ''} ({spec.arch}, {spec.n_layers} layers, hidden {spec.hidden}, "
         f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab}, {spec.file_dtype})"

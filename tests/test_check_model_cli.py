@@ -56,7 +56,14 @@ def _gguf_shape_disagrees(good: Path, bad: Path) -> None:
     write_gguf(bad, {**fields, "ffn": 128}, _canonical(fields), _spm_tokenizer(fields["vocab"]))
 
 
+def _gguf_token_a_merge_names_is_changed(good: Path, bad: Path) -> None:
+    data = good.read_bytes()
+    at = data.index("Ġ29".encode())  # in the vocabulary (the merges, later, still name "Ġ2 9" and "Ġ29")
+    bad.write_bytes(data[:at] + "Ġ2^".encode() + data[at + len("Ġ29".encode()):])
+
+
 GGUF_CASES = [
+    (_gguf_token_a_merge_names_is_changed, ["its tokenizer cannot be built", "out of vocabulary"]),
     (_gguf_wrong_magic, ["magic"]),
     (_gguf_bad_version, ["version 99"]),
     (_gguf_truncated_header, ["truncated GGUF header"]),
@@ -72,6 +79,9 @@ def test_check_model_on_a_corrupt_gguf_is_one_line_exit_2(demo_tiny_gguf, tmp_pa
     bad = tmp_path / "bad.gguf"
     corrupt(demo_tiny_gguf, bad)
     assert_one_line_error(run_cli("check-model", bad), 2, str(bad), *needles)
+    if corrupt is _gguf_token_a_merge_names_is_changed:  # and run: no "internal error" from `tokenizers`
+        assert_one_line_error(run_cli("run", "--model", bad, "--prompt", "hi", "--max-tokens", "2"), 2, str(bad),
+                              *needles)
 
 
 def _st_corrupt_header(st: Path) -> None:

@@ -622,13 +622,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ModelFileError(p, "no such file or folder")
     if p.is_file() and p.name in ("config.json", "tokenizer.json"):
         p = p.parent
-    if p.is_dir():
-        return _load_hf(p)
-    model_file = open_model_file(p)
     try:
-        return _load_gguf(p, model_file.metadata)
-    finally:
-        model_file.close()
+        if p.is_dir():
+            return _load_hf(p)
+        model_file = open_model_file(p)
+        try:
+            return _load_gguf(p, model_file.metadata)
+        finally:
+            model_file.close()
+    except P2PError:
+        raise
+    except Exception as e:  # `tokenizers` refusing the file's vocabulary or merges (a corrupt token, ...)
+        raise ModelFileError(p, f"its tokenizer cannot be built: {e}") from None
 
 
 def _valid_id(value: Any, n: int) -> int | None:
