@@ -2,7 +2,10 @@
 cluster of `p2pllm join` daemons on SmolLM2, started with --api-key so that the page has to ask for it.
 
 The tests run in file order on one signed-in page: what the page shows is checked against
-`p2pllm status --json` of the same peer and against the gateway's own answers.
+`p2pllm status --json` of the same peer and against the gateway's own answers. Before them, a
+2-peer cluster whose peers share one name (TestTwoPeersNamedAlike) checks that the page keys its
+rows, plan segments and actions by peer id, and shows the cluster's in-flight numbers on a peer
+that does not coordinate.
 P2PLLM_SCREENSHOTS=1 also saves docs/img/dashboard.png (1366x900) and docs/img/dashboard-phone.png.
 """
 
@@ -101,8 +104,164 @@ def fmt_layers(layers) -> str:
     return f"[{layers[0]}, {layers[1]})" if layers else "–"
 
 
-def peer_row(page, name: str):
-    return page.locator(f'#peer-rows tr[data-peer="{name}"]')
+def peer_row(page, peer_id: str):
+    """A peer's row: rows are keyed by the peer's id (two peers may share a name), which it shows as its title."""
+    return page.locator(f'#peer-rows tr[data-peer="{peer_id}"]')
+
+
+def segment(page, peer_id: str):
+    """A stage's segment of the plan bar, keyed by its peer's id (the stage's `peer`)."""
+    return page.locator(f'#plan-bar [data-plan-peer="{peer_id}"]')
+
+
+TWIN_GRPC = (21851, 21852)
+TWIN_GATEWAYS = (21861, 21862)
+TWIN_NAME = "alpha"  # both peers': the default --name is the hostname, so cloned containers share one
+
+
+@pytest.fixture(scope="class")
+def twins(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("dashboard-twins")
+    # the last --name wins: both peers are TWIN_NAME; the response cache stays on (the history test)
+    yield from live_smol_cluster(logs, "twin", TWIN_GRPC + TWIN_GATEWAYS, "--api-key", KEY, "--prefix-cache", "0",
+                                 "--name", TWIN_NAME)
+
+
+@pytest.fixture(scope="class")
+def twin_browser(twins):
+    """A browser of the class's own, started after its cluster (Playwright's sync API keeps an event loop
+    running, and the cluster's start-up runs one of its own)."""
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="class")
+def twin_page(twins, twin_browser):
+    page = open_page(twin_browser, twins.url, LAPTOP)
+    sign_in(page)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    yield page
+    assert not page.errors, page.errors
+    page.close()
+
+
+class TestTwoPeersNamedAlike:
+    """A 2-peer cluster whose peers share a name, the page on the peer that does not coordinate: rows and
+    plan segments are one per peer id, Drain/Admit name the peer by id, the in-flight numbers are the
+    cluster's. Its daemons and browser are class-scoped and the class comes first, so they are stopped
+    before the 3-peer cluster of the tests below starts."""
+
+    @staticmethod
+    def snapshot(twins) -> dict:
+        reply = httpx.get(twins.url + "/v1/cluster", timeout=10, headers={"Authorization": f"Bearer {KEY}"})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def test_one_row_and_one_plan_segment_per_peer_id(self, twins, twin_page):
+        page = twin_page
+        s = self.snapshot(twins)["status"]
+        assert [p["name"] for p in s["peers"]] == [TWIN_NAME, TWIN_NAME] and len({p["id"] for p in s["peers"]}) == 2
+        samples = int(page.locator("#chart-tps").get_attribute("data-samples"))
+        # a row keyed by name was made again at every snapshot: 2 rows at first, then more each second
+        page.wait_for_function("(n) => Number(document.querySelector('#chart-tps').dataset.samples) >= n",
+                               arg=samples + 4)
+        expect(page.locator("#peer-rows tr")).to_have_count(2)
+        for p in s["peers"]:
+            row = peer_row(page, p["id"])
+            expect(row.locator("td").first).to_contain_text(TWIN_NAME)  # the name is what is shown
+            expect(row.locator("td").nth(1)).to_have_text(p["address"])
+            expect(row.locator("td").nth(4)).to_have_text(fmt_layers(p["layers"]))
+        stages = s["plan"]["stages"]
+        assert len(stages) == 2
+        expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(2)
+        for stage in stages:
+            expect(segment(page, stage["peer"])).to_have_attribute("data-start", str(stage["layers"][0]))
+            expect(segment(page, stage["peer"])).to_have_attribute("data-end", str(stage["layers"][1]))
+            expect(segment(page, stage["peer"])).to_contain_text(TWIN_NAME)
+
+    def test_in_flight_and_queued_are_the_clusters_on_a_peer_that_does_not_coordinate(self, twins, twin_page):
+        page = twin_page
+        s = self.snapshot(twins)["status"]
+        assert s["coordinator"] != s["id"]  # the page's peer has no scheduler of its own at work
+        expect(page.locator("#chart-running-value")).to_have_text("0")
+        body = {"model": twins.model, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0.8,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", twins.url + "/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as reply:
+            assert reply.status_code == 200, reply.read()
+            lines = reply.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
+            next(line for line in lines if line.startswith("data: {"))  # it is being generated
+            expect(page.locator("#chart-running-value")).to_have_text("1", timeout=10_000)
+            expect(page.locator("#chart-queue-value")).to_have_text("0")
+            snap = self.snapshot(twins)  # the snapshot's numbers are the ring's (the head's), not this peer's 0
+            assert snap["metrics"]["running"] == snap["status"]["ring"]["running"] == 1, snap["status"]["ring"]
+        # the client left: the head cancels the sequence, and the page sees the ring idle again
+        expect(page.locator("#chart-running-value")).to_have_text("0", timeout=30_000)
+
+    def test_a_peer_named_like_another_is_drained_and_admitted_by_id(self, twins, twin_page):
+        page = twin_page
+        s = self.snapshot(twins)["status"]
+        # the page's own peer, which does not coordinate: its name alone is refused (409, two peers have it)
+        refused = httpx.post(f"{twins.url}/v1/peers/{TWIN_NAME}/drain", timeout=30,
+                             headers={"Authorization": f"Bearer {KEY}"})
+        assert refused.status_code == 409 and "give its id" in refused.json()["error"]["message"], refused.text
+        peer_id = s["id"]
+        peer_row(page, peer_id).locator("button[data-action=drain]").click()
+        expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)
+        expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(1)
+        expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
+        expect(page.locator("#manage-result")).to_contain_text(f"drained {TWIN_NAME}")
+        expect(peer_row(page, peer_id).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+        other = next(p["id"] for p in s["peers"] if p["id"] != peer_id)
+        expect(peer_row(page, other).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
+        expect(page.locator("#peer-rows tr")).to_have_count(2)
+
+        peer_row(page, peer_id).locator("button[data-action=admit]").click()
+        expect(segment(page, peer_id)).to_have_count(1, timeout=PLAN_CHANGE_MS)
+        expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(2)
+        expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
+        expect(peer_row(page, peer_id).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
+        assert not any(p["drained"] for p in self.snapshot(twins)["status"]["peers"])
+
+    def test_the_last_requests_rate_is_not_a_cache_replays(self, twins, twin_page):
+        page = twin_page
+        body = {"model": twins.model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+                "max_tokens": MAX_TOKENS}
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            miss = http.post(twins.url + "/v1/chat/completions", json=body)
+            hit = http.post(twins.url + "/v1/chat/completions", json=body)
+        assert (miss.headers["x-p2pllm-cache"], hit.headers["x-p2pllm-cache"]) == ("miss", "hit")
+        expect(page.locator(f'#history-rows tr[data-request-id="{hit.json()["id"]}"]')).to_have_count(
+            1, timeout=10_000)
+        rows = httpx.get(twins.url + "/v1/history?limit=2", timeout=10,
+                         headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+        assert [(r["id"], r["backend"]) for r in rows] == [(hit.json()["id"], "cache"), (miss.json()["id"], "ring")]
+        assert rows[0]["tokens_per_s"] is None and rows[1]["tokens_per_s"] > 0  # a replay measures no rate
+        rate = page.evaluate(f"({rows[1]['tokens_per_s']}).toFixed(1)")  # as the page formats it
+        expect(page.locator("#plan-measured")).to_contain_text(f", {rate} tokens/s in the last request")
+
+    def test_the_page_skips_cache_rows_that_have_a_rate(self, twins, twin_browser):
+        """Rows written before replays were given no rate may still have one: the page looks past them."""
+        history = {"object": "list", "has_more": False, "data": [
+            {"id": "chatcmpl-replay", "created": int(time.time()), "endpoint": "/v1/chat/completions",
+             "backend": "cache", "prompt_tokens": 9, "completion_tokens": 25, "tokens_per_s": 28788.4,
+             "finish_reason": "stop", "epoch": 1},
+            {"id": "chatcmpl-ring", "created": int(time.time()) - 5, "endpoint": "/v1/chat/completions",
+             "backend": "ring", "prompt_tokens": 9, "completion_tokens": 25, "tokens_per_s": 31.4,
+             "finish_reason": "stop", "epoch": 1}]}
+        page = twin_browser.new_page(viewport=LAPTOP)
+        try:
+            page.route("**/v1/history*", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                      body=json.dumps(history)))
+            page.goto(twins.url + "/")
+            sign_in(page)
+            expect(page.locator('#history-rows tr[data-request-id="chatcmpl-replay"]')).to_have_count(1)
+            expect(page.locator("#plan-measured")).to_contain_text(", 31.4 tokens/s in the last request")
+            expect(page.locator("#plan-measured")).not_to_contain_text("28788")
+        finally:
+            page.close()
 
 
 def test_the_page_asks_for_the_api_key_and_refuses_a_wrong_one(cluster, page):
@@ -123,7 +282,8 @@ def test_the_peers_and_the_plan_are_those_of_status_json(cluster, page):
     names = [p["name"] for p in s["peers"]]
     assert sorted(names) == ["dash-1", "dash-2", "dash-3"]
     for p in s["peers"]:
-        row = peer_row(page, p["name"])
+        row = peer_row(page, p["id"])
+        expect(row).to_have_attribute("data-name", p["name"])
         expect(row.locator("td").nth(1)).to_have_text(p["address"])
         expect(row.locator("td").nth(2)).to_have_text(p["device"])
         expect(row.locator("td").nth(3)).to_have_attribute("data-mem-limit", str(p["mem_limit"]))
@@ -136,9 +296,9 @@ def test_the_peers_and_the_plan_are_those_of_status_json(cluster, page):
     segments = page.locator("#plan-bar [data-plan-peer]")
     expect(segments).to_have_count(3)
     for stage in s["plan"]["stages"]:
-        segment = page.locator(f'#plan-bar [data-plan-peer="{stage["name"]}"]')
-        expect(segment).to_have_attribute("data-start", str(stage["layers"][0]))
-        expect(segment).to_have_attribute("data-end", str(stage["layers"][1]))
+        expect(segment(page, stage["peer"])).to_have_attribute("data-start", str(stage["layers"][0]))
+        expect(segment(page, stage["peer"])).to_have_attribute("data-end", str(stage["layers"][1]))
+        expect(segment(page, stage["peer"])).to_contain_text(stage["name"])
     predicted = s["plan"]["predicted"]
     expect(page.locator("#plan-predicted")).to_contain_text(f"{predicted['tokens_per_s_single']:.1f} tokens/s")
 
@@ -219,28 +379,28 @@ def test_the_charts_take_a_sample_every_second(page):
 def test_a_drained_peer_leaves_the_plan_bar_and_an_admitted_one_returns(cluster, page):
     s = status(cluster)
     # neither the page's own peer nor the coordinator: the plain case
-    name = next(p["name"] for p in s["peers"] if not p["coordinator"] and p["id"] != s["id"])
-    peer_row(page, name).locator("button[data-action=drain]").click()
-    expect(page.locator(f'#plan-bar [data-plan-peer="{name}"]')).to_have_count(0, timeout=PLAN_CHANGE_MS)
+    peer_id, name = next((p["id"], p["name"]) for p in s["peers"] if not p["coordinator"] and p["id"] != s["id"])
+    peer_row(page, peer_id).locator("button[data-action=drain]").click()
+    expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)
     expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(2)
     expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
     expect(page.locator("#manage-result")).to_contain_text(f"drained {name}")
-    expect(peer_row(page, name).locator("td").nth(5)).to_have_attribute("data-state", "drained")
-    expect(peer_row(page, name).locator("td").nth(4)).to_have_text("–")
+    expect(peer_row(page, peer_id).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+    expect(peer_row(page, peer_id).locator("td").nth(4)).to_have_text("–")
     drained = status(cluster)
-    assert next(p for p in drained["peers"] if p["name"] == name)["drained"]
+    assert next(p for p in drained["peers"] if p["id"] == peer_id)["drained"]
     expect(page.locator("#plan-epoch")).to_have_text(str(drained["epoch"]))
     assert drained["epoch"] > s["epoch"]
 
-    peer_row(page, name).locator("button[data-action=admit]").click()
-    expect(page.locator(f'#plan-bar [data-plan-peer="{name}"]')).to_have_count(1, timeout=PLAN_CHANGE_MS)
+    peer_row(page, peer_id).locator("button[data-action=admit]").click()
+    expect(segment(page, peer_id)).to_have_count(1, timeout=PLAN_CHANGE_MS)
     expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(3)
     expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
-    expect(peer_row(page, name).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
+    expect(peer_row(page, peer_id).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
     admitted = status(cluster)
-    row = next(p for p in admitted["peers"] if p["name"] == name)
+    row = next(p for p in admitted["peers"] if p["id"] == peer_id)
     assert not row["drained"] and row["layers"]
-    expect(peer_row(page, name).locator("td").nth(4)).to_have_text(fmt_layers(row["layers"]))
+    expect(peer_row(page, peer_id).locator("td").nth(4)).to_have_text(fmt_layers(row["layers"]))
     expect(page.locator("#plan-epoch")).to_have_text(str(admitted["epoch"]))
 
 
@@ -277,7 +437,8 @@ def test_a_phone_sees_the_page_without_sideways_scrolling(cluster, browser, page
             .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 0.5).map((e) => e.id || e.tagName)""")
         assert not wider, wider
         if SCREENSHOTS:
-            phone.wait_for_function("Number(document.querySelector('#chart-tps').dataset.samples) >= 3")
+            # a function, not an expression: the page's CSP refuses the eval an expression would need
+            phone.wait_for_function("() => Number(document.querySelector('#chart-tps').dataset.samples) >= 3")
             phone.screenshot(path=str(REPO / "docs" / "img" / "dashboard-phone.png"), full_page=True)
         assert not phone.errors, phone.errors
     finally:

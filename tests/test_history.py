@@ -418,3 +418,127 @@ def test_a_killed_daemon_keeps_its_history_across_a_restart(tmp_path):
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_response_cache_hit_has_no_tokens_per_s(gateways):
+    """A replay of a cached answer generates nothing: its row has no decode rate (the dashboard's "last
+    request" rate once showed a replay's thousands of tokens/s), while the miss it replays has one."""
+    body = {"prompt": "The cache replays this", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=gateways.main.url, headers=AUTH, timeout=60) as http:
+        first = http.post("/v1/completions", json=body)
+        second = http.post("/v1/completions", json={**body, "stream": True})  # a streamed replay: token timings
+        assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert (first.headers["x-p2pllm-cache"], second.headers["x-p2pllm-cache"]) == ("miss", "hit")
+    hit, miss = _latest(gateways.main.url, 2)
+    assert (hit["backend"], miss["backend"]) == ("cache", "ring")
+    assert hit["completion_tokens"] == miss["completion_tokens"] == 6
+    assert miss["tokens_per_s"] > 0 and hit["tokens_per_s"] is None
+
+
+# --------------------------------------------------------------------------- text UTF-8 cannot carry, repeated ids
+
+LONE = "x\ud800y"  # a lone surrogate: valid JSON ("x\ud800y"), not encodable as UTF-8
+
+
+def test_a_prompt_with_a_lone_surrogate_is_answered_whole_and_recorded_as_sent(gateways):
+    """Once the row's INSERT raised UnicodeEncodeError: the answer's last chunk never went out (a 200
+    cut short) and no row was written. Now the prompt reads back as sent, escaped as every answer's JSON."""
+    url, model = gateways.main.url, gateways.engine.model_name
+    messages = [{"role": "user", "content": LONE}]
+    cases = [("/v1/chat/completions", {"messages": messages, "max_tokens": 3}, messages),
+             ("/v1/completions", {"prompt": LONE, "max_tokens": 3, "stream": True, "ignore_eos": True}, LONE),
+             ("/api/generate", {"model": model, "prompt": LONE, "stream": False, "options": {"num_predict": 3}},
+              messages)]  # not raw: Ollama's generate is the chat template's user turn
+    with httpx.Client(base_url=url, headers={**AUTH, "Content-Type": "application/json"}, timeout=60) as http:
+        for path, body, prompt in cases:
+            raw = json.dumps(body).encode()  # ASCII: the surrogate goes as its \ud800 escape
+            assert b"\\ud800" in raw
+            reply = http.post(path, content=raw)  # a response cut short raises here
+            assert reply.status_code == 200, (path, reply.text)
+            assert len(reply.content) == int(reply.headers.get("content-length", len(reply.content)))
+            [row] = _latest(url)
+            assert (row["endpoint"], row["status"], row["error"]) == (path, 200, None), row
+            assert row["request_id"] == reply.headers["x-request-id"]
+            assert row["prompt"] == prompt and row["completion"]
+
+
+def test_text_utf8_cannot_carry_is_stored_and_a_failing_add_never_raises(tmp_path, caplog):
+    history = RequestHistory(tmp_path / FILE_NAME, mode="full")
+    row = _row(1, prompt=LONE, completion="half an emoji \ud83d, then a whole one: \ud83d\ude00")
+    row["error"] = "the backend said \udc00"
+    history.add(row)
+    [stored] = history.page()["data"]
+    assert stored["prompt"] == LONE  # the prompt as sent (its JSON escape), the rest with U+FFFD
+    assert stored["completion"] == "half an emoji \ufffd, then a whole one: \U0001f600"
+    assert stored["error"] == "the backend said \ufffd"
+    assert history.text_bytes == len(json.dumps(LONE)) + len(stored["completion"].encode())
+    # a row that makes no sense is a bug: logged once with its traceback, never raised (the request is answered)
+    with caplog.at_level("WARNING", logger="p2pllm.gateway.history"):
+        history.add({"id": "broken"})
+        history.add({"id": "broken again", "prompt": object()})
+    failures = [r for r in caplog.records if r.name == "p2pllm.gateway.history"]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    history.add(_row(2))
+    assert _ids(history.page()) == ["cmpl-2", "cmpl-1"]
+    history.close()
+
+
+def _all_pages(url: str, limit: int, bound: int) -> list[str]:
+    """The ids of every page, following last_id as the docs say (at most `bound` pages)."""
+    ids, after = [], None
+    for _ in range(bound):
+        params = {"limit": limit, **({"after": after} if after else {})}
+        page = httpx.get(f"{url}/v1/history", params=params, headers=AUTH, timeout=10).json()
+        ids += _ids(page)
+        if not page["has_more"]:
+            return ids
+        assert page["last_id"] == page["data"][-1]["id"]
+        after = page["last_id"]
+    raise AssertionError(f"paging did not end after {bound} pages: {ids[-8:]}")
+
+
+def test_paging_visits_each_row_once_when_a_client_reuses_its_request_id(gateways):
+    """A failed request's row has its x-request-id as id, and clients reuse theirs across retries:
+    `after` named the newest of those rows, so paging went round for ever."""
+    url, retry = gateways.main.url, {**AUTH, "x-request-id": "client-retry-42"}
+    too_long = {"prompt": [5] * gateways.engine.context, "max_tokens": 4}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for i in range(5):
+            if i % 2:
+                reply = http.post("/v1/completions", json=too_long, headers=retry)
+                assert (reply.status_code, reply.headers["x-request-id"]) == (400, "client-retry-42")
+            else:
+                assert http.post("/v1/completions", json={"prompt": f"Retry {i}", "max_tokens": 2},
+                                 headers=AUTH).status_code == 200
+    everything = _ids(httpx.get(f"{url}/v1/history", params={"limit": 1000}, headers=AUTH).json())
+    for limit in (1, 2, 3):
+        assert _all_pages(url, limit, bound=len(everything) + 2) == everything
+    assert len(everything) == len(set(everything))
+    retried = [r for r in _latest(url, 5) if r["request_id"] == "client-retry-42"]
+    assert [r["id"] for r in retried] == ["client-retry-42~2", "client-retry-42"]  # the newer one is renamed
+
+
+def test_a_history_with_repeated_ids_is_given_unique_ones_when_opened(tmp_path):
+    """A history an earlier p2pllm kept, with one id on several rows, pages through each row once."""
+    history = RequestHistory(tmp_path / FILE_NAME)
+    for i in range(6):
+        history.add(_row(i))
+    history.close()
+    with sqlite3.connect(tmp_path / FILE_NAME) as con:  # as the earlier code stored retries of one request id
+        con.execute("UPDATE requests SET id = 'client-retry-42' WHERE id IN ('cmpl-1', 'cmpl-3', 'cmpl-4')")
+    con.close()
+    history = RequestHistory(tmp_path / FILE_NAME)
+    assert _ids(history.page()) == ["cmpl-5", "client-retry-42~3", "client-retry-42~2", "cmpl-2",
+                                    "client-retry-42", "cmpl-0"]
+    seen, after = [], None
+    for _ in range(10):
+        page = history.page(limit=1, after=after)
+        seen += _ids(page)
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == _ids(history.page())
+    history.add(_row(9))
+    history.add({**_row(10), "id": "client-retry-42"})
+    assert _ids(history.page(limit=2)) == ["client-retry-42~4", "cmpl-9"]
+    history.close()

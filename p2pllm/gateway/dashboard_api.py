@@ -3,8 +3,10 @@
 `GET /v1/cluster` is one snapshot: this peer's `p2pllm status --json` object plus the gateway's
 /metrics numbers; `GET /v1/cluster/events` streams one per second (SSE). `POST /v1/peers` tests or
 adds a peer by address, `POST /v1/peers/{name}/drain|admit` moves a peer out of the plan and back
-(cluster/management.py). The page is served without the API key (it holds no data and asks for
-the key); everything it reads needs the key like every other route.
+(cluster/management.py; `name` may be a peer's id, which the page sends: names may repeat). A
+snapshot's `queued`, `running` and `tokens_per_s` are the cluster's, from status.ring (the head's), on
+every peer. The page is served without the API key (it holds no data and asks for the key);
+everything it reads needs the key like every other route.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class DashboardApi:
         status = self.cluster.status()
         metrics = self._metrics()
         ring = status.get("ring") or {}
+        # the cluster's queue and sequences are the head's (the coordinator's scheduler): this peer's own gauges
+        # are 0 on every other peer, so they are taken from status.ring, as the tokens are, where it has them
+        for key in ("queued", "running"):
+            if ring.get(key) is not None:
+                metrics[key] = ring[key]
         metrics["tokens_generated"] = ring.get("tokens_generated")
         metrics["tokens_per_s"] = self._rate(ring.get("tokens_generated"))
         return {"object": "cluster", "time": time.time(), "status": status, "metrics": metrics}

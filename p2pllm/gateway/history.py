@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -89,7 +90,7 @@ class RequestHistory:
         self.max_rows, self.max_text_bytes = max_rows, max_text_bytes
         self._lock = threading.Lock()  # writes come from the event loop, which need not be the opener's thread
         self._read_lock = threading.Lock()
-        self._warned = False
+        self._warned = self._failed = False  # a write that failed has been logged (sqlite's error, a bug)
         self._db = self._reader = None
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -107,6 +108,7 @@ class RequestHistory:
                                                  "text_bytes = 0 WHERE text_bytes > 0").rowcount
                 self.text_bytes = self._db.execute("SELECT COALESCE(SUM(text_bytes), 0) FROM requests").fetchone()[0]
                 self._trim()  # --history-rows may have shrunk since the last run
+                _unique_ids(self._db)  # an earlier p2pllm stored a repeated id (a retried x-request-id) as it was
             if forgotten:  # and from the log too (secure_delete has zeroed the freed pages)
                 self._checkpoint()
             self._reader = _connect(self.path)
@@ -152,14 +154,15 @@ class RequestHistory:
     # ------------------------------------------------------------------ writing
     def add(self, row: dict) -> None:
         """Store one finished request's row (from `RequestRecord.end`); a failure is logged, never raised:
-        the request it describes is already answered."""
+        the request it describes is already answered. Text that UTF-8 cannot carry (a lone surrogate a
+        client sent as a JSON escape) is stored: escaped in the prompt's JSON, U+FFFD elsewhere. An id
+        another row has gets `~2`, `~3`, ... appended, so that `after` names one row."""
         if self._db is None:  # closed at shutdown
             return
-        if self.mode == "meta":
-            row = {**row, "prompt": None, "completion": None}
-        row["text_bytes"] = len((row["prompt"] or "").encode()) + len((row["completion"] or "").encode())
         try:
+            row = _storable(row, full=self.mode == "full")
             with self._lock, _transaction(self._db):
+                row["id"] = _free_id(self._db, row["id"])
                 seq = self._db.execute(f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES "
                                        f"({', '.join('?' * len(_COLUMNS))})", [row[c] for c in _COLUMNS]).lastrowid
                 self.text_bytes += row["text_bytes"]
@@ -169,6 +172,12 @@ class RequestHistory:
             if not self._warned:
                 log.warning("request history: cannot write to %s: %s (requests go unrecorded)", self.path, _reason(e))
                 self._warned = True
+        except Exception:  # a bug: the answer has gone out all the same
+            self._recount()
+            if not self._failed:
+                log.exception("request history: a request's row could not be recorded in %s (such rows go "
+                              "unrecorded)", self.path)
+                self._failed = True
 
     def _recount(self) -> None:
         """The stored text's size again, after a write that failed half-way."""
@@ -203,7 +212,8 @@ class RequestHistory:
 
     # ------------------------------------------------------------------ reading
     def page(self, limit: int = DEFAULT_PAGE, after: str | None = None) -> dict:
-        """Rows newest first, at most `limit`, older than the row `after` names (UnknownId if none does)."""
+        """Rows newest first, at most `limit`, older than the row `after` names (UnknownId if none does).
+        Ids are unique (`add`), so paging with each page's last_id visits every row once."""
         with self._read_lock:
             con = self._reader
             below = None
@@ -264,6 +274,44 @@ def _reason(e: Exception) -> str:
         return e.strerror.lower() + (f": {e.filename}" if e.filename else "")
     text = str(e) or type(e).__name__
     return text[0].lower() + text[1:] if text else text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(row: dict, *, full: bool) -> dict:
+    """A copy of `row` that SQLite takes (its text in UTF-8), with the bytes of its text counted. A
+    string with surrogates (only a JSON escape makes them: a lone one, or a pair split between two
+    chunks of a stream) has each pair joined and each lone one replaced by U+FFFD, except in the
+    prompt, which is JSON: there each becomes its escape again, so the prompt reads back as sent."""
+    row = {**row} if full else {**row, "prompt": None, "completion": None}
+    for key, value in row.items():
+        if isinstance(value, str) and _SURROGATE.search(value):
+            row[key] = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value) if key == "prompt" \
+                else value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    row["text_bytes"] = len((row["prompt"] or "").encode()) + len((row["completion"] or "").encode())
+    return row
+
+
+def _free_id(con: sqlite3.Connection, rid: str) -> str:
+    """`rid`, or where a row has it already `rid~N` with N past every such suffix in use (`~` is in no
+    x-request-id the gateway takes, so no client's id looks like it). In the writer's transaction."""
+    if con.execute("SELECT 1 FROM requests WHERE id = ?", (rid,)).fetchone() is None:
+        return rid
+    at = len(rid) + 2  # where the digits start (SQLite counts characters from 1)
+    n = con.execute("SELECT MAX(CAST(substr(id, ?) AS INTEGER)) FROM requests WHERE id > ? AND id < ? "
+                    "AND substr(id, ?) NOT GLOB '*[^0-9]*'", (at, rid + "~", rid + "\x7f", at)).fetchone()[0]
+    n = max(n or 0, 1) + 1
+    while con.execute("SELECT 1 FROM requests WHERE id = ?", (f"{rid}~{n}",)).fetchone() is not None:
+        n += 1
+    return f"{rid}~{n}"
+
+
+def _unique_ids(con: sqlite3.Connection) -> None:
+    """Give each row whose id an older row has an id of its own, as `add` now does."""
+    for (rid,) in con.execute("SELECT id FROM requests GROUP BY id HAVING COUNT(*) > 1").fetchall():
+        for (seq,) in con.execute("SELECT seq FROM requests WHERE id = ? ORDER BY seq", (rid,)).fetchall()[1:]:
+            con.execute("UPDATE requests SET id = ? WHERE seq = ?", (_free_id(con, rid), seq))
 
 
 def _shown(row: tuple) -> dict:
@@ -371,7 +419,7 @@ class RequestRecord:
         now = time.perf_counter()
         first, last, n = self.first_token_at, self.last_token_at, self.completion_tokens
         rate = (n - 1) / (last - first) if first is not None and last is not None and n and n > 1 and last > first \
-            else None
+            and self.backend != "cache" else None  # a cache replay generates nothing: it has no decode rate
         prompt = None if self.prompt is None else json.dumps(self.prompt, ensure_ascii=False, separators=(",", ":"))
         return {
             "id": self.id or self.request_id, "request_id": self.request_id, "created": self.created,

@@ -4,7 +4,7 @@
  *   GET  v1/history?limit=N     the recent requests
  *   GET  v1/models              the model id the chat panel asks for
  *   POST v1/chat/completions    the chat panel, streamed
- *   POST v1/peers               test or add a static peer; POST v1/peers/NAME/drain|admit
+ *   POST v1/peers               test or add a static peer; POST v1/peers/ID/drain|admit
  * Each call sends `Authorization: Bearer KEY` when the tab has a key; a 401 shows the login field.
  * EventSource cannot send that header, so server-sent events are read from fetch()'s body. */
 (() => {
@@ -100,15 +100,16 @@
   const fmtTime = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleTimeString([], { hour12: false });
   const stageRange = (stage) => (stage.layers ? stage.layers : [stage.start, stage.end]);
 
-  /** One colour per peer, kept for the page's life: the first snapshot's peers take the palette in name order,
-   * later ones the next colour. */
+  /** One colour per peer (by id: two peers may share a name), kept for the page's life: the first snapshot's
+   * peers take the palette in name order, later ones the next colour. */
   const PALETTE = ['#2f6fdb', '#d9822b', '#2f9e6e', '#9b4dca', '#c94f6d', '#1f9bb0', '#8a6d1f', '#5b6ee1',
     '#c0392b', '#6b7a8f'];
   const colors = new Map();
-  function peerColor(name) {
-    if (!colors.has(name)) colors.set(name, PALETTE[colors.size % PALETTE.length]);
-    return colors.get(name);
+  function peerColor(id) {
+    if (!colors.has(id)) colors.set(id, PALETTE[colors.size % PALETTE.length]);
+    return colors.get(id);
   }
+  const byName = (a, b) => a.name.localeCompare(b.name) || a.id.localeCompare(b.id);
 
   function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
@@ -236,7 +237,7 @@
     const status = snapshot.status || {};
     const metrics = snapshot.metrics || {};
     $('#updated').textContent = snapshot.time ? `updated ${fmtTime(snapshot.time)}` : '';
-    (status.peers || []).map((peer) => peer.name).sort().forEach(peerColor);
+    [...(status.peers || [])].sort(byName).forEach((peer) => peerColor(peer.id));
     renderHeader(status);
     renderPlan(status, metrics);
     renderPeers(status);
@@ -272,16 +273,17 @@
         .filter(Boolean).join(' · ')
       : '';
 
+    // segments are keyed by the stage's peer id (stage.peer): names are what is shown, and two peers may share one
     const bar = $('#plan-bar');
     const keep = new Set();
     stages.forEach((stage, index) => {
       const name = stage.name || nameOf(status, stage.peer);
       const [start, end] = stageRange(stage);
-      keep.add(name);
-      let segment = bar.querySelector(`[data-plan-peer="${CSS.escape(name)}"]`);
+      keep.add(stage.peer);
+      let segment = bar.querySelector(`[data-plan-peer="${CSS.escape(stage.peer)}"]`);
       if (!segment) {
-        segment = el('div', { class: 'segment', dataset: { planPeer: name } }, el('span'), el('span'));
-        segment.style.background = peerColor(name);
+        segment = el('div', { class: 'segment', dataset: { planPeer: stage.peer } }, el('span'), el('span'));
+        segment.style.background = peerColor(stage.peer);
         bar.append(segment);
       }
       segment.style.flexGrow = String(Math.max(end - start, 0));
@@ -300,12 +302,13 @@
       if (!keep.has(segment.dataset.planPeer)) segment.remove();
     }
     bar.dataset.segments = String(stages.length);
-    bar.setAttribute('aria-label', stages.map((s) => `${s.name} ${fmtLayers(stageRange(s))}`).join(', ') || 'no plan');
+    bar.setAttribute('aria-label', stages.map((s) => `${s.name || nameOf(status, s.peer)} ${fmtLayers(stageRange(s))}`)
+      .join(', ') || 'no plan');
 
     $('#plan-stages').replaceChildren(...stages.map((stage) => {
       const name = stage.name || nameOf(status, stage.peer);
-      return el('li', { dataset: { stagePeer: name } },
-        el('span', { class: 'swatch', style: { background: peerColor(name) } }), el('b', {}, name),
+      return el('li', { dataset: { stagePeer: stage.peer } },
+        el('span', { class: 'swatch', style: { background: peerColor(stage.peer) } }), el('b', {}, name),
         ` ${fmtLayers(stageRange(stage))}`,
         stage.ms_per_token !== undefined ? ` · ${fmtNumber(stage.ms_per_token)} ms/token` : '',
         stage.memory && stage.memory.total ? ` · ${fmtBytes(stage.memory.total)} planned` : '',
@@ -330,7 +333,7 @@
   }
 
   // ------------------------------------------------------------------ peers
-  const pending = new Map(); // peer name -> 'drain' | 'admit' while the call runs
+  const pending = new Map(); // peer id -> 'drain' | 'admit' while the call runs
 
   const TONES = {
     serving: 'ok', ready: 'ok', loading: 'warn', idle: 'warn', leaving: 'warn', drained: 'warn', lost: 'bad',
@@ -338,18 +341,20 @@
   const COLUMNS = ['Peer', 'Address', 'Device', 'Memory used / limit', 'Layers', 'Health', 'Link RTT', ''];
 
   function renderPeers(status) {
-    const peers = [...(status.peers || [])].sort((a, b) => a.name.localeCompare(b.name) || a.id.localeCompare(b.id));
+    const peers = [...(status.peers || [])].sort(byName);
     $('#peer-count').textContent = `${peers.length} peer${peers.length === 1 ? '' : 's'}, ` +
       `${peers.filter((p) => p.healthy).length} healthy`;
     const tbody = $('#peer-rows');
+    // rows are keyed by the peer's id: two peers may share a name (the default is the hostname)
     const rows = new Map([...tbody.children].map((row) => [row.dataset.peer, row]));
     peers.forEach((peer, index) => {
-      let row = rows.get(peer.name);
+      let row = rows.get(peer.id);
       if (!row) {
-        row = el('tr', { dataset: { peer: peer.name } },
+        row = el('tr', { dataset: { peer: peer.id } },
           ...COLUMNS.map((label) => el('td', { 'data-label': label })));
       }
-      rows.delete(peer.name);
+      rows.delete(peer.id);
+      row.dataset.name = peer.name; // shown; a peer's name may change when it rejoins
       if (tbody.children[index] !== row) tbody.insertBefore(row, tbody.children[index] || null);
       fillPeerRow(row, peer, status);
     });
@@ -367,7 +372,7 @@
     const [name, address, device, memory, layers, health, rtt, actions] = row.children;
     const badges = [peer.coordinator && 'coordinator', peer.id === status.id && 'this peer'].filter(Boolean);
     setCell(name, JSON.stringify([peer.name, badges]), () => [
-      el('span', { class: 'swatch', style: { background: peerColor(peer.name) } }), peer.name,
+      el('span', { class: 'swatch', style: { background: peerColor(peer.id) } }), peer.name,
       ...badges.map((b) => el('span', { class: 'badge' }, b))]);
     name.title = peer.id;
     address.textContent = peer.address;
@@ -388,10 +393,10 @@
     rtt.textContent = peer.rtt_ms === null || peer.rtt_ms === undefined ? '–' : `${peer.rtt_ms.toFixed(2)} ms`;
     rtt.title = peer.id === status.id ? 'this peer' : `measured by ${status.name || 'this peer'}`;
     actions.className = 'actions';
-    const busy = pending.get(peer.name);
+    const busy = pending.get(peer.id);
     const action = busy || (peer.drained ? 'admit' : peer.state === 'lost' ? null : 'drain');
-    setCell(actions, JSON.stringify([action, Boolean(busy)]), () => (action ? el('button', {
-      type: 'button', class: action === 'drain' ? 'quiet' : '', dataset: { action, name: peer.name },
+    setCell(actions, JSON.stringify([action, Boolean(busy), peer.name]), () => (action ? el('button', {
+      type: 'button', class: action === 'drain' ? 'quiet' : '', dataset: { action, peer: peer.id, name: peer.name },
       disabled: busy ? '' : null, title: action === 'drain'
         ? 'take this peer out of the plan (it stays up and listed)' : 'let the planner use this peer again',
     }, busy ? `${busy === 'drain' ? 'Draining' : 'Admitting'}…` : action === 'drain' ? 'Drain' : 'Admit') : []));
@@ -399,21 +404,22 @@
 
   $('#peer-rows').addEventListener('click', (event) => {
     const button = event.target.closest('button[data-action]');
-    if (button && !button.disabled) manage(button.dataset.name, button.dataset.action);
+    if (button && !button.disabled) manage(button.dataset.peer, button.dataset.name, button.dataset.action);
   });
 
-  async function manage(name, action) {
+  /** Drains or admits the peer `id` (by id, which the cluster resolves even where names repeat); `name` is shown. */
+  async function manage(id, name, action) {
     const output = $('#manage-result');
-    pending.set(name, action);
+    pending.set(id, action);
     if (lastSnapshot) renderPeers(lastSnapshot.status);
     say(output, `${action === 'drain' ? 'Draining' : 'Admitting'} ${name}: waiting for the plan change…`, 'busy');
     try {
-      const reply = await apiJSON(`v1/peers/${encodeURIComponent(name)}/${action}`, { method: 'POST' });
+      const reply = await apiJSON(`v1/peers/${encodeURIComponent(id)}/${action}`, { method: 'POST' });
       say(output, reply.message || `${action} ${name}: done`, 'ok');
     } catch (e) {
       if (!(e instanceof AuthError)) say(output, `${action} ${name}: ${e.message}`, 'error');
     } finally {
-      pending.delete(name);
+      pending.delete(id);
       if (lastSnapshot) renderPeers(lastSnapshot.status);
     }
   }
@@ -647,7 +653,8 @@
 
   function renderHistory(body) {
     const records = body.data || [];
-    const first = records.find((r) => typeof r.tokens_per_s === 'number');
+    // "the last request": the newest row generated by the ring or a backend; a cache replay measures no rate
+    const first = records.find((r) => r.backend !== 'cache' && typeof r.tokens_per_s === 'number');
     state.lastRequestRate = first ? first.tokens_per_s : null;
     $('#history-note').textContent = records.length ? '' : 'No requests yet.';
     const labels = ['Time', 'Endpoint', 'Tokens in → out', 'First token', 'Tokens/s', 'Finish', 'Epoch', 'Served by'];
