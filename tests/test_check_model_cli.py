@@ -148,6 +148,7 @@ CONFIG_CASES = [  # a config.json edit -> what the one line names
     ({"rope_scaling": "yes"}, "field rope_scaling is 'yes', expected an object"),
     ({"model_type": ["llama"]}, "unsupported architecture ['llama']"),
     ({"vocab_size": None}, "missing field vocab_size"),
+    ({"num_hidden_layers": 10**9}, "n_layers = 1000000000 is beyond any model's (at most 4096 here)"),  # plan: OOM
 ]
 
 

@@ -349,6 +349,14 @@ def test_cli_usage_errors_exit_2(argv):
     assert err.strip()
 
 
+def test_a_config_file_of_any_name_is_read_as_a_config(demo_tiny_hf, tmp_path):
+    # CONFIG.json, as the flag's metavar says: it was read as a GGUF unless named config.json
+    saved = tmp_path / "tiny-llama.json"
+    saved.write_text((demo_tiny_hf / "config.json").read_text())
+    code, out, err = run_cli("--model", str(saved), "--device", DEV_A, "--json")
+    assert code == 0 and json.loads(out)["feasible"], err
+
+
 def test_parse_device():
     p = parse_device("name=x,mem=16GiB,tflops=4,bw=60GBps,net=1Gbps", 0, 32)
     assert (p.id, p.mem_bytes, p.flops, p.mem_bw, p.net_bw) == ("x", 16 * GiB, 4e12, 60e9, 1e9 / 8)

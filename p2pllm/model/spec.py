@@ -116,7 +116,8 @@ class ModelSpec:
 def read_spec(path: str | os.PathLike, model_file: ModelFile | None = None) -> ModelSpec:
     """ModelSpec of a .gguf file, a Hugging Face folder, or its config.json (no weights loaded)."""
     p = Path(path)
-    if p.name == "config.json" and p.is_file() and not any(p.parent.glob("*.safetensors")):
+    # a config alone: any .json but a folder's own config.json beside its weights (that is the folder)
+    if p.suffix == ".json" and p.is_file() and not (p.name == "config.json" and any(p.parent.glob("*.safetensors"))):
         return _spec_from_hf_config(p, _load_config(p), None)
     mf = model_file or open_model_file(p)
     if mf.format == "gguf":
@@ -329,10 +330,20 @@ def _hf_dtype(cfg: dict) -> str:
     return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(name, "bf16")
 
 
+# far beyond any published model (405B: 126 layers, hidden 16384; contexts of 10M tokens), and small
+# enough that what is sized by them (the planner's per-layer tables) fits in memory: a corrupt or
+# hostile file claiming 10**9 layers got the planner OOM-killed
+MAX_DIMS = {"n_layers": 4096, "hidden": 1 << 18, "n_heads": 4096, "n_kv_heads": 4096, "head_dim": 4096,
+            "ffn": 1 << 20, "vocab": 1 << 24, "context": 1 << 24}
+
+
 def _check_dims(path, spec: ModelSpec) -> None:
     for field in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "context"):
         if getattr(spec, field) <= 0:
             raise ModelFileError(path, f"metadata {field} = {getattr(spec, field)} must be positive")
+        if getattr(spec, field) > MAX_DIMS[field]:
+            raise ModelFileError(path, f"metadata {field} = {getattr(spec, field)} is beyond any model's "
+                                       f"(at most {MAX_DIMS[field]} here)")
     if spec.n_heads % spec.n_kv_heads:
         raise ModelFileError(path, f"{spec.n_heads} heads is not a multiple of {spec.n_kv_heads} kv heads")
     if spec.head_dim % 2:
