@@ -106,6 +106,24 @@ def test_a_peer_is_tested_by_address_and_an_unreachable_one_is_not_added(cluster
     assert_one_line_error(peers(cluster, "add", f"localhost:{GRPC[0]}"), 2, f"localhost:{GRPC[0]} is this peer")
 
 
+def test_a_grpc_server_that_is_no_p2pllm_peer_is_called_that_not_an_older_p2pllm(cluster, loop):
+    import grpc
+
+    async def bare():  # the cluster's TLS, no p2pllm service: every call is UNIMPLEMENTED
+        server = grpc.aio.server()
+        Security.from_secret(cluster.secret).add_port(server, "127.0.0.1:7869")
+        await server.start()
+        return server
+
+    server = loop.run(bare())
+    try:
+        tested = peers(cluster, "test", "127.0.0.1:7869")
+        assert tested.returncode == 1 and "a gRPC server that is not a p2pllm peer answers there" in tested.stdout, \
+            tested.stdout
+    finally:
+        loop.run(server.stop(None))
+
+
 def test_the_dashboards_json_matches_status_and_streams_every_second(cluster):
     gateway = f"http://127.0.0.1:{GATEWAYS[1]}"
     snap = httpx.get(f"{gateway}/v1/cluster", timeout=10).json()

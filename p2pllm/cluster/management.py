@@ -88,14 +88,17 @@ class PeerManager:
         if address == self.d.address:
             raise ManageError(400, f"{address} is this peer")
         client = self.d.clients.get(address)
+        pinged = False
         try:
             report.update(reachable=True, rtt_ms=round(await client.rtt(timeout=3.0) * 1e3, 3))
+            pinged = True
             described = _details(await client.manage("describe", "", timeout=3.0))
         except grpc.aio.AioRpcError as e:
             from ..transport.security import explain_refusal
 
-            why = "its protocol has no node management (an older p2pllm)" if \
-                e.code() == grpc.StatusCode.UNIMPLEMENTED else \
+            unimplemented = e.code() == grpc.StatusCode.UNIMPLEMENTED
+            why = "its protocol has no node management (an older p2pllm)" if unimplemented and pinged else \
+                "a gRPC server that is not a p2pllm peer answers there (it has no Ping)" if unimplemented else \
                 explain_refusal(address, e, self.d.security.enabled) or f"no p2pllm peer answers ({e.code().name.lower()})"
             report.update(compatible=False, reason=why)
             report["message"] = f"{address}: {why}"
