@@ -208,9 +208,12 @@ def test_the_wrong_kind_of_path_says_which_path_to_pass(demo_tiny_hf, demo_tiny_
     """A safetensors file was read as GGUF ("wrong magic ... not a GGUF file"); a folder of GGUF
     files as a Hugging Face folder ("config.json: missing")."""
     st = next(demo_tiny_hf.glob("*.safetensors"))
-    assert_one_line_error(run_cli("check-model", st), 2, f"a Hugging Face model is its folder: pass --model {st.parent}")
+    assert_one_line_error(run_cli("check-model", st), 2, f"a Hugging Face model is its folder: pass {st.parent}")
     folder = tmp_path / "downloads"
     folder.mkdir()
+    (folder / "a-vocab.gguf").write_bytes(demo_tiny_gguf.read_bytes()[:4096])  # a vocab-only file sorts first
     shutil.copy(demo_tiny_gguf, folder / "tiny.gguf")
-    assert_one_line_error(run_cli("check-model", folder), 2, "pass the GGUF file itself",
-                          f"--model {folder / 'tiny.gguf'}")
+    # (no "--model": check-model takes the path itself)
+    line = assert_one_line_error(run_cli("check-model", folder), 2, "pass the GGUF file itself",
+                                 f"e.g. {folder / 'tiny.gguf'}")
+    assert "--model" not in line

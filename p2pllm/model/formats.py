@@ -346,13 +346,14 @@ def open_model_file(path: str | os.PathLike) -> ModelFile:
     if p.is_dir():
         ggufs = sorted(p.glob("*.gguf"))
         if ggufs and not (p / "config.json").exists():  # a folder of GGUF files is no Hugging Face folder
+            biggest = max(ggufs, key=lambda g: g.stat().st_size)  # a model, not a vocab-only file beside it
             raise ModelFileError(p, f"no config.json: not a Hugging Face folder; pass the GGUF file itself, "
-                                    f"e.g. --model {ggufs[0]}")
+                                    f"e.g. {biggest}")
         return SafetensorsModelFile(p)
     if p.name == "config.json":
         return SafetensorsModelFile(p.parent)
     if p.suffix == ".safetensors" or p.name == "model.safetensors.index.json":
-        raise ModelFileError(p, f"a Hugging Face model is its folder: pass --model {p.parent}")
+        raise ModelFileError(p, f"a Hugging Face model is its folder: pass {p.parent}")
     return GGUFModelFile(p)
 
 
