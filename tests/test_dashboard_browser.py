@@ -207,6 +207,10 @@ class TestTwoPeersNamedAlike:
         refused = httpx.post(f"{twins.url}/v1/peers/{TWIN_NAME}/drain", timeout=30,
                              headers={"Authorization": f"Bearer {KEY}"})
         assert refused.status_code == 409 and "give its id" in refused.json()["error"]["message"], refused.text
+        unknown = httpx.post(f"{twins.url}/v1/peers/nobody/drain", timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+        ids = sorted(p["id"][:8] for p in s["peers"])
+        assert unknown.status_code == 404 and f"{TWIN_NAME} (id {ids[0]}), {TWIN_NAME} (id {ids[1]})" in \
+            unknown.json()["error"]["message"], unknown.text  # the names alike, told apart
         peer_id = s["id"]
         peer_row(page, peer_id).locator("button[data-action=drain]").click()
         expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)

@@ -136,7 +136,9 @@ class PeerManager:
         found = [m for m in members if m.info.name == target] or \
             [m for m in members if len(target) >= 4 and m.info.id.startswith(target)]
         if not found:
-            names = ", ".join(sorted(m.info.name for m in members))
+            given = [m.info.name for m in members]
+            names = ", ".join(sorted(n if given.count(n) == 1 else f"{n} (id {m.info.id[:8]})"
+                                     for m, n in zip(members, given)))  # a repeated name with its id
             raise ManageError(404, f"no peer named {target!r} in this cluster (peers: {names})")
         if len(found) > 1:
             raise ManageError(409, f"{len(found)} peers are named {target!r}: give its id instead "
