@@ -356,10 +356,9 @@ class Scheduler:
         freeing = sum(self._freeing.get(s, 0) for s in (*self._to_free, *self._to_retain))
         reserved, admitting = self._kv_held() + freeing, True
         # a fair share per micro-batch, so that every micro-batch in flight has work
-        active = ready
         share = max(1, -(-sum(1 for s in self._seqs.values() if not s.done) // self.max_in_flight))
         chunks, tokens, starts, budget = [], [], [], self.token_budget
-        for seq in _turns(active):
+        for seq in _turns(ready):
             if len(chunks) >= share or budget <= 0:
                 break
             if not seq.started:
