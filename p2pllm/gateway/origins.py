@@ -64,7 +64,8 @@ class RequestOrigins:
     def refusal(self, headers: Headers) -> str:
         """Why this request is refused ('' = it is not)."""
         host = headers.get("host", "")
-        if not self.any_host and not is_loopback_name(_hostname(host)) and _hostname(host) not in self.hosts:
+        name = _hostname(host)  # (none: an HTTP/1.0 client; a browser always sends one)
+        if not self.any_host and name and not is_loopback_name(name) and name not in self.hosts:
             return (f"Host {host!r} is not this gateway's: it listens on a loopback address and answers only "
                     f"local names (a DNS-rebinding page would come with its own); allow a name with --allowed-host.")
         origin = headers.get("origin")
