@@ -28,7 +28,29 @@ def test_the_timeline_follows_each_token_around_the_ring(smol_cluster):
     parts = [x for s in tl["stages_ms"] for x in s.values()] + tl["messages_ms"] + list(tl["head_ms"].values())
     assert all(x > 0 for x in parts), tl
     assert all(s["layers"] > s["decode"] + s["encode"] for s in tl["stages_ms"]), tl  # the layers dominate a stage
-    # the head's own link hands the frame over in the process; the other two cross the network
-    own = 0 if tl["head_stage"] == 0 else 2
-    assert tl["messages_ms"][own] < min(m for i, m in enumerate(tl["messages_ms"]) if i != own), tl
     assert 0.7 * tl["cycle_ms"] < sum(parts) < 1.3 * tl["cycle_ms"], tl
+
+
+def test_frames_a_peer_sends_itself_are_handed_over_in_the_process():
+    """The head's own stage (and the last stage's answers to its own head) skip gRPC: no server is
+    listening at the address, yet the frame arrives. (Timed in benchmarks/ring.py, not here.)"""
+    import asyncio
+
+    from p2pllm.proto import p2pllm_pb2 as pb
+    from p2pllm.transport.ring import LinkPool, LocalLink
+    from p2pllm.transport.security import Security
+
+    got = []
+
+    async def handler(frame):
+        got.append(frame.micro_batch)
+        return pb.FrameAck(micro_batch=frame.micro_batch)
+
+    async def go():
+        pool = LinkPool(Security.insecure(), local=("127.0.0.1:1", handler))
+        link = pool.get("127.0.0.1:1")
+        await link.send(pb.Frame(epoch=1, micro_batch=7))
+        return link, pool.bytes_sent()
+
+    link, sent = asyncio.run(go())
+    assert isinstance(link, LocalLink) and got == [7] and sent == 0
