@@ -400,3 +400,398 @@ def test_a_document_longer_than_the_context_is_cut_to_fit_and_cut_again_on_a_400
     (r,) = records
     assert r["success"] and r["chunks"] >= 6 and "read in" in r["note"], r
     assert refused and all(n + 8 <= 400 for n in seen)
+
+
+# --------------------------------------------------------------------------- a small real OpenAI server
+# For what a real gateway will not do on demand (a non-UTF-8 world, Retry-After of a day, odd usage,
+# an answer held back): a real HTTP server on loopback, in a thread of the test, that `p2pllm batch`
+# and `p2pllm chat` reach over TCP like any other.
+
+
+def _completion(text: str = "ok", usage=None) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2} if usage is None else usage}
+
+
+class _OpenAIServer:
+    """/v1/models and /v1/chat/completions (whole or streamed) at `url`; `answer(body)` gives each
+    chat completion's (status, headers, JSON body) and may block; `requests` has the bodies seen."""
+
+    def __init__(self, answer=None, context: int = 4096):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answer = answer or (lambda body: (200, {}, _completion()))
+        self.requests: list[dict] = []
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, payload, headers: dict | None = None, content_type="application/json"):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _unknown(self):
+                self._send(404, {"error": {"message": f"Invalid URL ({self.command} {self.path})"}})
+
+            def do_GET(self):
+                server.paths.append(self.path)
+                if self.path != "/v1/models":
+                    return self._unknown()
+                self._send(200, {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": context}]})
+
+            def do_POST(self):
+                server.paths.append(self.path)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path != "/v1/chat/completions":
+                    return self._unknown()
+                server.requests.append(body)
+                if body.get("stream"):
+                    events = [{"choices": [{"index": 0, "delta": {"content": "streamed ok"}}]},
+                              {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}]
+                    data = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+                    return self._send(200, data.encode(), content_type="text/event-stream")
+                status, headers, payload = server.answer(body)
+                self._send(status, payload, headers)
+
+        import random
+
+        for port in random.sample(range(23000, 24000), 50):
+            try:
+                self._http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+                break
+            except OSError:
+                continue
+        else:
+            raise AssertionError("no free port in 23000-23999")
+        self._http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._http.shutdown()
+        self._http.server_close()
+
+
+def _run_over_http(server: _OpenAIServer, tmp_path: Path, tasks: list[Task], journal_path: Path | None = None,
+                   notes: list | None = None, **settings) -> list[dict]:
+    async def go():
+        client = GatewayClient(server.url, None, timeout=30, connections=4)
+        _, context = await client.model_info()
+        s = Settings(context=context, **{"max_tokens": 8, **settings})
+        journal = Journal(journal_path or tmp_path / "j.jsonl")
+        try:
+            reader = Reader(client, s) if notes is None else Reader(client, s, notes.append)
+            return await run_tasks(reader, tasks, journal, lambda r: None)
+        finally:
+            journal.close()
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def _stderr_without_progress(proc) -> str:
+    return "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("batch: "))
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_note_and_the_batch_goes_on(tmp_path):
+    """Was: `internal error: UnicodeEncodeError ... surrogates not allowed`, no result file, and
+    --resume crashing the same way for ever."""
+    docs = write_docs(tmp_path / "docs", 2)
+    with open(os.fsencode(docs) + b"/bad\xffname.txt", "wb") as f:
+        f.write(b"a document whose name is not UTF-8\n")
+    found = find_documents(docs)
+    assert [p.name for p in found.documents] == ["doc0.txt", "doc1.txt"]
+    assert found.skipped == ["bad\\xffname.txt: the file name is not valid UTF-8 (rename it to read it)"]
+    out = tmp_path / "out.json"
+    with _OpenAIServer() as server:
+        for extra in ((), ("--resume",)):
+            proc = run_cli("batch", "--input", docs, "--output", out, "--host", server.url, "--prompt",
+                           "{filename}: {content}", *extra, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            assert "p2pllm: skipped bad\\xffname.txt: the file name is not valid UTF-8" in proc.stderr
+            assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+            result = json.loads(out.read_text())
+            assert (result["total_tasks"], result["successful"]) == (2, 2)
+        assert "resuming: 2 of 2 tasks done" in proc.stderr
+
+
+def test_an_unexpected_error_in_one_task_fails_that_task_only_and_the_journal_keeps_it(tmp_path):
+    """A task whose request cannot even be encoded (a lone surrogate in its file name: httpx raises
+    UnicodeEncodeError, no RequestFailed) used to end the whole batch."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    template = Template("t", "{filename}: {content}")
+    tasks = [Task("a\udcffb.txt", tmp_path / "a.txt", template), Task("b.txt", tmp_path / "b.txt", template)]
+    with _OpenAIServer() as server:
+        records = _run_over_http(server, tmp_path, tasks)
+    by_file = {r["file"]: r for r in records}
+    assert by_file["b.txt"]["success"] and by_file["b.txt"]["response"] == "ok"
+    bad = by_file["a\udcffb.txt"]
+    assert not bad["success"] and bad["error"].startswith("UnicodeEncodeError"), bad
+    # the journal takes the record all the same (escaped), and gives the same key back
+    assert set(read_journal(tmp_path / "j.jsonl")) == {("a\udcffb.txt", template.text), ("b.txt", template.text)}
+
+
+def test_a_journal_torn_inside_a_character_or_edited_by_hand_is_read_with_those_lines_skipped(tmp_path, caplog):
+    path = tmp_path / "out.json.jsonl"
+    good = {"file": "doc0.txt", "prompt_template": "{content}", "success": True, "response": "ok",
+            "completion_tokens": 2}
+    lines = [json.dumps(good).encode(),
+             b'{"file": ["d1.txt"], "prompt_template": "x", "success": true}',  # was TypeError: unhashable
+             b'{"file": "d2.txt", "prompt_template": 7, "success": true}',
+             b'{"file": "d3.txt", "prompt_template": "x", "success": "yes"}',
+             b'["not", "a", "record"]',
+             b'"neither"']
+    torn = json.dumps({"file": "caf\u00e9.txt", "prompt_template": "x"}, ensure_ascii=False).encode()
+    torn = torn[: torn.index("\u00e9".encode()) + 1]  # cut inside the two bytes of é: was UnicodeDecodeError
+    path.write_bytes(b"\n".join(lines) + b"\n" + torn)
+    with caplog.at_level("WARNING"):
+        assert read_journal(path) == {("doc0.txt", "{content}"): good}
+    warned = [r.getMessage() for r in caplog.records if "is not a task record" in r.getMessage()]
+    assert len(warned) == 6 and any("line 7" in w for w in warned), warned
+    # --resume over it: the good record is kept, the rest runs
+    docs = write_docs(tmp_path / "docs", 2)
+    with _OpenAIServer() as server:
+        proc = run_cli("batch", "--input", docs, "--output", tmp_path / "out.json", "--host", server.url,
+                       "--prompt", "{content}", "--resume", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr and "resuming: 1 of 2 tasks done" in proc.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert (result["successful"], result["resumed_tasks"]) == (2, 1)
+    assert len(read_journal(path)) == 2  # the new record went on a line of its own after the torn one
+
+
+def test_a_journal_that_cannot_be_written_stops_the_batch_with_one_line_and_keeps_what_it_holds(tmp_path):
+    """A full disk (ENOSPC) while appending used to print an asyncio traceback ('Cannot send a
+    request, as the client has been closed') and `internal error: OSError`."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    template = Template("t", "{content}")
+    tasks = [Task(f"a{i}.txt", tmp_path / "a.txt", template) for i in range(8)]
+    with _OpenAIServer() as server:
+        with pytest.raises(Exception) as raised:  # /dev/full: every write is ENOSPC
+            _run_over_http(server, tmp_path, tasks, journal_path=Path("/dev/full"), max_concurrent=2)
+    assert type(raised.value).__name__ == "JournalWriteError", raised.value
+    assert str(raised.value).startswith("cannot write the journal /dev/full: No space left on device")
+
+    # the command: a journal that fills up after two records (a file size limit stands in for the
+    # full disk: the same failed write, EFBIG instead of ENOSPC), then --resume once there is room
+    import resource
+
+    docs = write_docs(tmp_path / "docs", 6)
+    out = tmp_path / "out.json"
+    argv = ["batch", "--input", str(docs), "--output", str(out), "--max-concurrent", "1", "--prompt", "{content}"]
+    record_size = len(json.dumps({"file": "doc0.txt", "prompt_template": "{content}", "prompt_name": "prompt-1",
+                                  "success": True, "response": "ok", "error": None, "prompt_tokens": 5,
+                                  "completion_tokens": 2, "seconds": 0.001, "chunks": 1})) + 1
+    limit = record_size * 2 + record_size // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("P2PLLM_DEBUG", None)
+    with _OpenAIServer() as server:
+        proc = subprocess.run([sys.executable, "-m", "p2pllm", *argv, "--host", server.url], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+        err = _stderr_without_progress(proc)
+        assert proc.returncode == 1, proc.stderr
+        assert err.count("\n") == 0 and "Traceback" not in err and "unhandled" not in err, proc.stderr
+        assert err.startswith(f"p2pllm: error: cannot write the journal {out}.jsonl: File too large"), err
+        assert not out.exists()
+        kept = read_journal(Path(f"{out}.jsonl"))
+        assert len(kept) == 2 and all(r["success"] for r in kept.values())
+        again = run_cli(*argv, "--host", server.url, "--resume", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 2 of 6 tasks done" in again.stderr
+    assert json.loads(out.read_text())["successful"] == 6
+
+
+def test_a_retry_after_of_a_day_is_cut_short_and_said(tmp_path):
+    """A 503 with Retry-After: 100000 used to put each task to sleep for 28 hours."""
+    assert Settings(context=4096, max_tokens=8).max_retry_wait == 60.0
+    calls: list[str] = []
+
+    def answer(body):
+        calls.append(body["messages"][0]["content"])
+        if len(calls) == 1:
+            return 503, {"Retry-After": "100000"}, {"error": {"message": "busy"}}
+        return 200, {}, _completion()
+
+    (tmp_path / "a.txt").write_text("alpha\n")
+    notes: list[str] = []
+    with _OpenAIServer(answer) as server:
+        started = time.monotonic()
+        records = _run_over_http(server, tmp_path, [Task("a.txt", tmp_path / "a.txt", Template("t", "{content}"))],
+                                 notes=notes, retries=1, max_retry_wait=0.5)
+    assert time.monotonic() - started < 20
+    assert records[0]["success"] and len(calls) == 2
+    assert notes == ["p2pllm: busy (HTTP 503); trying again in 0.5s (Retry-After 100000s, capped at 0.5s)"]
+
+
+def test_a_long_wait_before_a_retry_is_a_line_on_stderr(tmp_path):
+    calls: list[int] = []
+
+    def answer(body):
+        calls.append(1)
+        if len(calls) == 1:
+            return 429, {"Retry-After": "5"}, {"error": {"message": "too many requests waiting"}}
+        return 200, {}, _completion()
+
+    docs = write_docs(tmp_path / "docs", 1)
+    with _OpenAIServer(answer) as server:
+        proc = run_cli("batch", "--input", docs, "--output", tmp_path / "out.json", "--host", server.url,
+                       "--prompt", "{content}", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "p2pllm: too many requests waiting (HTTP 429); trying again in 5s" in proc.stderr
+
+
+def test_a_second_batch_on_the_same_journal_is_refused_while_the_first_runs(tmp_path):
+    """Two batches on one journal used to both run every task (60 records for 30 tasks)."""
+    import threading
+
+    release = threading.Event()
+
+    def answer(body):
+        release.wait(60)
+        return 200, {}, _completion()
+
+    docs = write_docs(tmp_path / "docs", 3)
+    out = tmp_path / "out.json"
+    with _OpenAIServer(answer) as server:
+        argv = [sys.executable, "-m", "p2pllm", "batch", "--input", str(docs), "--output", str(out),
+                "--host", server.url, "--prompt", "{content}", "--max-concurrent", "1"]
+        first = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not server.requests:  # the first batch is under way
+                assert first.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            results = {}
+            for extra in ((), ("--resume",)):
+                second = subprocess.Popen([*argv, *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                try:
+                    _, err = second.communicate(timeout=30)
+                except subprocess.TimeoutExpired:  # (it runs: let both end)
+                    release.set()
+                    _, err = second.communicate(timeout=60)
+                results[extra] = (second.returncode, err)
+            release.set()
+            _, first_err = first.communicate(timeout=60)
+        finally:
+            release.set()
+            for p in (first,):
+                if p.poll() is None:
+                    p.kill()
+    for code, err in results.values():
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0] == (f"p2pllm: error: another p2pllm batch is writing {out}.jsonl: wait for it to end "
+                            f"(or stop it) before running this one"), err
+    assert first.returncode == 0, first_err
+    assert len(journal_lines(out)) == 3 and json.loads(out.read_text())["successful"] == 3
+
+
+def test_host_may_be_the_openai_base_url_with_v1_for_batch_and_chat(tmp_path):
+    """`--host http://127.0.0.1:PORT/v1` (what a daemon's ready: line prints) used to ask /v1/v1/models."""
+    from p2pllm.gateway.chat_cli import base_url
+
+    assert base_url("http://127.0.0.1:8700/v1") == base_url("http://127.0.0.1:8700/v1/") == "http://127.0.0.1:8700"
+    assert base_url("127.0.0.1:8700/v1") == base_url("127.0.0.1:8700") == "http://127.0.0.1:8700"
+    assert base_url("https://example.com/") == "https://example.com"
+    docs = write_docs(tmp_path / "docs", 1)
+    with _OpenAIServer() as server:
+        for i, host in enumerate((f"{server.url}/v1", f"{server.url}/v1/")):
+            out = tmp_path / f"out{i}.json"
+            proc = run_cli("batch", "--input", docs, "--output", out, "--host", host, "--prompt", "{content}",
+                           timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(out.read_text())["successful"] == 1
+            chat = run_cli("chat", "--host", host, "--prompt", "hi", timeout=120)
+            assert chat.returncode == 0, chat.stderr
+            assert chat.stdout == "streamed ok\n"
+        assert not [p for p in server.paths if p.startswith("/v1/v1")], server.paths
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "many", "completion_tokens": 2}, "lots", [1, 2],
+                                   {"prompt_tokens": 5.0, "completion_tokens": -3}, {"prompt_tokens": None}])
+def test_a_usage_of_another_shape_counts_as_unknown_and_never_ends_the_batch(tmp_path, usage):
+    """Another OpenAI-compatible server's `"usage": {"prompt_tokens": "many"}` used to be
+    `internal error: ValueError`."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    with _OpenAIServer(lambda body: (200, {}, _completion("fine", usage=usage))) as server:
+        (r,) = _run_over_http(server, tmp_path, [Task("a.txt", tmp_path / "a.txt", Template("t", "{content}"))])
+    assert r["success"] and r["response"] == "fine", r
+    expected = {"prompt_tokens": 5 if isinstance(usage, dict) and usage.get("prompt_tokens") == 5.0 else 0,
+                "completion_tokens": 2 if isinstance(usage, dict) and usage.get("completion_tokens") == 2 else 0}
+    assert {k: r[k] for k in expected} == expected
+
+
+def test_ctrl_c_after_one_task_says_one_finished_task_is_kept(tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    def answer(body):
+        if "Note 0:" not in body["messages"][0]["content"]:
+            release.wait(60)
+        return 200, {}, _completion()
+
+    docs = write_docs(tmp_path / "docs", 3)
+    out = tmp_path / "out.json"
+    with _OpenAIServer(answer) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "p2pllm", "batch", "--input", str(docs), "--output", str(out),
+                                 "--host", server.url, "--prompt", "{content}", "--max-concurrent", "1"],
+                                cwd=REPO, stderr=subprocess.PIPE, text=True)
+        try:
+            journal = Path(f"{out}.jsonl")
+            deadline = time.monotonic() + 60
+            while not (journal.exists() and journal.read_text().count("\n") >= 1 and len(server.requests) >= 2):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert f"p2pllm: interrupted; 1 finished task is kept in {out}.jsonl" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_document_of_only_whitespace_is_left_out_like_an_empty_one(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "blank.md").write_text("  \n\t\r\n\n")
+    (tmp_path / "empty.txt").write_text("")
+    found = find_documents(tmp_path)
+    assert [p.name for p in found.documents] == ["a.txt"]
+    assert found.skipped == ["blank.md: empty (only whitespace)", "empty.txt: empty"]
+
+
+def test_resume_without_a_journal_runs_everything_and_a_batch_that_never_starts_leaves_no_journal(tmp_path):
+    """The journal is opened (and locked) before the gateway is asked: one made for nothing is removed."""
+    docs = write_docs(tmp_path / "docs", 2)
+    out = tmp_path / "out.json"
+    refused = run_cli("batch", "--input", docs, "--output", out, "--host", "127.0.0.1:1", "--prompt", "{content}",
+                      timeout=60)
+    assert_one_line_error(refused, 1, "no gateway at 127.0.0.1:1")
+    assert not Path(f"{out}.jsonl").exists()
+    with _OpenAIServer() as server:
+        proc = run_cli("batch", "--input", docs, "--output", out, "--host", server.url, "--prompt", "{content}",
+                       "--resume", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" not in proc.stderr and len(journal_lines(out)) == 2

@@ -74,21 +74,36 @@ def cmd_batch(args) -> int:
         raise UsageError(f"--input {args.input}: no .txt, .md or .pdf files to read"
                          + (f" ({'; '.join(found.skipped)})" if found.skipped else ""))
     output = args.output
-    journal = journal_path(output)
-    _check_output(output, journal, args.resume)
-    tasks = [Task(str(path.relative_to(args.input)), path, t) for path in found.documents for t in chosen]
-    api_key = args.api_key if args.api_key is not None else os.environ.get("P2PLLM_API_KEY") or None
+    journal_file = journal_path(output)
+    _check_output(output, journal_file)
+    journal = _open_journal(output, journal_file)  # locked from here on: a second batch on it is refused
     try:
-        return asyncio.run(_batch(args, tasks, len(found.documents), journal, api_key))
-    except KeyboardInterrupt:
-        done = len(read_journal(journal))
-        lead = "\n" if sys.stderr.isatty() else ""  # below the progress line, not on it
-        print(f"{lead}p2pllm: interrupted; {done} finished task{'s' if done != 1 else ''} are kept in {journal}: "
-              f"run the same command with --resume to go on", file=sys.stderr)
-        return 130
+        if not args.resume and journal_file.stat().st_size > 0:
+            # never start over silently on top of finished work
+            raise UsageError(f"{journal_file} holds an earlier batch: pass --resume to continue it, or remove it "
+                             f"to start over")
+        tasks = [Task(str(path.relative_to(args.input)), path, t) for path in found.documents for t in chosen]
+        api_key = args.api_key if args.api_key is not None else os.environ.get("P2PLLM_API_KEY") or None
+        try:
+            return asyncio.run(_batch(args, tasks, len(found.documents), journal, api_key))
+        except KeyboardInterrupt:
+            done = len(read_journal(journal_file))
+            kept = f"{done} finished task is" if done == 1 else f"{done} finished tasks are"
+            print(f"p2pllm: interrupted; {kept} kept in {journal_file}: run the same command with --resume "
+                  f"to go on", file=sys.stderr)
+            return 130
+    finally:
+        journal.close()
 
 
-def _check_output(output: Path, journal: Path, resume: bool) -> None:
+def _open_journal(output: Path, journal: Path) -> Journal:
+    try:  # the journal is where finished work goes: find out now, not after the first task
+        return Journal(journal)
+    except OSError as e:
+        raise UsageError(f"--output {output}: cannot write its journal {journal} ({e.strerror or e})") from None
+
+
+def _check_output(output: Path, journal: Path) -> None:
     if output.is_dir():
         raise UsageError(f"--output {output} is a directory; name a file, e.g. {output / 'results.json'}")
     if not output.parent.is_dir():
@@ -97,36 +112,25 @@ def _check_output(output: Path, journal: Path, resume: bool) -> None:
         raise UsageError(f"--output {output}: cannot write in {output.parent}")
     if journal.exists() and not journal.is_file():
         raise UsageError(f"--output {output}: its journal {journal} is not a file")
-    if not resume and journal.exists() and journal.stat().st_size > 0:
-        # never start over silently on top of finished work
-        raise UsageError(f"{journal} holds an earlier batch: pass --resume to continue it, or remove it to "
-                         f"start over")
-    existed = journal.exists()
-    try:  # the journal is where finished work goes: find out now, not after the first task
-        with journal.open("a", encoding="utf-8"):
-            pass
-        if not existed:
-            journal.unlink()  # made when the first task ends, as before
-    except OSError as e:
-        raise UsageError(f"--output {output}: cannot write its journal {journal} ({e.strerror or e})") from None
 
 
-async def _batch(args, tasks: list[Task], n_files: int, journal_file: Path, api_key: str | None) -> int:
+async def _batch(args, tasks: list[Task], n_files: int, journal: Journal, api_key: str | None) -> int:
     client = GatewayClient(args.host, api_key, args.timeout, args.max_concurrent)
     try:
         model, context = await client.model_info()
         settings = _settings(args, context, tasks)
-        kept, todo = _resume(tasks, journal_file) if args.resume else ({}, tasks)
+        kept, todo = _resume(tasks, journal) if args.resume else ({}, tasks)
         progress = Progress(len(tasks), len(kept))
-        journal = Journal(journal_file)
         started = time.monotonic()
         ticker = asyncio.ensure_future(_tick(progress))
         try:
             progress.show()
-            records = await run_tasks(Reader(client, settings), todo, journal, progress.finished)
+            records = await run_tasks(Reader(client, settings, progress.note), todo, journal, progress.finished)
+        except BaseException:
+            progress.end()  # what follows (an error, "interrupted") goes below the progress line
+            raise
         finally:
             ticker.cancel()
-            journal.close()
         seconds = time.monotonic() - started
         progress.show(final=True)
     finally:
@@ -149,13 +153,13 @@ async def _tick(progress: Progress) -> None:
         progress.show()
 
 
-def _resume(tasks: list[Task], journal_file: Path) -> tuple[dict, list[Task]]:
+def _resume(tasks: list[Task], journal: Journal) -> tuple[dict, list[Task]]:
     """The records of the tasks that succeeded in the journal, and the tasks still to run."""
-    done = {key: r for key, r in read_journal(journal_file).items() if r.get("success")}
+    done = {key: r for key, r in read_journal(journal.path).items() if r.get("success")}
     kept = {t.key: done[t.key] for t in tasks if t.key in done}
     todo = [t for t in tasks if t.key not in kept]
-    if journal_file.exists():
-        print(f"p2pllm: resuming: {len(kept)} of {len(tasks)} tasks done in {journal_file}, {len(todo)} to run",
+    if not journal.created:  # (opening it made an empty one where there was none)
+        print(f"p2pllm: resuming: {len(kept)} of {len(tasks)} tasks done in {journal.path}, {len(todo)} to run",
               file=sys.stderr)
     return kept, todo
 
@@ -203,7 +207,12 @@ def _write_json(path: Path, data: dict) -> None:
     """Written beside and renamed over, so that a reader never sees half a result file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(data, indent=2, ensure_ascii=False)
+        try:
+            encoded = (text + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate somewhere: escaped, it is still the same JSON
+            encoded = (json.dumps(data, indent=2) + "\n").encode("ascii")
+        tmp.write_bytes(encoded)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

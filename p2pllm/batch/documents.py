@@ -9,6 +9,7 @@ makes the runner cut again at the measured rate.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -45,13 +46,18 @@ def find_documents(root: Path) -> Found:
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         suffix = path.suffix.lower()
-        if suffix == ".pdf":
+        if suffix not in TEXT_SUFFIXES and suffix != ".pdf":
+            continue
+        if not _is_utf8(str(rel)):  # its name could go in no JSON result (nor --resume find it again)
+            found.skipped.append(f"{escaped_name(rel)}: the file name is not valid UTF-8 (rename it to read it)")
+        elif suffix == ".pdf":
             pdfs.append(path)
-        elif suffix in TEXT_SUFFIXES:
-            if path.stat().st_size == 0:
-                found.skipped.append(f"{rel}: empty")
-            else:
-                found.documents.append(path)
+        elif path.stat().st_size == 0:
+            found.skipped.append(f"{rel}: empty")
+        elif _blank(path):
+            found.skipped.append(f"{rel}: empty (only whitespace)")
+        else:
+            found.documents.append(path)
     if pdfs and shutil.which("pdftotext") is None:
         found.skipped.append(f"{len(pdfs)} .pdf file{'s' if len(pdfs) != 1 else ''}: pdftotext is not installed "
                              f"(poppler-utils)")
@@ -59,6 +65,31 @@ def find_documents(root: Path) -> Found:
         found.documents += pdfs
     found.documents.sort()
     return found
+
+
+def escaped_name(path: Path | str) -> str:
+    """A file name as printable text: the bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(str(path)).decode("utf-8", errors="backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a name that is not UTF-8 on disk comes back with lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _blank(path: Path) -> bool:
+    """Whether the file holds nothing but whitespace (read until its first other byte)."""
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return False
+    except OSError:  # unreadable: its tasks fail with the reason when it is read
+        return False
+    return True
 
 
 def read_document(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import sys
 import time
@@ -28,6 +29,8 @@ from .prompts import Template
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_WAIT = 60.0  # seconds: a longer Retry-After is cut to this
+NOTE_WAITS_FROM = 5.0  # seconds: a wait this long (or a capped Retry-After) before a retry is said on stderr
 CHAT_OVERHEAD_TOKENS = 64  # the chat template's own tokens around a message (SmolLM2's: ~30)
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 MIN_BYTES_PER_TOKEN = 0.25  # below this a re-cut cannot help: the template alone is too long
@@ -124,10 +127,20 @@ class GatewayClient:
         try:
             data = reply.json()
             text = data["choices"][0]["message"]["content"] or ""
-            usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError):
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+            usage = data.get("usage")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RequestFailed(f"the gateway's answer is not a chat completion: {reply.text[:120]!r}") from None
-        return Reading(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        usage = usage if isinstance(usage, dict) else {}  # another server's own idea of usage counts as none
+        return Reading(text, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+
+
+def _token_count(value) -> int:
+    """A usage count; 0 (unknown) for anything that is not a number of tokens."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
 
 
 def _failure(reply: httpx.Response) -> RequestFailed:
@@ -143,8 +156,10 @@ def _failure(reply: httpx.Response) -> RequestFailed:
     retry_after = None
     try:
         retry_after = float(reply.headers.get("retry-after", ""))
-    except ValueError:
+    except ValueError:  # (an HTTP date, or nothing)
         pass
+    if retry_after is not None and not (math.isfinite(retry_after) and retry_after >= 0):
+        retry_after = None
     return RequestFailed(message, transient=reply.status_code in TRANSIENT_STATUS, retry_after=retry_after)
 
 
@@ -171,6 +186,7 @@ class Settings:
     max_concurrent: int = 4
     retries: int = 2  # extra attempts after a transient failure
     chunk_tokens: int | None = None  # cap on a piece's tokens, below what the context allows
+    max_retry_wait: float = MAX_RETRY_WAIT  # the longest Retry-After obeyed
 
 
 def document_room(s: Settings, template: Template, filename: str, bytes_per_token: float = BYTES_PER_TOKEN) -> int:
@@ -183,9 +199,10 @@ def document_room(s: Settings, template: Template, filename: str, bytes_per_toke
 class Reader:
     """Answers one template over one document, in pieces when it does not fit."""
 
-    def __init__(self, client: GatewayClient, settings: Settings):
+    def __init__(self, client: GatewayClient, settings: Settings, note: Callable[[str], None] | None = None):
         self.client = client
         self.settings = settings
+        self.note = note or (lambda line: None)  # one line for the user: a long wait before a retry
         self._slots = asyncio.Semaphore(settings.max_concurrent)
 
     def room(self, template: Template, filename: str, bytes_per_token: float = BYTES_PER_TOKEN) -> int:
@@ -263,8 +280,15 @@ class Reader:
             except RequestFailed as e:
                 if not e.transient or attempt == s.retries:
                     raise
-                delay = e.retry_after if e.retry_after is not None else min(30.0, 2.0 ** attempt)
+                if e.retry_after is not None:  # obeyed up to a point: 28 hours of it would be no batch at all
+                    delay = min(e.retry_after, s.max_retry_wait)
+                else:
+                    delay = min(30.0, 2.0 ** attempt)
                 log.debug("request failed (%s); attempt %d of %d in %.1fs", e, attempt + 2, s.retries + 1, delay)
+                capped = e.retry_after is not None and e.retry_after > delay
+                if delay >= NOTE_WAITS_FROM or capped:
+                    asked = f" (Retry-After {e.retry_after:g}s, capped at {s.max_retry_wait:g}s)" if capped else ""
+                    self.note(f"p2pllm: {e}; trying again in {delay:g}s{asked}")
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -277,6 +301,7 @@ async def _all(coros) -> list:
     except BaseException:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # ended before the caller closes their client
         raise
 
 
@@ -350,6 +375,8 @@ class Progress:
         self._tokens = 0
         self._last = 0.0
         self._shown = -1
+        self._open = False  # a terminal's line is on screen, not yet ended
+        self._notes: dict[str, float] = {}
 
     def finished(self, record: dict) -> None:
         self.done += 1
@@ -368,9 +395,35 @@ class Progress:
         line = self.line(now)
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+            self._open = not final
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own above the progress line; the same note at most once every 30 s (the
+        tasks in flight all meet the same busy gateway)."""
+        now = time.monotonic()
+        if now - self._notes.get(text, -1e9) < 30.0:
+            return
+        self._notes[text] = now
+        if self.tty:
+            self.stream.write("\r\033[K" + text + "\n")
+            self._open = False
+            self.stream.flush()
+            if self._shown >= 0:
+                self._last = 0.0
+                self.show()
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def end(self) -> None:
+        """Ends a terminal's progress line, so that what is printed next goes below it."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
@@ -394,7 +447,8 @@ def _duration(seconds: float) -> str:
 async def run_tasks(reader: Reader, tasks: list[Task], journal: Journal,
                     on_finished: Callable[[dict], None]) -> list[dict]:
     """Every task, at most `max_concurrent` requests in flight; each record is journaled as its task
-    ends. A document that cannot be read fails its own tasks only."""
+    ends. A document that cannot be read, or any error in one task, fails those tasks only; a journal
+    that cannot be written ends the batch (JournalWriteError), its requests in flight cancelled."""
     by_file: dict[Path, list[Task]] = {}
     for task in tasks:
         by_file.setdefault(task.path, []).append(task)
@@ -416,6 +470,9 @@ async def run_tasks(reader: Reader, tasks: list[Task], journal: Journal,
                 reading = await reader.read(text, task.file, task.template)
             except RequestFailed as e:
                 error = str(e)
+            except Exception as e:  # a bug or a surprise in one task is that task's failure, not the batch's
+                log.debug("task %s failed", task.key, exc_info=True)
+                error = f"{type(e).__name__}: {e}"
         finish(task_record(task, reading, error, time.monotonic() - started))
 
     async def worker() -> None:
@@ -427,8 +484,11 @@ async def run_tasks(reader: Reader, tasks: list[Task], journal: Journal,
                 text = await asyncio.to_thread(read_document, path)
             except DocumentError as e:
                 unreadable = str(e)
-            await asyncio.gather(*(one(t, text, unreadable) for t in file_tasks))
+            except Exception as e:  # (a read that fails otherwise fails this document's tasks too)
+                unreadable = f"cannot read {path.name}: {type(e).__name__}: {e}"
+            await _all(one(t, text, unreadable) for t in file_tasks)
 
+    # _all: a journal that cannot be written (a full disk) stops every worker, requests in flight included
     workers = min(len(by_file), max(1, reader.settings.max_concurrent))
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    await _all(worker() for _ in range(workers))
     return records

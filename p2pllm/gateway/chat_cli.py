@@ -45,8 +45,11 @@ FIRST_CONTACT_SECONDS = 10.0
 
 
 def base_url(host: str) -> str:
-    """'127.0.0.1:8700' or 'http://host:8700/' -> 'http://127.0.0.1:8700'."""
+    """'127.0.0.1:8700', 'http://host:8700/' or the OpenAI base URL 'http://host:8700/v1' (as a
+    daemon's ready: line prints it) -> 'http://host:8700'; the paths asked are /v1/..."""
     host = host.strip().rstrip("/")
+    if host.endswith("/v1"):
+        host = host[: -len("/v1")].rstrip("/")
     if host.startswith(("http://", "https://")):
         return host
     return f"http://{host}"
@@ -246,10 +249,10 @@ def _repl(client: ChatClient, model: str, system: str | None) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
             usage = client.usage
-            if interactive and usage:
+            tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+            if interactive and isinstance(tokens, int) and not isinstance(tokens, bool):  # (another server's usage)
                 seconds = time.perf_counter() - started
-                print(f"[{usage['completion_tokens']} tokens, {usage['completion_tokens'] / max(seconds, 1e-9):.1f} "
-                      f"tok/s]", file=sys.stderr)
+                print(f"[{tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             print("(stopped)", file=sys.stderr)
