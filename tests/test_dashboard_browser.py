@@ -114,6 +114,16 @@ def segment(page, peer_id: str):
     return page.locator(f'#plan-bar [data-plan-peer="{peer_id}"]')
 
 
+def drain_on_the_page(page, peer_id: str, name: str, segments_left: int) -> None:
+    """Click a peer's Drain: its segment leaves the plan bar, the result says so, its row says drained."""
+    peer_row(page, peer_id).locator("button[data-action=drain]").click()
+    expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)
+    expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(segments_left)
+    expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
+    expect(page.locator("#manage-result")).to_contain_text(f"drained {name}")
+    expect(peer_row(page, peer_id).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+
+
 TWIN_GRPC = (21851, 21852)
 TWIN_GATEWAYS = (21861, 21862)
 TWIN_NAME = "alpha"  # both peers': the default --name is the hostname, so cloned containers share one
@@ -212,12 +222,7 @@ class TestTwoPeersNamedAlike:
         assert unknown.status_code == 404 and f"{TWIN_NAME} (id {ids[0]}), {TWIN_NAME} (id {ids[1]})" in \
             unknown.json()["error"]["message"], unknown.text  # the names alike, told apart
         peer_id = s["id"]
-        peer_row(page, peer_id).locator("button[data-action=drain]").click()
-        expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)
-        expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(1)
-        expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
-        expect(page.locator("#manage-result")).to_contain_text(f"drained {TWIN_NAME}")
-        expect(peer_row(page, peer_id).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+        drain_on_the_page(page, peer_id, TWIN_NAME, segments_left=1)
         other = next(p["id"] for p in s["peers"] if p["id"] != peer_id)
         expect(peer_row(page, other).locator("td").nth(5)).not_to_have_attribute("data-state", "drained")
         expect(page.locator("#peer-rows tr")).to_have_count(2)
@@ -384,12 +389,7 @@ def test_a_drained_peer_leaves_the_plan_bar_and_an_admitted_one_returns(cluster,
     s = status(cluster)
     # neither the page's own peer nor the coordinator: the plain case
     peer_id, name = next((p["id"], p["name"]) for p in s["peers"] if not p["coordinator"] and p["id"] != s["id"])
-    peer_row(page, peer_id).locator("button[data-action=drain]").click()
-    expect(segment(page, peer_id)).to_have_count(0, timeout=PLAN_CHANGE_MS)
-    expect(page.locator("#plan-bar [data-plan-peer]")).to_have_count(2)
-    expect(page.locator("#manage-result")).to_have_attribute("data-kind", "ok", timeout=PLAN_CHANGE_MS)
-    expect(page.locator("#manage-result")).to_contain_text(f"drained {name}")
-    expect(peer_row(page, peer_id).locator("td").nth(5)).to_have_attribute("data-state", "drained")
+    drain_on_the_page(page, peer_id, name, segments_left=2)
     expect(peer_row(page, peer_id).locator("td").nth(4)).to_have_text("–")
     drained = status(cluster)
     assert next(p for p in drained["peers"] if p["id"] == peer_id)["drained"]
