@@ -276,6 +276,21 @@ def test_each_kind_of_completion_is_recorded_once_when_it_ends(gateways):
             "/v1/completions", "/api/chat", "/v1/chat/completions", "/v1/completions"]
 
 
+def test_a_responses_api_answer_is_recorded_under_its_response_id(gateways):
+    url = gateways.main.url
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        reply = http.post("/v1/responses", json={"input": "Tell me a story", "max_output_tokens": 4,
+                                                 "temperature": 0.5})
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        scrape = http.get("/metrics").text
+    [row] = _latest(url)
+    assert (row["id"], row["endpoint"], row["status"], row["completion_tokens"]) == (
+        answer["id"], "/v1/responses", 200, answer["usage"]["output_tokens"])
+    assert row["completion"] == answer["output"][0]["content"][0]["text"]
+    assert 'endpoint="/v1/responses",status="200"' in scrape  # its own label, not "other"
+
+
 def test_a_response_cache_hit_is_recorded_as_served_by_the_cache(gateways):
     body = {"prompt": "Once upon a time there", "max_tokens": 4, "temperature": 0}
     with httpx.Client(base_url=gateways.main.url, headers=AUTH, timeout=60) as http:

@@ -42,6 +42,7 @@ from .ollama import ollama_routes
 from .origins import RequestOrigins
 from .response_cache import CacheSettings
 from .responses import JSON, error_response
+from .responses_api import responses_route
 from .routing import Router
 from .schema import ApiError, ignored_fields, parse_completion_request, parse_json_object, short
 
@@ -74,6 +75,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
+        responses_route(gateway, _read_body),  # POST /v1/responses (OpenAI's Responses API, over chat's path)
         embeddings_route(gateway, _read_body),  # POST /v1/embeddings
         history_route(gateway),  # GET /v1/history
         Route("/health", gateway.health, methods=["GET"]),

@@ -44,7 +44,7 @@ DEFAULT_ROWS = 10_000
 DEFAULT_TEXT_BYTES = 256 * 1024 * 1024  # --history full: prompts and answers kept at most (oldest rows dropped)
 DEFAULT_PAGE, MAX_PAGE = 20, 1000
 FILE_NAME = "history.sqlite3"
-COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"})
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate"})
 STATE_KEY = "history"  # a request's RequestRecord in its ASGI scope["state"]
 CLIENT_GONE = "the client disconnected before the answer ended"
 

@@ -15,7 +15,8 @@ from ..runtime.api import Engine
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/health", "/metrics",
+ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+             "/health", "/metrics",
              "/api/chat", "/api/generate", "/api/show", "/api/tags", "/api/ps", "/api/version",  # Ollama's
              "/", "/v1/cluster", "/v1/cluster/events", "/v1/peers", "/v1/history")  # the dashboard's
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
