@@ -57,6 +57,23 @@ def test_silence_past_the_timeout_or_refused_connections_lose_a_peer(table):
     assert not m.is_live("c") and m.expire() == ["c"]
 
 
+def test_a_process_that_did_not_run_does_not_hold_its_own_pause_against_its_peers(table, caplog):
+    m, clock = table  # (peer timeout 3 s)
+    m.upsert(info("c"))
+    m.touch_self()  # the health loop runs, every half second
+    clock.t += 0.5
+    m.touch_self()
+    clock.t += 30.0  # kill -STOP for 30 s: no health check ran, no reply was read
+    assert m.is_live("c") and m.expire() == []  # before the health loop runs again
+    m.touch_self()  # it runs: the pause is said and moved past
+    assert "did not run for 30.0s" in caplog.text
+    assert m.is_live("c") and m.expire() == []
+    for _ in range(7):  # running again, on time: now c's silence counts
+        clock.t += 0.5
+        m.touch_self()
+    assert m.expire() == ["c"]
+
+
 def test_a_restarted_daemon_replaces_its_ghost_and_lost_peers_are_forgotten_in_time(table):
     m, clock = table
     m.upsert(info("c", address="10.0.0.3:7700"))
@@ -267,3 +284,24 @@ def test_an_excluded_peer_that_refuses_us_is_forgotten_with_the_true_reason(tabl
         m.expire()
     assert "c" not in m.members
     assert "forgetting excluded peer n-c (c): connections refused" in caplog.text and "lost for over" not in caplog.text
+
+
+def test_an_older_epoch_is_never_committed_or_accepted_after_a_newer_one(table):
+    """A coordinator frozen and resumed proposes from what it saw before: its epoch 16 finished
+    loading after epoch 17 had committed, was committed on top of it and split the ring."""
+    import asyncio
+
+    from p2pllm.daemon.agreement import Agreement
+
+    m, _ = table
+    spec = builtin_spec("llama-3-8b")
+    agreement = Agreement("b", spec, EVEN, m, None, None, None, None, 1, lambda address: None, "http://x")
+    _, running = even_plan(m)
+    agreement.epoch, agreement.committed, agreement.highest_epoch = 17, running, 17
+    agreement.pending[16] = (running, None)
+    reply = asyncio.run(agreement.on_commit(pb.CommitRequest(epoch=16, coordinator="b")))
+    assert not reply.ok and "not newer than the committed epoch 17" in reply.reason
+    assert agreement.epoch == 17 and 16 not in agreement.pending
+    assert agreement._superseded(16) == "epoch 16 was superseded by epoch 17 while it loaded"
+    agreement.highest_epoch = 18  # proposed, not committed yet
+    assert agreement._superseded(17) and not agreement._superseded(18)

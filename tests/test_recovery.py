@@ -147,6 +147,28 @@ def test_coordinator_loss_elects_a_new_one_and_new_requests_succeed(hosts, small
     assert got[0]["usage"]["completion_tokens"] > 0
 
 
+def test_a_coordinator_frozen_and_resumed_leaves_one_plan_that_every_gateway_serves(hosts, small_model):
+    """kill -STOP, then -CONT: the survivors elect another coordinator meanwhile; the resumed one
+    must not count its own pause as its peers' silence, nor commit its older epoch after theirs
+    (it did: two plans at once, and two of three gateways hung)."""
+    view = start(hosts, small_model, 3)
+    head = host_of(hosts, view, view["coordinator"])
+    proc = daemon_of(hosts, head)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(8)  # well past the peer timeout: the others replan without it
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    agreed = wait_for_agreement(hosts, [1, 2, 3], n_layers=8, timeout=40)
+    assert agreed[0]["epoch"] > view["epoch"], agreed[0]
+    for i in (1, 2, 3):
+        got = client(hosts, i, {"kind": "complete", "model": "small.gguf", "prompts": ["Hello"], "max_tokens": 4},
+                     timeout=60)
+        assert got[0]["usage"]["completion_tokens"] > 0
+    log = hosts.logs(tail=None)
+    assert "did not run for" in log and "is not newer than the committed epoch" not in log, log[-4000:]
+
+
 def test_sigterm_drains_a_peer_without_failing_requests(hosts, small_model):
     # one micro-batch per stream: every step computes one sequence, whatever the number of stages.
     # With the default (one per stage) the drain (3 stages to 2) regroups the 4 streams while the

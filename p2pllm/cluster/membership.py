@@ -57,6 +57,7 @@ class Membership:
         self.clock = clock
         self.members: dict[str, Member] = {me.id: Member(me, last_seen=clock())}
         self.changed_at = clock()
+        self._ticking = False  # touch_self runs (the daemon's health loop): this process's own gaps are seen
 
     # ---- learning about peers
     def upsert(self, info: pb.PeerInfo) -> Member:
@@ -121,14 +122,31 @@ class Membership:
             self._changed()
 
     def touch_self(self) -> None:
-        self.members[self.me.id].last_seen = self.clock()
+        """This process is running (the health loop, every half second). After a gap longer than
+        half the timeout it was not (kill -STOP, a starved machine): it heard nobody because it did
+        not listen, so every peer's silence is moved on by the gap instead of counting against it
+        (a resumed coordinator declared every peer lost and proposed a plan of itself alone)."""
+        me, now = self.members[self.me.id], self.clock()
+        gap = now - me.last_seen
+        if self._ticking and gap > self.peer_timeout / 2:
+            log.warning("this process did not run for %.1fs (stopped or starved): peers' silence in that time "
+                        "is not held against them", gap)
+            for m in self.members.values():
+                if m is not me and m.state != "lost":
+                    m.last_seen += gap
+        me.last_seen, self._ticking = now, True
+
+    def _own_gap(self) -> float:
+        """How long this process has not run (0 until touch_self runs, and while it runs on time)."""
+        gap = self.clock() - self.members[self.me.id].last_seen
+        return gap if self._ticking and gap > self.peer_timeout / 2 else 0.0
 
     # ---- views
     def is_live(self, peer_id: str) -> bool:
         if peer_id == self.me.id:
             return True
         member = self.members.get(peer_id)
-        return member is not None and self.clock() - member.last_seen <= self.peer_timeout
+        return member is not None and self.clock() - member.last_seen - self._own_gap() <= self.peer_timeout
 
     def live_compatible(self) -> list[Member]:
         return sorted(

@@ -161,12 +161,14 @@ class Agreement:
             log.warning(msg)
 
     async def _propose_and_commit(self, candidate: Plan, why: str) -> None:
-        epoch = max(self.epoch, self.highest_epoch, *(m.epoch for m in self.membership.members.values())) + 1
-        proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
         sched = self.data.scheduler
         if sched is not None and self.committed is not None:  # switch between steps, carrying sequences over
             sched.pause(why)
             await sched.drain(timeout=10.0)
+        # numbered after the drain: a proposal seen meanwhile (another coordinator's) is older than ours
+        epoch = max(self.epoch, self.highest_epoch, *(m.epoch for m in self.membership.members.values())) + 1
+        proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
+        if sched is not None and self.committed is not None:
             proposal.resume.extend(pb.ResumeSeq(seq_id=s, positions=p) for s, p in sched.resume_points())
         proposal.sources.extend(plan_sources(self.committed, bool(self.kv_replicas)))
         proposal.kv_replicas = self.kv_replicas
@@ -240,11 +242,17 @@ class Agreement:
             stage = await self._load(mine, shared) if mine else None
         except P2PError as e:
             return pb.PlanReply(ok=False, reason=str(e))
+        superseded = self._superseded(req.epoch)
+        if superseded:  # a newer epoch came (and maybe committed) while this one loaded: the ring stays bound
+            return pb.PlanReply(ok=False, reason=superseded)
         # the old epoch stops here: refuse its frames, let the one being computed finish
         await self.data.unbind()
         rebuilt = {r.seq_id: r.positions for r in req.resume}  # a peer without layers holds no KV
         if stage is not None:
             rebuilt = await self.data.restore(stage, req, carried)
+        superseded = self._superseded(req.epoch)
+        if superseded:  # (a newer epoch committed meanwhile has bound the ring to itself)
+            return pb.PlanReply(ok=False, reason=superseded)
         # a newer proposal supersedes every older one that never committed: their stages (weights
         # and KV) go now, or a peer would hold two ranges at once and exceed its memory
         self.pending = {e: v for e, v in self.pending.items() if e > req.epoch}
@@ -282,7 +290,18 @@ class Agreement:
         self.state = "loading"
         return await self.loader.load(rng, shared)
 
+    def _superseded(self, epoch: int) -> str:
+        """Why a proposal whose load or restore just ended must not be accepted ('' = it may): a
+        newer epoch was proposed or committed meanwhile (a coordinator frozen and resumed proposes
+        from what it saw before; accepting its older epoch after the newer one split the ring)."""
+        newer = max(self.epoch, self.highest_epoch)
+        return f"epoch {epoch} was superseded by epoch {newer} while it loaded" if newer > epoch else ""
+
     async def on_commit(self, req: pb.CommitRequest) -> pb.PlanReply:
+        if req.epoch <= self.epoch:  # never go back: an older epoch committed after a newer one split the ring
+            self.pending.pop(req.epoch, None)
+            return pb.PlanReply(ok=False, reason=f"epoch {req.epoch} is not newer than the committed epoch "
+                                                 f"{self.epoch}")
         entry = self.pending.pop(req.epoch, None)
         if entry is None:
             return pb.PlanReply(ok=False, reason=f"epoch {req.epoch} was never accepted here")
