@@ -305,3 +305,21 @@ def test_an_older_epoch_is_never_committed_or_accepted_after_a_newer_one(table):
     assert agreement._superseded(16) == "epoch 16 was superseded by epoch 17 while it loaded"
     agreement.highest_epoch = 18  # proposed, not committed yet
     assert agreement._superseded(17) and not agreement._superseded(18)
+
+
+def test_every_peer_checks_requests_against_the_context_of_the_committed_plan(table):
+    """A peer started with another --context than the coordinator's: its gateway's /v1/models and
+    its checks said its own (8192) while the coordinator's scheduler enforced 128."""
+    from p2pllm.runtime.cluster_engine import ClusterEngine
+
+    m, _ = table
+    plan = coord.candidate_plan(builtin_spec("llama-3-8b"), m, PlanOptions(context=128, strategy="even"))
+    committed = coord.to_proposal(plan, 1, "b", m, "fp")
+    assert coord.plan_context(committed) == 128 and coord.plan_context(None) is None
+    held: list = [None]
+    engine = ClusterEngine(model_name="m", context=8192, tokenizer=None, clients=None, local=lambda: None,
+                           coordinator_address=lambda: None, not_ready=lambda: "", stats=lambda: None,
+                           cluster_context=lambda: coord.plan_context(held[0]))
+    assert engine.context == 8192  # no plan yet: its own
+    held[0] = committed
+    assert engine.context == 128

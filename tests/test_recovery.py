@@ -153,12 +153,24 @@ def test_a_coordinator_frozen_and_resumed_leaves_one_plan_that_every_gateway_ser
     (it did: two plans at once, and two of three gateways hung)."""
     view = start(hosts, small_model, 3)
     head = host_of(hosts, view, view["coordinator"])
+    other = next(i for i in (1, 2, 3) if i != head)
     proc = daemon_of(hosts, head)
+    streams = start_streams(hosts, other)  # through a gateway that forwards to the coordinator
     os.killpg(proc.pid, signal.SIGSTOP)
     try:
-        time.sleep(8)  # well past the peer timeout: the others replan without it
+        # well past the peer timeout: the others replan without it, and the forwarded streams end
+        # as soon as the coordinator is lost (they hung for the whole freeze: a frozen host resets
+        # no connection)
+        deadline = time.monotonic() + 8
+        while streams.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ended_while_frozen = streams.poll() is not None
+        time.sleep(max(0.0, deadline - time.monotonic()))
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
+    assert ended_while_frozen, "the streams through another peer's gateway waited for the frozen coordinator"
+    results = finish_streams(streams)
+    assert all(r["error"] and "lost the coordinator" in r["error"] for r in results), results
     agreed = wait_for_agreement(hosts, [1, 2, 3], n_layers=8, timeout=40)
     assert agreed[0]["epoch"] > view["epoch"], agreed[0]
     for i in (1, 2, 3):

@@ -200,6 +200,15 @@ def kv_budget(proposal: pb.PlanProposal, positions: int, context: int) -> int | 
     return max(context, min(budgets)) if budgets else None
 
 
+def plan_context(proposal: pb.PlanProposal | None) -> int | None:
+    """The context a committed plan serves (its coordinator's --context; None: not said)."""
+    try:
+        context = json.loads(proposal.plan_json)["context"] if proposal is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+
+
 def stage_memory(proposal: pb.PlanProposal, peer_id: str) -> dict[str, float] | None:
     """The memory the proposal's plan sized for `peer_id`'s stage, in all and for its weights
     (None: it has none, or unknown)."""

@@ -221,6 +221,7 @@ class Plan:
     bottleneck_ms: float | None = None
     micro_batches: int | None = None  # in flight needed to reach tokens_per_s_pipelined
     batch: int = 1
+    context: int = 0  # tokens of context per sequence it sizes KV for (the coordinator's --context)
 
     @property
     def fetch_s(self) -> float:
@@ -278,6 +279,7 @@ class Plan:
             "bottleneck": self.bottleneck,
             "hops": [{"from": h.src, "to": h.dst, "ms": num(h.ms), "payload": h.payload} for h in self.hops],
             "micro_batches": self.micro_batches,
+            "context": self.context,
             "fetch": {"bytes": self.fetch_bytes, "seconds": num(self.fetch_s)},
             "unused_peers": [{"peer": p, "reason": r} for p, r in self.excluded],
         }
@@ -493,6 +495,7 @@ def evaluate(
         bottleneck_ms=busiest[0],
         micro_batches=max(1, math.ceil(ms / busiest[0] - 1e-9)) if busiest[0] > 0 and math.isfinite(ms) else 1,
         batch=options.batch,
+        context=options.context,
     )
 
 

@@ -283,6 +283,7 @@ class Daemon:
             model_name=self.model_name, context=self.options.context, tokenizer=self.tokenizer,
             clients=self.clients, local=lambda: self.scheduler, coordinator_address=self._coordinator_address,
             not_ready=self._not_ready, stats=self._engine_stats, spec=self.spec,
+            cluster_context=lambda: coord.plan_context(self.committed),
         )
         await self.backends.start()
         origins = RequestOrigins(self.cfg.allowed_origins, self.cfg.allowed_hosts,

@@ -8,6 +8,7 @@ Tokenizing happens on the receiving peer: every peer has the same model (fingerp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator, Callable
 
@@ -30,16 +31,24 @@ log = logging.getLogger(__name__)
 class ClusterEngine:
     def __init__(self, *, model_name: str, context: int, tokenizer: Tokenizer, clients: ClientPool,
                  local: Callable[[], Scheduler | None], coordinator_address: Callable[[], str | None],
-                 not_ready: Callable[[], str], stats: Callable[[], EngineStats], spec: ModelSpec | None = None):
+                 not_ready: Callable[[], str], stats: Callable[[], EngineStats], spec: ModelSpec | None = None,
+                 cluster_context: Callable[[], int | None] = lambda: None):
         self.model_name = model_name
         self.spec = spec  # what the model is (Ollama's /api/show, /api/tags describe it)
-        self.context = context
+        self._own_context = context
+        self._cluster_context = cluster_context
         self.tokenizer = tokenizer
         self._clients = clients
         self._local = local
         self._coordinator_address = coordinator_address
         self._not_ready = not_ready
         self._stats = stats
+
+    @property
+    def context(self) -> int:
+        """The context requests are checked against: the committed plan's (its coordinator's
+        --context, which its scheduler enforces), else this peer's own."""
+        return self._cluster_context() or self._own_context
 
     @property
     def ready(self) -> bool:
@@ -62,7 +71,16 @@ class ClusterEngine:
         address = self._coordinator_address()
         if address is None:
             raise EngineError("no coordinator is known yet", status=503, code="service_unavailable")
-        return await _remote_generate(self._clients.get(address).stub, address, req)
+        return await _remote_generate(self._clients.get(address).stub, address, req,
+                                      lambda: self._coordinator_gone(address))
+
+    def _coordinator_gone(self, address: str) -> str:
+        """Why the coordinator at `address` no longer serves this peer's requests ('' = it does):
+        membership lost it (silent past --peer-timeout), or another peer coordinates now."""
+        reason = self._not_ready()
+        if reason:
+            return reason
+        return "" if self._coordinator_address() == address else "another peer coordinates the cluster now"
 
     async def embed(self, inputs: list[list[int]], request_id: str = "embed") -> list[torch.Tensor]:
         reason = self._not_ready()
@@ -80,21 +98,51 @@ class ClusterEngine:
         return await _remote_embed(self._clients.get(address).stub, address, inputs, request_id, self.spec.hidden)
 
 
-async def _remote_generate(stub, address: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+GONE_CHECK_SECONDS = 0.5  # how often a stream waiting on the coordinator asks whether it is still there
+
+
+class _CoordinatorGone(Exception):
+    pass
+
+
+async def _read(call, gone: Callable[[], str]):
+    """The call's next message, or _CoordinatorGone as soon as `gone` says why the coordinator is
+    gone: a frozen or cut-off host resets no connection, and a read would wait for gRPC's
+    keepalive, or for ever (a stream hung for all of a 30 s kill -STOP)."""
+    read = asyncio.ensure_future(call.read())
+    try:
+        while True:
+            done, _ = await asyncio.wait({read}, timeout=GONE_CHECK_SECONDS)
+            if done:
+                return read.result()
+            why = gone()
+            if why:
+                call.cancel()
+                raise _CoordinatorGone(why)
+    finally:
+        if not read.done():  # gone, or the client left: nobody reads it any more
+            read.cancel()
+
+
+async def _remote_generate(stub, address: str, req: GenerationRequest,
+                           gone: Callable[[], str] = lambda: "") -> AsyncIterator[TokenEvent]:
     call = stub.Generate(pb.GenerateRequest(
         request_id=req.request_id, prompt_ids=req.prompt_ids, max_tokens=req.max_tokens,
         stop=list(req.stop), ignore_eos=req.ignore_eos, n=req.n, **sampling_fields(req.sampling),
     ))
     try:
-        first = await call.read()
+        first = await _read(call, gone)
     except grpc.aio.AioRpcError as e:
         raise EngineError(f"the coordinator at {address} is unreachable ({e.code().name.lower()})", status=503,
+                          code="service_unavailable") from None
+    except _CoordinatorGone as e:
+        raise EngineError(f"lost the coordinator at {address} ({e})", status=503,
                           code="service_unavailable") from None
     if first is grpc.aio.EOF:
         raise EngineError(f"the coordinator at {address} closed the request", status=503, code="service_unavailable")
     if first.status:
         raise EngineError(first.error, status=first.status, code=first.code or "invalid_request_error")
-    return _stream(call, first, address, req.n)
+    return _stream(call, first, address, req.n, gone)
 
 
 # a reply carries every vector in one message: (inputs x hidden) float32 must fit the gRPC limit
@@ -127,7 +175,8 @@ async def _remote_embed(stub, address: str, inputs: list[list[int]], request_id:
                           code="engine_error") from None
 
 
-async def _stream(call, first: pb.GenerateEvent, address: str, n: int) -> AsyncIterator[TokenEvent]:
+async def _stream(call, first: pb.GenerateEvent, address: str, n: int,
+                  gone: Callable[[], str]) -> AsyncIterator[TokenEvent]:
     unfinished = n  # choices still running
     try:
         event = first
@@ -140,9 +189,12 @@ async def _stream(call, first: pb.GenerateEvent, address: str, n: int) -> AsyncI
             if not unfinished or event.finish_reason not in ("", "stop", "length"):
                 return
             try:
-                event = await call.read()
+                event = await _read(call, gone)
             except grpc.aio.AioRpcError as e:
                 yield TokenEvent(None, "", "error", f"lost the coordinator at {address} ({e.code().name.lower()})")
+                return
+            except _CoordinatorGone as e:
+                yield TokenEvent(None, "", "error", f"lost the coordinator at {address} ({e})")
                 return
             if event is grpc.aio.EOF:
                 yield TokenEvent(None, "", "error", f"the coordinator at {address} ended the stream early")
