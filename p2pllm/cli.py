@@ -522,6 +522,8 @@ def cmd_status(args) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"coordinator {status['coordinator'][:8]}  epoch {status['epoch']}")
+    if status.get("not_serving"):
+        print(f"not serving: {status['not_serving']}")
     print(f"{'peer':<20} {'id':<10} {'address':<22} {'layers':<10} {'health':<8} note")
     for peer in status["peers"]:
         layers = f"[{peer['layers'][0]}, {peer['layers'][1]})" if peer["layers"] else "-"

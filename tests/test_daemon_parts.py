@@ -67,6 +67,7 @@ def test_status_rows_show_each_peer_as_this_one_sees_it(cluster):
     m, committed = cluster
     mine = pb.Holding(layers=[2, 0, 1, 4], embed=True, head=False)
     fetch = pb.FetchProgress(start=4, end=6, done=10_000_000, total=30_000_000, rate=5e6)
+    m.members["c"].fetch = fetch  # its last health reply before it was lost: no fetch runs there now
     rows = {r["id"]: r for r in peer_rows(m, "a", committed, "b", 7, {"b": (0.0025, 1e8)}, "fetching", mine, fetch)}
     assert list(rows) == ["a", "b", "c", "x"]
     a, b, c, x = rows["a"], rows["b"], rows["c"], rows["x"]
@@ -76,7 +77,7 @@ def test_status_rows_show_each_peer_as_this_one_sees_it(cluster):
     assert a["fetch"] == {"layers": [4, 6], "done": 10_000_000, "total": 30_000_000, "mb_s": 5.0, "eta_s": 4.0}
     assert (b["state"], b["layers"], b["coordinator"], b["mem_used"], b["rtt_ms"]) == ("serving", [3, 6], True, 123, 2.5)
     assert b["holds"] is None and b["fetch"] is None  # the whole file, no fetch running
-    assert (c["state"], c["healthy"], c["layers"], c["mem_used"]) == ("lost", False, None, None)
+    assert (c["state"], c["healthy"], c["layers"], c["mem_used"], c["fetch"]) == ("lost", False, None, None, None)
     assert x["excluded_reason"].startswith("another model") and not x["drained"]
 
 

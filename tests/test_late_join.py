@@ -170,6 +170,9 @@ def test_peers_that_cannot_hold_the_model_say_why_in_the_503_and_health(peers):
     message = reply.json()["error"]["message"]
     assert message.startswith("the cluster has no plan: with the peers here none is feasible: needs"), message
     assert "still meeting" not in message
+    assert "more memory" in c.status(0)["not_serving"]  # and status says it (plan: null told nothing)
+    table = run_cli("status", "--host", "127.0.0.1:47641", "--secret", SECRET, timeout=60)
+    assert table.returncode == 0 and "not serving: the cluster has no plan" in table.stdout, table.stdout
 
 
 @pytest.mark.parametrize("taken_port", ["gateway", "same", "grpc"])

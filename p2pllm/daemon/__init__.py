@@ -466,5 +466,6 @@ class Daemon:
             "ring": ring,  # the head's queue, sequences and token count (cluster-wide)
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
+            "not_serving": self._not_ready() or None,  # why the gateways answer 503 now (None: they serve)
             "backends": self.backends.rows(),  # this peer's gateway's external servers
         }

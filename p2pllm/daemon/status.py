@@ -81,7 +81,8 @@ def peer_rows(membership: Membership, me: str, committed: pb.PlanProposal | None
             "mem_limit": int(m.info.caps.mem_bytes),  # what it offers the planner
             "rtt_ms": round(rtt * 1e3, 3) if rtt is not None else None,  # this peer's measurement
             "holds": holding_json(holding if mine else m.holds),
-            "fetch": fetch_json(fetch if mine else m.fetch),
+            # a lost peer fetches nothing, whatever its last health reply said
+            "fetch": fetch_json(fetch if mine else m.fetch if membership.is_live(m.info.id) else None),
         })
     return peers
 
