@@ -323,3 +323,15 @@ def test_every_peer_checks_requests_against_the_context_of_the_committed_plan(ta
     assert engine.context == 8192  # no plan yet: its own
     held[0] = committed
     assert engine.context == 128
+
+
+def test_a_peer_that_said_it_was_leaving_is_logged_as_left_not_as_a_failure(table, caplog):
+    m, clock = table
+    m.upsert(info("c"))
+    m.upsert(info("d"))
+    m.members["c"].state = "leaving"  # its health replies said so (SIGTERM: it drains, then stops)
+    clock.t += 4.0
+    with caplog.at_level("INFO", logger="p2pllm.cluster.membership"):
+        assert sorted(m.expire()) == ["c", "d"]
+    assert "peer n-c (c) left (it was stopping)" in caplog.text and "n-c (c) lost" not in caplog.text
+    assert "peer n-d (d) lost: silent for 3.0s" in caplog.text

@@ -169,8 +169,12 @@ class Membership:
         lost = []
         for m in self.members.values():
             if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
+                left = m.state == "leaving"  # it said it was stopping: gone as announced, not a failure
                 m.state, m.lost_at = "lost", self.clock()
                 lost.append(m.info.id)
+                if left:
+                    log.info("peer %s (%s) left (it was stopping)", m.info.name, m.info.id[:8])
+                    continue
                 why = m.refused_why or f"silent for {self.peer_timeout:.1f}s"
                 log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
         now = self.clock()
