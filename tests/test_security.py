@@ -187,6 +187,10 @@ def test_peers_without_the_secret_are_refused_and_never_members(hosts, stories_g
     to_insecure = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", f"{hosts.addr(4)}:7700",
                                 "--secret", TEST_SECRET], timeout=30)
     assert_one_line_error(to_insecure, 1, "does not speak TLS: a peer there runs without a secret (--insecure")
+    to_gateway = hosts.run(1, [sys.executable, "-m", "p2pllm", "status", "--host", "127.0.0.1:8700",
+                               "--secret", TEST_SECRET], timeout=30)  # the HTTP gateway's port, given by mistake
+    assert_one_line_error(to_gateway, 1, "does not speak TLS", "a gateway's HTTP port? peers talk on their gRPC "
+                          "--port, default 7700")
 
     # what mDNS carries: the documented keys, never the secret
     browsed = hosts.run(2, [sys.executable, "-c", _BROWSE, hosts.addr(2)], timeout=30)

@@ -253,7 +253,8 @@ def explain_refusal(address: str, error: grpc.aio.AioRpcError, secure: bool) -> 
     if secure and "wrong_version_number" in details:
         # any server without TLS answers a TLS hello so (a plain HTTP server too): say both
         return (f"{address} does not speak TLS: a peer there runs without a secret (--insecure: pass --insecure "
-                f"to talk to it), or it is not a p2pllm peer")
+                f"to talk to it), or it is not a p2pllm peer (a gateway's HTTP port? peers talk on their gRPC "
+                f"--port, default 7700)")
     if refusal_reason(error, secure) is None:
         return None
     if secure:
