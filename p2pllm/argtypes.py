@@ -97,8 +97,11 @@ def seconds(text: str) -> float:
     return value
 
 
+MIN_SERVE_RATE = 1000.0  # bytes/s: below, a source's paced chunks (a second's worth each) are tiny, a fetch takes days
+
+
 def serve_rate(text: str) -> float:
-    """--fetch-serve-rate: bytes/s from '8MB/s', '64Mbps'; '0' for no cap."""
+    """--fetch-serve-rate: bytes/s from '8MB/s', '64Mbps'; '0' for no cap; at least 1 kB/s."""
     from .cluster.capability import parse_rate
     from .errors import UsageError
 
@@ -106,10 +109,16 @@ def serve_rate(text: str) -> float:
         return 0.0
     try:
         value = parse_rate(text, "bandwidth")
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except UsageError:
+        raise argparse.ArgumentTypeError(
+            f"bad rate {text!r}: expected a bandwidth, a number and a unit, e.g. 4MB/s, 500kB/s, 32Mbps "
+            f"(bytes: B/s, kB/s, MB/s, GB/s or kBps, MBps, ...; bits: kbps, Mbps, Gbps), or 0 for no cap") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, or 0 for no cap, got {text}")
+    if value < MIN_SERVE_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{text} is below the least rate, 1kB/s (a fetch from this peer would never end): give at least "
+            f"1kB/s, or 0 for no cap")
     return value
 
 

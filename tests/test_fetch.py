@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -560,3 +561,291 @@ def test_a_source_whose_ring_is_busy_paces_its_streams_and_stops_when_it_is_idle
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- daemons sharing a cache
+
+# A second daemon on the same --model-cache, as a real process: waits for GO to exist, then fetches
+# layers [START, END) from ADDRESS into CACHE (the whole --from-peers path: open, header, range).
+_FETCH_PROCESS = r"""
+import asyncio, os, sys, time
+from p2pllm.cluster.fetch import fetch_layers
+from p2pllm.transport.client import ClientPool
+from p2pllm.transport.security import Security
+
+address, start, end, cache, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+
+async def main():
+    pool = ClientPool(Security.from_secret(os.environ["FETCH_TEST_SECRET"]))
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        part = await fetch_layers(pool, [address], start, end, cache)
+        print("complete" if part.complete(start, end) else "incomplete", len(part.held))
+    finally:
+        await pool.close()
+
+asyncio.run(main())
+"""
+
+
+async def _fetch_processes(address: str, cache: Path, ranges, go: Path) -> list[tuple[int, str, str]]:
+    """Each range fetched by its own process at once (they all start when `go` appears)."""
+    env = dict(os.environ, FETCH_TEST_SECRET=SECRET, PYTHONUNBUFFERED="1")
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FETCH_PROCESS, address, str(a), str(b), str(cache), str(go),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env) for a, b in ranges]
+    await asyncio.sleep(1.0)  # every process imported and waiting (they poll `go`)
+    go.touch()
+    out = []
+    for p in procs:
+        stdout, stderr = await asyncio.wait_for(p.communicate(), 120)
+        out.append((p.returncode, stdout.decode(), stderr.decode()))
+    return out
+
+
+def test_daemons_fetching_at_once_into_one_cache_all_have_their_pieces_journaled(model, security, tmp_path):
+    """Two processes fetching different ranges into one fresh cache at the same moment (two daemons of a
+    user share ~/.cache/p2pllm/models): both finish, and the journal lists every piece of both ranges,
+    each of whose bytes match its hash (no journal write lost, no copy created twice)."""
+    layout = pieces_of(model)
+
+    async def scenario(cache: Path):
+        source = PieceSource(model, chunk_bytes=CHUNK, max_streams=8)
+        server, address = await serve(source, security)
+        try:
+            return await _fetch_processes(address, cache, [(0, 3), (3, 6), (1, 5)], cache / "go")
+        finally:
+            await server.stop(None)
+
+    for attempt in range(3):  # a race: several rounds, each on a fresh cache
+        cache = tmp_path / f"cache{attempt}"
+        cache.mkdir()
+        results = asyncio.run(scenario(cache))
+        for rc, out, err in results:
+            assert rc == 0 and out.startswith("complete"), (rc, out, err[-2000:])
+        part = PartialModel.load(cache / layout.fingerprint / model.name)
+        assert part.complete(0, 6), f"the journal lost pieces: it holds {part.describe()}"
+        assert all(part.verify(name) for name in part.held)
+        assert sorted(p.name for p in (cache / layout.fingerprint).iterdir()) == sorted(
+            [model.name, model.name + ".pieces.json", model.name + ".pieces.lock"])  # no temp file left
+        part.close()
+
+
+def test_a_copy_started_afresh_by_another_daemon_leaves_the_mapped_one_its_bytes(model, security, tmp_path, caplog):
+    """p2 serves from its partial copy (mmapped by its stage); its journal goes; p3, on the same cache,
+    starts the copy afresh. p2's mapping and what it serves keep their bytes (the new copy is a new file
+    renamed into place, never the old one truncated); p2's next fetch goes on in p3's copy."""
+    import mmap
+
+    layout = pieces_of(model)
+    cache = tmp_path / "shared"
+    piece = layout.piece("blk.2.ffn_down.weight")
+    want = _bytes(model, piece.offset, piece.nbytes)
+
+    async def scenario():
+        owner = PieceSource(model, chunk_bytes=CHUNK)
+        owner_server, owner_address = await serve(owner, security)
+        pool = ClientPool(security)
+        try:
+            fetcher = ModelFetcher(pool, [owner_address], cache)  # p2: fetches [2, 4), serves it, maps it
+            p2 = await fetcher.fetch(*MIDDLE)
+            p2_source = PieceSource(p2, chunk_bytes=CHUNK)
+            p2_server, p2_address = await serve(p2_source, security)
+            with open(p2.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            try:
+                journal_path(p2.path).unlink()
+                (rc, out, err), = await _fetch_processes(owner_address, cache, [(0, 2)], tmp_path / "go")  # p3
+                assert rc == 0 and out.startswith("complete"), (rc, out, err[-2000:])
+                assert mapped[piece.offset:piece.offset + piece.nbytes] == want, "the mapped copy lost its bytes"
+                # p2 still serves [2, 4) byte for byte: a fourth peer fetches it from p2 alone
+                p4 = await fetch_layers(pool, [p2_address], *MIDDLE, tmp_path / "p4")
+                assert p4.complete(*MIDDLE) and _bytes(p4.path, piece.offset, piece.nbytes) == want
+                # p2 fetches again: it notices the new copy and goes on in it (its old pieces are not in
+                # p3's file, so they are not recorded there: [2, 4) is fetched again when p2 loads it)
+                more = await fetcher.fetch(4, 6)
+                assert p2.replaced and more is not p2 and more.path == p2.path
+                assert more.complete(0, 2) and more.complete(4, 6) and not more.complete(*MIDDLE)
+                again = await fetcher.fetch(*MIDDLE)
+                journaled = PartialModel.load(cache / layout.fingerprint / model.name)
+                assert again.complete(0, 6) and journaled.complete(0, 6)
+                assert all(journaled.verify(name) for name in journaled.held)
+                assert mapped[piece.offset:piece.offset + piece.nbytes] == want
+            finally:
+                mapped.close()
+                fetcher.close()
+                p2_source.close()
+                await p2_server.stop(None)
+        finally:
+            await pool.close()
+            await owner_server.stop(None)
+
+    with caplog.at_level(logging.WARNING, logger="p2pllm.model.pieces"):
+        asyncio.run(scenario())
+    assert any("replaced by another process" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- a corrupted cached piece
+
+
+class _Members:
+    """What PeerPieces reads of the membership when it fetches before a load (no other live peers)."""
+
+    def __init__(self, me: str):
+        from types import SimpleNamespace
+
+        self.members = {me: SimpleNamespace(holds=None)}
+
+    def live_compatible(self):
+        return []
+
+
+def test_a_corrupted_cached_piece_is_found_before_its_stage_loads_and_fetched_again(model, security, tmp_path,
+                                                                                     caplog):
+    """16 bytes flipped in a held piece of the cache; the peer restarts and is assigned that range: before
+    the load, the held pieces are hashed, the bad one forgotten (one WARNING naming it) and fetched
+    again, so the stage loads the original bytes."""
+    from p2pllm.daemon.pieces import PeerPieces
+
+    layout = pieces_of(model)
+    name = "blk.2.ffn_down.weight"
+    piece = layout.piece(name)
+
+    async def scenario():
+        source = PieceSource(model, chunk_bytes=CHUNK)
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        try:
+            part = await fetch_layers(pool, [address], *MIDDLE, tmp_path)
+            with open(part.path, "r+b") as f:  # the disk flips 16 bytes of a held piece
+                f.seek(piece.offset + 100)
+                good = f.read(16)
+                f.seek(piece.offset + 100)
+                f.write(bytes(b ^ 0xFF for b in good))
+            # the restart: a new process state, the same cache
+            spec = read_spec(part.path)
+            peer = PeerPieces(part.path, spec, "me", _Members("me"), None, pool, [address], str(tmp_path),
+                              on_change=lambda: None)
+            try:
+                await peer.open()
+                assert peer.fetcher.partial.holds(name)  # trusted until a stage is about to load it
+                await peer.fetch_missing(MIDDLE)
+                assert peer.fetcher.partial.complete(*MIDDLE)
+            finally:
+                peer.close()
+        finally:
+            await pool.close()
+            await server.stop(None)
+
+    with caplog.at_level(logging.INFO, logger="p2pllm.cluster.fetch"):
+        asyncio.run(scenario())
+    path = tmp_path / layout.fingerprint / model.name
+    assert _bytes(path, piece.offset, piece.nbytes) == _bytes(model, piece.offset, piece.nbytes)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and name in warnings[0] and "SHA-256" in warnings[0], warnings
+    part = PartialModel.load(path)
+    assert part.complete(*MIDDLE) and all(part.verify(n) for n in part.held)
+
+
+# --------------------------------------------------------------------------- disk space after an interruption
+
+
+def test_bytes_an_interrupted_fetch_left_on_disk_count_as_free_for_its_pieces(model, security, tmp_path):
+    """An interrupted fetch (ENOSPC, killed) left pieces written but not journaled: they are overwritten
+    in place, so the free-disk check counts them as available; a fetch that fits finishes."""
+    layout = pieces_of(model)
+
+    async def scenario():
+        source = PieceSource(model, chunk_bytes=CHUNK)
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        fetcher = ModelFetcher(pool, [address], tmp_path)
+        try:
+            part = await fetcher.open()
+            missing = part.missing(*MIDDLE)
+            need = sum(p.nbytes for p in missing)
+            written = 0
+            for p in sorted(missing, key=lambda p: -p.nbytes)[:len(missing) // 2]:  # written, never journaled
+                part.write(p.offset, _bytes(model, p.offset, p.nbytes))
+                written += p.nbytes
+            part.close()
+            assert written > need // 3
+            free = need - written + (64 << 10)  # what is left fits, all of it would not
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(fetch_mod.shutil, "disk_usage", lambda _path: shutil_usage(free))
+                done = await fetcher.fetch(*MIDDLE)
+                assert done.complete(*MIDDLE)
+                # a fresh copy of another range that does not fit is still refused in words
+                with pytest.raises(FetchError, match=r"needs .* only .* are free"):
+                    await fetcher.fetch(0, 2)
+        finally:
+            fetcher.close()
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    path = tmp_path / layout.fingerprint / model.name
+    part = PartialModel.load(path)
+    assert part.complete(*MIDDLE) and all(part.verify(n) for n in part.held)
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(1 << 30, (1 << 30) - free, free)
+
+
+# --------------------------------------------------------------------------- a slow serve rate
+
+
+def test_a_slow_serve_rate_sends_chunks_of_a_second_each_so_the_fetcher_never_times_out(model, security, tmp_path):
+    """--fetch-serve-rate below a chunk per second: while paced, chunks hold about a second's worth
+    (at most the rate), so a fetcher's no-data timeout never fires on a stream that is only slow."""
+    ring_busy = [False]
+    rate = 48_000.0  # bytes/s; pieces of the range are up to 52 KiB, the embedding 136 KiB
+
+    async def scenario():
+        source = PieceSource(model, busy=lambda: ring_busy[0], busy_rate=rate)  # 1 MiB chunks unpaced
+        server, address = await serve(source, security)
+        pool = ClientPool(security)
+        fetcher = ModelFetcher(pool, [address], tmp_path, streams_per_source=1, chunk_timeout=2.2)
+        try:
+            await fetcher.open()  # the header, unpaced
+            ring_busy[0] = True
+            # one piece straight off the wire: chunks of at most a second's worth, about a second apart
+            client = pool.get(address)
+            call = client.fetch_piece(source.layout.fingerprint, "token_embd.weight")
+            sizes, stamps = [], []
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                sizes.append(len(msg.data))
+                stamps.append(time.monotonic())
+            assert sum(sizes) == source.layout.piece("token_embd.weight").nbytes
+            assert max(sizes) <= rate and len(sizes) >= 3, sizes
+            assert max(b - a for a, b in zip(stamps, stamps[1:])) < 2.0
+            # a fetcher whose no-data timeout is 2.2 s gets layer 2 (pieces one after another on one stream)
+            part = await fetcher.fetch(2, 3)
+            assert part.complete(2, 3)
+        finally:
+            fetcher.close()
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_fetch_serve_rate_refuses_a_rate_too_slow_to_serve_and_speaks_of_bandwidth():
+    import argparse
+
+    from p2pllm.argtypes import serve_rate
+
+    assert serve_rate("4MB/s") == 4e6 and serve_rate("10kB/s") == 1e4 and serve_rate("0") == 0.0
+    for text in ("1e-9B/s", "0.5B/s", "999B/s"):
+        with pytest.raises(argparse.ArgumentTypeError, match="1kB/s"):
+            serve_rate(text)
+    for text in ("4TFLOPS", "fast", "4MB"):
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            serve_rate(text)
+        why = str(e.value).split(f"{text!r}", 1)[-1]  # past the echoed text
+        assert "FLOP" not in why and "MB/s" in why, why

@@ -320,19 +320,30 @@ class PieceSource:
                     block = b""
                 if len(block) != want:
                     raise RpcRefused(grpc.StatusCode.DATA_LOSS, f"this peer cannot read piece {piece.name}")
-                for i in range(0, want, self.chunk_bytes):
-                    msg = pb.PieceChunk(offset=pos + i, data=block[i:i + self.chunk_bytes])
+                i = 0
+                while i < want:
+                    paced = self.busy is not None and self.busy()
+                    n = self._paced_chunk() if paced else self.chunk_bytes
+                    msg = pb.PieceChunk(offset=pos + i, data=block[i:i + n])
                     if first:
                         msg.sha256, msg.piece_nbytes, first = digest, piece.nbytes, False
-                    await self._pace(len(msg.data))
+                    await self._pace(len(msg.data), paced)
                     yield msg
+                    i += len(msg.data)
                 pos += want
         finally:
             self.streams -= 1
 
-    async def _pace(self, nbytes: int) -> None:
+    def _paced_chunk(self) -> int:
+        """Bytes in one chunk while paced: at most a second's worth of the rate, so that a slow rate still
+        sends a chunk every second or so (a fetcher gives up on a stream silent for 30 s)."""
+        return max(1, min(self.chunk_bytes, int(self.busy_rate)))
+
+    async def _pace(self, nbytes: int, paced: bool | None = None) -> None:
         """While the ring is busy, wait for this chunk's turn in one bucket shared by every stream."""
-        if self.busy is None or not self.busy():
+        if paced is None:
+            paced = self.busy is not None and self.busy()
+        if not paced:
             self._next_send = 0.0
             return
         now = time.monotonic()
@@ -462,6 +473,7 @@ class ModelFetcher:
                 s.out = ""
             await self._survey()  # who holds what now (peers that fetched pieces since)
             self._pin_from_manifests()
+        await self.verify(start, end)
         missing = self.partial.missing(start, end)
         label = f"layers [{start}, {end})"
         if not missing:
@@ -471,8 +483,30 @@ class ModelFetcher:
         await self._run(missing, label)
         return self.partial
 
+    async def verify(self, start: int, end: int) -> list[str]:
+        """Before a stage of [start, end) loads from the copy: its held pieces that this process has not
+        hashed yet are hashed against the journal (in a thread); those that do not match are forgotten,
+        to be fetched again, in one WARNING line. Their names. (A copy another daemon replaced is left
+        for the one now at its path first: a stage loading would map that one.)"""
+        if self.partial.was_replaced():  # another daemon on the cache started it afresh: go on with its copy
+            self.partial.close()
+            self.partial = await asyncio.to_thread(PartialModel.create, self.cache_root, self.layout)
+            for name, digest in self.partial.held.items():
+                self._pins.setdefault(name, (digest, "the cache"))
+            log.info("continuing with the new copy %s, which holds %s", self.partial.path, self.partial.describe())
+        t0 = time.monotonic()
+        bad = await asyncio.to_thread(self.partial.verify_range, start, end)
+        if bad:
+            log.warning("layers [%d, %d): %d piece%s of %s in the cache do%s not match the SHA-256 in its journal "
+                        "(checked in %.1f s): %s; fetching %s again", start, end, len(bad), "" if len(bad) == 1 else "s",
+                        self.partial.path, "es" if len(bad) == 1 else "", time.monotonic() - t0, ", ".join(bad),
+                        "it" if len(bad) == 1 else "them")
+        return bad
+
     def _check_disk(self, pieces: list[Piece], label: str) -> None:
-        need = sum(p.nbytes for p in pieces)
+        # bytes already on disk in a missing piece's range (an interrupted fetch wrote them, they were
+        # not journaled yet) are overwritten in place: they need no more disk
+        need = sum(max(0, p.nbytes - self.partial.allocated(p)) for p in pieces)
         free = shutil.disk_usage(self.partial.path.parent).free
         if free < need:
             raise FetchError(f"fetching {label} needs {_size(need)} in {self.partial.path.parent}, "
@@ -538,6 +572,9 @@ class ModelFetcher:
             while pending or running:
                 now, waits = time.monotonic(), []
                 for piece in list(pending):
+                    if self.partial.holds(piece.name):  # journaled meanwhile by another daemon on this cache
+                        pending.remove(piece)
+                        continue
                     able = [s for s in self._sources if s.offers(piece.name) and s.address not in tried[piece.name]]
                     if not able:  # sources only ever drop out: nobody is left for this piece
                         raise self._give_up(piece, tried[piece.name])

@@ -123,9 +123,16 @@ class PeerPieces:
             return
 
     async def fetch_missing(self, rng: tuple[int, int]) -> None:
-        """Before loading `rng`: the pieces a partial copy lacks for it (nothing with the whole model)."""
-        if self.fetcher is not None and not self.fetcher.partial.complete(*rng):
-            await self._fetch_range(rng)  # assigned another range than the one fetched ahead
+        """Before loading `rng` from a partial copy: its held pieces are checked against their hashes
+        (those not hashed by this process yet: a restart, pieces another daemon on the cache fetched),
+        and what it lacks is fetched, the pieces that failed the check among them (nothing with the
+        whole model)."""
+        if self.fetcher is None:
+            return
+        await self.fetcher.verify(*rng)
+        self._note_holding()
+        if not self.fetcher.partial.complete(*rng):
+            await self._fetch_range(rng)  # assigned another range than the one fetched ahead, or pieces forgotten
 
     async def _fetch_range(self, rng: tuple[int, int]) -> None:
         """The pieces layers [start, end) need, from every live peer that may hold them."""
@@ -144,6 +151,10 @@ class PeerPieces:
             self.fetch_progress.done, self.fetch_progress.total, self.fetch_progress.rate = done, total, rate
 
     def _note_holding(self) -> None:
-        """What the partial copy holds, for health replies and this peer's own planning."""
+        """What the partial copy holds, for health replies and this peer's own planning (and what it
+        serves: the copy now at its path, when another daemon on the cache started it afresh)."""
+        if self.pieces is not None and self.pieces.partial is not self.fetcher.partial:
+            old, self.pieces = self.pieces, PieceSource(self.fetcher.partial, **self.pacing)
+            old.close()
         self.holding = holding(self.fetcher.partial, self.spec.n_layers)
         self.membership.members[self.id].holds = self.holding

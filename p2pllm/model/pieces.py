@@ -23,9 +23,13 @@ Nothing here touches the network (cluster/fetch.py does).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,11 +43,14 @@ from .formats import open_model_file
 
 HEADER = "<header>"  # the piece [0, first tensor): GGUF metadata, the tensor table, its padding
 JOURNAL_SUFFIX = ".pieces.json"
+LOCK_SUFFIX = ".pieces.lock"  # beside the journal: daemons sharing a cache take turns on the journal
 JOURNAL_FORMAT = "p2pllm-partial/1"
 HASH_BLOCK = 8 << 20  # bytes read at a time when hashing
 _LAYER = re.compile(r"blk\.(\d+)\.")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 # The small files of a Hugging Face folder that p2pllm reads (spec, loader, tokenizer): each is one
 # whole-file piece when the folder has it. Anything else in the folder (README, tokenizer.model, ...)
@@ -341,12 +348,17 @@ def find_cached(cache_root: str | os.PathLike, fingerprint: str) -> PartialModel
 class PartialModel:
     """A sparse copy of a model file (or folder) and the journal of the pieces it holds (verified)."""
 
-    def __init__(self, path: Path, layout: ModelPieces, held: dict[str, str]):
+    def __init__(self, path: Path, layout: ModelPieces, held: dict[str, str], ident: tuple[int, int] | None = None):
         self.path = path
         self.layout = layout
         self._held = dict(held)  # piece name -> sha256
         self._lock = threading.RLock()
         self._fds: dict[str, int] = {}  # file within the model ("" for a GGUF file) -> fd for writing
+        # the file (folder) this copy is: another daemon sharing the cache that starts it afresh puts a
+        # new one at `path`; this one then stops journaling (its pieces are not in the new file)
+        self._ident = ident if ident is not None else _identity(path)
+        self.replaced = False
+        self._verified: set[str] = set()  # pieces this process hashed (fetched or checked) since it opened the copy
 
     # ---- opening
     @classmethod
@@ -363,29 +375,50 @@ class PartialModel:
         folder = Path(cache_root) / layout.fingerprint
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / layout.file_name
-        if layout.files:
-            there = path.is_dir() and not path.is_symlink()
-            same = there and all((path / name).is_file() and (path / name).stat().st_size == size
-                                 for name, size in layout.files)
-        else:
-            same = path.is_file() and path.stat().st_size == layout.size
-        held = _read_journal(path, layout) if same else None
-        if held is not None:
-            return cls(path, layout, held)
-        if layout.files:  # a folder afresh: nothing stale (an old shard) for the loader to find
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                shutil.rmtree(path)
-            path.mkdir()
-            for name, size in layout.files:
-                with open(path / name, "wb") as f:  # sparse: nothing is allocated until written
-                    f.truncate(size)
-        else:
-            with open(path, "wb") as f:
-                f.truncate(layout.size)
-        part = cls(path, layout, {})
-        part._write_journal()
+        with _journal_lock(path):  # another daemon on this cache may be creating or journaling it now
+            if layout.files:
+                there = path.is_dir() and not path.is_symlink()
+                same = there and all((path / name).is_file() and (path / name).stat().st_size == size
+                                     for name, size in layout.files)
+            else:
+                same = path.is_file() and path.stat().st_size == layout.size
+            ident = _identity(path) if same else None
+            held = _read_journal(path, layout) if same else None
+            if held is not None:
+                return cls(path, layout, held, ident)
+            # afresh: built under a new name, then renamed into place. Never truncated in place: another
+            # daemon may map the file there (it keeps the bytes it maps; its journal writes stop, _write_journal)
+            tmp = folder / f".{layout.file_name}.new-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                if layout.files:  # a folder: nothing stale (an old shard) for the loader to find
+                    tmp.mkdir()
+                    for name, size in layout.files:
+                        with open(tmp / name, "xb") as f:  # sparse: nothing is allocated until written
+                            f.truncate(size)
+                    old = None
+                    if path.is_symlink() or path.exists():
+                        old = folder / f".{layout.file_name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+                        os.rename(path, old)
+                    os.rename(tmp, path)
+                    if old is not None:
+                        if old.is_dir() and not old.is_symlink():
+                            shutil.rmtree(old, ignore_errors=True)
+                        else:
+                            old.unlink(missing_ok=True)
+                else:
+                    with open(tmp, "xb") as f:
+                        f.truncate(layout.size)
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    os.replace(tmp, path)
+            except BaseException:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+                raise
+            part = cls(path, layout, {}, _identity(path))
+            part._store_journal(dict(part._held))
         return part
 
     @classmethod
@@ -398,6 +431,7 @@ class PartialModel:
         described = isinstance(held, dict) and (HEADER in held or (path.is_dir() and "config.json" in held))
         if not described:
             raise ModelFileError(path, "partial model whose header has not been fetched yet")
+        ident = _identity(path)  # before the journal: a copy replaced after this is noticed (_write_journal)
         layout = pieces_of(path)
         checked = _read_journal(path, layout)
         if checked is None:
@@ -405,7 +439,7 @@ class PartialModel:
         lacking = [p.name for p in layout.header_pieces() if p.name not in checked]
         if lacking:
             raise ModelFileError(path, f"partial model whose header has not been fetched yet ({lacking[0]} is missing)")
-        return cls(path, layout, checked)
+        return cls(path, layout, checked, ident)
 
     # ---- what it holds
     @property
@@ -466,14 +500,15 @@ class PartialModel:
             raise ValueError(f"not a SHA-256: {sha256!r}")
         os.fsync(self._writer(piece.file))
         with self._lock:
-            self._held[name] = sha256
-            self._write_journal()
+            self._verified.add(name)
+            self._write_journal(add={name: sha256})
 
     def forget(self, name: str) -> None:
         """No longer hold a piece (its bytes failed a check)."""
         with self._lock:
-            if self._held.pop(name, None) is not None:
-                self._write_journal()
+            self._verified.discard(name)
+            if name in self._held:
+                self._write_journal(drop={name})
 
     def verify(self, name: str) -> bool:
         """Whether a held piece's bytes still match its journaled hash (reads the piece)."""
@@ -481,7 +516,54 @@ class PartialModel:
         if expected is None:
             return False
         piece = self.layout.piece(name)
-        return sha256_of(self.layout.path_of(self.path, piece), piece) == expected
+        ok = sha256_of(self.layout.path_of(self.path, piece), piece) == expected
+        if ok:
+            self._verified.add(name)
+        return ok
+
+    def verify_range(self, start: int, end: int) -> list[str]:
+        """Before a stage of [start, end) loads from this copy: hash every held piece it needs that this
+        process has not hashed yet (a piece fetched here was hashed as it arrived); forget those whose
+        bytes do not match the journal (a disk error, a hand edit) so they are fetched again. Their names."""
+        bad = []
+        for p in self.layout.needed(start, end):
+            if p.name in self._held and p.name not in self._verified:
+                try:
+                    ok = self.verify(p.name)
+                except (OSError, ModelFileError):
+                    ok = False
+                if not ok:
+                    bad.append(p.name)
+        for name in bad:
+            self.forget(name)
+        return bad
+
+    def allocated(self, piece: Piece) -> int:
+        """Bytes of the piece's range that already take disk (written, not journaled: an interrupted
+        fetch), from the file's data extents (SEEK_DATA/SEEK_HOLE), never more than the blocks the file
+        has beyond its held pieces (a file system without SEEK_DATA reports the whole file as data)."""
+        path = self.layout.path_of(self.path, piece)
+        end = piece.offset + piece.nbytes
+        found, pos = 0, piece.offset
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            blocks = os.fstat(fd).st_blocks * 512
+            while pos < end:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after pos
+                        break
+                    raise
+                if data >= end:
+                    break
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+                found += min(hole, end) - data
+                pos = hole
+        finally:
+            os.close(fd)
+        held = sum(p.nbytes for p in self.layout.pieces if p.file == piece.file and p.name in self._held)
+        return max(0, min(found, blocks - held))
 
     def close(self) -> None:
         with self._lock:
@@ -497,17 +579,73 @@ class PartialModel:
                 fd = self._fds[file] = os.open(self.path / file if file else self.path, os.O_RDWR)
             return fd
 
-    def _write_journal(self) -> None:
+    def _write_journal(self, add: dict[str, str] | None = None, drop: set[str] = frozenset()) -> None:
+        """Apply a change to the journal on disk, under the lock that daemons sharing the cache take
+        (the pieces another daemon journaled since are kept, and adopted here: they are in this file).
+        A copy another daemon replaced (started afresh) is not journaled any more."""
+        with self._lock, _journal_lock(self.path):
+            if self.was_replaced():
+                self._held.update(add or {})
+                for name in drop:
+                    self._held.pop(name, None)
+                return
+            on_disk = _read_journal(self.path, self.layout)
+            held = dict(self._held if on_disk is None else on_disk)  # no journal there (deleted): what this one knows
+            held.update(add or {})
+            for name in drop:
+                held.pop(name, None)
+            self._store_journal(held)
+            self._held = held
+
+    def was_replaced(self) -> bool:
+        """Whether another process sharing the cache started the copy afresh (a new file or folder at
+        `path`): this object's pieces are in the old one, which its open files and mappings keep."""
+        if not self.replaced and _identity(self.path) != self._ident:
+            self.replaced = True
+            log.warning("%s was replaced by another process sharing the cache (it started the copy afresh): "
+                        "this copy's pieces are no longer recorded; what maps or serves them keeps the old "
+                        "file's bytes", self.path)
+        return self.replaced
+
+    def _store_journal(self, held: dict[str, str]) -> None:
+        """Write the journal atomically (a temp file of its own, fsync, rename); the caller holds the lock."""
         lay = self.layout
         data = {"format": JOURNAL_FORMAT, "model": lay.name, "fingerprint": lay.fingerprint, "file": lay.file_name,
-                "size": lay.size, "layout": lay.table_digest(), "pieces": dict(sorted(self._held.items()))}
+                "size": lay.size, "layout": lay.table_digest(), "pieces": dict(sorted(held.items()))}
         jpath = journal_path(self.path)
-        tmp = jpath.with_name(jpath.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, jpath)
+        tmp = jpath.with_name(f".{jpath.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            with open(tmp, "x", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, jpath)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file or folder at `path`; None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _journal_lock(path: Path):
+    """The lock beside the journal (`<name>.pieces.lock`, fcntl.flock, never removed): held while a copy
+    is created or its journal rewritten, so daemons sharing a cache neither clobber each other's file
+    nor lose each other's pieces. Threads of one process take it in turn too (one open per holder)."""
+    root = model_root(path)
+    fd = os.open(root.with_name(root.name + LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _load_json(path: Path) -> dict:
