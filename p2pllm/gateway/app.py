@@ -108,7 +108,7 @@ class Gateway:
         self.metrics.track_routes(self.router.rows)
         self.cache = CachedCompletions(response_cache, self.metrics) if response_cache is not None else None
         self.started = int(time.time())
-        self._ignored_logged: set[str] = set()  # body fields already named in the log (_note_ignored)
+        self.ignored = IgnoredFieldsLog("/v1 completions")
 
     def authorized(self, headers: Headers) -> bool:
         if self.api_key is None:
@@ -168,21 +168,13 @@ class Gateway:
         engine = self.engine
         req = parse_completion_request(body, chat=chat, model_name=engine.model_name, context=engine.context,
                                        vocab_size=getattr(engine.tokenizer, "vocab_size", None))
-        self._note_ignored(body)
+        self.ignored.note(ignored_fields(body))
         if (record := record_of(request)) is not None:
             record.begin(req)
         if self.cache is not None:
             return await self.cache.complete(engine, request, body, req, arrived,
                                              lambda e: self.router.complete(request, body, req, arrived, e))
         return await self.router.complete(request, body, req, arrived)
-
-    def _note_ignored(self, body: dict) -> None:
-        """Log the first request that carries each field this server ignores (once: no log flood)."""
-        new = [k for k in ignored_fields(body) if k not in self._ignored_logged]
-        if new and len(self._ignored_logged) < 256:
-            self._ignored_logged.update(new)
-            log.warning("ignoring request fields this server does not know (llama.cpp's or vLLM's own, or a typo): "
-                        "%s (logged once per field)", ", ".join(short(k, 40) for k in new[:16]))
 
 
 BODY_TIMEOUT_SECONDS = 60.0  # a whole body (4 MiB at most) within a minute, as nginx's client_body_timeout

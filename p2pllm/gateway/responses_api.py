@@ -31,7 +31,7 @@ from .generation import Answer, Job, complete
 from .history import record_of
 from .metrics import GatewayMetrics
 from .responses import JSON, CompletionShape, dumps
-from .schema import ApiError, bad, parse_completion_request, parse_json_object, short
+from .schema import ApiError, IgnoredFieldsLog, bad, parse_completion_request, parse_json_object, short
 from .tools import interpret
 
 log = logging.getLogger(__name__)
@@ -462,7 +462,7 @@ class ResponsesApi:
         self.engine = engine
         self.metrics = metrics
         self.read_body = read_body
-        self._ignored_logged: set[str] = set()
+        self.ignored = IgnoredFieldsLog(PATH)
 
     async def create(self, request: Request) -> Response | ASGIApp:
         arrived = time.perf_counter()
@@ -474,7 +474,8 @@ class ResponsesApi:
                                            vocab_size=getattr(engine.tokenizer, "vocab_size", None))
         except ApiError as e:
             raise renamed(e) from None
-        self._note_ignored(body)
+        known = READ_FIELDS + NO_EFFECT_FIELDS + REFUSED_FIELDS + EXTENSION_FIELDS  # as on chat: ignored, named
+        self.ignored.note(sorted(k for k in body if k not in known))
         if (record := record_of(request)) is not None:
             record.begin(req)
         answer = ResponsesAnswer(engine.model_name, echo, tools=req.tools is not None and req.tools.constrained,
@@ -483,16 +484,6 @@ class ResponsesApi:
             return await complete(engine, self.metrics, request, req, arrived, answer)
         except ApiError as e:
             raise renamed(e) from None
-
-    def _note_ignored(self, body: dict) -> None:
-        """Fields of no API this server knows are accepted and ignored, as on /v1/chat/completions,
-        and named in the log once each."""
-        known = READ_FIELDS + NO_EFFECT_FIELDS + REFUSED_FIELDS + EXTENSION_FIELDS
-        new = sorted(k for k in body if k not in known and k not in self._ignored_logged)
-        if new and len(self._ignored_logged) < 256:
-            self._ignored_logged.update(new)
-            log.warning("%s: ignoring request fields this server does not know: %s (logged once per field)", PATH,
-                        ", ".join(short(k, 40) for k in new[:16]))
 
 
 def responses_route(gateway: Any, read_body: Callable[[Request, int], Awaitable[bytes]]) -> Route:

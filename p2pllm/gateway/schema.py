@@ -7,11 +7,14 @@ Nothing here knows HTTP or the engine. A body and the served model's facts go in
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..model.sampling import SamplingParams
 from ..runtime.api import MAX_CHOICES
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -274,6 +277,22 @@ def ignored_fields(body: dict) -> list[str]:
     and named in the log so the operator can tell why they changed nothing."""
     return sorted(k for k in body if k not in READ_FIELDS and k not in NO_EFFECT_FIELDS
                   and k not in UNSUPPORTED_FIELDS)
+
+
+class IgnoredFieldsLog:
+    """Names the request fields an endpoint ignores in the log, once each: an operator can tell why
+    a field changed nothing, and a client sending junk cannot flood the log (at most 256 names)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self._named: set[str] = set()
+
+    def note(self, fields: list[str]) -> None:
+        new = [k for k in fields if k not in self._named]
+        if new and len(self._named) < 256:
+            self._named.update(new)
+            log.warning("%s: ignoring request fields this server does not know (another server's own, or a typo): "
+                        "%s (logged once per field)", self.where, ", ".join(short(k, 40) for k in new[:16]))
 
 
 def _refuse_unsupported(body: dict) -> None:
