@@ -41,10 +41,10 @@ from .metrics import GatewayMetrics, endpoint_label
 from .ollama import ollama_routes
 from .origins import RequestOrigins
 from .response_cache import CacheSettings
-from .responses import JSON, error_response
+from .responses import CLIENT_GONE, JSON, error_response
 from .responses_api import responses_route
 from .routing import Router
-from .schema import ApiError, ignored_fields, parse_completion_request, parse_json_object, short
+from .schema import ApiError, IgnoredFieldsLog, ignored_fields, parse_completion_request, parse_json_object, short
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class _GatewayMiddleware:
                                                    f"log has the details.", code="internal_error"))(
                     scope, receive, send_with_id)
         finally:
-            self.gw.metrics.requests.labels(endpoint_label(path), str(status[0] if status else 499)).inc()
+            self.gw.metrics.requests.labels(endpoint_label(path), str(status[0] if status else CLIENT_GONE)).inc()
             if record is not None:  # a request that ended without its answer's end (no-op once recorded)
                 self._record(record, status, cut=bool(status))
 
@@ -258,7 +258,7 @@ class _GatewayMiddleware:
         """The request's history row; never raises: it runs before the answer's last bytes go out."""
         if record.begun and not record.ended:  # a body that did not parse is no completion: no row
             try:
-                self.gw.history.add(record.end(status[0] if status else 499, epoch_of(self.gw.engine), cut=cut))
+                self.gw.history.add(record.end(status[0] if status else CLIENT_GONE, epoch_of(self.gw.engine), cut=cut))
             except Exception:
                 log.exception("request %s: its history row could not be written", record.request_id)
 

@@ -17,14 +17,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..runtime.api import MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, Engine, EngineError
-from .responses import JSON
+from .responses import CLIENT_GONE, JSON
 from .schema import ApiError, bad, parse_json_object, short
 
 ENCODING_FORMATS = ("float", "base64")
 # every field of OpenAI's request, each checked below (a test compares it with the openai package's)
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 _TEXT_IN_THREAD = 16_384  # characters in all: more are tokenized off the event loop
-_CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict)
     except EngineError as e:
         raise ApiError(e.status, str(e), code=e.code, param="input" if e.status < 500 else None) from None
     if vectors is None:
-        return Response(status_code=_CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)
     n_tokens = sum(map(len, ids))
     metrics.prompt_tokens.inc(n_tokens)
     data = [{"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}

@@ -27,7 +27,7 @@ from ..model.grammar import GRAMMAR_DEAD_END
 from ..runtime.api import Engine, EngineError, GenerationRequest, TokenEvent
 from .history import record_of
 from .metrics import GatewayMetrics
-from .responses import JSON, CompletionShape, EventStream, sse, usage
+from .responses import CLIENT_GONE, JSON, CompletionShape, EventStream, sse, usage
 from .schema import ApiError, CompletionRequest, bad
 from .tools import interpret, render_inputs
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 _TEXT_IN_THREAD = 16_384  # characters: longer prompts are tokenized off the event loop
-_CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it
 
 
 class Answer(ABC):
@@ -161,7 +160,7 @@ async def complete(engine: Engine, metrics: GatewayMetrics, request: Request, re
         raise
     if first is None:
         await job.close()
-        return Response(status_code=_CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)
     if first.finish_reason is not None and first.finish_reason not in ("stop", "length") and not job.any_text:
         await job.close()
         raise _failure(first)
@@ -392,7 +391,7 @@ class Job:
             while event is not None and event.finish_reason in (None, "stop", "length") and not self.finished:
                 event = await self.next()
             if event is None:
-                return Response(status_code=_CLIENT_GONE)
+                return Response(status_code=CLIENT_GONE)
         finally:
             await self.close()
         if event.finish_reason not in ("stop", "length"):

@@ -31,6 +31,7 @@ class JSON(JSONResponse):
 
 
 OLLAMA_PREFIX = "/api/"  # paths that speak Ollama's API
+CLIENT_GONE = 499  # nginx's "client closed request": the status of an answer nobody reads
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSON:

@@ -25,6 +25,7 @@ from .generation import complete
 from .history import record_of
 from .metrics import GatewayMetrics
 from .proxy import BackendFailed, ClientGone, forward
+from .responses import CLIENT_GONE
 from .schema import ApiError, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 RING = "ring"  # the ring's label in the x-p2pllm-backend header, metrics and status
 DEFAULT_RING_CAPACITY = 64  # the scheduler's max_running, where the engine does not say (peers that are not the head)
 HEADER = "x-p2pllm-backend"
-_CLIENT_GONE = 499
 
 
 class Router:
@@ -128,7 +128,7 @@ class Router:
             raise _Retry(e.api_error()) from None
         except ClientGone:
             slot.release("client gone")
-            return Response(status_code=_CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
         except BaseException:
             slot.release("client gone")
             raise
