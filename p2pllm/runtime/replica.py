@@ -94,10 +94,6 @@ class ReplicaStore:
         for seqs in self._held.values():
             self._drop(seqs, seq_id)
 
-    def clear(self) -> None:
-        self._held.clear()
-        self._bytes = 0
-
     def keep_from(self, epoch: int) -> None:
         """Drop the replicas of epochs before `epoch` (this peer committed it: the old ones' owners
         have moved on). Deltas of `epoch` that arrived before this peer committed it are kept: its
