@@ -202,3 +202,30 @@ def test_peers_without_the_secret_are_refused_and_never_members(hosts, stories_g
         raw = bytes.fromhex(rec["text"])
         for secret in (TEST_SECRET, "a-wrong-secret-for-this-cluster"):
             assert secret.encode() not in raw and secret[:12].encode() not in raw
+
+
+_CONNECTS = """
+import socket, sys
+for addr in sys.argv[1:]:
+    try:
+        socket.create_connection((addr, 7700), timeout=2).close()
+        print(addr, "open")
+    except OSError:
+        print(addr, "closed")
+"""
+
+
+@pytest.mark.parametrize("hosts", [1], indirect=True)
+def test_with_interface_the_peer_port_listens_only_there_and_on_loopback(hosts, demo_tiny_gguf):
+    """A machine with a second network (here a second address) keeps the peer port off it."""
+    other = str(hosts.subnet.network_address + 251)
+    subprocess.run(["ip", "-n", hosts.ns(1), "addr", "add", f"{other}/32", "dev", "eth0"], check=True)
+    join(hosts, 1, demo_tiny_gguf, "--interface", hosts.addr(1), "--no-mdns")
+    deadline = time.monotonic() + 60
+    while True:
+        seen = dict(line.split() for line in hosts.run(
+            1, [sys.executable, "-c", _CONNECTS, hosts.addr(1), "127.0.0.1", other]).stdout.splitlines())
+        if seen.get(hosts.addr(1)) == "open" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == {hosts.addr(1): "open", "127.0.0.1": "open", other: "closed"}, (seen, hosts.logs())

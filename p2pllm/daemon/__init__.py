@@ -19,6 +19,7 @@ part logs as "p2pllm.daemon": tests, benchmarks and people read those lines.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
@@ -162,7 +163,7 @@ class Daemon:
             except (NotImplementedError, RuntimeError):
                 pass
         await self.pieces.open()
-        self.server = await start_server(self, "0.0.0.0", self.cfg.port, self.security)
+        self.server = await start_server(self, self._listen_hosts(), self.cfg.port, self.security)
         try:
             await self._start()
         except BaseException:  # e.g. the gateway's port is taken: stop what started, or the gRPC
@@ -170,6 +171,13 @@ class Daemon:
             raise
         await self._stop.wait()
         await self.shutdown()
+
+    def _listen_hosts(self) -> list[str]:
+        """Every IPv4 address, unless --interface chose one: then that one and loopback (for
+        `p2pllm status` on this machine), so the peer port is not open on the other networks."""
+        if not self.cfg.interface:
+            return ["0.0.0.0"]
+        return [self.host] if ipaddress.ip_address(self.host).is_loopback else [self.host, "127.0.0.1"]
 
     async def _start(self) -> None:
         """Everything after the gRPC server: discovery, the gateway, the loops."""

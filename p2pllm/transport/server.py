@@ -142,16 +142,21 @@ class _UndecodableMessages(logging.Filter):
 logging.getLogger("grpc._cython.cygrpc").addFilter(_UndecodableMessages())
 
 
-async def start_server(handler: ControlHandler, host: str, port: int, security: Security) -> grpc.aio.Server:
-    """The peer's gRPC server; with a secret, only holders of it complete the TLS handshake."""
-    bind_tcp(host, port, "the gRPC server").close()  # taken or foreign: our one line, before gRPC logs its own
+async def start_server(handler: ControlHandler, hosts: str | list[str], port: int,
+                       security: Security) -> grpc.aio.Server:
+    """The peer's gRPC server on each of `hosts`; with a secret, only holders of it complete the
+    TLS handshake."""
+    hosts = [hosts] if isinstance(hosts, str) else hosts
+    for host in hosts:  # taken or foreign: our one line, before gRPC logs its own
+        bind_tcp(host, port, "the gRPC server").close()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_PeerServicer_to_server(PeerService(handler), server)
-    try:
-        bound = security.add_port(server, f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise P2PError(f"cannot listen on {host}:{port} (is the port in use?)")
+    for host in hosts:
+        try:
+            bound = security.add_port(server, f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise P2PError(f"cannot listen on {host}:{port} (is the port in use?)")
     await server.start()
     return server
