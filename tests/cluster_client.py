@@ -64,19 +64,27 @@ elif kind == "streams":  # concurrent streams, with the longest pause between tw
 
     def stream(prompt):
         pieces, times, finish, error = [], [], None, None
+        tokens, margins = [], []  # with "logprobs": each token and its lead over the runner-up
+        extra = {"logprobs": 2} if job.get("logprobs") else {}
         try:
             for c in api.completions.create(model=job["model"], prompt=prompt, max_tokens=job["max_tokens"],
-                                            temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}, **extra):
                 if c.choices:
                     pieces.append(c.choices[0].text)
                     times.append(time.monotonic())
                     finish = c.choices[0].finish_reason or finish
+                    if extra and c.choices[0].logprobs:
+                        tokens += c.choices[0].logprobs.tokens
+                        for top in c.choices[0].logprobs.top_logprobs:
+                            best = sorted(top.values(), reverse=True) + [float("-inf")]
+                            margins.append(best[0] - best[1])
                 if len(times) == 10:  # every stream is under way: say so (tests fault the cluster now)
                     started.wait(timeout=60)
         except openai.APIError as e:
             error = str(e)
         gaps = [b - a for a, b in zip(times, times[1:])]
-        return {"text": "".join(pieces), "finish_reason": finish, "error": error, "max_gap": max(gaps, default=0)}
+        return {"text": "".join(pieces), "finish_reason": finish, "error": error, "max_gap": max(gaps, default=0),
+                **({"tokens": tokens, "margins": margins} if extra else {})}
 
     with ThreadPoolExecutor(len(job["prompts"])) as pool:
         out = list(pool.map(stream, job["prompts"]))

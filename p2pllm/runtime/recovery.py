@@ -4,8 +4,9 @@ The head parks its sequences at the last position every stage confirmed and list
 proposal of the new epoch (`resume`). Each peer then rebuilds, for the layers it will own, the KV
 of those sequences up to that position — from its own cache, the replicas it holds, or over
 FetchKV from the previous owner or that owner's replica holder — and reports the sequences it
-could not rebuild. The head replays those (a prefill of their token history): greedy results are
-identical either way, only the time to the next token differs.
+could not rebuild. The head replays those (a prefill of their token history): rebuilt KV gives the
+same greedy tokens; a replay's prefill rounds differently from the decode steps it stands for, so
+it can flip a near-tied token (docs/cluster.md).
 """
 
 from __future__ import annotations
