@@ -99,7 +99,7 @@ def metrics(h, i: int) -> dict[str, float]:
     proc = h.run(i, ["curl", "-s", "--max-time", "5", "http://127.0.0.1:8700/metrics"], timeout=10)
     out = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"p2pllm_engine_(ring_bytes_sent|kv_replica_bytes_sent|kv_replica_bytes_held)\s+(\S+)", line)
+        m = re.match(r"p2pllm_engine_(ring_bytes_sent|kv_replica_bytes_sent|kv_replica_bytes_held)(?:_total)?\s+(\S+)", line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out

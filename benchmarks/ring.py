@@ -158,8 +158,8 @@ def _metrics(gateway_port: int) -> dict:
     import httpx
 
     text = httpx.get(f"http://127.0.0.1:{gateway_port}/metrics", timeout=10).text
-    want = {"p2pllm_engine_stage_compute_seconds": "compute_s", "p2pllm_engine_stage_frames": "frames",
-            "p2pllm_engine_ring_bytes_sent": "ring_bytes"}
+    want = {"p2pllm_engine_stage_compute_seconds_total": "compute_s", "p2pllm_engine_stage_frames_total": "frames",
+            "p2pllm_engine_ring_bytes_sent_total": "ring_bytes"}
     out = {}
     for line in text.splitlines():
         parts = line.split()

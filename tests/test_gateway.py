@@ -508,6 +508,10 @@ def test_metrics_count_requests_tokens_and_latencies(stories):
     assert value("p2pllm_engine_running_requests") == 0
     assert value("p2pllm_engine_queued_requests") == 0
     assert value("p2pllm_engine_stages") == 1
+    # counts are counters (rate() and Grafana expect NAME_total of TYPE counter); levels are gauges
+    assert value("p2pllm_engine_tokens_generated_total") >= 5
+    assert "# TYPE p2pllm_engine_tokens_generated_total counter" in text
+    assert "# TYPE p2pllm_engine_stages gauge" in text
 
 
 def test_a_client_that_leaves_mid_upload_is_a_499_not_a_logged_500(stories, caplog):

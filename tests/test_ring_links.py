@@ -62,8 +62,8 @@ def test_a_head_that_holds_the_stage_sends_its_frames_without_the_network(one_pe
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 24
     metrics = httpx.get(f"{one_peer}/metrics", timeout=10).text
-    assert _metric(metrics, "p2pllm_engine_stage_frames") >= 24  # the stage ran every step ...
-    assert _metric(metrics, "p2pllm_engine_ring_bytes_sent") == 0  # ... and no frame went over gRPC
+    assert _metric(metrics, "p2pllm_engine_stage_frames_total") >= 24  # the stage ran every step ...
+    assert _metric(metrics, "p2pllm_engine_ring_bytes_sent_total") == 0  # ... and no frame went over gRPC
 
 
 def test_overlapping_frames_to_a_peers_own_stage_keep_each_answer_its_own(one_peer):

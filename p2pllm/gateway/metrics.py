@@ -9,7 +9,7 @@ import logging
 import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..runtime.api import Engine
 
@@ -81,6 +81,13 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+# the engine's statistics that only grow (a restarted daemon or a new head starts them again at 0,
+# which rate() reads as a counter reset); the rest are levels, exported as gauges
+ENGINE_COUNTERS = frozenset({"tokens_generated", "stage_compute_seconds", "stage_frames", "ring_bytes_sent",
+                             "kv_replica_bytes_sent", "prefix_cache_hits", "prefix_cache_misses",
+                             "prefix_cache_reused_tokens"})
+
+
 class _EngineCollector:
     """Queue depth, running sequences and the engine's own numbers, read at scrape time."""
 
@@ -105,7 +112,9 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         for key, value in sorted((stats.extra or {}).items()):
             name = "p2pllm_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key))
-            if _is_number(value):
+            if _is_number(value) and key in ENGINE_COUNTERS:  # exposed as NAME_total, for rate()
+                yield CounterMetricFamily(name, f"Engine statistic {key!r} (since the engine started).", value=value)
+            elif _is_number(value):
                 yield GaugeMetricFamily(name, f"Engine statistic {key!r}.", value=value)
             elif isinstance(value, dict):
                 family = GaugeMetricFamily(name, f"Engine statistic {key!r}, by key.", labels=["key"])
