@@ -486,6 +486,23 @@ def test_a_fresh_copy_leaves_no_stale_shard_behind(model, tmp_path):
         PartialModel.load(folder)
 
 
+def test_what_a_daemon_killed_mid_create_left_is_removed_by_the_next(model, tmp_path):
+    layout = pieces_of(model)
+    root = tmp_path / layout.fingerprint
+    root.mkdir()
+    orphans = [root / f".{model.name}.new-4242-deadbeef", root / f".{model.name}.old-4242-cafef00d",
+               root / f".{model.name}.pieces.json.tmp-4242-0badf00d"]
+    orphans[2].write_text("{")
+    orphans[0].mkdir()
+    (orphans[0] / "model.safetensors").write_bytes(b"x" * 1000)
+    orphans[1].write_bytes(b"y")
+    kept = root / f".{model.name}x.new-1-0"  # another model's name: not ours to remove
+    kept.write_bytes(b"z")
+    PartialModel.create(tmp_path, layout)
+    assert not any(o.exists() for o in orphans) and kept.exists()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [kept.name]
+
+
 def stage_outputs(paths, start: int, end: int, hidden: int, tokens: int, seed: int) -> list:
     """The torch stage [start, end) of each model path on the same random hidden states."""
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import itertools
 import json
@@ -376,6 +377,7 @@ class PartialModel:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / layout.file_name
         with _journal_lock(path):  # another daemon on this cache may be creating or journaling it now
+            _remove_leftovers(folder, layout.file_name)
             if layout.files:
                 there = path.is_dir() and not path.is_symlink()
                 same = there and all((path / name).is_file() and (path / name).stat().st_size == size
@@ -646,6 +648,19 @@ def _journal_lock(path: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_leftovers(folder: Path, file_name: str) -> None:
+    """The `.NAME.new-*` / `.NAME.old-*` copies and `.NAME.pieces.json.tmp-*` journals of a daemon
+    killed while it wrote them: they are made and renamed only under the journal lock, so with the
+    lock held any that exist are orphans."""
+    name = glob.escape(file_name)
+    for leftover in [*folder.glob(f".{name}.new-*"), *folder.glob(f".{name}.old-*"),
+                     *folder.glob(f".{name}{JOURNAL_SUFFIX}.tmp-*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _load_json(path: Path) -> dict:
