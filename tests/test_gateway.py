@@ -249,6 +249,31 @@ def test_prompt_beyond_the_context_is_a_400_in_openai_shape(stories):
                                        messages=[{"role": "user", "content": "tale " * ctx}], max_tokens=4)
 
 
+def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(stories):
+    """~3.5 MB of text cannot fit whatever its tokens: a 400 at once, on every generation endpoint.
+    Tokenizing it first took seconds (here; the Hugging Face tokenizer of bigger models holds the
+    GIL throughout, stalling the daemon's event loop and heartbeats) only for the engine to refuse it."""
+    text = "tale " * 700_000
+    name = stories.engine.model_name
+    requests = [("/v1/completions", {"prompt": text, "max_tokens": 2}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": 2}),
+                ("/v1/responses", {"input": text, "max_output_tokens": 2}), ("/v1/embeddings", {"input": ["a", text]}),
+                # no text at all, but 100,000 messages render to megabytes of template
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""},
+                                                       {"role": "assistant", "content": ""}] * 50_000})]
+    with httpx.Client(base_url=stories.url, timeout=60) as http:
+        for path, body in requests:
+            started = time.perf_counter()
+            err = _error(http.post(path, json=body), 400, "context_length_exceeded")
+            assert time.perf_counter() - started < 3, path  # tokenizing it takes ~8 s on this model
+            assert f"maximum context length is {stories.engine.context} tokens" in err["message"]
+        started = time.perf_counter()
+        reply = http.post("/api/generate", json={"model": name, "prompt": text, "raw": True, "stream": False})
+        assert reply.status_code == 400 and "context length" in reply.json()["error"]
+        assert time.perf_counter() - started < 3
+    _wait_idle(stories)
+
+
 def test_max_tokens_beyond_what_fits_is_a_400(stories):
     client = stories.client()
     with pytest.raises(openai.BadRequestError) as info:
@@ -362,6 +387,8 @@ def _key(demo: Served) -> dict:
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": 5}), "stop", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 129}), "n", "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}), "stream", "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                 "stream_options": {"include_usage": "yes"}}), "stream_options.include_usage", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}), "model", "model_not_found"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": 7}), "model", "invalid_type"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}), "logprobs", "invalid_type"),
@@ -388,6 +415,16 @@ def test_bad_chat_requests_are_400_in_openai_shape(demo, body, param, code):
 def test_bad_completion_requests_are_400(demo, body, param):
     with httpx.Client(base_url=demo.url, timeout=30) as http:
         _error(http.post("/v1/completions", json=body, headers=_key(demo)), 400, param=param)
+
+
+@pytest.mark.parametrize("prompt, code", [
+    ([1, 2.5], "invalid_type"), ([1, True], "invalid_type"), ([1, None], "invalid_type"), (["a", 1], "invalid_type"),
+    (["a", "b"], "unsupported_value"), ([[1], [2]], "unsupported_value"),
+])
+def test_a_prompt_list_is_a_batch_or_token_ids_and_anything_else_a_type_error(demo, prompt, code):
+    """Token ids mixed with other values were told "only one prompt per request is supported"."""
+    with httpx.Client(base_url=demo.url, timeout=30) as http:
+        _error(http.post("/v1/completions", json={"prompt": prompt}, headers=_key(demo)), 400, code, "prompt")
 
 
 def test_five_hundred_malformed_requests_never_get_a_5xx(stories):

@@ -49,6 +49,50 @@ def test_chat_logprobs_streamed_and_whole_agree_and_make_sense(stories, top):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_streamed_completion_text_offsets_run_through_the_whole_text(stories, n):
+    """Each streamed chunk's text_offset restarted at 0; the whole answer's count from the start of
+    the choice's text, and the stream must say the same."""
+    client = stories.client()
+    kw = dict(model="stories260K.gguf", prompt=PROMPT, max_tokens=12, temperature=0.8, seed=3, logprobs=1, n=n)
+    whole = client.completions.create(**kw)
+    streamed: dict[int, list] = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            if c.logprobs:
+                streamed.setdefault(c.index, []).extend(zip(c.logprobs.tokens, c.logprobs.text_offset))
+    for choice in whole.choices:
+        lp = choice.logprobs
+        assert lp.text_offset[0] == 0 and len(set(lp.text_offset)) > 3
+        assert streamed[choice.index] == list(zip(lp.tokens, lp.text_offset))
+        assert all(choice.text[o:].startswith(t) for t, o in zip(lp.tokens, lp.text_offset) if "\ufffd" not in t)
+
+
+def test_a_stop_string_that_is_a_whole_token_keeps_its_logprob_when_streamed(stories):
+    """The token that is all stop string has no text; the whole answer reports its logprob (it was
+    generated and counted), so the stream must too: it came with no text and was lost."""
+    client = stories.client()
+    kw = dict(model="stories260K.gguf", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2)
+    tokens = client.completions.create(**kw).choices[0].logprobs.tokens
+    k = next(i for i in range(3, len(tokens)) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    stop = tokens[k]  # ends the text right before token k, which is then all stop string
+    whole = client.completions.create(stop=[stop], **kw)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].text == "".join(tokens[:k])
+    assert whole.choices[0].logprobs.tokens == tokens[:k + 1] and whole.usage.completion_tokens == k + 1
+    streamed = [t for chunk in client.completions.create(stop=[stop], stream=True, **kw)
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens]
+    assert streamed == tokens[:k + 1]
+    chat = dict(model="stories260K.gguf", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+                temperature=0, logprobs=True, top_logprobs=1)
+    tokens = [c.token for c in client.chat.completions.create(**chat).choices[0].logprobs.content]
+    k = next(i for i in range(3, len(tokens)) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    whole = client.chat.completions.create(stop=[tokens[k]], **chat)
+    assert [c.token for c in whole.choices[0].logprobs.content] == tokens[:k + 1]
+    streamed = [e.token for chunk in client.chat.completions.create(stop=[tokens[k]], stream=True, **chat)
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert streamed == tokens[:k + 1]
+
+
 @pytest.mark.parametrize("route, body, param", [
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

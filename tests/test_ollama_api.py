@@ -346,6 +346,20 @@ def test_format_constrains_the_answer_to_json_or_a_schema(smol):
     assert made.response.startswith("{")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_format_no_json_meets_is_an_error_naming_format(smol, stream):
+    """The shared generation path's error named OpenAI's `response_format`, which no Ollama client sends."""
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"], "additionalProperties": False}
+    with pytest.raises(ollama.ResponseError) as info:
+        reply = smol.ollama().chat(model=smol.name, messages=QUESTION, format=endless, stream=stream,
+                                   options={"temperature": 0, "num_predict": 200})
+        for _ in reply if stream else ():
+            pass
+    assert "format cannot be met" in info.value.error and "response_format" not in info.value.error
+    if not stream:
+        assert info.value.status_code == 400
+
+
 def test_the_ollama_client_against_a_live_two_peer_cluster(smol_cluster):
     client = ollama.Client(host=smol_cluster.url)
     assert [m.model for m in client.list().models] == [smol_cluster.model]

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from test_gateway import _error
+from test_gateway import Served, _error
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEATHER = {"type": "function", "function": {
@@ -27,6 +27,21 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
 def smol(smol_cluster):
     """A live 2-peer cluster on SmolLM2, reached through the gateway of the peer that forwards."""
     return smol_cluster
+
+
+@pytest.fixture(scope="module")
+def smol_here(loop):
+    """SmolLM2 in this process, behind a gateway on a free port (no cluster to start)."""
+    from conftest import shared_model
+    from p2pllm.gateway.app import create_app
+    from p2pllm.gateway.server import serve_gateway
+    from p2pllm.runtime.local import build_local_engine
+
+    engine = loop.run(build_local_engine(str(shared_model(SMOLLM2))))
+    server = loop.run(serve_gateway(create_app(engine), "127.0.0.1", 0))
+    yield Served(loop, engine, server)
+    loop.run(server.stop())
+    loop.run(engine.stop())
 
 
 def _valid(call, tool: dict) -> dict:
@@ -86,6 +101,23 @@ def test_tool_calls_stream_as_openai_streams_them(smol):
     assert [tc.index for tc in calls] == [0] and calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments)["city"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_function_without_parameters_is_called_with_no_arguments(smol_here):
+    """OpenAI: omitting `parameters` defines a function with an empty parameter list. The schema
+    put in its place allowed any object, and the model filled the arguments with made-up keys."""
+    client = smol_here.client()
+    ping = {"type": "function", "function": {"name": "ping", "description": "Check that the server is up"}}
+    for tools in ([ping], [{"type": "function", "function": {**ping["function"], "parameters": None}}]):
+        reply = client.chat.completions.create(model=SMOLLM2, messages=[{"role": "user", "content": "Ping it."}],
+                                               tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                               max_tokens=60, temperature=0)
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
+    made = client.responses.create(model=SMOLLM2, input="Ping it.", tools=[{"type": "function", "name": "ping"}],
+                                   tool_choice="required", parallel_tool_calls=False, max_output_tokens=60,
+                                   temperature=0)
+    assert [(o.type, json.loads(o.arguments)) for o in made.output] == [("function_call", {})]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..runtime.api import MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, Engine, EngineError
+from .generation import refuse_text_beyond_context
 from .responses import CLIENT_GONE, JSON
 from .schema import ApiError, bad, parse_json_object, short
 
@@ -118,6 +119,9 @@ async def embeddings(engine: Engine, metrics: Any, request: Request, body: dict)
     request_id = request.scope.get("state", {}).get("request_id", "embed")
     req = parse_embedding_request(body, model_name=engine.model_name,
                                   vocab_size=getattr(engine.tokenizer, "vocab_size", None))
+    for i, text in enumerate(req.inputs):  # text that cannot fit is refused before the GIL-holding tokenizer
+        if isinstance(text, str):
+            refuse_text_beyond_context(engine, len(text), "input", what=f"input[{i}]")
     ids = await _token_ids(engine, req.inputs)
     for i, seq in enumerate(ids):  # the whole input is embedded or none of it: never truncated
         if not seq:

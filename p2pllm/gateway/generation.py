@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 _TEXT_IN_THREAD = 16_384  # characters: longer prompts are tokenized off the event loop
+_MESSAGES_IN_THREAD = 256  # ... and so are longer conversations (rendering 100k messages took seconds)
 
 
 class Answer(ABC):
@@ -79,6 +81,7 @@ class OpenAIAnswer(Answer):
     def __init__(self, shape: CompletionShape):
         self.shape = shape
         self.cid = shape.cid
+        self.text_offsets: dict[int, int] = {}  # per choice: where the next streamed token starts (completions)
 
     def whole(self, job: "Job", finish_reason: str) -> Response:
         return JSON(self.shape.whole_choices([self.shape.choice(i, c.text, c.finish_reason, c.logprobs)
@@ -89,7 +92,11 @@ class OpenAIAnswer(Answer):
             else []
 
     def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
-        return sse(self.shape.chunk(text, logprobs=job.unsent_logprobs(index), index=index))
+        entries = job.unsent_logprobs(index)
+        start = self.text_offsets.get(index, 0)
+        if entries and not self.shape.chat:  # offsets into the whole choice's text, as the whole answer has them
+            self.text_offsets[index] = start + self.shape.text_length(entries)  # (they restarted at 0 each chunk)
+        return sse(self.shape.chunk(text, logprobs=entries, index=index, text_offset=start))
 
     def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
         return [sse(self.shape.chunk(None, finish_reason, index=index))]
@@ -199,23 +206,60 @@ def _max_tokens(engine: Engine, req: CompletionRequest, n_prompt: int) -> int:
     return room if req.max_tokens is None else min(req.max_tokens, room)
 
 
+_LONGEST_TOKEN: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def longest_token(tok: Any) -> int | None:
+    """The most bytes one token of `tok` stands for (None when the tokenizer cannot say): a text of
+    C characters is at least C / that many tokens."""
+    try:
+        longest = _LONGEST_TOKEN.get(tok)
+        if longest is None:
+            longest = _LONGEST_TOKEN[tok] = max(1, max(len(tok.token_bytes(i)) for i in range(tok.vocab_size)))
+        return longest
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def refuse_text_beyond_context(engine: Engine, chars: int, param: str, what: str = "the prompt") -> None:
+    """A 400 context_length_exceeded, before tokenizing, for text that cannot fit the context
+    whatever its tokens: the Hugging Face tokenizer holds the GIL while it encodes (1.5 s for a
+    4 MB body), which stalled the whole daemon (its event loop, the peers' heartbeats) only to
+    count tokens the engine then refused."""
+    if chars <= engine.context:  # fits whatever the tokens (spares reading the vocabulary once)
+        return
+    longest = longest_token(engine.tokenizer)
+    if longest is not None and chars // longest > engine.context:
+        raise ApiError(400, f"This model's maximum context length is {engine.context} tokens; {what} has at least "
+                            f"{chars // longest} tokens.", param=param, code="context_length_exceeded")
+
+
 async def _prompt_ids(engine: Engine, req: CompletionRequest) -> list[int]:
     tok = engine.tokenizer
     if req.messages is not None:
+        refuse_text_beyond_context(engine, sum(len(m["content"]) for m in req.messages), req.prompt_param)
         messages, extra = render_inputs(req.messages, req.tools, getattr(tok, "chat_template", None))
         encode = getattr(tok, "encode_chat", None)
 
+        size = sum(len(m["content"]) for m in messages)
+        big = size > _TEXT_IN_THREAD or len(messages) > _MESSAGES_IN_THREAD
+
         def render() -> list[int]:
             try:
+                if big:  # many short messages render to a long text too: bounded before it is tokenized
+                    text = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
+                    refuse_text_beyond_context(engine, len(text), req.prompt_param)
+                    if encode is None:
+                        return tok.encode(text)
                 if encode is not None:
                     return encode(messages, **extra)
                 return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **extra))
             except P2PError as e:  # the template refused the conversation (e.g. roles must alternate)
                 raise bad(str(e), "messages", "invalid_messages") from None
 
-        size = sum(len(m["content"]) for m in messages)
-        return await asyncio.to_thread(render) if size > _TEXT_IN_THREAD else render()
+        return await asyncio.to_thread(render) if big else render()
     if isinstance(req.prompt, str):
+        refuse_text_beyond_context(engine, len(req.prompt), req.prompt_param)
         long = len(req.prompt) > _TEXT_IN_THREAD
         return await asyncio.to_thread(tok.encode, req.prompt) if long else tok.encode(req.prompt)
     return list(req.prompt or ())
@@ -379,6 +423,10 @@ class Job:
     def usage(self) -> dict:
         return usage(self.n_prompt, self.n_tokens, self.cached_tokens)
 
+    def has_unsent_logprobs(self, index: int = 0) -> bool:
+        c = self.choices[index]
+        return len(c.logprobs) > c.sent_logprobs
+
     def unsent_logprobs(self, index: int = 0) -> list:
         """A choice's logprobs of the tokens since its last streamed piece (that piece's text is theirs)."""
         c = self.choices[index]
@@ -408,7 +456,9 @@ class Job:
             while event is not None:
                 if event.finish_reason is not None:
                     if event.finish_reason in ("stop", "length"):
-                        if event.text:
+                        # a token that was all stop string has no text, but the whole answer reports its
+                        # logprob: it goes out with an empty piece, or the stream would lose it
+                        if event.text or self.has_unsent_logprobs(event.index):
                             yield answer.piece(self, event.text, event.index)
                         if not self.finished:  # n > 1: this choice ended, others go on
                             for data in answer.choice_end(self, event.index, event.finish_reason):

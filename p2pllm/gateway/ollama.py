@@ -374,7 +374,16 @@ class OllamaAnswer(Answer):
         return [_line(self.final(job, finish_reason, ""))]
 
     def failure(self, job: Job, error: ApiError) -> Iterable[bytes]:
-        return [_line({"error": error.message})]
+        return [_line({"error": in_ollamas_words(error).message})]
+
+
+def in_ollamas_words(error: ApiError) -> ApiError:
+    """An error of the shared generation path, naming Ollama's `format` where it names OpenAI's
+    `response_format` (a schema no finite JSON meets): an Ollama client never sent the latter."""
+    if error.param != "response_format":
+        return error
+    return ApiError(error.status, error.message.replace("response_format", "format"), param="format",
+                    code=error.code, type=error.type)
 
 
 def loaded(model: str, chat: bool) -> dict:
@@ -530,8 +539,11 @@ class OllamaApi:
             return JSON(loaded(req.model, req.chat))
         if (record := record_of(request)) is not None:
             record.begin(req.completion)
-        return await complete(self.engine, self.metrics, request, req.completion, arrived,
-                              OllamaAnswer(req.model, req.chat))
+        try:
+            return await complete(self.engine, self.metrics, request, req.completion, arrived,
+                                  OllamaAnswer(req.model, req.chat))
+        except ApiError as e:
+            raise in_ollamas_words(e) from None
 
     def _check_ready(self) -> None:
         ready = getattr(self.engine, "ready", True)

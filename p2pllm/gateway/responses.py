@@ -95,10 +95,12 @@ class CompletionShape:
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
-              logprobs: list | None = None, tool_calls: list[dict] | None = None, index: int = 0) -> dict:
+              logprobs: list | None = None, tool_calls: list[dict] | None = None, index: int = 0,
+              text_offset: int = 0) -> dict:
         """A streamed piece: `text` (None: no content, as in the last chat delta) or the finish;
-        `logprobs`: the (token, logprob, alternatives) of the tokens this piece's text came from."""
-        lp = self.logprobs(logprobs) if logprobs else None
+        `logprobs`: the (token, logprob, alternatives) of the tokens this piece's text came from;
+        `text_offset`: where the first of them starts in the choice's text (completions)."""
+        lp = self.logprobs(logprobs, text_offset) if logprobs else None
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
@@ -115,8 +117,9 @@ class CompletionShape:
             chunk["usage"] = None
         return chunk
 
-    def logprobs(self, entries: list | None) -> dict | None:
-        """OpenAI's logprobs object for (token id, logprob, alternatives) entries; None when not asked."""
+    def logprobs(self, entries: list | None, text_offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for (token id, logprob, alternatives) entries; None when not asked.
+        `text_offset`: where the first entry's token starts in the choice's text (completions)."""
         if self.tokenizer is None or entries is None:
             return None
 
@@ -132,10 +135,16 @@ class CompletionShape:
                 content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alternatives})
             return {"content": content, "refusal": None}
         texts = [piece(token)[0] for token, _, _ in entries]
-        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        offsets = [text_offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
         return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [{piece(t)[0]: lp for t, lp in top} for _, _, top in entries],
                 "text_offset": offsets}
+
+    def text_length(self, entries: list) -> int:
+        """How many characters of `text_offset` the tokens of these entries take."""
+        if self.tokenizer is None:
+            return 0
+        return sum(len(self.tokenizer.token_bytes(token).decode("utf-8", "replace")) for token, _, _ in entries)
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],

@@ -185,7 +185,11 @@ def _common_params(body: dict, context: int, *, chat: bool, vocab_size: int | No
     if options is not None:
         if not isinstance(options, dict):
             raise bad("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
-        include_usage = bool(_bool(options, "include_usage"))
+        value = options.get("include_usage")
+        if value is not None and not isinstance(value, bool):  # named by its path, as OpenAI names nested fields
+            raise bad(f"Invalid type for 'stream_options.include_usage': expected a boolean, got "
+                      f"{type(value).__name__}.", "stream_options.include_usage", "invalid_type")
+        include_usage = bool(value)
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("Invalid type for 'model': expected a string.", "model", "invalid_type")
     return dict(
@@ -406,7 +410,8 @@ def _completion_prompt(body: dict, vocab_size: int | None) -> str | list[int]:
             raise bad(f"Token id {outside[0]} is outside the vocabulary "
                       f"(0 to {vocab_size - 1 if vocab_size else '?'}).", "prompt", "invalid_value")
         return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        # a batch of prompts; token ids mixed with other values ([1, 2.5], [1, true]) are a type error
         raise bad("Only one prompt per request is supported.", "prompt", "unsupported_value")
     raise bad("Invalid type for 'prompt': expected a string, a list of one string, or a list of token ids.",
               "prompt", "invalid_type")

@@ -60,7 +60,10 @@ def parse_tools(body: dict) -> ToolPlan | None:
             raise bad(f"Invalid 'tools[{i}].function.name': {short(repr(name))} (1-64 of a-z, A-Z, 0-9, _ and -; "
                       "unique).", f"tools[{i}].function.name", "invalid_value")
         seen.add(name)
-        params = fn.get("parameters", {"type": "object", "properties": {}})
+        params = fn.get("parameters")
+        if params is None:  # OpenAI: "omitting parameters defines a function with an empty parameter list"
+            # ({"properties": {}} alone let the model invent any arguments)
+            params = {"type": "object", "properties": {}, "additionalProperties": False}
         if not isinstance(params, dict):
             raise bad(f"Invalid 'tools[{i}].function.parameters': expected a JSON schema object.",
                       f"tools[{i}].function.parameters", "invalid_type")
