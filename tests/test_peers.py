@@ -154,6 +154,8 @@ def test_the_dashboards_json_matches_status_and_streams_every_second(cluster):
                              ("/v1/peers", {"address": "nope"}, 400), ("/v1/peers", {"test": True}, 400)):
         r = httpx.post(gateway + path, json=body, timeout=30)
         assert r.status_code == code and r.json()["error"]["message"], (path, r.text)
+    wrong_flag = httpx.post(f"{gateway}/v1/peers", json={"address": "127.0.0.1:7700", "test": "yes"}, timeout=30)
+    assert wrong_flag.status_code == 400 and wrong_flag.json()["error"]["param"] == "test", wrong_flag.text
 
 
 def test_a_peer_added_by_address_joins_the_cluster_and_gets_layers(cluster, tmp_path):

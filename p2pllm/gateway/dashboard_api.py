@@ -147,7 +147,8 @@ class DashboardApi:
         address = body.get("address")
         test = body.get("test", False)
         if not isinstance(address, str) or not isinstance(test, bool):
-            raise ApiError(400, "expected {\"address\": \"HOST:PORT\", \"test\": true|false}", param="address")
+            raise ApiError(400, "expected {\"address\": \"HOST:PORT\", \"test\": true|false}",
+                           param="address" if not isinstance(address, str) else "test")
         try:
             host_port(address)
         except Exception as e:
