@@ -100,10 +100,44 @@ def _st_absurd_header_length(st: Path) -> None:
     st.write_bytes(data)
 
 
+def _st_header_nested_too_deep(st: Path) -> None:
+    """Valid JSON nested beyond the parser's recursion limit: was "internal error: RecursionError"."""
+    header = b"[" * 50_000 + b"]" * 50_000
+    st.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def _st_shape_wraps_int64(st: Path) -> None:
+    """An extra tensor whose element count wraps to 0 in int64: its 0 bytes passed, and check-model's
+    decoding failed in torch ("internal error: RuntimeError: Storage size calculation overflowed")."""
+    import json
+
+    data = st.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["evil"] = {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 0]}
+    raw = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _st_integer_norm(st: Path) -> None:
+    """A norm weight declared I32 (same byte size as its F32): the torch loader cast the integers."""
+    import json
+
+    data = st.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["model.layers.0.input_layernorm.weight"]["dtype"] = "I32"
+    raw = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
 HF_CASES = [
     (_st_corrupt_header, ["corrupt safetensors header"]),
+    (_st_integer_norm, ["tensor model.layers.0.input_layernorm.weight: I32 is not a type weights are stored in"]),
     (_st_truncated, ["past the end of the file"]),
     (_st_absurd_header_length, ["claims"]),
+    (_st_header_nested_too_deep, ["corrupt safetensors header: not JSON"]),
+    (_st_shape_wraps_int64, ["tensor evil: 0 bytes for shape [4294967296, 4294967296] F32"]),
 ]
 
 
@@ -149,6 +183,11 @@ CONFIG_CASES = [  # a config.json edit -> what the one line names
     ({"model_type": ["llama"]}, "unsupported architecture ['llama']"),
     ({"vocab_size": None}, "missing field vocab_size"),
     ({"num_hidden_layers": 10**9}, "n_layers = 1000000000 is beyond any model's (at most 4096 here)"),  # plan: OOM
+    # these ran: to NaN logits (epsilon; the ggml backend aborts on it), to another model than
+    # transformers' (a zero rope base; GELU computed as SiLU)
+    ({"rms_norm_eps": -1e-5}, "norm_eps = -1e-05 must not be negative"),
+    ({"rope_theta": 0}, "rope_theta = 0.0 must be positive"),
+    ({"hidden_act": "gelu"}, "unsupported architecture variant: hidden_act='gelu'"),
 ]
 
 
@@ -217,3 +256,83 @@ def test_the_wrong_kind_of_path_says_which_path_to_pass(demo_tiny_hf, demo_tiny_
     line = assert_one_line_error(run_cli("check-model", folder), 2, "pass the GGUF file itself",
                                  f"e.g. {folder / 'tiny.gguf'}")
     assert "--model" not in line
+
+
+def _gguf_with_metadata(src: Path, dst: Path, edits: dict) -> Path:
+    """src rewritten with metadata `edits` (key -> (value, GGUFValueType)); a None value drops the key."""
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in edits:
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             sub_type=field.types[1] if len(field.types) > 1 else None)
+    for key, edit in edits.items():
+        if edit is not None:
+            writer.add_key_value(key, *edit)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+V = gguf.GGUFValueType
+METADATA_CASES = [  # GGUF metadata -> what the one line names. Each was accepted: llama.cpp refuses the first
+    # three (n_rot, n_embd_head_v, "wrong number of tensors") where we computed another model than the file's
+    # (rope over all dims, block_count=1 running 1 of 3 layers); a negative epsilon aborted the process in
+    # ggml's rms_norm (exit 134); a zero rope base ran to "NaN logits" in the first step
+    ({"llama.rope.dimension_count": (8, V.UINT32)}, "unsupported partial rotary embedding"),
+    ({"llama.attention.value_length": (8, V.UINT32)}, "llama.attention.value_length is 8, the key length 16"),
+    ({"llama.block_count": (1, V.UINT32)}, "tensor blk.1.attn_norm.weight is of layer 1, but the metadata says 1 layers"),
+    ({"llama.attention.layer_norm_rms_epsilon": (-1.0, V.FLOAT32)}, "norm_eps = -1.0 must not be negative"),
+    ({"llama.rope.freq_base": (0.0, V.FLOAT32)}, "rope_theta = 0.0 must be positive"),
+]
+
+
+@pytest.mark.parametrize("edits, needle", METADATA_CASES, ids=[next(iter(e)) for e, _ in METADATA_CASES])
+def test_gguf_metadata_we_would_compute_wrongly_or_crash_on_is_one_line_exit_2(tmp_path, edits, needle):
+    fields = _spec_fields()
+    good = tmp_path / "good.gguf"
+    write_gguf(good, fields, _canonical(fields), _spm_tokenizer(fields["vocab"]))
+    bad = _gguf_with_metadata(good, tmp_path / "bad.gguf", edits)
+    assert_one_line_error(run_cli("check-model", bad), 2, str(bad), needle)
+    assert_one_line_error(run_cli("run", "--model", bad, "--prompt", "hi", "--max-tokens", "2"), 2, str(bad), needle)
+
+
+def _with_kv_bytes(good: Path, bad: Path, kv: bytes) -> None:
+    """good with one more metadata entry (raw bytes, a multiple of the 32-byte alignment long, so the
+    data section moves by exactly that much) first in its metadata."""
+    assert len(kv) % 32 == 0
+    data = good.read_bytes()
+    n_kv = struct.unpack("<Q", data[16:24])[0]
+    bad.write_bytes(data[:16] + struct.pack("<Q", n_kv + 1) + kv + data[24:])
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def test_gguf_hostile_metadata_structures_are_one_line_exit_2(demo_tiny_gguf, tmp_path):
+    """Arrays of arrays 10**5 deep overflowed the parser's stack ("internal error: RecursionError",
+    exit 1); a key given twice silently took its second value; arrays were read whatever their size."""
+    nested = _key("evil.arr") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0)
+    twice = _key("general.name") + struct.pack("<I", 8) + struct.pack("<Q", 0)  # an empty name, given again below
+    # a hostile 100 MB array of bytes took 1.2 GB as a Python list (amplified 12x, and file sizes are GBs)
+    huge = _key("evil.big") + struct.pack("<IIQ", 9, 0, (1 << 23) + 32) + bytes((1 << 23) + 32)
+    for name, kv, needle in (("nested", nested, "'evil.arr' is an array of arrays"),
+                             ("twice", twice, "metadata key 'general.name' appears twice"),
+                             ("huge", huge, "metadata arrays of more than 8388608 items in all (at 'evil.big')")):
+        bad = tmp_path / f"{name}.gguf"
+        _with_kv_bytes(demo_tiny_gguf, bad, kv)
+        assert_one_line_error(run_cli("check-model", bad), 2, str(bad), "corrupt GGUF header", needle)
+
+
+def test_a_config_nested_too_deep_is_one_line_exit_2(demo_tiny_hf, tmp_path):
+    """Was "internal error: RecursionError" (exit 1)."""
+    folder = tmp_path / "deep"
+    shutil.copytree(demo_tiny_hf, folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(run_cli("check-model", folder), 2, str(folder / "config.json"), "not valid JSON")

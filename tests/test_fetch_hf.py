@@ -467,7 +467,9 @@ def test_headers_that_contradict_the_manifest_are_refused_and_forgotten(model, s
             liar.close()
         return fetcher
 
-    with pytest.raises(FetchError, match="describes another layout than their manifests"):
+    # (a tensor of a layer beyond the 5 it claims gives it away before the layouts are compared)
+    with pytest.raises(FetchError, match="describes another layout than their manifests|is of layer 5, but the "
+                                         "metadata says 5 layers"):
         asyncio.run(scenario())
     journal = next((tmp_path / "cache").glob("*/*.pieces.json"))
     assert json.loads(journal.read_text())["pieces"] == {}

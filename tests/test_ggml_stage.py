@@ -135,6 +135,50 @@ def test_llama_cpp_quantized_models_match_the_torch_backends_dequantized_run(lla
     assert (got["ggml"].argmax(-1) == got["torch"].argmax(-1)).float().mean() >= 0.9
 
 
+def _run_ids(path, *args: str) -> list[int]:
+    import json
+
+    proc = run_cli("run", "--model", path, "--prompt", "Hello there, how are you?", "--max-tokens", "16", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["ids"]
+
+
+# metadata variants, each as llama.cpp runs it. A linear rope factor without rope.scaling.type (or under
+# its older name rope.scale_linear, as older conversions of long-context Llamas carry it) is applied by
+# llama.cpp; we ignored it and generated other tokens
+ROPE_VARIANTS = {
+    "scaling.factor without a type": ("llama", False, {"llama.rope.scaling.factor": 4.0}),
+    "legacy rope.scale_linear": ("llama", False, {"llama.rope.scale_linear": 4.0}),
+    "qwen2, tied, qkv biases": ("qwen2", True, {}),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_gguf_metadata_variants_give_llama_cpps_tokens_whole_and_split(llama_cpp, tmp_path, variant):
+    from conftest import llama_cpp_greedy
+    from p2pllm.model.demo import DemoShape, demo_weights, spec_fields
+    from p2pllm.model.demo_tokenizer import demo_tokenizer_gguf_fields
+    from p2pllm.model.writer import write_gguf
+
+    arch, tied, extra = ROPE_VARIANTS[variant]
+    shape = DemoShape(n_layers=3, hidden=128, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=256)
+    weights = demo_weights(shape, seed=3, tied=tied)
+    if arch == "qwen2":
+        g = torch.Generator().manual_seed(7)
+        for i in range(shape.n_layers):
+            for key, n in (("bq", 128), ("bk", 64), ("bv", 64)):
+                weights[f"layers.{i}.{key}"] = torch.randn(n, generator=g) * 0.5
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {**spec_fields(shape), "arch": arch}, weights, {**demo_tokenizer_gguf_fields(512), **extra})
+    # llama.cpp's defaults, as ours: f16 KV cache, flash attention
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                          type_k=1, type_v=1, flash_attn=True)
+    whole, split = _run_ids(path), _run_ids(path, "--split", "1,2")
+    want = llama_cpp_greedy(llm, llm.tokenize(b"Hello there, how are you?", add_bos=True), 16)
+    assert len(whole) >= 8 and whole == want[:len(whole)], (whole, want)  # (we also stop at end-of-turn tokens)
+    assert split == whole
+
+
 def test_an_encoding_ggml_cannot_compute_is_one_line_naming_the_tensor(tmp_path):
     from p2pllm.model.demo import DemoShape, demo_weights, spec_fields
     from p2pllm.model.demo_tokenizer import demo_tokenizer_gguf_fields

@@ -37,6 +37,9 @@ _ST_DTYPES = {
     "BOOL": ("bool", 1),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+# items in all of a GGUF's metadata arrays: a vocabulary's tokens, scores, types and merges are ~10**6
+# even at 262k tokens. Read as Python lists, a hostile 100 MB array of bytes took 1.2 GB
+_MAX_ARRAY_ITEMS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
     in words (which section, after which key) instead of as a parser's exception."""
     size = len(buf)
     pos = 8
+    items = 0  # array items so far (_MAX_ARRAY_ITEMS)
     raw = memoryview(buf)  # plain slices: a vocabulary is ~100k strings (numpy slicing made it 0.6 s)
 
     def take(n: int) -> int:
@@ -184,14 +188,21 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
         return str(raw[at:at + n], "utf-8")
 
     def value(vtype: int):
+        nonlocal items
         if vtype in _GGUF_SCALARS:
             return number(_GGUF_SCALARS[vtype])
         if vtype == 8:
             return string()
         if vtype == 9:
             sub, count = number("<u4"), number("<u8")
+            if sub == 9:  # as llama.cpp's reader: no arrays of arrays (nested 10**5 deep, they overflowed the stack)
+                raise ValueError(f"metadata {key!r} is an array of arrays")
             if count > size:  # every item takes at least one byte
                 raise _Short
+            items += count
+            if items > _MAX_ARRAY_ITEMS:
+                raise ValueError(f"metadata arrays of more than {_MAX_ARRAY_ITEMS} items in all (at {key!r}); "
+                                 f"a vocabulary's are ~10**6")
             if sub in _GGUF_SCALARS:
                 dt = np.dtype(_GGUF_SCALARS[sub])
                 return np.frombuffer(buf, dt, count, take(count * dt.itemsize)).tolist()
@@ -205,6 +216,8 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
         n_tensors, n_kv = number("<u8"), number("<u8")
         for _ in range(n_kv):
             key = string()
+            if key in metadata:  # llama.cpp refuses this; the later value silently won here
+                raise ValueError(f"metadata key {key!r} appears twice")
             metadata[key] = value(number("<u4"))
         section = "tensor table"
         for _ in range(n_tensors):
@@ -306,7 +319,7 @@ def _read_safetensors_header(path: Path) -> list[tuple[TensorInfo, int]]:
             raise ModelFileError(path, f"corrupt safetensors header: claims {header_len} bytes")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # (or nested too deep)
             raise ModelFileError(path, f"corrupt safetensors header: not JSON ({_short(e)})") from None
     if not isinstance(header, dict):
         raise ModelFileError(path, "corrupt safetensors header: not a JSON object")
@@ -326,7 +339,7 @@ def _read_safetensors_header(path: Path) -> list[tuple[TensorInfo, int]]:
             raise ModelFileError(path, f"tensor {name}: unsupported dtype {dtype}")
         if any(d < 0 for d in shape):
             raise ModelFileError(path, f"tensor {name}: negative dimension in shape {list(shape)}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype][1]
+        nbytes = int(np.prod(shape, dtype=object)) * _ST_DTYPES[dtype][1]  # exact: int64 wrapped [2**32, 2**32] to 0
         if not 0 <= begin <= end or end - begin != nbytes:
             raise ModelFileError(path, f"tensor {name}: {end - begin} bytes for shape {list(shape)} {dtype}")
         if end > data_len:
@@ -370,7 +383,7 @@ def _read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise ModelFileError(path, "missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # (or nested too deep)
         raise ModelFileError(path, f"not valid JSON ({_short(e)})") from None
     if not isinstance(data, dict):
         raise ModelFileError(path, "not a JSON object")

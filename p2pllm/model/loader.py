@@ -181,8 +181,13 @@ def _plan(spec: ModelSpec, mf: ModelFile, start: int, end: int) -> list[tuple[st
     return out
 
 
+_INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
 def _check_shape(mf: ModelFile, name: str, shape: tuple[int, ...]) -> None:
     info = mf.require(name)
+    if info.dtype in _INTEGER_DTYPES:  # the torch loader cast such a tensor's integers to weights
+        raise ModelFileError(mf.path, f"tensor {name}: {info.dtype} is not a type weights are stored in")
     if tuple(info.shape) != tuple(shape):
         raise ModelFileError(
             mf.path, f"tensor {name}: shape {list(info.shape)} but the metadata says {list(shape)}"

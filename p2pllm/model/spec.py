@@ -194,14 +194,36 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
             vocab = embd.shape[0]
         else:
             vocab = len(_gguf_get(mf, "tokenizer.ggml.tokens", required=True))
+    # llama.cpp ropes head_dim dimensions of each llama head and refuses another rope.dimension_count;
+    # we rope them all, and attend with values as wide as keys: refuse what we would silently ignore
+    n_rot = _gguf_number(mf, f"{a}.rope.dimension_count", int)
+    if n_rot is not None and n_rot != head_dim:
+        raise UnsupportedModelError(mf.path, f"unsupported partial rotary embedding: {a}.rope.dimension_count is "
+                                             f"{n_rot}, the head dim {head_dim}")
+    value_dim = _gguf_number(mf, f"{a}.attention.value_length", int)
+    if value_dim is not None and value_dim != head_dim:
+        raise UnsupportedModelError(mf.path, f"unsupported architecture variant: {a}.attention.value_length is "
+                                             f"{value_dim}, the key length {head_dim}")
     rope_scaling = None
     kind = _gguf_get(mf, f"{a}.rope.scaling.type")
+    # as llama.cpp reads it: the factor (or its older name rope.scale_linear; 0 = none) scales linearly
+    # when no type is given too
+    factor = _gguf_number(mf, f"{a}.rope.scaling.factor", float)
+    if factor is None:
+        factor = _gguf_number(mf, f"{a}.rope.scale_linear", float)
+    if factor is not None and factor < 0:
+        raise ModelFileError(mf.path, f"metadata {a}.rope.scaling.factor = {factor} must not be negative")
+    scaled = factor not in (None, 0.0, 1.0)
+    if kind not in (None, "none", "linear"):
+        raise UnsupportedModelError(mf.path, f"unsupported rope scaling {kind}")
     if "rope_freqs.weight" in mf.tensors:
+        if scaled and kind != "none":  # llama.cpp would apply both; we apply one
+            raise UnsupportedModelError(mf.path, "unsupported rope scaling: rope_freqs.weight and a linear factor")
         rope_scaling = RopeScaling("freq_factors")
     elif kind == "linear":
-        rope_scaling = RopeScaling("linear", _gguf_number(mf, f"{a}.rope.scaling.factor", float, 1.0))
-    elif kind not in (None, "none"):
-        raise UnsupportedModelError(mf.path, f"unsupported rope scaling {kind}")
+        rope_scaling = RopeScaling("linear", factor or 1.0)
+    elif kind is None and scaled:
+        rope_scaling = RopeScaling("linear", factor)
     tied = "output.weight" not in mf.tensors
     spec = ModelSpec(
         arch=a,
@@ -236,7 +258,7 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
 def _load_config(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # (nested too deep)
         raise ModelFileError(path, f"not a readable JSON config ({e})") from None
     if not isinstance(data, dict):
         raise ModelFileError(path, "not a JSON object")
@@ -278,6 +300,9 @@ def _spec_from_hf_config(path: Path, cfg: dict, mf: ModelFile | None) -> ModelSp
         )
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(path, "unsupported architecture variant: mlp_bias=true")
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in ("silu", "swish"):  # transformers would compute another activation than our SwiGLU's
+        raise UnsupportedModelError(path, f"unsupported architecture variant: hidden_act={act!r} (supported: 'silu')")
     hidden = _cfg_number(path, cfg, "hidden_size", int, _REQUIRED)
     n_heads = _cfg_number(path, cfg, "num_attention_heads", int, _REQUIRED)
     n_kv = _cfg_number(path, cfg, "num_key_value_heads", int, n_heads) or n_heads
@@ -348,6 +373,12 @@ def _check_dims(path, spec: ModelSpec) -> None:
         raise ModelFileError(path, f"{spec.n_heads} heads is not a multiple of {spec.n_kv_heads} kv heads")
     if spec.head_dim % 2:
         raise ModelFileError(path, f"head dim {spec.head_dim} must be even for rotary embeddings")
+    # ggml aborts the process on a negative epsilon (and a zero or negative rope base computes NaN):
+    # refuse them here, in words
+    if not spec.norm_eps >= 0:
+        raise ModelFileError(path, f"metadata norm_eps = {spec.norm_eps} must not be negative")
+    if not spec.rope_theta > 0:
+        raise ModelFileError(path, f"metadata rope_theta = {spec.rope_theta} must be positive")
 
 
 def _with_sizes(spec: ModelSpec, mf: ModelFile, layer_re: str, embed: str, head: str, norm: str) -> ModelSpec:
@@ -357,7 +388,10 @@ def _with_sizes(spec: ModelSpec, mf: ModelFile, layer_re: str, embed: str, head:
     for info in mf.tensors.values():
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
         m = pattern.match(info.name)
-        if m and int(m.group(1)) < spec.n_layers:
+        if m and int(m.group(1)) >= spec.n_layers:  # llama.cpp refuses such a file too ("wrong number of tensors")
+            raise ModelFileError(mf.path, f"tensor {info.name} is of layer {int(m.group(1))}, but the metadata says "
+                                          f"{spec.n_layers} layers")
+        if m:
             per_layer[int(m.group(1))] += info.nbytes
     embed_bytes = mf.require(embed).nbytes
     head_bytes = mf.tensors[head].nbytes if head in mf.tensors else embed_bytes
