@@ -51,6 +51,18 @@ def _gguf_misaligned_offset(good: Path, bad: Path) -> None:
     bad.write_bytes(data)
 
 
+def _gguf_overlapping_tensors(good: Path, bad: Path) -> None:
+    """Tensor 3's data moved onto tensor 2's: both in bounds and aligned, each would read the other's bytes."""
+    tensors = gguf.GGUFReader(str(good)).tensors
+    data = bytearray(good.read_bytes())
+
+    def offset_at(t):
+        return t.field.offset + 8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4  # the u64 data offset
+
+    data[offset_at(tensors[3]): offset_at(tensors[3]) + 8] = data[offset_at(tensors[2]): offset_at(tensors[2]) + 8]
+    bad.write_bytes(data)
+
+
 def _gguf_shape_disagrees(good: Path, bad: Path) -> None:
     fields = _spec_fields()
     write_gguf(bad, {**fields, "ffn": 128}, _canonical(fields), _spm_tokenizer(fields["vocab"]))
@@ -71,6 +83,7 @@ GGUF_CASES = [
     (_gguf_offset_out_of_bounds, ["past the end of the file"]),
     (_gguf_misaligned_offset, ["data offset", "is not a multiple of the file's alignment (32)"]),
     (_gguf_shape_disagrees, ["shape [", "but the metadata says ["]),
+    (_gguf_overlapping_tensors, ["corrupt GGUF header: tensor", "data overlaps tensor"]),
 ]
 
 

@@ -121,6 +121,7 @@ class GGUFModelFile(ModelFile):
             if name in self.tensors:
                 raise ModelFileError(self.path, f"tensor {name} appears twice")
             self.tensors[name] = TensorInfo(name, qtype.name, shape, nbytes, start)
+        _check_no_overlap(self.path, self.tensors.values())
 
     def raw(self, name: str) -> tuple[str, np.ndarray]:
         """The undecoded bytes of a tensor, one row per output row: uint8 [rows, row bytes]."""
@@ -147,6 +148,16 @@ class GGUFModelFile(ModelFile):
 
     def close(self) -> None:
         self._map = None
+
+
+def _check_no_overlap(path: Path, tensors) -> None:
+    """Tensors whose data overlap (every one at offset 0, say) would each read another's bytes as
+    their own: llama.cpp's reader refuses them too (it wants each at the aligned end of the last)."""
+    end, last = 0, None
+    for info in sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset):
+        if info.offset < end:
+            raise ModelFileError(path, f"corrupt GGUF header: tensor {info.name}'s data overlaps tensor {last}'s")
+        end, last = info.offset + info.nbytes, info.name
 
 
 # GGUF metadata value types: fixed-size scalars as numpy dtypes; 8 = string, 9 = array
