@@ -216,7 +216,12 @@ def cmd_make_demo_model(args) -> int:
 
     if os.path.lexists(args.path) and not os.path.isdir(args.path) and not args.force:
         raise UsageError(f"{args.path} exists; pass --force to replace it")
-    path = make_demo_model(args.path, args.format, args.size, args.seed, args.qtype)
+    try:
+        path = make_demo_model(args.path, args.format, args.size, args.seed, args.qtype)
+    except OSError as e:  # a folder that cannot be made or written (a file in the way, no permission, a full disk):
+        # it was "internal error: FileExistsError ..."
+        raise UsageError(f"cannot write {args.path}: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename and str(e.filename) != str(args.path) else "")) from None
     print(f"wrote {args.size} demo model ({args.format}) to {path} (random weights: its output is random text)")
     return 0
 
@@ -287,24 +292,42 @@ def _add_check_model(sub) -> None:
 def cmd_join(args) -> int:
     import asyncio
 
-    from .cluster.capability import parse_size, resolve_device
+    from .cluster.capability import max_memory_cap, resolve_device
     from .cluster.discovery import pick_interface_address
     from .daemon import Daemon, DaemonConfig
+    from .errors import UsageError
     from .model.backends import choose_backend, stage_kv_dtype
     from .model.spec import read_spec
+    from .model.tokenizer import load_tokenizer
     from .transport.security import resolve_secret
 
+    if args.port == args.gateway_port and (args.interface is None or args.gateway_host in (
+            "127.0.0.1", "localhost", "0.0.0.0", "::", args.interface)):
+        # the gRPC server binds that port on 127.0.0.1 (and --interface's address, or every one) first: the gateway
+        # then failed with "address already in use", after a secret was made, as if another program held the port
+        raise UsageError(f"--gateway-port {args.gateway_port} is this peer's gRPC --port too: give them different ports "
+                         f"(defaults 7700 and 8700)")
+    if args.api_key is not None and not args.api_key.strip():
+        # `--api-key "$KEY"` with KEY unset started a gateway that any local program could use, without a word
+        raise UsageError("--api-key is empty: give the key clients must send (or leave the flag out for a gateway "
+                         "without one)")
     response_cache = _response_cache(args)
     backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
-    max_memory = parse_size(args.max_memory) if args.max_memory else None
+    max_memory = max_memory_cap(args.max_memory)
     if args.interface:
         pick_interface_address(args.interface)
     model, sources = args.model, []  # args.model stays as typed: the command for other machines names it
     if args.from_peers or isinstance(args.model, PeerModel):
         model, sources = _model_from_peers(args)  # the partial copy in this machine's cache
     spec = read_spec(model)
+    if args.context is not None and args.context > spec.context:
+        # the daemon clamped it to the model's context without a word (`plan` refuses it so)
+        raise UsageError(f"--context {args.context} is beyond {spec.name}'s {spec.context} tokens")
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
+    # the daemon's first use of the tokenizer: a folder without tokenizer.json (or a corrupt vocabulary) was
+    # refused only after the secret was made and the join command printed
+    tokenizer = load_tokenizer(model)
     state_dir = _check_history(args)
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
     _announce_secret(args, resolved)
@@ -322,7 +345,7 @@ def cmd_join(args) -> int:
         allowed_hosts=tuple(args.allowed_host or ()),
         secret=resolved.secret, insecure=resolved.secret is None, backends=backends,
         state_dir=str(state_dir), history=args.history, history_rows=args.history_rows,
-        fetch_from=sources, model_cache=args.model_cache, fetch_serve_rate=args.fetch_serve_rate,
+        fetch_from=sources, model_cache=args.model_cache, fetch_serve_rate=args.fetch_serve_rate, tokenizer=tokenizer,
     )
     if args.name:
         cfg.name = args.name
@@ -487,7 +510,8 @@ def _add_join(sub) -> None:
     p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
-    p.add_argument("--context", type=positive_int, default=None, help="tokens of context to plan KV memory for")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="tokens of context to plan KV memory for (default and most: the model's)")
     p.add_argument("--prefix-cache", type=non_negative_int, default=None, metavar="TOKENS",
                    help="KV positions kept for prompts that start like recent ones (default: the context; 0: off)")
     p.add_argument("--reprobe", action="store_true", help="measure this machine again instead of using the cache")

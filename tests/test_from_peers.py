@@ -154,6 +154,25 @@ def test_from_peers_errors_are_one_line(tmp_path, monkeypatch):
     assert unreachable.returncode == 1 and "no peer serves the model" in unreachable.stderr.splitlines()[-1]
 
 
+def test_a_model_cache_that_cannot_be_a_folder_is_one_line(tmp_path, stories_gguf):
+    """--model-cache naming a file was "internal error: NotADirectoryError" once the header was learned."""
+    ports = (17741, 17742)
+    owner = join(tmp_path, "owner", ports, "--model", str(stories_gguf))
+    try:
+        wait_stages(ports[1], 1, [owner], [tmp_path / "owner.log"])
+        not_a_folder = tmp_path / "cache-file"
+        not_a_folder.write_text("mine")
+        proc = run_cli("join", "--from-peers", "--peer", f"127.0.0.1:{ports[0]}", "--secret", SECRET,
+                       "--model-cache", str(not_a_folder), "--no-mdns", "--port", "17743", "--gateway-port", "17744",
+                       timeout=120, env_extra={"HOME": str(tmp_path / "fetcher")})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]  # after the INFO line saying whom it learns the model from
+        assert last.startswith(f"p2pllm: error: cannot keep the fetched model under {not_a_folder}: Not a directory"), last
+        assert last.endswith("(pass another --model-cache)") and not_a_folder.read_text() == "mine"
+    finally:
+        stop_daemon(owner)
+
+
 def join_from_peers(hosts, i: int, tmp_path: Path, *source: str):
     """A host with an empty home but for the cluster's stored secret that learns the model from
     peers (`source`: how it finds them); its copy goes to the default cache,

@@ -205,17 +205,27 @@ def memory_bound(device: str = "cpu", max_memory: int | str | None = None) -> Me
     import torch
 
     dev = resolve_device(device)
-    cap = _max_memory(max_memory)
+    cap = max_memory_cap(max_memory)
     total, free = _memory(torch, dev)
     return MemoryBound(dev, int(total), int(free), cap, *_cgroup_fields(dev))
 
 
-def _max_memory(max_memory: int | str | None) -> int | None:
+MIN_MEMORY_CAP = 1 << 20  # bytes: no layer of any model fits in less; a smaller --max-memory is a forgotten unit
+
+
+def max_memory_cap(max_memory: int | str | None) -> int | None:
+    """--max-memory in bytes (None: no cap), or a UsageError. `join` calls it before it makes a secret;
+    a bare number is bytes, and `--max-memory 8` (meant as 8 GiB) started a daemon that waited forever
+    for a plan that could give it no layer."""
     if max_memory is None:
         return None
     cap = parse_size(max_memory)
     if cap <= 0:
         raise UsageError(f"--max-memory must be positive, got {max_memory}")
+    if cap < MIN_MEMORY_CAP:
+        fix = (f"give a unit, e.g. {str(max_memory).strip()}GiB" if re.fullmatch(r"\s*[0-9.]+\s*", str(max_memory))
+               else "give at least 1MiB")
+        raise UsageError(f"--max-memory {max_memory} is {cap} bytes, less than any model needs: {fix}")
     return cap
 
 
@@ -243,7 +253,7 @@ def probe(
     import torch
 
     dev = resolve_device(device)
-    cap = _max_memory(max_memory)
+    cap = max_memory_cap(max_memory)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     old_threads = torch.get_num_threads()
@@ -446,5 +456,5 @@ def _write_cache(path: Path, entries: dict) -> None:
         log.warning("could not write capability cache %s: %s", path, e)
 
 
-__all__ = ["Capabilities", "MemoryBound", "default_cache_dir", "memory_bound", "parse_duration", "parse_rate",
-           "parse_size", "probe"]
+__all__ = ["Capabilities", "MemoryBound", "default_cache_dir", "max_memory_cap", "memory_bound", "parse_duration",
+           "parse_rate", "parse_size", "probe"]

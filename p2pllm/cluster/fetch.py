@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from ..errors import P2PError
+from ..errors import P2PError, UsageError
 from ..model.pieces import (
     HEADER,
     ModelPieces,
@@ -769,6 +769,11 @@ async def learn_model(sources: Sequence[str], security, cache_root: str | os.Pat
                 if time.monotonic() + wait - deadline < 1.5:  # the first failure: say why we wait
                     log.info("waiting up to %.0f s for a peer to serve the model: %s", wait, e)
                 await asyncio.sleep(1.0)
+            except OSError as e:  # the cache cannot be made or written (--model-cache a file, no room, no permission):
+                fetcher.close()  # it was "internal error: NotADirectoryError ..."
+                where = f" ({e.filename})" if e.filename else ""
+                raise UsageError(f"cannot keep the fetched model under {fetcher.cache_root}: {e.strerror or e}{where} "
+                                 f"(pass another --model-cache)") from None
         log.info("model %s (fingerprint %s) learned from %s: %s", fetcher.layout.name, fetcher.layout.fingerprint,
                  ", ".join(sources), partial.describe())
         fetcher.close()

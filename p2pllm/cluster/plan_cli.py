@@ -22,7 +22,7 @@ from ..argtypes import non_negative_int
 from ..model.kv_dtypes import kv_bytes_per_value
 from ..model.spec import BUILTIN_SHAPES, DTYPE_BYTES, ModelSpec, resolve_spec
 from ..model.store import ModelRefError, resolve_model
-from .capability import parse_duration, parse_rate, parse_size, probe
+from .capability import max_memory_cap, parse_duration, parse_rate, parse_size, probe
 from .planner import GiB, OBJECTIVES, STRATEGIES, Held, PeerCaps, Plan, PlanOptions, plan
 
 DEVICE_KEYS = ("name", "mem", "tflops", "flops", "bw", "net", "rtt", "held")
@@ -149,6 +149,7 @@ def cmd_plan(args) -> int:
     for flag in ("max_memory", "interface", "cluster"):
         if getattr(args, flag) is not None and not args.discover:
             raise UsageError(f"--{flag.replace('_', '-')} applies to --discover")
+    args.max_memory = max_memory_cap(args.max_memory)  # a bad one is one line, before measuring anything
     peers = [parse_device(text, i, spec.n_layers) for i, text in enumerate(args.device)]
     notes = []
     if args.discover:

@@ -118,7 +118,7 @@ class Daemon:
         self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
         from ..model.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = cfg.tokenizer if cfg.tokenizer is not None else load_tokenizer(cfg.model)
         # the parts (control plane, data plane, model pieces), each with its own state
         self.peers = PeerLoops(self.info, self.membership, self.clients, cfg.peers, on_lost=self._peers_lost,
                                on_epoch=lambda epoch: self.agreement.saw_epoch(epoch))

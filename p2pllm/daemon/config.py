@@ -51,6 +51,8 @@ class DaemonConfig:
     state_dir: str | None = None  # None: gateway.history.default_state_dir(cluster)
     history: str = "off"  # request history of this gateway: off | meta | full (join: meta)
     history_rows: int = 10_000
+    tokenizer: object | None = None  # the model's tokenizer, when the caller loaded it already (join: to check it
+    # before it makes a secret); None: loaded from `model`
 
 
 def _security(cfg: DaemonConfig) -> Security:

@@ -20,6 +20,8 @@ log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whol
 
 HEALTH_INTERVAL = 0.5
 HELLO_INTERVAL = 1.0
+SILENT_PEER_WARN_AFTER = 5.0  # seconds a --peer / `peers add` address may stay silent before a warning (peers
+SILENT_PEER_WARN_EVERY = 60.0  # started together come up within this); then once a minute while it stays so
 LINK_REMEASURE_SECONDS = 60.0
 
 
@@ -39,6 +41,9 @@ class PeerLoops:
         self.links: dict[str, tuple[float, float]] = {}  # peer id -> (rtt s, bytes/s), this peer's measurements
         self._link_measured_at: dict[str, float] = {}
         self._dial: set[str] = set(dial)
+        # the addresses the user named (--peer, `peers add`): a typo or a host that is down was retried in silence
+        self._static: set[str] = set(dial)
+        self._silent: dict[str, tuple[float, float]] = {}  # address -> (first failure, last warning)
         self._health_now = asyncio.Event()
         self._dropped: set[str] = set()  # addresses whose connection dropped since they last answered
 
@@ -49,6 +54,7 @@ class PeerLoops:
     def add_static_peer(self, address: str) -> None:
         """Dial `address` from now on, like `join --peer` (the hello loop retries it while it is away)."""
         self._dial.add(address)
+        self._static.add(address)
         asyncio.get_running_loop().create_task(self._hello(address))
 
     # ------------------------------------------------------------------ discovery -> membership
@@ -81,11 +87,34 @@ class PeerLoops:
             reply = await self.clients.get(address).hello(self.info)
         except Exception as e:  # an unreachable or refusing peer: try again later
             log.debug("hello %s failed: %s", address, e)
+            self._note_silent(address, e)
             return
+        self._silent.pop(address, None)
         self._met(reply.peer)
         for known in reply.known:
             if known.id != self.id and known.id not in self.membership.members:
                 self._dial.add(known.address)
+
+    def _note_silent(self, address: str, error: Exception) -> None:
+        """Warn (after SILENT_PEER_WARN_AFTER, then once a minute) about a peer address the user named that
+        does not answer; a refused handshake is logged by the security layer already."""
+        if address not in self._static:
+            return
+        if isinstance(error, grpc.aio.AioRpcError):
+            from ..transport.security import refusal_reason
+
+            if refusal_reason(error, self.clients.security.enabled) is not None:
+                return
+            details = (error.details() or "").split("; last error: ")[-1]
+            why = f"{error.code().name.lower()}: {details}" if details else error.code().name.lower()
+        else:
+            why = f"{type(error).__name__}: {error}"
+        now = time.monotonic()
+        first, warned = self._silent.setdefault(address, (now, -1e9))
+        if now - first >= SILENT_PEER_WARN_AFTER and now - warned >= SILENT_PEER_WARN_EVERY:
+            self._silent[address] = (first, now)
+            log.warning("peer %s does not answer (%s) for %.0f s; still trying it every %.0f s", address, why,
+                        now - first, HELLO_INTERVAL)
 
     async def hello_loop(self) -> None:
         while True:

@@ -159,7 +159,11 @@ async def _one_call(address: str, security: Security, call):
         return await call(client)
     except grpc.aio.AioRpcError as e:
         why = explain_refusal(address, e, security.enabled)
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED and "http2 header with status" in (e.details() or "").lower():
+            # an HTTP/2 server that is no gRPC one (a web server, a proxy) answered with an HTTP status: no p2pllm,
+            # old or new, is there
+            why = f"{address} is an HTTP server, not a p2pllm peer ({e.details()})"
+        elif e.code() == grpc.StatusCode.UNIMPLEMENTED:
             why = f"the peer at {address} runs an older p2pllm without this command"
         elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             why = f"the peer at {address} did not answer in time"

@@ -255,6 +255,11 @@ def explain_refusal(address: str, error: grpc.aio.AioRpcError, secure: bool) -> 
         return (f"{address} does not speak TLS: a peer there runs without a secret (--insecure: pass --insecure "
                 f"to talk to it), or it is not a p2pllm peer (a gateway's HTTP port? peers talk on their gRPC "
                 f"--port, default 7700)")
+    if "http1.x server" in details or "failed parsing http/2" in details:
+        # without TLS, gRPC reached a server that does not speak HTTP/2 (most often the gateway's HTTP port given for
+        # the gRPC one); it said "no p2pllm peer answers (unavailable)", as if nothing listened there
+        return (f"{address} answers, but it is not a p2pllm peer's gRPC port (a gateway's HTTP port? peers talk on "
+                f"their gRPC --port, default 7700)")
     if refusal_reason(error, secure) is None:
         return None
     if secure:
