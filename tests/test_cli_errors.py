@@ -136,6 +136,12 @@ def test_make_demo_model_where_it_cannot_write_is_one_line(tmp_path, fmt, name):
     (["batch", "--chunk-tokens", "1", "--input", ".", "--output", "o.json"],  # it blamed the template
      "argument --chunk-tokens: must be at least 64, the smallest piece a document is read in, got 1"),
     (["plan", "--model", "llama-3-8b", "--device", "name=a,mem=1e400GiB,tflops=1,bw=1GBps"], "bad size '1e400GiB': too large"),
+    (["chat", "--host", "127.0.0.1:notaport", "--prompt", "hi"],  # it was "internal error: InvalidURL"
+     "argument --host: '127.0.0.1:notaport' is not HOST:PORT or a URL"),
+    (["chat", "--host", "127.0.0.1:99999", "--prompt", "hi"],  # it said "connection refused"
+     "argument --host: '127.0.0.1:99999': port 99999 is outside 1-65535"),
+    (["batch", "--input", ".", "--output", "o.json", "--host", "http://h:x/v1"],
+     "argument --host: 'http://h:x/v1' is not HOST:PORT or a URL"),
 ])
 def test_values_that_used_to_be_internal_errors_or_ignored_are_one_line(argv, needle):
     proc = run_cli(*argv, timeout=60)

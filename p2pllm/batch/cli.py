@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..argtypes import positive_float, positive_int, temperature, utf8_text
 from ..errors import P2PError, UsageError
+from ..gateway.chat_cli import gateway_address
 from .documents import find_documents
 from .journal import Journal, journal_path, read_journal
 from .prompts import DEFAULT_PRESET, PRESETS, templates
@@ -53,7 +54,7 @@ def add_batch_parser(sub) -> None:
     p.add_argument("--chunk-tokens", type=_chunk_tokens, default=None, metavar="N",
                    help="read documents in pieces of at most about N tokens (default: as much as the context "
                         "holds beside the template and the answer)")
-    p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P",
+    p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P", type=gateway_address,
                    help=f"a gateway address, HOST:PORT or a URL (default {DEFAULT_GATEWAY})")
     p.add_argument("--api-key", default=None, help="the gateway's API key (default: $P2PLLM_API_KEY)")
     p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",

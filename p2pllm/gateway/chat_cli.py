@@ -28,7 +28,7 @@ def add_chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with the cluster through a gateway",
                        description="Chat with the model through a p2pllm gateway (any peer's). With --prompt, "
                                    "print one answer and exit; otherwise start a conversation.")
-    p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P",
+    p.add_argument("--host", default=DEFAULT_GATEWAY, metavar="H:P", type=gateway_address,
                    help=f"a gateway address, HOST:PORT or a URL (default {DEFAULT_GATEWAY})")
     p.add_argument("--prompt", default=None, type=utf8_text, help="ask this, print the answer, exit")
     p.add_argument("--system", default=None, type=utf8_text, help="a system message to start the conversation with")
@@ -53,6 +53,23 @@ def base_url(host: str) -> str:
     if host.startswith(("http://", "https://")):
         return host
     return f"http://{host}"
+
+
+def gateway_address(text: str) -> str:
+    """--host of `chat` and `batch`: `text` when base_url makes a usable URL of it; else argparse's
+    one-line error (a port that is no number was "internal error: InvalidURL")."""
+    import argparse
+
+    try:
+        url = httpx.URL(base_url(text))
+        port = url.port  # None: the scheme's own
+    except (httpx.InvalidURL, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or a URL ({e})") from None
+    if not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host (HOST:PORT, e.g. 127.0.0.1:8700)")
+    if port is not None and not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port} is outside 1-65535")
+    return text
 
 
 @dataclass
