@@ -19,7 +19,7 @@ import pytest
 from p2pllm.transport.client import fetch_status
 from p2pllm.transport.security import Security
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 
 SECRET = "late-join-test-secret-0123456789abcdef"
 
@@ -186,11 +186,14 @@ def test_join_with_a_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, 
         proc = run_cli("join", "--model", demo_tiny_gguf, "--name", "busy", "--port", grpc, "--gateway-port", gateway,
                        "--interface", "127.0.0.1", "--no-mdns", "--insecure", "--state-dir", tmp_path / "state",
                        timeout=60, env_extra={"HOME": str(home)})
+    if taken_port == "same":  # a usage error, before anything starts
+        assert_one_line_error(proc, 2, f"--gateway-port {grpc} is this peer's gRPC --port too")
+        return
     assert proc.returncode == 1, proc.stderr
     # the daemon's log lines (and --insecure's warning) aside, exactly the error line
     other = [line for line in proc.stderr.splitlines()
              if line.strip() and not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ |WARNING: ", line)]
-    # (gRPC's own "E... add_port.cc" line is not among them)
-    expected = f"cannot bind the gRPC server to 0.0.0.0:{grpc}" if taken_port == "grpc" else \
+    # (gRPC's own "E... add_port.cc" line is not among them; --interface 127.0.0.1 is where gRPC listens)
+    expected = f"cannot bind the gRPC server to 127.0.0.1:{grpc}" if taken_port == "grpc" else \
         f"cannot bind the gateway to 127.0.0.1:{gateway}"
     assert other == [f"p2pllm: error: {expected}: address already in use"], proc.stderr
