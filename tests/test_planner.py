@@ -198,6 +198,18 @@ def test_infeasible_reason_says_how_many_gib():
     assert not P.plan(spec, [], options=P.PlanOptions()).feasible
 
 
+def test_a_reason_names_a_daemon_by_its_name_and_adds_its_id_only_where_names_repeat():
+    """Daemons' ids are 32 hex digits: a 503 said "more memory on peer 7c3a2e8a9f0b...". """
+    spec = resolve_spec("llama-3-70b")
+    ids = ["7c3a2e8a" + "0" * 24, "b816cfbe" + "1" * 24]
+    peers = [P.PeerCaps(ids[0], "host1", 16 * GiB, 8e12, 200e9, 1e9), P.PeerCaps(ids[1], "host2", 8 * GiB, 4e12, 100e9, 1e9)]
+    reason = P.plan(spec, peers, options=P.PlanOptions(dtype="f16")).reason
+    assert re.search(r"more memory on peer host[12] \(", reason) and "0000" not in reason and "1111" not in reason, reason
+    twins = [P.PeerCaps(**{**p.__dict__, "name": "laptop"}) for p in peers]
+    reason = P.plan(spec, twins, options=P.PlanOptions(dtype="f16")).reason
+    assert re.search(r"more memory on peer laptop \[(7c3a2e8a|b816cfbe)\] \(", reason), reason
+
+
 def test_proportional_is_exo_memory_weighted_ring():
     spec = tiny_spec(10)
     big = P.stage_memory(spec, 0, 10, P.PlanOptions()).total * 4

@@ -472,12 +472,12 @@ def evaluate(
         worst = max(over, key=lambda s: s.memory.total - s.memory.limit)
         short = worst.memory.total - worst.memory.limit
         reason = (
-            f"needs {_gib_up(short)} GiB more memory: peer {worst.peer} would use "
+            f"needs {_gib_up(short)} GiB more memory: peer {peer_label(peers, worst.peer)} would use "
             f"{_gib(worst.memory.total)} GiB for layers [{worst.start}, {worst.end}), "
             f"it has {_gib(worst.memory.limit)} GiB"
         )
     elif not feasible:
-        slow = [s.peer for s in stages if not math.isfinite(s.ms_per_token)]
+        slow = [peer_label(peers, s.peer) for s in stages if not math.isfinite(s.ms_per_token)]
         reason = f"peer {slow[0] if slow else '?'} has no measured compute or bandwidth"
     unused = [(p.id, r) for p, r in _unused_reasons(spec, [p for p in peers if p.id not in seen], options, dict(excluded))]
     return Plan(
@@ -1042,6 +1042,16 @@ def peers_needed(spec: ModelSpec, mem_bytes: int, options: PlanOptions, most: in
     return None
 
 
+def peer_label(peers: Sequence[PeerCaps], peer_id: str) -> str:
+    """A peer as a reason names it: by its name (a daemon's id is 32 hex digits that tell a person
+    nothing), with the start of its id where another peer has the same name."""
+    named = [p.name for p in peers if p.id == peer_id and p.name]
+    if not named:
+        return peer_id
+    twins = sum(1 for p in peers if p.name == named[0])
+    return named[0] if twins == 1 or named[0] == peer_id else f"{named[0]} [{peer_id[:8]}]"
+
+
 def _infeasible(spec: ModelSpec, peers: Sequence[PeerCaps], options: PlanOptions, strategy: str, prefix: str) -> Plan:
     need = stage_memory(spec, 0, spec.n_layers, options).total
     have = sum(p.mem_bytes for p in peers)
@@ -1050,8 +1060,9 @@ def _infeasible(spec: ModelSpec, peers: Sequence[PeerCaps], options: PlanOptions
         reason = "no peer has measured compute and memory bandwidth"
     else:
         if who:
-            owned = next(p.mem_bytes for p in peers if p.id == who)
-            reason = (f"needs {_gib_up(extra)} GiB more memory on peer {who} ({_gib(owned)} GiB -> "
+            short = next(p for p in peers if p.id == who)
+            owned = short.mem_bytes
+            reason = (f"needs {_gib_up(extra)} GiB more memory on peer {peer_label(peers, who)} ({_gib(owned)} GiB -> "
                       f"{_gib_up(owned + extra)} GiB), or one machine with {_gib_up(need)} GiB for all of it")
         else:
             reason = f"needs one machine with {_gib_up(need)} GiB for all of it"
