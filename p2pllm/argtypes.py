@@ -86,6 +86,10 @@ def host_port(text: str) -> str:
     host, sep, p = text.rpartition(":")
     if not sep or not host:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (not bracketed and ("[" in host or "]" in host or ":" in host)) or any(c.isspace() for c in host):
+        # "[::1" or "::1" (an IPv6 address goes in brackets: [::1]:7700) reached gRPC as an address
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (an IPv6 address in brackets, [::1]:7700), got {text!r}")
     port(p)
     return text
 

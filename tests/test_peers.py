@@ -151,7 +151,8 @@ def test_the_dashboards_json_matches_status_and_streams_every_second(cluster):
     tested = httpx.post(f"{gateway}/v1/peers", json={"address": f"127.0.0.1:{GRPC[0]}", "test": True}, timeout=30)
     assert tested.status_code == 200 and tested.json()["compatible"] and tested.json()["name"] == "peers-1"
     for path, body, code in (("/v1/peers/nobody/drain", None, 404), ("/v1/peers/peers-1/reboot", None, 404),
-                             ("/v1/peers", {"address": "nope"}, 400), ("/v1/peers", {"test": True}, 400)):
+                             ("/v1/peers", {"address": "nope"}, 400), ("/v1/peers", {"test": True}, 400),
+                             ("/v1/peers", {"address": "[::1", "test": True}, 400)):  # was a 200 "unreachable"
         r = httpx.post(gateway + path, json=body, timeout=30)
         assert r.status_code == code and r.json()["error"]["message"], (path, r.text)
     wrong_flag = httpx.post(f"{gateway}/v1/peers", json={"address": "127.0.0.1:7700", "test": "yes"}, timeout=30)
