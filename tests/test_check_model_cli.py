@@ -226,22 +226,8 @@ def test_a_gguf_metadata_number_stored_as_text_is_one_line_exit_2(tmp_path):
     fields = _spec_fields()
     path = tmp_path / "text-context.gguf"
     write_gguf(path, fields, _canonical(fields), _spm_tokenizer(fields["vocab"]))
-    reader = gguf.GGUFReader(str(path))
-    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch="llama")
-    for key, field in reader.fields.items():  # the same file, its context length written as a string
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        if key == "llama.context_length":
-            value, vtype = "long", gguf.GGUFValueType.STRING
-        writer.add_key_value(key, value, vtype, sub_type=field.types[1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # the same file, its context length written as a string
+    _gguf_with_metadata(path, tmp_path / "bad.gguf", {"llama.context_length": ("long", gguf.GGUFValueType.STRING)})
     assert_one_line_error(run_cli("check-model", tmp_path / "bad.gguf"), 2,
                           "metadata llama.context_length is 'long', expected a whole number")
 
