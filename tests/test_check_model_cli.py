@@ -335,3 +335,24 @@ def test_a_config_nested_too_deep_is_one_line_exit_2(demo_tiny_hf, tmp_path):
     shutil.copytree(demo_tiny_hf, folder)
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     assert_one_line_error(run_cli("check-model", folder), 2, str(folder / "config.json"), "not valid JSON")
+
+
+def test_a_qwen2_gguf_with_llama3_rope_factors_is_refused_as_llama_cpp_refuses_it(demo_tiny_gguf, tmp_path):
+    """llama.cpp's qwen2 loads no rope_freqs.weight (it refuses the file); we applied the factors."""
+    reader = gguf.GGUFReader(str(demo_tiny_gguf))
+    bad = tmp_path / "qwen2-rope-freqs.gguf"
+    writer = gguf.GGUFWriter(str(bad), arch="qwen2")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        writer.add_key_value(key.replace("llama.", "qwen2.", 1), field.contents(), field.types[0],
+                             sub_type=field.types[1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    head_dim = reader.fields["llama.embedding_length"].contents() // reader.fields["llama.attention.head_count"].contents()
+    writer.add_tensor("rope_freqs.weight", np.ones(head_dim // 2, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(run_cli("check-model", bad), 2, str(bad), "rope_freqs.weight in a qwen2 model")

@@ -217,6 +217,8 @@ def _spec_from_gguf(mf: ModelFile) -> ModelSpec:
     if kind not in (None, "none", "linear"):
         raise UnsupportedModelError(mf.path, f"unsupported rope scaling {kind}")
     if "rope_freqs.weight" in mf.tensors:
+        if a != "llama":  # llama.cpp's qwen2 has no such tensor and refuses the file ("wrong number of tensors")
+            raise UnsupportedModelError(mf.path, f"unsupported architecture variant: rope_freqs.weight in a {a} model")
         if scaled and kind != "none":  # llama.cpp would apply both; we apply one
             raise UnsupportedModelError(mf.path, "unsupported rope scaling: rope_freqs.weight and a linear factor")
         rope_scaling = RopeScaling("freq_factors")
