@@ -212,3 +212,106 @@ def test_a_dropped_connection_belongs_to_the_identity_that_was_at_the_address():
             await clients.close()
 
     asyncio.run(run())
+
+
+def test_a_peer_told_to_stop_says_leaving_in_its_health_replies_even_as_the_coordinator(caplog):
+    # A draining coordinator (SIGTERM: it finishes its requests, then exits) keeps its plan state
+    # "serving", but its peers must hear it is stopping: they logged its exit as "lost: its
+    # connection dropped and it is unreachable" and `status` showed it serving until it vanished.
+    from p2pllm.daemon import Daemon
+
+    state = Daemon.public_state.fget
+    peer = SimpleNamespace(leaving=False, drained=False, pieces=SimpleNamespace(fetching=False), state="serving")
+    assert state(peer) == "serving"
+    peer.drained = True
+    assert state(peer) == "drained"
+    peer.leaving = True  # drained or not, coordinator or stage: told to stop
+    assert state(peer) == "leaving"
+    m, clock = clocked(info("a"))
+    m.upsert(info("b"))
+    m.heard_from("b", pb.HealthReply(id="b", state=state(peer), epoch=3, coordinator="b"))
+    m.refused("b", after=1, why="its connection dropped and it is unreachable")  # it exited
+    with caplog.at_level("INFO", logger="p2pllm.cluster.membership"):
+        assert m.expire() == ["b"]
+    assert "n-b (b) left (it was stopping)" in caplog.text and "lost" not in caplog.text
+
+
+def test_a_commit_closes_the_ring_links_to_peers_out_of_the_plan(caplog):
+    # A link kept to a peer that left the plan broke when that peer exited: "WARNING ring link to
+    # ... broke: unavailable" after every clean leave, and its channel stayed open. Real gRPC, to a
+    # loopback port nobody listens on (the peer that left).
+    from p2pllm.transport.ring import LinkPool
+
+    async def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gone = f"127.0.0.1:{s.getsockname()[1]}"
+        broken = []
+        pool = LinkPool(Security.insecure(), on_broken=broken.append)
+        link = pool.get(gone)
+        link.bytes_sent = 10  # as if it carried frames before
+        pool.retain({"127.0.0.1:1"})  # the new plan's peers
+        await asyncio.sleep(0.2)
+        assert gone not in pool._links and link._closed and pool.bytes_sent() == 10
+        await link.send(pb.Frame(epoch=1, micro_batch=1))  # a frame of the old epoch, late
+        await asyncio.sleep(0.5)
+        assert pool.get(gone) is not link  # back in a plan: a new link
+        await pool.close()
+        return broken
+
+    with caplog.at_level("WARNING", logger="p2pllm.transport.ring"):
+        assert asyncio.run(run()) == []
+    assert "broke" not in caplog.text
+
+
+def test_a_peer_told_to_stop_refuses_new_requests_and_ends_running_ones_with_an_error():
+    # Ctrl-C'd, a peer stopped its gateway with the streams it forwards to the coordinator still
+    # running: after uvicorn's 5 s grace they were cut, a 200 truncated with no error and a
+    # traceback in the log. Now: new ones get a 503, running ones finish (_leave waits for them),
+    # and a second Ctrl-C ends them with a clear error.
+    from p2pllm.daemon import Daemon
+    from p2pllm.runtime.api import EngineError
+    from p2pllm.runtime.cluster_engine import ClusterEngine, _stream
+
+    class Call:  # a forwarded Generate call: one token event every 10 ms
+        def __init__(self):
+            self.n, self.cancelled = 0, False
+
+        async def read(self):
+            await asyncio.sleep(0.01)
+            self.n += 1
+            return pb.GenerateEvent(has_token=True, token_id=self.n, text="x")
+
+        def cancel(self):
+            self.cancelled = True
+
+        def done(self):
+            return self.cancelled
+
+    async def run():
+        engine = ClusterEngine(model_name="m", context=64, tokenizer=None, clients=None, local=lambda: None,
+                               coordinator_address=lambda: "c.test:7700", not_ready=lambda: "", stats=lambda: None)
+        engine.closing = "this peer is leaving"
+        with pytest.raises(EngineError) as refused:
+            await engine.generate(None)
+        assert refused.value.status == 503 and "leaving" in str(refused.value)
+        assert not engine.ready and engine.not_ready_reason() == "this peer is leaving"  # /health says so
+        call = Call()
+        engine._calls.add(call)
+        assert engine.forwarding() == 1
+        stopped = []
+        peer = SimpleNamespace(engine=engine, _stop=asyncio.Event(), stop=lambda: stopped.append(True))
+        leave = asyncio.create_task(Daemon._leave(peer, needed=False))
+        events = []
+        async for event in _stream(call, pb.GenerateEvent(has_token=True, token_id=0), "c.test:7700", 1,
+                                   gone=lambda: "", stopping=lambda: engine.stopping):
+            events.append(event)
+            if len(events) == 3:
+                assert not stopped  # its gateway's request still runs
+                engine.stopping = "this peer is shutting down"
+        await asyncio.wait_for(leave, 2)
+        assert stopped and engine.forwarding() == 0
+        return events
+
+    events = asyncio.run(run())
+    assert [e.error for e in events] == [None, None, None, "this peer is shutting down"]

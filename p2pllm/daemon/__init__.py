@@ -43,6 +43,7 @@ from ..proto import p2pllm_pb2 as pb
 from ..runtime.api import EngineStats
 from ..runtime.cluster_engine import ClusterEngine
 from ..runtime.compute_lane import ComputeLane
+from ..runtime.scheduler import DRAINING
 from ..transport.client import ClientPool
 from ..transport.server import start_server
 from .agreement import Agreement
@@ -114,6 +115,7 @@ class Daemon:
         self.gateway = None
         self.backends = BackendPool(cfg.backends, self.model_name)  # health-checked while the gateway runs
         self.leaving = False
+        self.engine = None  # the gateway's ClusterEngine, once it runs
         self._no_plan: tuple[float, str] = (-1e9, "")  # (when, why) of _why_no_plan
         self.drained = False  # by `p2pllm peers drain`: up and listed, but planned without (cluster/management.py)
         from ..model.tokenizer import load_tokenizer
@@ -222,16 +224,21 @@ class Daemon:
         self.leaving = True
         if self.scheduler is not None:
             asyncio.get_running_loop().create_task(self._drain_head())
-        elif self.committed is not None and coord.my_assignment(self.committed, self.id):
+            return
+        if self.engine is not None:  # the requests it forwards to the coordinator finish first (_leave)
+            self.engine.closing = ("this peer is leaving the cluster and takes no new requests; "
+                                   "another peer's gateway serves them")
+        if self.committed is not None and coord.my_assignment(self.committed, self.id):
             self.agreement.state = "leaving"
             asyncio.get_running_loop().create_task(self._leave())
         else:
-            self.stop()
+            asyncio.get_running_loop().create_task(self._leave(needed=False))
 
-    async def _leave(self, timeout: float = 60.0) -> None:
-        log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
+    async def _leave(self, timeout: float = 60.0, needed: bool = True) -> None:
+        if needed:
+            log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while needed and time.monotonic() < deadline:
             if self._stop.is_set():  # a second Ctrl-C: stopping already, nothing more to say
                 return
             if self.committed is None or not coord.my_assignment(self.committed, self.id):
@@ -244,12 +251,28 @@ class Daemon:
                 break
             await asyncio.sleep(0.2)
         else:
-            log.warning("the cluster did not replan without this peer within %.0f s; stopping anyway", timeout)
+            if needed:
+                log.warning("the cluster did not replan without this peer within %.0f s; stopping anyway", timeout)
+        # the streams its gateway forwards to the coordinator end first: stopping the gateway cut
+        # them after its 5 s grace, a 200 truncated with no error (and a traceback in the log)
+        said = False
+        while self.engine is not None and self.engine.forwarding() and not self._stop.is_set():
+            if time.monotonic() >= deadline:
+                log.warning("%d requests through this peer's gateway still run; stopping anyway",
+                            self.engine.forwarding())
+                break
+            if not said:
+                log.info("waiting for %d requests through this peer's gateway to finish (a second Ctrl-C "
+                         "ends them now)", self.engine.forwarding())
+                said = True
+            await asyncio.sleep(0.2)
         self.stop()
 
     async def _drain_head(self, timeout: float = 120.0) -> None:
         log.info("draining: no new requests; finishing the ones in flight (a second Ctrl-C stops now)")
         self.scheduler.ready = False
+        if self.engine is not None:  # /health says it too (it answered "ok" while requests got 503)
+            self.engine.closing = DRAINING
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.scheduler.stats()
@@ -266,13 +289,20 @@ class Daemon:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # requests still running (a second Ctrl-C) end now with a clear error, before the gateway
+        # stops: it cut them after a 5 s grace, a 200 stream truncated without one
+        stopping = "this peer is shutting down (it was told to stop now); retry on another peer's gateway"
+        if self.engine is not None:
+            self.engine.stopping = stopping
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.unavailable = stopping
+            await scheduler.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.history is not None:
             self.history.close()
         await self.backends.stop()
-        if self.scheduler is not None:
-            await self.scheduler.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.server is not None:
@@ -287,7 +317,7 @@ class Daemon:
         from ..gateway.app import create_app
         from ..gateway.server import serve_gateway
 
-        engine = ClusterEngine(
+        engine = self.engine = ClusterEngine(
             model_name=self.model_name, context=self.options.context, tokenizer=self.tokenizer,
             clients=self.clients, local=lambda: self.scheduler, coordinator_address=self._coordinator_address,
             not_ready=self._not_ready, stats=self._engine_stats, spec=self.spec,
@@ -388,7 +418,13 @@ class Daemon:
     # ------------------------------------------------------------------ node management
     @property
     def public_state(self) -> str:
-        """The state other peers see: drained or fetching override what the plan made of this peer."""
+        """The state other peers see: drained or fetching override what the plan made of this peer.
+        A peer told to stop says `leaving` whatever it is: a draining coordinator keeps its own
+        state "serving" (its planning must not drop it while it finishes its requests), but
+        without this its peers logged its announced exit as a failure ("lost: its connection
+        dropped") and `status` showed it serving until it vanished."""
+        if self.leaving:
+            return "leaving"
         return "drained" if self.drained else "fetching" if self.pieces.fetching else self.state
 
     def set_drained(self, drained: bool) -> None:

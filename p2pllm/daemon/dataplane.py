@@ -158,6 +158,9 @@ class DataPlane:
             replica = plan_sources(proposal, bool(proposal.kv_replicas))[mine[0]].replica_address or None
         binding = Binding(proposal.epoch, stage, nxt, proposal.head_address, self.options.context, replica)
         self.ring_stage.bind(binding)
+        # links to peers out of this plan go (a peer that left would break its stream on exit, a
+        # false WARNING; a link comes back on its first frame if the peer returns to a plan)
+        self.links.retain(set(addresses) | {proposal.head_address})
         if proposal.coordinator == self.id:
             if self.ring is None:
                 self.ring = ClusterRing(self.links, self.spec.vocab, self.spec.hidden)

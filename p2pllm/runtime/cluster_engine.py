@@ -43,6 +43,12 @@ class ClusterEngine:
         self._coordinator_address = coordinator_address
         self._not_ready = not_ready
         self._stats = stats
+        # a daemon told to stop: `closing` refuses new requests (503) while the ones it forwards
+        # finish; `stopping` ends those too, each with it as a clear error. Without them the
+        # gateway's shutdown cut its streams after 5 s: a 200 truncated without an error.
+        self.closing = ""
+        self.stopping = ""
+        self._calls: set = set()  # the Generate calls forwarded from here, while they run
 
     @property
     def context(self) -> int:
@@ -52,17 +58,22 @@ class ClusterEngine:
 
     @property
     def ready(self) -> bool:
-        return not self._not_ready()
+        return not self.not_ready_reason()
 
     def not_ready_reason(self) -> str:
         """Why requests get a 503 now ('' = they do not): /health says it too."""
-        return self._not_ready()
+        return self.stopping or self.closing or self._not_ready()
 
     def stats(self) -> EngineStats:
         return self._stats()
 
+    def forwarding(self) -> int:
+        """Requests this gateway forwarded to the coordinator that still run."""
+        self._calls = {c for c in self._calls if not c.done()}
+        return len(self._calls)
+
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        reason = self._not_ready()
+        reason = self.not_ready_reason()
         if reason:
             raise EngineError(reason, status=503, code="service_unavailable")
         local = self._local()
@@ -72,7 +83,7 @@ class ClusterEngine:
         if address is None:
             raise EngineError("no coordinator is known yet", status=503, code="service_unavailable")
         return await _remote_generate(self._clients.get(address).stub, address, req,
-                                      lambda: self._coordinator_gone(address))
+                                      lambda: self._coordinator_gone(address), lambda: self.stopping, self._calls)
 
     def _coordinator_gone(self, address: str) -> str:
         """Why the coordinator at `address` no longer serves this peer's requests ('' = it does):
@@ -105,16 +116,26 @@ class _CoordinatorGone(Exception):
     pass
 
 
-async def _read(call, gone: Callable[[], str]):
+class _Stopping(Exception):
+    """This peer stops now: the stream ends with this as its error (the coordinator is fine)."""
+
+
+async def _read(call, gone: Callable[[], str], stopping: Callable[[], str] = lambda: ""):
     """The call's next message, or _CoordinatorGone as soon as `gone` says why the coordinator is
     gone: a frozen or cut-off host resets no connection, and a read would wait for gRPC's
     keepalive, or for ever (a stream hung for all of a 30 s kill -STOP)."""
+    if stopping():  # checked before every read: a stream whose tokens keep coming never waits long
+        call.cancel()
+        raise _Stopping(stopping())
     read = asyncio.ensure_future(call.read())
     try:
         while True:
             done, _ = await asyncio.wait({read}, timeout=GONE_CHECK_SECONDS)
             if done:
                 return read.result()
+            if stopping():
+                call.cancel()
+                raise _Stopping(stopping())
             why = gone()
             if why:
                 call.cancel()
@@ -125,24 +146,29 @@ async def _read(call, gone: Callable[[], str]):
 
 
 async def _remote_generate(stub, address: str, req: GenerationRequest,
-                           gone: Callable[[], str] = lambda: "") -> AsyncIterator[TokenEvent]:
+                           gone: Callable[[], str] = lambda: "", stopping: Callable[[], str] = lambda: "",
+                           calls: set | None = None) -> AsyncIterator[TokenEvent]:
     call = stub.Generate(pb.GenerateRequest(
         request_id=req.request_id, prompt_ids=req.prompt_ids, max_tokens=req.max_tokens,
         stop=list(req.stop), ignore_eos=req.ignore_eos, n=req.n, **sampling_fields(req.sampling),
     ))
+    if calls is not None:
+        calls.add(call)
     try:
-        first = await _read(call, gone)
+        first = await _read(call, gone, stopping)
     except grpc.aio.AioRpcError as e:
         raise EngineError(f"the coordinator at {address} is unreachable ({e.code().name.lower()})", status=503,
                           code="service_unavailable") from None
     except _CoordinatorGone as e:
         raise EngineError(f"lost the coordinator at {address} ({e})", status=503,
                           code="service_unavailable") from None
+    except _Stopping as e:
+        raise EngineError(str(e), status=503, code="service_unavailable") from None
     if first is grpc.aio.EOF:
         raise EngineError(f"the coordinator at {address} closed the request", status=503, code="service_unavailable")
     if first.status:
         raise EngineError(first.error, status=first.status, code=first.code or "invalid_request_error")
-    return _stream(call, first, address, req.n, gone)
+    return _stream(call, first, address, req.n, gone, stopping)
 
 
 # a reply carries every vector in one message: (inputs x hidden) float32 must fit the gRPC limit
@@ -176,7 +202,7 @@ async def _remote_embed(stub, address: str, inputs: list[list[int]], request_id:
 
 
 async def _stream(call, first: pb.GenerateEvent, address: str, n: int,
-                  gone: Callable[[], str]) -> AsyncIterator[TokenEvent]:
+                  gone: Callable[[], str], stopping: Callable[[], str] = lambda: "") -> AsyncIterator[TokenEvent]:
     unfinished = n  # choices still running
     try:
         event = first
@@ -189,7 +215,10 @@ async def _stream(call, first: pb.GenerateEvent, address: str, n: int,
             if not unfinished or event.finish_reason not in ("", "stop", "length"):
                 return
             try:
-                event = await _read(call, gone)
+                event = await _read(call, gone, stopping)
+            except _Stopping as e:
+                yield TokenEvent(None, "", "error", str(e))
+                return
             except grpc.aio.AioRpcError as e:
                 yield TokenEvent(None, "", "error", f"lost the coordinator at {address} ({e.code().name.lower()})")
                 return

@@ -49,7 +49,7 @@ class RingRetry(RingUnavailable):
 
 
 # the head (the coordinator) stops taking requests while it drains; every gateway relays this
-_DRAINING = "the coordinator is shutting down and takes no new requests; another peer takes over in a few seconds"
+DRAINING = "the coordinator is shutting down and takes no new requests; another peer takes over in a few seconds"
 MAX_QUEUED = 256  # requests waiting for admission; one more is answered 429 (Retry-After)
 MAX_RETRIES = 100  # micro-batches of one sequence refused as RingRetry before it fails (~10 s)
 RETRY_DELAY = 0.1
@@ -194,7 +194,7 @@ class Scheduler:
                 code="context_length_exceeded",
             )
         if not self.ready or self.unavailable:
-            raise EngineError(self.unavailable or _DRAINING, status=503,
+            raise EngineError(self.unavailable or DRAINING, status=503,
                               code="service_unavailable")
         if not 1 <= req.n <= MAX_CHOICES:
             raise EngineError(f"n must be between 1 and {MAX_CHOICES}, got {req.n}")
@@ -255,7 +255,7 @@ class Scheduler:
             if not 0 <= min(ids) <= max(ids) < self.vocab:
                 raise EngineError(f"input {i}: token ids must be between 0 and {self.vocab - 1}")
         if not self.ready or self.unavailable:
-            raise EngineError(self.unavailable or _DRAINING, status=503,
+            raise EngineError(self.unavailable or DRAINING, status=503,
                               code="service_unavailable")
         loop = asyncio.get_running_loop()
         first = next(self._ids)

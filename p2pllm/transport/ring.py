@@ -35,6 +35,7 @@ class RingLink:
         self._lock = asyncio.Lock()  # one writer at a time keeps the frames in order
         self.frames_sent = 0
         self.bytes_sent = 0
+        self._closed = False
 
     async def send(self, frame: pb.Frame) -> None:
         """Write `frame` on the stream (waits while gRPC's flow control holds it: a slow successor
@@ -42,6 +43,8 @@ class RingLink:
         turn less on every hop. A frame on a broken stream is lost; the stream opens again for the
         next one (a lost peer's micro-batches fail through membership)."""
         async with self._lock:
+            if self._closed:  # its peer left the plan (LinkPool.retain): a late old-epoch frame has nowhere to go
+                return
             if self._call is None:
                 self._call = self._stub.Ring()
                 self._acks = asyncio.create_task(self._read_acks(self._call), name=f"acks<-{self.address}")
@@ -54,6 +57,8 @@ class RingLink:
         self.bytes_sent += frame.ByteSize()
 
     def _broken(self, e: BaseException) -> None:
+        if self._closed:  # closed by this peer (its peer left the plan): nothing broke
+            return
         if not (isinstance(e, grpc.aio.AioRpcError) and self.security.note_failure(self.address, e)):
             why = e.code().name.lower() if isinstance(e, grpc.aio.AioRpcError) else "closed"
             log.warning("ring link to %s broke: %s", self.address, why)
@@ -79,6 +84,7 @@ class RingLink:
             raise
 
     async def close(self) -> None:
+        self._closed = True
         if self._acks is not None:
             self._acks.cancel()
             await asyncio.gather(self._acks, return_exceptions=True)
@@ -123,6 +129,7 @@ class LinkPool:
         self.on_broken = on_broken
         self.local = local  # (this peer's address, its frame handler): frames to itself skip the network
         self._links: dict[str, RingLink | LocalLink] = {}
+        self._closed_bytes = 0  # bytes sent on links closed since (retain)
 
     @property
     def local_address(self) -> str | None:
@@ -140,7 +147,16 @@ class LinkPool:
         return link
 
     def bytes_sent(self) -> int:
-        return sum(link.bytes_sent for link in self._links.values())
+        return sum(link.bytes_sent for link in self._links.values()) + self._closed_bytes
+
+    def retain(self, addresses: set[str]) -> None:
+        """Close the links to every address but `addresses` (the committed plan's peers). A link
+        kept to a peer that left the plan outlived it: its stream broke when that peer exited, a
+        WARNING "ring link ... broke" after a clean leave, and its channel stayed open for good."""
+        for address in [a for a in self._links if a not in addresses]:
+            link = self._links.pop(address)
+            self._closed_bytes += link.bytes_sent  # the ring_bytes_sent counter only grows
+            asyncio.get_running_loop().create_task(link.close())
 
     async def close(self) -> None:
         for link in list(self._links.values()):
