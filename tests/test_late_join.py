@@ -5,8 +5,10 @@ join whose gateway cannot bind stops with its one-line error only. Real daemons 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -197,3 +199,43 @@ def test_join_with_a_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, 
     expected = f"cannot bind the gRPC server to 127.0.0.1:{grpc}" if taken_port == "grpc" else \
         f"cannot bind the gateway to 127.0.0.1:{gateway}"
     assert other == [f"p2pllm: error: {expected}: address already in use"], proc.stderr
+
+
+def test_a_peer_told_to_stop_finishes_the_stream_its_gateway_forwards_and_takes_no_new_ones(tmp_path, home):
+    """Ctrl-C on a peer whose gateway forwards a stream to the coordinator: the gateway was stopped
+    under it, a 200 cut short with no error after a 5 s grace (and a traceback in the log). Now new
+    requests get a 503 (and /health says why) while the stream runs to its end, then the peer exits."""
+    from conftest import shared_model
+
+    model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # ~80 tok/s here: 300 tokens outlast the signal
+    c = Peers(model, tmp_path, home, "late-leave", "--response-cache", "off")
+    try:
+        c.start("leave-1", 47651, 48651)
+        c.wait(lambda: c.health(0).get("epoch") == 1 and c.health(0).get("stages") == 1)
+        c.start("leave-2", 47652, 48652)  # the model fits on leave-1: leave-2 holds no layers, forwards
+        c.wait(lambda: c.health(1).get("status") == "ok")
+        body = {"model": model.name, "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:48652/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+            chunks = [json.loads(next(events))]
+            os.killpg(c.procs[1].pid, signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while c.health(1).get("status") != "unavailable" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            health = c.health(1)
+            assert health.get("status") == "unavailable" and "leaving" in health.get("reason", ""), health
+            refused = c.chat(1)
+            assert refused.status_code == 503 and "leaving" in refused.json()["error"]["message"], refused.text
+            rest = list(events)
+        assert rest[-1] == "[DONE]", rest[-3:]
+        chunks += [json.loads(e) for e in rest[:-1]]
+        assert not any("error" in ch for ch in chunks), [ch for ch in chunks if "error" in ch]
+        assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "length"
+        c.procs[1].wait(timeout=60)
+        log = c.log("leave-2")
+        assert "waiting for 1 requests through this peer's gateway to finish" in log, log[-3000:]
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+    finally:
+        c.stop()
