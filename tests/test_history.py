@@ -291,6 +291,18 @@ def test_a_responses_api_answer_is_recorded_under_its_response_id(gateways):
     assert 'endpoint="/v1/responses",status="200"' in scrape  # its own label, not "other"
 
 
+def test_an_answer_that_ended_empty_is_recorded_as_empty_text_not_as_no_answer(gateways):
+    """An empty completion was stored as null, which the history uses for "no answer" (or "not kept")."""
+    url = gateways.main.url
+    eos = gateways.engine.tokenizer.eos_id
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        reply = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+                                                   "logit_bias": {str(eos): 100}})  # end-of-text first
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == "", reply.text
+    [row] = _latest(url)
+    assert (row["status"], row["finish_reason"], row["completion"]) == (200, "stop", "")
+
+
 def test_a_response_cache_hit_is_recorded_as_served_by_the_cache(gateways):
     body = {"prompt": "Once upon a time there", "max_tokens": 4, "temperature": 0}
     with httpx.Client(base_url=gateways.main.url, headers=AUTH, timeout=60) as http:

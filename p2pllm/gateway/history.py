@@ -431,7 +431,8 @@ class RequestRecord:
             "duration_ms": round((now - self.arrived) * 1000, 1), "finish_reason": self.finish_reason,
             "error": self.error, "epoch": epoch,
             "prompt_sha256": None if prompt is None else hashlib.sha256(prompt.encode("utf-8", "replace")).hexdigest(),
-            "prompt": prompt, "completion": self.completion or None,  # the first choice's, when n > 1
+            # the first choice's, when n > 1; an answer that finished empty is "", not null (no answer)
+            "prompt": prompt, "completion": self.completion if self.completion or (self.finish_reason and not self.error) else None,
         }
 
 
