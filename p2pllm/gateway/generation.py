@@ -92,11 +92,12 @@ class OpenAIAnswer(Answer):
             else []
 
     def piece(self, job: "Job", text: str, index: int = 0) -> bytes:
-        entries = job.unsent_logprobs(index)
         start = self.text_offsets.get(index, 0)
-        if entries and not self.shape.chat:  # offsets into the whole choice's text, as the whole answer has them
-            self.text_offsets[index] = start + self.shape.text_length(entries)  # (they restarted at 0 each chunk)
-        return sse(self.shape.chunk(text, logprobs=entries, index=index, text_offset=start))
+        chunk = self.shape.chunk(text, logprobs=job.unsent_logprobs(index), index=index, text_offset=start)
+        lp = chunk["choices"][0]["logprobs"]
+        if lp and not self.shape.chat:  # offsets into the whole choice's text, as the whole answer has them
+            self.text_offsets[index] = start + sum(map(len, lp["tokens"]))  # (they restarted at 0 each chunk)
+        return sse(chunk)
 
     def choice_end(self, job: "Job", index: int, finish_reason: str) -> Iterable[bytes]:
         return [sse(self.shape.chunk(None, finish_reason, index=index))]

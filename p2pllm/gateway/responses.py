@@ -140,12 +140,6 @@ class CompletionShape:
                 "top_logprobs": [{piece(t)[0]: lp for t, lp in top} for _, _, top in entries],
                 "text_offset": offsets}
 
-    def text_length(self, entries: list) -> int:
-        """How many characters of `text_offset` the tokens of these entries take."""
-        if self.tokenizer is None:
-            return 0
-        return sum(len(self.tokenizer.token_bytes(token).decode("utf-8", "replace")) for token, _, _ in entries)
-
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
                 "usage": usage}
