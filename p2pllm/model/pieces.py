@@ -403,10 +403,7 @@ class PartialModel:
                         os.rename(path, old)
                     os.rename(tmp, path)
                     if old is not None:
-                        if old.is_dir() and not old.is_symlink():
-                            shutil.rmtree(old, ignore_errors=True)
-                        else:
-                            old.unlink(missing_ok=True)
+                        _remove_quietly(old)
                 else:
                     with open(tmp, "xb") as f:
                         f.truncate(layout.size)
@@ -414,10 +411,7 @@ class PartialModel:
                         shutil.rmtree(path)
                     os.replace(tmp, path)
             except BaseException:
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    tmp.unlink(missing_ok=True)
+                _remove_quietly(tmp)
                 raise
             part = cls(path, layout, {}, _identity(path))
             part._store_journal(dict(part._held))
@@ -657,10 +651,15 @@ def _remove_leftovers(folder: Path, file_name: str) -> None:
     name = glob.escape(file_name)
     for leftover in [*folder.glob(f".{name}.new-*"), *folder.glob(f".{name}.old-*"),
                      *folder.glob(f".{name}{JOURNAL_SUFFIX}.tmp-*")]:
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        _remove_quietly(leftover)
+
+
+def _remove_quietly(path: Path) -> None:
+    """A file, link or folder gone (a folder with what it holds; never what a link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _load_json(path: Path) -> dict:
