@@ -235,38 +235,34 @@ class Daemon:
             asyncio.get_running_loop().create_task(self._leave(needed=False))
 
     async def _leave(self, timeout: float = 60.0, needed: bool = True) -> None:
-        if needed:
-            log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
+        """Stop once the plan no longer `needed` this peer's layers and the requests its gateway
+        forwards have ended (at most `timeout` for both); a second Ctrl-C stops at once."""
         deadline = time.monotonic() + timeout
-        while needed and time.monotonic() < deadline:
-            if self._stop.is_set():  # a second Ctrl-C: stopping already, nothing more to say
-                return
+        if needed and not await self._until_replanned(deadline, timeout):
+            return  # a second Ctrl-C: stopping already, nothing more to say
+        # the streams its gateway forwards to the coordinator end first: stopping the gateway cut
+        # them after its 5 s grace, a 200 truncated with no error (and a traceback in the log)
+        await _until_forwarded_end(self.engine, self._stop, deadline)
+        self.stop()
+
+    async def _until_replanned(self, deadline: float, timeout: float) -> bool:
+        """Wait for a plan without this peer (or nobody to take its layers, or the deadline);
+        False when a second Ctrl-C came first."""
+        log.info("leaving: waiting for the cluster to replan without this peer (a second Ctrl-C stops now)")
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                return False
             if self.committed is None or not coord.my_assignment(self.committed, self.id):
                 log.info("the cluster no longer needs this peer's layers")
-                break
+                return True
             heirs = [m for m in self.membership.live_compatible()
                      if m.info.id != self.id and m.state not in coord.OUT_OF_PLAN]
             if not heirs:  # e.g. the whole cluster was told to stop: waiting would only delay this one
                 log.info("no other peer stays to take this peer's layers; stopping now")
-                break
+                return True
             await asyncio.sleep(0.2)
-        else:
-            if needed:
-                log.warning("the cluster did not replan without this peer within %.0f s; stopping anyway", timeout)
-        # the streams its gateway forwards to the coordinator end first: stopping the gateway cut
-        # them after its 5 s grace, a 200 truncated with no error (and a traceback in the log)
-        said = False
-        while self.engine is not None and self.engine.forwarding() and not self._stop.is_set():
-            if time.monotonic() >= deadline:
-                log.warning("%d requests through this peer's gateway still run; stopping anyway",
-                            self.engine.forwarding())
-                break
-            if not said:
-                log.info("waiting for %d requests through this peer's gateway to finish (a second Ctrl-C "
-                         "ends them now)", self.engine.forwarding())
-                said = True
-            await asyncio.sleep(0.2)
-        self.stop()
+        log.warning("the cluster did not replan without this peer within %.0f s; stopping anyway", timeout)
+        return True
 
     async def _drain_head(self, timeout: float = 120.0) -> None:
         log.info("draining: no new requests; finishing the ones in flight (a second Ctrl-C stops now)")
@@ -513,3 +509,17 @@ class Daemon:
             "not_serving": self._not_ready() or None,  # why the gateways answer 503 now (None: they serve)
             "backends": self.backends.rows(),  # this peer's gateway's external servers
         }
+
+
+async def _until_forwarded_end(engine: ClusterEngine | None, stop: asyncio.Event, deadline: float) -> None:
+    """Wait (until `deadline`, or a second Ctrl-C) for the requests `engine` forwards to end."""
+    said = False
+    while engine is not None and engine.forwarding() and not stop.is_set():
+        if time.monotonic() >= deadline:
+            log.warning("%d requests through this peer's gateway still run; stopping anyway", engine.forwarding())
+            return
+        if not said:
+            log.info("waiting for %d requests through this peer's gateway to finish (a second Ctrl-C "
+                     "ends them now)", engine.forwarding())
+            said = True
+        await asyncio.sleep(0.2)
