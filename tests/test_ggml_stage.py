@@ -280,11 +280,21 @@ def _file_rss(path) -> int:
 
 
 def test_a_middle_stage_reads_only_its_own_layers_bytes():
+    import gc
+
     path = shared_model(SMOL).resolve()
     spec = read_spec(path)
-    before = _file_rss(path)
-    stage = open_stage(path, 10, 20, spec=spec)
-    grown = _file_rss(path) - before
+    # an earlier test's stage of this file, left to the garbage collector, was unmapped by a
+    # collection while this one loaded and took its pages out of the sum (a CI failure): collect
+    # first, and not in between
+    gc.collect()
+    gc.disable()
+    try:
+        before = _file_rss(path)
+        stage = open_stage(path, 10, 20, spec=spec)
+        grown = _file_rss(path) - before
+    finally:
+        gc.enable()
     mine = spec.weight_bytes(10, 20)
     assert stage.weight_bytes == mine
     assert mine <= grown <= mine * 1.05 + (1 << 20), (grown, mine)  # its layers, and nothing else
