@@ -335,3 +335,5 @@ def test_a_peer_that_said_it_was_leaving_is_logged_as_left_not_as_a_failure(tabl
         assert sorted(m.expire()) == ["c", "d"]
     assert "peer n-c (c) left (it was stopping)" in caplog.text and "n-c (c) lost" not in caplog.text
     assert "peer n-d (d) lost: silent for 3.0s" in caplog.text
+    # `status` listed a peer that left cleanly as LOST for two minutes: it is no member any more
+    assert "c" not in m.members and m.members["d"].state == "lost"

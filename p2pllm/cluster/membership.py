@@ -165,18 +165,21 @@ class Membership:
         return self.live_compatible()[0].info.id
 
     def expire(self) -> list[str]:
-        """Ids of compatible peers that just went silent past the timeout (logged once)."""
-        lost = []
+        """Ids of compatible peers that just went silent past the timeout (logged once). One that
+        said it was leaving is gone as announced: forgotten at once, not listed as lost."""
+        lost, left = [], []
         for m in self.members.values():
             if m.info.id != self.me.id and m.compatible and m.state != "lost" and not self.is_live(m.info.id):
-                left = m.state == "leaving"  # it said it was stopping: gone as announced, not a failure
-                m.state, m.lost_at = "lost", self.clock()
                 lost.append(m.info.id)
-                if left:
+                if m.state == "leaving":
                     log.info("peer %s (%s) left (it was stopping)", m.info.name, m.info.id[:8])
+                    left.append(m.info.id)
                     continue
+                m.state, m.lost_at = "lost", self.clock()
                 why = m.refused_why or f"silent for {self.peer_timeout:.1f}s"
                 log.warning("peer %s (%s) lost: %s", m.info.name, m.info.id[:8], why)
+        for peer_id in left:
+            self.forget(peer_id)
         now = self.clock()
         for m in [m for m in self.members.values() if m.info.id != self.me.id and not self.is_live(m.info.id)]:
             if m.state == "lost" and now - m.lost_at > self.forget_after:
