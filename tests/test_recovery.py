@@ -52,12 +52,15 @@ def daemon_of(h: Hosts, i: int):
 
 
 def streams_job(**kw) -> dict:
-    return {"kind": "streams", "model": "small.gguf", "prompts": PROMPTS, "max_tokens": TOKENS, **kw}
+    """Four greedy streams, with logprobs: a replay, or streams regrouped into fewer micro-batches
+    in flight after a replan, may part from the no-fault run at a near-tie (check_identical)."""
+    return {"kind": "streams", "model": "small.gguf", "prompts": PROMPTS, "max_tokens": TOKENS, "logprobs": True,
+            **kw}
 
 
-def start_streams(h: Hosts, i: int, job: dict | None = None, timeout: float = 60):
+def start_streams(h: Hosts, i: int, timeout: float = 60):
     """Four streams from host i; returns once every one of them has its first tokens."""
-    proc = h.popen(i, [sys.executable, str(CLIENT), json.dumps(job or streams_job())], stderr=open(os.devnull, "w"))
+    proc = h.popen(i, [sys.executable, str(CLIENT), json.dumps(streams_job())], stderr=open(os.devnull, "w"))
     deadline = time.monotonic() + timeout
     while '"streaming"' not in open(proc.log_path).read():
         assert proc.poll() is None and time.monotonic() < deadline, open(proc.log_path).read()[-2000:]
@@ -86,8 +89,8 @@ NEAR_TIE = 0.05  # logprob lead of the greedy token under which a replay may pic
 
 
 def check_identical(baseline: list[dict], faulted: list[dict], what: str) -> float:
-    """Same texts; where the streams carry logprobs (a replay, docs/cluster.md), a text may part
-    from the baseline only at a token the baseline chose by less than NEAR_TIE."""
+    """Same texts; where the streams carry logprobs (a replay or a regrouping, docs/cluster.md), a
+    text may part from the baseline only at a token the baseline chose by less than NEAR_TIE."""
     assert [r["error"] for r in faulted] == [None] * 4, faulted
     assert [r["finish_reason"] for r in faulted] == ["length"] * 4
     for base, got in zip(baseline, faulted):
@@ -109,9 +112,8 @@ def check_identical(baseline: list[dict], faulted: list[dict], what: str) -> flo
 def test_kill_the_middle_peer_mid_stream_keeps_tokens_identical(hosts, small_model, replicas, kv):
     view = start(hosts, small_model, 3, "--kv-replicas", replicas, "--kv-dtype", kv)
     head = host_of(hosts, view, view["coordinator"])
-    job = streams_job(logprobs=replicas == "0")  # a replay may part at a near-tie: logprobs show it
-    baseline = client(hosts, head, job)
-    proc = start_streams(hosts, head, job)
+    baseline = client(hosts, head, streams_job())
+    proc = start_streams(hosts, head)
     hosts.kill(daemon_of(hosts, middle_host(hosts, view)))
     faulted = finish_streams(proc)
     check_identical(baseline, faulted, f"kill -9, kv-replicas {replicas}, kv {kv}")
