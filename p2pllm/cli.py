@@ -294,7 +294,7 @@ def cmd_join(args) -> int:
 
     from .cluster.capability import max_memory_cap, resolve_device
     from .cluster.discovery import pick_interface_address
-    from .daemon import Daemon, DaemonConfig
+    from .daemon import Daemon, DaemonConfig, peer_listen_hosts
     from .errors import UsageError
     from .model.backends import choose_backend, stage_kv_dtype
     from .model.spec import read_spec
@@ -315,8 +315,7 @@ def cmd_join(args) -> int:
     backends = _external_backends(args)
     resolve_device(args.device)  # a bad model file, device or flag is reported before any secret is made
     max_memory = max_memory_cap(args.max_memory)
-    if args.interface:
-        pick_interface_address(args.interface)
+    host = pick_interface_address(args.interface)
     model, sources = args.model, []  # args.model stays as typed: the command for other machines names it
     if args.from_peers or isinstance(args.model, PeerModel):
         model, sources = _model_from_peers(args)  # the partial copy in this machine's cache
@@ -329,6 +328,7 @@ def cmd_join(args) -> int:
     # refused only after the secret was made and the join command printed
     tokenizer = load_tokenizer(model)
     state_dir = _check_history(args)
+    _check_ports_free(args, peer_listen_hosts(args.interface, host))
     resolved = resolve_secret(args.cluster, args.secret, args.insecure, create=True)
     _announce_secret(args, resolved)
     cfg = DaemonConfig(
@@ -532,6 +532,16 @@ def _add_join(sub) -> None:
     _add_history_flags(p)
     _add_security_flags(p, "that peers authenticate each other with; made and stored on first use")
     p.set_defaults(func=cmd_join)
+
+
+def _check_ports_free(args, grpc_hosts: list[str]) -> None:
+    """A port in use is refused before a secret is made and the join command printed (the daemon
+    binds them again a moment later; one taken in between is still its one-line error)."""
+    from .sockets import bind_tcp
+
+    for host in grpc_hosts:
+        bind_tcp(host, args.port, "the gRPC server").close()
+    bind_tcp(args.gateway_host, args.gateway_port, "the gateway").close()
 
 
 def cmd_status(args) -> int:

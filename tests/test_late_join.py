@@ -186,13 +186,15 @@ def test_join_with_a_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, 
             taken.bind(("127.0.0.1", gateway if taken_port == "gateway" else grpc))
             taken.listen()
         proc = run_cli("join", "--model", demo_tiny_gguf, "--name", "busy", "--port", grpc, "--gateway-port", gateway,
-                       "--interface", "127.0.0.1", "--no-mdns", "--insecure", "--state-dir", tmp_path / "state",
-                       timeout=60, env_extra={"HOME": str(home)})
+                       "--interface", "127.0.0.1", "--no-mdns", "--state-dir", tmp_path / "state",
+                       "--cluster", f"busy-{taken_port}", timeout=60, env_extra={"HOME": str(home)})
+    # refused before a secret is made and a join command printed for other machines
+    assert not list(home.rglob(f"secret-busy-{taken_port}")) and "join" not in proc.stdout, proc.stdout
     if taken_port == "same":  # a usage error, before anything starts
         assert_one_line_error(proc, 2, f"--gateway-port {grpc} is this peer's gRPC --port too")
         return
     assert proc.returncode == 1, proc.stderr
-    # the daemon's log lines (and --insecure's warning) aside, exactly the error line
+    # the daemon's log lines aside, exactly the error line
     other = [line for line in proc.stderr.splitlines()
              if line.strip() and not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ |WARNING: ", line)]
     # (gRPC's own "E... add_port.cc" line is not among them; --interface 127.0.0.1 is where gRPC listens)
@@ -228,14 +230,22 @@ def test_a_peer_told_to_stop_finishes_the_stream_its_gateway_forwards_and_takes_
             assert health.get("status") == "unavailable" and "leaving" in health.get("reason", ""), health
             refused = c.chat(1)
             assert refused.status_code == 503 and "leaving" in refused.json()["error"]["message"], refused.text
+            # status and metrics say so too (they counted it serving while its gateway refused)
+            assert "leaving" in (c.status(1)["not_serving"] or "")
+            metrics = httpx.get("http://127.0.0.1:48652/metrics", timeout=5).text
+            assert "\np2pllm_engine_serving 0.0\n" in metrics, [m for m in metrics.splitlines() if "serving" in m]
             rest = list(events)
         assert rest[-1] == "[DONE]", rest[-3:]
         chunks += [json.loads(e) for e in rest[:-1]]
         assert not any("error" in ch for ch in chunks), [ch for ch in chunks if "error" in ch]
         assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "length"
         c.procs[1].wait(timeout=60)
+        deadline = time.monotonic() + 15  # its peer forgets it once it is silent: not listed as LOST
+        while len(c.status(0)["peers"]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert [p["name"] for p in c.status(0)["peers"]] == ["leave-1"], c.status(0)["peers"]
         log = c.log("leave-2")
-        assert "waiting for 1 requests through this peer's gateway to finish" in log, log[-3000:]
+        assert "waiting for 1 request through this peer's gateway to finish" in log, log[-3000:]
         assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
     finally:
         c.stop()

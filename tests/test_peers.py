@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,6 +65,8 @@ def test_a_drained_peer_leaves_the_plan_stays_listed_and_comes_back_when_admitte
     assert s["epoch"] == before["epoch"] + 1  # one plan change
     assert sorted(tuple(v) for v in layers(s).values() if v)[-1][1] == 30  # the others hold all 30 layers
     assert answer(cluster) == first  # the same greedy text over the new partition
+    # its own log says why it holds nothing (it said "ready ... no layers", like a broken peer)
+    assert re.search(r"this peer holds no layers \(drained\)", (cluster.logs / "peer-2.log").read_text())
     again = peers(cluster, "drain", "peers-2")
     assert again.returncode == 0 and "already drained" in again.stdout
 

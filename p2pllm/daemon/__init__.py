@@ -46,6 +46,7 @@ from ..runtime.compute_lane import ComputeLane
 from ..runtime.scheduler import DRAINING
 from ..transport.client import ClientPool
 from ..transport.server import start_server
+from ..wording import counted
 from .agreement import Agreement
 from .config import DaemonConfig, _open_history, _security, _set_compute_threads
 from .dataplane import DataPlane
@@ -175,11 +176,7 @@ class Daemon:
         await self.shutdown()
 
     def _listen_hosts(self) -> list[str]:
-        """Every IPv4 address, unless --interface chose one: then that one and loopback (for
-        `p2pllm status` on this machine), so the peer port is not open on the other networks."""
-        if not self.cfg.interface:
-            return ["0.0.0.0"]
-        return [self.host] if ipaddress.ip_address(self.host).is_loopback else [self.host, "127.0.0.1"]
+        return peer_listen_hosts(self.cfg.interface, self.host)
 
     async def _start(self) -> None:
         """Everything after the gRPC server: discovery, the gateway, the loops."""
@@ -329,8 +326,8 @@ class Daemon:
         log.info("gateway: %s (OpenAI-compatible; forwards to the coordinator%s)", self.gateway_url,
                  f" or to external backends {', '.join(b.id for b in self.backends.backends)}" if self.backends else "")
         if self.history is not None:
-            log.info("request history (%s): %s, the latest %d requests (GET /v1/history)", self.history.mode,
-                     self.history.path, self.history.max_rows)
+            log.info("request history (%s): %s, the latest %s (GET /v1/history)", self.history.mode,
+                     self.history.path, counted(self.history.max_rows, "request"))
         else:
             log.info("request history: off")
 
@@ -369,6 +366,11 @@ class Daemon:
                 "the coordinator was lost; the peers are electing a new one"
         return ""
 
+    def _not_serving(self) -> str:
+        """Why this peer's gateway answers 503 now ('' = it serves): the cluster's reason, or this
+        peer's own (leaving, draining) that the gateway adds to it."""
+        return self.engine.not_ready_reason() if self.engine is not None else self._not_ready()
+
     def _why_no_plan(self) -> str:
         """Before any plan: why the peers met so far cannot make one ('' = they can, or may yet), as
         every peer's planner sees it (at most once every 2 s: requests ask on every 503)."""
@@ -392,7 +394,7 @@ class Daemon:
             "kv_replica_bytes_held": self.data.replicas.nbytes(),
         })
         stats.extra.update(health_stats(self.membership, self.committed, self.data.stage, self.id,
-                                        serving=not self._not_ready(), mem_limit=int(self.info.caps.mem_bytes)))
+                                        serving=not self._not_serving(), mem_limit=int(self.info.caps.mem_bytes)))
         return stats
 
     def _announcement(self) -> Announcement:
@@ -506,9 +508,18 @@ class Daemon:
             "ring": ring,  # the head's queue, sequences and token count (cluster-wide)
             "peers": peers,
             "plan": json.loads(self.committed.plan_json) if self.committed is not None else None,
-            "not_serving": self._not_ready() or None,  # why the gateways answer 503 now (None: they serve)
+            "not_serving": self._not_serving() or None,  # why the gateway answers 503 now (None: it serves)
             "backends": self.backends.rows(),  # this peer's gateway's external servers
         }
+
+
+def peer_listen_hosts(interface: str | None, host: str) -> list[str]:
+    """Where the gRPC server listens: every IPv4 address, unless --interface chose one (`host`):
+    then that one and loopback (for `p2pllm status` on this machine), so the peer port is not
+    open on the other networks."""
+    if not interface:
+        return ["0.0.0.0"]
+    return [host] if ipaddress.ip_address(host).is_loopback else [host, "127.0.0.1"]
 
 
 async def _until_forwarded_end(engine: ClusterEngine | None, stop: asyncio.Event, deadline: float) -> None:
@@ -516,10 +527,11 @@ async def _until_forwarded_end(engine: ClusterEngine | None, stop: asyncio.Event
     said = False
     while engine is not None and engine.forwarding() and not stop.is_set():
         if time.monotonic() >= deadline:
-            log.warning("%d requests through this peer's gateway still run; stopping anyway", engine.forwarding())
+            log.warning("%s through this peer's gateway still running; stopping anyway",
+                        counted(engine.forwarding(), "request"))
             return
         if not said:
-            log.info("waiting for %d requests through this peer's gateway to finish (a second Ctrl-C "
-                     "ends them now)", engine.forwarding())
+            log.info("waiting for %s through this peer's gateway to finish (a second Ctrl-C "
+                     "ends them now)", counted(engine.forwarding(), "request"))
             said = True
         await asyncio.sleep(0.2)

@@ -19,6 +19,7 @@ from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..runtime.recovery import plan_sources
 from ..transport.client import ClientPool
+from ..wording import counted
 
 if TYPE_CHECKING:
     from .dataplane import DataPlane
@@ -172,8 +173,8 @@ class Agreement:
             proposal.resume.extend(pb.ResumeSeq(seq_id=s, positions=p) for s, p in sched.resume_points())
         proposal.sources.extend(plan_sources(self.committed, bool(self.kv_replicas)))
         proposal.kv_replicas = self.kv_replicas
-        log.info("proposing plan epoch %d (%s): %s; carrying %d sequences over", epoch, why,
-                 _describe(proposal, self.membership), len(proposal.resume))
+        log.info("proposing plan epoch %d (%s): %s; carrying %s over", epoch, why,
+                 _describe(proposal, self.membership), counted(len(proposal.resume), "sequence"))
         targets, unknown = coord.proposal_targets(proposal, self.membership)
         if unknown:
             log.warning("epoch %d names peers this one has not met (%s); will retry", epoch,
@@ -316,7 +317,8 @@ class Agreement:
         if mine:
             where = f"layers [{mine[0]}, {mine[1]}) loaded in {self.loader.load_seconds:.1f}s"
         else:  # say why: a peer that sits out should not look broken
-            why = coord.unused_reason(proposal, self.id)
+            own = self.membership.members[self.id].state  # drained or fetching: out of every plan
+            why = coord.unused_reason(proposal, self.id) or (own if own in ("drained", "fetching") else "")
             where = f"no layers ({why})" if why else "no layers"
         log.info("plan epoch %d committed: %s; this peer holds %s", req.epoch, _describe(proposal, self.membership),
                  where)

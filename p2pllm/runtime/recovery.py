@@ -20,6 +20,7 @@ from ..model.kvcache import KVEntries, KVFormat
 from ..model.spec import ModelSpec
 from ..proto import p2pllm_pb2 as pb
 from ..transport import frames
+from ..wording import counted
 from .frames import LayerKV
 from .replica import ReplicaStore, assemble, from_cache
 from .stage import Stage
@@ -88,8 +89,8 @@ async def restore_kv(stage: Stage, previous: Stage | None, replicas: ReplicaStor
     if keep:
         full = sum(1 for s, n in keep.items() if rebuilt[s] == n)
         none = sum(1 for s, n in keep.items() if n and rebuilt[s] == 0)
-        log.info("KV for layers [%d, %d): %d sequences carried over, %d partly (the head recomputes their last "
-                 "tokens), %d to replay", a, b, full, len(keep) - full - none, none)
+        log.info("KV for layers [%d, %d): %s carried over, %d partly (the head recomputes their last "
+                 "tokens), %d to replay", a, b, counted(full, "sequence"), len(keep) - full - none, none)
     return rebuilt
 
 

@@ -21,6 +21,7 @@ import torch
 from ..model.grammar import GRAMMAR_DEAD_END, NO_TOKEN
 from ..model.sampling import Sampled
 from ..model.tokenizer import Tokenizer
+from ..wording import counted
 from .api import (MAX_CHOICES, MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, EngineError, EngineStats, GenerationRequest,
                   TokenEvent)
 from .frames import Chunk, MicroBatch, Pooled, SeqStart
@@ -333,7 +334,8 @@ class Scheduler:
         if self._pause_timer is not None:
             self._pause_timer.cancel()
             self._pause_timer = None
-        log.info("resuming the ring on %s (%d sequences recompute some tokens)", epoch_note, replayed)
+        log.info("resuming the ring on %s (%s some tokens)", epoch_note,
+                 counted(replayed, "sequence recomputes", "sequences recompute"))
         self.paused = None
         self.unavailable = None
         self._wake.set()
