@@ -5,6 +5,7 @@ matches what the planner predicts."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import re
 
 import numpy as np
@@ -280,8 +281,6 @@ def _file_rss(path) -> int:
 
 
 def test_a_middle_stage_reads_only_its_own_layers_bytes():
-    import gc
-
     path = shared_model(SMOL).resolve()
     spec = read_spec(path)
     # an earlier test's stage of this file, left to the garbage collector, was unmapped by a
@@ -312,6 +311,7 @@ def test_resident_growth_matches_the_planner_prediction(rng):
     spec = read_spec(path)
     options = PlanOptions(context=1024, batch=2, prefill_chunk=512, backend="ggml")
     proc = psutil.Process()
+    gc.collect()  # an earlier test's stage freed while this one grows would hide part of its growth
     before = proc.memory_info().rss
     stage = open_stage(path, *rng, spec=spec, max_context=options.context)
     for seq in range(options.batch):
