@@ -88,7 +88,7 @@ class ScriptedServer:
     mode "500": an OpenAI error with HTTP 500; "hangup": a 200 event stream that ends after the role
     chunk, before any token (or, not streamed, a connection closed without an answer); "break": a
     stream that sends one token and then hangs up; "held": a good answer, once `release()` is called
-    (it counts the requests it holds at once)."""
+    (it counts the requests it holds at once); "slow": a stream of a token every 0.1 s for 30 s."""
 
     def __init__(self, loop: LoopThread, mode: str):
         self.loop, self.mode, self.completions = loop, mode, 0
@@ -117,6 +117,8 @@ class ScriptedServer:
                     answer = {"id": "cmpl-held", "object": "text_completion", "created": 0, "model": "fails",
                               "choices": [{"index": 0, "text": " held", "logprobs": None, "finish_reason": "stop"}]}
                     writer.write(_http(200, json.dumps(answer).encode()))
+                elif self.mode == "slow":
+                    await self._slow(reader, writer)
                 else:
                     writer.write(self._failure(json.loads(body).get("stream", False)))
             await writer.drain()
@@ -134,6 +136,18 @@ class ScriptedServer:
                                                                                        "text": " broken"}]}]
         head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
         return head + b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+    async def _slow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for _ in range(300):
+            if reader.at_eof() or writer.is_closing():  # the gateway closed it: stop, as a server would
+                return
+            chunk = {"id": "slow", "object": "text_completion", "model": "fails",
+                     "choices": [{"index": 0, "text": " tick", "logprobs": None, "finish_reason": None}]}
+            writer.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.write(b"data: [DONE]\n\n")
 
     def release(self) -> None:
         self.loop.loop.call_soon_threadsafe(self.gate.set)
@@ -488,6 +502,39 @@ def test_a_backend_stream_broken_after_its_first_token_ends_with_an_error_event(
     finally:
         gw.close()
         failing.close(loop)
+
+
+def test_a_peer_told_to_stop_takes_no_new_request_and_ends_its_backend_streams_with_why(loop, engine):
+    """Ctrl-C on a peer whose gateway streams from a backend: new requests get a 503 even where a
+    backend could take them, the stream goes on; a second Ctrl-C ends it with an error event
+    before the gateway's shutdown grace would cut it without one (the daemon's `closing` and
+    `stopping`; here set on the engine as the daemon sets them)."""
+    slow = ScriptedServer(loop, "slow")
+    gw = Gateway(loop, engine, [parse_backend_spec(f"{slow.url},id=slow")])
+    body = {"prompt": PROMPT, "max_tokens": 16}
+    try:
+        with gw.ring_busy(), httpx.stream("POST", gw.url + "/v1/completions", json={**body, "stream": True},
+                                          timeout=60) as r:
+            assert r.status_code == 200 and r.headers["x-p2pllm-backend"] == "slow"
+            events = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(events))["choices"][0]["text"] == " tick"
+            engine.closing = "this peer is leaving the cluster and takes no new requests"
+            refused = gw.post(body)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["message"] == engine.closing
+            assert json.loads(next(events))["choices"][0]["text"] == " tick"  # the running stream goes on
+            engine.stopping = "this peer is shutting down"
+            rest = list(events)
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"] == {
+            "message": "this peer is shutting down", "type": "server_error", "param": None,
+            "code": "service_unavailable"}, rest
+        assert len(rest) < 10  # at once, not after the backend's 300 ticks
+        assert gw.metric("p2pllm_gateway_routed_requests_total", backend="slow", outcome="broken") == 0
+        _wait(lambda: gw.pool.in_flight() == 0)
+    finally:
+        engine.closing = engine.stopping = ""
+        gw.close()
+        slow.close(loop)
 
 
 def test_a_ring_stream_broken_after_its_first_token_is_counted_broken(loop, engine):

@@ -300,7 +300,8 @@ def test_a_peer_told_to_stop_refuses_new_requests_and_ends_running_ones_with_an_
         engine._calls.add(call)
         assert engine.forwarding() == 1
         stopped = []
-        peer = SimpleNamespace(engine=engine, _stop=asyncio.Event(), stop=lambda: stopped.append(True))
+        peer = SimpleNamespace(engine=engine, _stop=asyncio.Event(), stop=lambda: stopped.append(True),
+                               _forwarded=engine.forwarding)  # no backends: only what it forwards to the coordinator
         leave = asyncio.create_task(Daemon._leave(peer, needed=False))
         events = []
         async for event in _stream(call, pb.GenerateEvent(has_token=True, token_id=0), "c.test:7700", 1,

@@ -26,6 +26,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import PROTOCOL_VERSION
 from ..cluster import coordinator as coord
@@ -233,14 +234,19 @@ class Daemon:
 
     async def _leave(self, timeout: float = 60.0, needed: bool = True) -> None:
         """Stop once the plan no longer `needed` this peer's layers and the requests its gateway
-        forwards have ended (at most `timeout` for both); a second Ctrl-C stops at once."""
+        forwards (to the coordinator or to its backends) have ended (at most `timeout` for both);
+        a second Ctrl-C stops at once."""
         deadline = time.monotonic() + timeout
         if needed and not await self._until_replanned(deadline, timeout):
             return  # a second Ctrl-C: stopping already, nothing more to say
         # the streams its gateway forwards to the coordinator end first: stopping the gateway cut
         # them after its 5 s grace, a 200 truncated with no error (and a traceback in the log)
-        await _until_forwarded_end(self.engine, self._stop, deadline)
+        await _until_forwarded_end(self._forwarded, self._stop, deadline)
         self.stop()
+
+    def _forwarded(self) -> int:
+        """Requests this peer's gateway has on the coordinator or on its backends, still running."""
+        return (self.engine.forwarding() if self.engine is not None else 0) + self.backends.in_flight()
 
     async def _until_replanned(self, deadline: float, timeout: float) -> bool:
         """Wait for a plan without this peer (or nobody to take its layers, or the deadline);
@@ -269,7 +275,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.scheduler.stats()
-            if stats.running + stats.queued == 0:
+            if stats.running + stats.queued + self.backends.in_flight() == 0:
                 break
             await asyncio.sleep(0.2)
         self.stop()
@@ -522,16 +528,16 @@ def peer_listen_hosts(interface: str | None, host: str) -> list[str]:
     return [host] if ipaddress.ip_address(host).is_loopback else [host, "127.0.0.1"]
 
 
-async def _until_forwarded_end(engine: ClusterEngine | None, stop: asyncio.Event, deadline: float) -> None:
-    """Wait (until `deadline`, or a second Ctrl-C) for the requests `engine` forwards to end."""
+async def _until_forwarded_end(running: Callable[[], int], stop: asyncio.Event, deadline: float) -> None:
+    """Wait (until `deadline`, or a second Ctrl-C) for the `running` forwarded requests to end."""
     said = False
-    while engine is not None and engine.forwarding() and not stop.is_set():
+    while running() and not stop.is_set():
         if time.monotonic() >= deadline:
             log.warning("%s through this peer's gateway still running; stopping anyway",
-                        counted(engine.forwarding(), "request"))
+                        counted(running(), "request"))
             return
         if not said:
             log.info("waiting for %s through this peer's gateway to finish (a second Ctrl-C "
-                     "ends them now)", counted(engine.forwarding(), "request"))
+                     "ends them now)", counted(running(), "request"))
             said = True
         await asyncio.sleep(0.2)

@@ -214,6 +214,10 @@ class BackendPool:
     def __bool__(self) -> bool:
         return bool(self.backends)
 
+    def in_flight(self) -> int:
+        """Requests this gateway has on its backends now."""
+        return sum(b.in_flight for b in self.backends)
+
     async def start(self) -> None:
         """Check every backend once (so the gateway starts knowing which are up), then keep checking."""
         if not self.backends or self.client is not None:

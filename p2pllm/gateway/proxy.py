@@ -51,9 +51,10 @@ class BackendFailed(Exception):
 
 async def forward(client: httpx.AsyncClient, backend: Backend, body: dict, req: CompletionRequest, our_model: str,
                   metrics: GatewayMetrics, request: Request, arrived: float,
-                  on_done: Callable[[str], None]) -> Response | ASGIApp:
+                  on_done: Callable[[str], None], stopping: Callable[[], str] = lambda: "") -> Response | ASGIApp:
     """The backend's answer to `body`, once its first token is in; `on_done(outcome)` is called when it is
-    over (a stream: when it ends): "ok", "broken" (failed after the first token) or "client gone"."""
+    over (a stream: when it ends): "ok", "broken" (failed after the first token), "client gone" or
+    "stopped" (`stopping` said why this peer ends its streams now)."""
     url = backend.config.url + ("/v1/chat/completions" if req.chat else "/v1/completions")
     payload = {**body, "model": backend.model or our_model}
     for key, value in NEUTRAL_DEFAULTS.get(backend.config.type, {}).items():
@@ -75,7 +76,7 @@ async def forward(client: httpx.AsyncClient, backend: Backend, body: dict, req: 
     try:
         if reply.status_code != 200:
             raise await _refusal(backend, reply)
-        relay = _Relay(backend, reply, our_model, metrics, on_done, record_of(request))
+        relay = _Relay(backend, reply, our_model, metrics, on_done, record_of(request), stopping)
         await relay.open()
     except BaseException:
         await reply.aclose()
@@ -196,9 +197,10 @@ class _Relay:
     app of its own, so that the backend's response is closed and `on_done` called however it ends."""
 
     def __init__(self, backend: Backend, reply: httpx.Response, our_model: str, metrics: GatewayMetrics,
-                 on_done: Callable[[str], None], record: RequestRecord | None = None):
+                 on_done: Callable[[str], None], record: RequestRecord | None = None,
+                 stopping: Callable[[], str] = lambda: ""):
         self.backend, self.reply, self.our_model = backend, reply, our_model
-        self.metrics, self.on_done = metrics, on_done
+        self.metrics, self.on_done, self.stopping = metrics, on_done, stopping
         self.record = record  # the request's history record, which notes each chunk
         self.events = _events(reply)
         self.opening: list[str] = []
@@ -218,9 +220,13 @@ class _Relay:
     async def _pieces(self) -> AsyncIterator[bytes]:
         for data in self.opening:
             yield _rewritten(data, self.our_model, self.metrics, self.record)
-        done = False
+        done, stopped = False, ""
         try:
             async for data in self.events:
+                # checked at every event: a peer told to stop now ends the stream with why, before
+                # the gateway's shutdown grace cuts it without a word
+                if stopped := self.stopping():
+                    break
                 yield _rewritten(data, self.our_model, self.metrics, self.record)
                 if data == "[DONE]":
                     done = True
@@ -229,12 +235,13 @@ class _Relay:
             log.warning("backend %s broke a stream after its first token: %s", self.backend.id, describe(e))
             self.backend.mark_down(f"a stream broke: {describe(e)}")
         if not done:  # a stream ends with [DONE]; one that broke says so first, as the ring's streams do
-            error = ApiError(502, f"backend {self.backend.id} ended the stream early", code="backend_error")
+            error = ApiError(503, stopped, code="service_unavailable") if stopped else \
+                ApiError(502, f"backend {self.backend.id} ended the stream early", code="backend_error")
             if self.record is not None:
                 self.record.fail(error.message)
             yield sse(error.body())
             yield sse("[DONE]")
-        self.outcome = "ok" if done else "broken"
+        self.outcome = "ok" if done else "stopped" if stopped else "broken"
 
 
 def _rewritten(data: str, our_model: str, metrics: GatewayMetrics, record: RequestRecord | None = None) -> bytes:

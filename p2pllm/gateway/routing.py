@@ -82,6 +82,8 @@ class Router:
                        engine: Engine | None = None) -> ASGIApp:
         """The answer from the first target that gets to its first token; the last failure otherwise.
         `engine`: the ring's engine for this request (the response cache records what passes through it)."""
+        if why := self._stopping(closing=True):  # told to stop: nothing new, on the ring or a backend
+            raise ApiError(503, why, code="service_unavailable")
         failure: ApiError | None = None
         record = record_of(request)
         for target in self.order():
@@ -119,7 +121,7 @@ class Router:
         assert self.pool.client is not None, "the backend pool was not started"
         try:
             answer = await forward(self.pool.client, backend, body, req, self.engine.model_name, self.metrics,
-                                   request, arrived, slot.release)
+                                   request, arrived, slot.release, self._stopping)
         except BackendFailed as e:
             slot.release("failed")
             log.warning("request %s: %s; trying elsewhere", _request_id(request), e)
@@ -133,6 +135,12 @@ class Router:
             slot.release("client gone")
             raise
         return slot.started(answer)
+
+    def _stopping(self, closing: bool = False) -> str:
+        """Why this peer ends its streams now (a second Ctrl-C), or with `closing` also why it takes
+        no new requests (told to stop); '' = neither (an engine without them: never)."""
+        why = getattr(self.engine, "stopping", "") or (getattr(self.engine, "closing", "") if closing else "")
+        return why if isinstance(why, str) else ""
 
     def rows(self) -> list[dict]:
         """The ring and each backend, for /metrics."""
@@ -166,8 +174,9 @@ class _Slot:
         return _Tagged(answer, self.label, self.release)
 
     def release(self, outcome: str = "ok") -> None:
-        """`outcome`: "ok", "failed" (before the first token), "broken" (after it), "refused" (the
-        request's own fault) or "client gone"; failures are counted."""
+        """`outcome`: "ok", "failed" (before the first token), "broken" (after it), "stopped" (this
+        peer ended it: told to stop now), "refused" (the request's own fault) or "client gone";
+        failures are counted."""
         if self.released:
             return
         self.released = True
