@@ -281,3 +281,11 @@ def test_a_peer_address_that_never_answers_is_named_in_the_log(stories_gguf, tmp
         assert text.count(f"peer {silent} does not answer") == 1  # once a minute, not once a try
     finally:
         stop_daemon(proc)
+
+
+def test_counts_in_messages_read_as_words():
+    from p2pllm.wording import counted
+
+    assert [counted(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
+    assert counted(1, "sequence recomputes", "sequences recompute") == "1 sequence recomputes"
+    assert counted(3, "sequence recomputes", "sequences recompute") == "3 sequences recompute"

@@ -19,6 +19,7 @@ import httpx
 
 from ..argtypes import is_utf8, positive_float, positive_int, seed, temperature, utf8_text
 from ..errors import P2PError
+from ..wording import counted
 
 DEFAULT_GATEWAY = "127.0.0.1:8700"
 HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -269,7 +270,7 @@ def _repl(client: ChatClient, model: str, system: str | None) -> int:
             tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
             if interactive and isinstance(tokens, int) and not isinstance(tokens, bool):  # (another server's usage)
                 seconds = time.perf_counter() - started
-                print(f"[{tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+                print(f"[{counted(tokens, 'token')}, {tokens / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             print("(stopped)", file=sys.stderr)
