@@ -206,7 +206,8 @@ def test_join_with_a_port_taken_prints_one_error_line(demo_tiny_gguf, tmp_path, 
 def test_a_peer_told_to_stop_finishes_the_stream_its_gateway_forwards_and_takes_no_new_ones(tmp_path, home):
     """Ctrl-C on a peer whose gateway forwards a stream to the coordinator: the gateway was stopped
     under it, a 200 cut short with no error after a 5 s grace (and a traceback in the log). Now new
-    requests get a 503 (and /health says why) while the stream runs to its end, then the peer exits."""
+    requests get a 503 (and /health says why) while the stream runs to its end, then the peer exits.
+    A second Ctrl-C ends the streams at once, each with an error event."""
     from conftest import shared_model
 
     model = shared_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # ~80 tok/s here: 300 tokens outlast the signal
@@ -247,5 +248,23 @@ def test_a_peer_told_to_stop_finishes_the_stream_its_gateway_forwards_and_takes_
         log = c.log("leave-2")
         assert "waiting for 1 request through this peer's gateway to finish" in log, log[-3000:]
         assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+
+        # a second Ctrl-C stops at once: the running streams end with an error event, never cut
+        # short without one, on a peer that forwards them and on the coordinator that runs them
+        c.procs.pop(), c.ports.pop()
+        c.start("leave-3", 47652, 48652)
+        c.wait(lambda: c.health(1).get("status") == "ok")
+        for i, name, why in ((1, "leave-3", "this peer is shutting down"), (0, "leave-1", "shutting down")):
+            with httpx.stream("POST", f"http://127.0.0.1:{c.ports[i][1]}/v1/completions", json=body,
+                              timeout=60) as r:
+                events = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+                assert "error" not in json.loads(next(events))
+                os.killpg(c.procs[i].pid, signal.SIGINT)
+                assert "error" not in json.loads(next(events))  # told to stop: the stream goes on
+                os.killpg(c.procs[i].pid, signal.SIGINT)
+                rest = list(events)
+            assert rest[-1] == "[DONE]" and why in json.loads(rest[-2])["error"]["message"], (name, rest[-3:])
+            c.procs[i].wait(timeout=30)
+            assert "Traceback" not in c.log(name) and "Exception in ASGI" not in c.log(name), c.log(name)[-3000:]
     finally:
         c.stop()
