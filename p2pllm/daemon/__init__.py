@@ -531,13 +531,12 @@ def peer_listen_hosts(interface: str | None, host: str) -> list[str]:
 async def _until_forwarded_end(running: Callable[[], int], stop: asyncio.Event, deadline: float) -> None:
     """Wait (until `deadline`, or a second Ctrl-C) for the `running` forwarded requests to end."""
     said = False
-    while running() and not stop.is_set():
+    while (n := running()) and not stop.is_set():
         if time.monotonic() >= deadline:
-            log.warning("%s through this peer's gateway still running; stopping anyway",
-                        counted(running(), "request"))
+            log.warning("%s through this peer's gateway still running; stopping anyway", counted(n, "request"))
             return
         if not said:
             log.info("waiting for %s through this peer's gateway to finish (a second Ctrl-C "
-                     "ends them now)", counted(running(), "request"))
+                     "ends them now)", counted(n, "request"))
             said = True
         await asyncio.sleep(0.2)

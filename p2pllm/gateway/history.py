@@ -432,7 +432,8 @@ class RequestRecord:
             "error": self.error, "epoch": epoch,
             "prompt_sha256": None if prompt is None else hashlib.sha256(prompt.encode("utf-8", "replace")).hexdigest(),
             # the first choice's, when n > 1; an answer that finished empty is "", not null (no answer)
-            "prompt": prompt, "completion": self.completion if self.completion or (self.finish_reason and not self.error) else None,
+            "prompt": prompt,
+            "completion": self.completion if self.completion or (self.finish_reason and not self.error) else None,
         }
 
 
