@@ -21,7 +21,7 @@ from p2pllm.runtime.compute_lane import ComputeLane
 from p2pllm.runtime.frames import Chunk, MicroBatch, SeqStart
 from p2pllm.runtime.recovery import restore_kv
 from p2pllm.runtime.replica import ReplicaStore, assemble, exported
-from p2pllm.runtime.ring_stage import Binding, RingStage
+from p2pllm.runtime.ring_stage import REPLICA_HOLD_SECONDS, Binding, RingStage
 from p2pllm.runtime.stage import Stage
 from p2pllm.transport import frames
 from p2pllm.transport.ring import LinkPool
@@ -46,6 +46,7 @@ class Ring:
         self.last = RingStage(self.spec, self.first.links, self.first.compute)
         self.replicas = ReplicaStore(self.spec, context)
         self.deltas: list[tuple[int, int, int, int]] = []  # (first layer, sequence, start, length)
+        self.alone = 0  # replica frames (deltas that rode on no ring frame)
         self.sampled: list[int] = []
         self.epoch = epoch
         self.mb_ids = iter(range(1, 10_000))
@@ -56,10 +57,11 @@ class Ring:
         self.last.bind(Binding(epoch, last, None, NET, self.context, replica_address=NET))
 
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
+        for d in frame.kv:  # alone, or riding on the stage's next frame here
+            self.deltas.append((d.first_layer, d.seq_id, d.start, int(d.data.shape[2])))
+            self.replicas.add(pb.KVDelta.FromString(d.SerializeToString()))
         if frame.replica:
-            for d in frame.kv:
-                self.deltas.append((d.first_layer, d.seq_id, d.start, int(d.data.shape[2])))
-                self.replicas.add(pb.KVDelta.FromString(d.SerializeToString()))
+            self.alone += 1
             return pb.FrameAck(micro_batch=frame.micro_batch)
         for seq_id in [*frame.finished, *frame.retained]:
             self.replicas.free(seq_id)
@@ -80,6 +82,14 @@ class Ring:
             token = await self.run([Chunk(seq_id, pos, 1, True)], [token])
             pos += 1
         return token, pos
+
+    async def quiet(self) -> None:
+        """Let the ring go quiet: the last step's held deltas then go alone."""
+        alone = self.alone
+        await asyncio.sleep(REPLICA_HOLD_SECONDS + 0.05)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert self.alone == alone + 2  # each stage's
 
 
 def stage(model, a: int, b: int, kv: str) -> Stage:
@@ -132,7 +142,10 @@ def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it
         start = SeqStart(FORKED, 64, greedy, fork_of=KEPT, fork_len=len(PROMPT))
         n_new = len(FOLLOW_UP) - len(PROMPT)
         token = await ring.run([Chunk(FORKED, len(PROMPT), n_new, True)], FOLLOW_UP[len(PROMPT):], [start])
-        return await ring.decode(FORKED, token, len(FOLLOW_UP), 4)
+        token, pos = await ring.decode(FORKED, token, len(FOLLOW_UP), 4)
+        assert ring.alone == 0  # every delta so far rode on a ring frame ...
+        await ring.quiet()  # ... but the last step's, which no frame took
+        return token, pos
 
     try:
         token, pos = asyncio.run(main())
@@ -164,7 +177,9 @@ def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
 
     async def before() -> tuple[int, int]:
         token = await ring.run([Chunk(KEPT, 0, len(PROMPT), True)], PROMPT, [SeqStart(KEPT, 64, SamplingParams())])
-        return await ring.decode(KEPT, token, len(PROMPT), 3)
+        token, pos = await ring.decode(KEPT, token, len(PROMPT), 3)
+        await ring.quiet()
+        return token, pos
 
     try:
         token, pos = asyncio.run(before())
@@ -180,10 +195,12 @@ def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
 
     async def after() -> tuple[int, int]:  # the head starts its sequences again (the last stage's samplers)
         nxt = await ring.run([Chunk(KEPT, pos, 1, True)], [token], [SeqStart(KEPT, 64, SamplingParams())])
+        last, end = await ring.decode(KEPT, nxt, pos + 1, 1)  # the first step's deltas ride on this one's frames
         old = ring.replicas.nbytes()
         ring.replicas.keep_from(2)  # the holder commits epoch 2 only now
         assert 0 < ring.replicas.nbytes() < old  # epoch 1's replicas gone, the first step's kept
-        return await ring.decode(KEPT, nxt, pos + 1, 1)
+        await ring.quiet()
+        return last, end
 
     try:
         token, end = asyncio.run(after())
@@ -193,3 +210,37 @@ def test_kv_rebuilt_at_a_plan_change_reaches_the_new_holder_whole(model):
     # the first step's delta covers the rebuilt KV; the next one carries its own position
     for layer in (0, CUT):
         assert [(a, n) for f, _, a, n in ring.deltas if f == layer] == [(0, pos + 1), (pos + 1, 1)]
+
+
+def test_a_takeover_while_the_last_step_waits_to_ride_rebuilds_all_but_that_step(model):
+    """The last step's deltas wait for the stage's next frame: a peer dying then leaves its
+    successor a replica one position short. The takeover rebuilds the rest, and the head's next
+    chunk (that token again and the new one) continues with the greedy tokens the lost stage gave."""
+    spec = read_spec(model)
+    first, last = stage(model, 0, CUT, "f16"), stage(model, CUT, spec.n_layers, "f16")
+    ring = Ring(model, spec.context)
+    ring.bind(1, first, last)
+    tokens = list(PROMPT)
+
+    async def main() -> int:
+        tokens.append(await ring.run([Chunk(KEPT, 0, len(PROMPT), True)], PROMPT, [SeqStart(KEPT, 64, SamplingParams())]))
+        for _ in range(4):
+            tokens.append(await ring.run([Chunk(KEPT, len(tokens) - 1, 1, True)], [tokens[-1]]))
+        return ring.alone
+
+    try:
+        assert asyncio.run(main()) == 0
+    finally:
+        ring.first.compute.shutdown()
+    pos = len(tokens) - 1  # KV positions every stage holds
+    fresh = stage(model, CUT, spec.n_layers, "f16")
+    rebuilt = asyncio.run(restore_kv(fresh, None, ring.replicas, [pb.ResumeSeq(seq_id=KEPT, positions=pos)], [],
+                                     None, spec, spec.context, "me:1"))
+    assert rebuilt == {KEPT: pos - 1}  # the last step's deltas never left
+    first.kv.truncate(KEPT, pos - 1)  # the head resumes every stage there
+    # the recomputed token and the next one in one chunk, against the lost stage going on alone
+    h = first.step(torch.tensor(tokens[-2:]), [SeqChunk(KEPT, pos - 1, 2)])
+    got = fresh.step(h.clone(), [SeqChunk(KEPT, pos - 1, 2)])
+    want = last.step(h[-1:].clone(), [SeqChunk(KEPT, pos, 1)])
+    assert int(got[-1].argmax()) == int(want[-1].argmax())
+    assert torch.allclose(got[-1], want[-1], atol=1e-2, rtol=1e-3)

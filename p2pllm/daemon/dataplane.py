@@ -73,13 +73,15 @@ class DataPlane:
             asyncio.get_running_loop().create_task(self.links.get(b.head_address).send(result))
 
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
-        if frame.replica:
-            try:
-                for delta in frame.kv[:4096]:
-                    self.replicas.add(delta)
-            except P2PError as e:
-                log.warning("refused a KV replica frame: %s", e)
+        # the predecessor's KV deltas: alone (`replica`), or riding on its next frame to this peer
+        try:
+            for delta in frame.kv[:4096]:
+                self.replicas.add(delta)
+        except P2PError as e:
+            log.warning("refused KV replica deltas: %s", e)
+            if frame.replica:
                 return pb.FrameAck(micro_batch=frame.micro_batch, error=str(e))
+        if frame.replica:
             return pb.FrameAck(micro_batch=frame.micro_batch)
         # finished sequences need no replica either, nor kept ones (a plan change empties the prefix cache)
         for seq_id in [*frame.finished[:4096], *frame.retained[:4096]]:

@@ -1,7 +1,7 @@
 """KV replicas and moving KV when the plan changes.
 
-Each stage streams the KV entries it adds at every step to its ring successor, which keeps them
-in host memory (ReplicaStore), as raw rows in the stage's KV format (f16, q8_0 or f32; see
+Each stage streams the KV entries it adds at every step to its ring successor (riding on its
+next frame there: RingStage._hold), which keeps them in host memory (ReplicaStore), as raw rows in the stage's KV format (f16, q8_0 or f32; see
 model/kvcache.py): a q8_0 cache replicates at about half the bytes of f16. A sequence's first
 delta in an epoch carries its KV from position 0 (RingStage._deltas), so KV no step computed there
 (a copy of the prefix cache or of another choice's prompt, KV rebuilt at a plan change) reaches the

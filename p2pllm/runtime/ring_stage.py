@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # little: a loop busy longer would delay health checks, ring acks and the gateway.
 INLINE_MAX_TOKENS = 8
 INLINE_MAX_SECONDS = 0.05
+# A stage's KV deltas wait for its next frame to the replica holder (its ring successor) and ride
+# on it: one message per hop instead of two. A delta nothing took within this long goes alone.
+REPLICA_HOLD_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,13 @@ class RingStage:
         self.frames = 0
         self.replica_bytes = 0
         self.small_step_seconds = 0.0  # the last small step's time (decides whether the next runs inline)
+        self._held: list[pb.KVDelta] = []  # deltas waiting for the next frame to the replica holder
+        self._held_binding: Binding | None = None
+        self._flush: asyncio.TimerHandle | None = None
 
     def bind(self, binding: Binding | None) -> None:
         self.binding = binding
+        self._take_held()  # an old epoch's: its holder may be gone (a live owner serves FetchKV)
 
     async def handle(self, frame: pb.Frame) -> str:
         """Process one frame from the predecessor; returns the refusal reason ('' when accepted)."""
@@ -79,6 +86,8 @@ class RingStage:
         mb, outgoing = out
         mark("computed")
         target = b.head_address if b.stage.is_last else b.next_address
+        if target == b.replica_address and self._held_binding is b:
+            outgoing.kv.extend(self._take_held())
         await self.links.get(target).send(outgoing)
         mark("sent")
         # the replica after the result, off the critical path (a step whose replica never left is
@@ -90,15 +99,44 @@ class RingStage:
             await asyncio.sleep(0)
         if b.replica_address and self.binding is b:
             deltas = self._deltas(b, mb) if self.compute.may_inline() else await self.compute.run(self._deltas, b, mb)
-            if deltas:
-                await self.send_replica(b, deltas)
+            if deltas and self.binding is b:
+                encoded = [frames.encode_kv(d, b.epoch) for d in deltas]
+                if target == b.replica_address:
+                    self._hold(b, encoded)
+                else:
+                    await self.send_replica(b, encoded)
         mark("done")
         return ""
 
-    async def send_replica(self, b: Binding, deltas: list[LayerKV]) -> None:
-        frame = pb.Frame(epoch=b.epoch, replica=True, kv=[frames.encode_kv(d, b.epoch) for d in deltas])
+    async def send_replica(self, b: Binding, deltas: list[pb.KVDelta]) -> None:
+        frame = pb.Frame(epoch=b.epoch, replica=True, kv=deltas)
         self.replica_bytes += frame.ByteSize()
         await self.links.get(b.replica_address).send(frame)
+
+    def _hold(self, b: Binding, deltas: list[pb.KVDelta]) -> None:
+        """Keep a step's deltas for the next frame to the replica holder. Until then the replica
+        lags one step: a failover that needs it recomputes that step's token (docs/cluster.md)."""
+        self._held.extend(deltas)
+        self._held_binding = b
+        self.replica_bytes += sum(d.ByteSize() for d in deltas)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(REPLICA_HOLD_SECONDS, self._send_held)
+
+    def _take_held(self) -> list[pb.KVDelta]:
+        held, self._held, self._held_binding = self._held, [], None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        return held
+
+    def _send_held(self) -> None:
+        """No frame took the held deltas in time (the ring went quiet): they go alone."""
+        self._flush = None
+        b = self._held_binding
+        held = self._take_held()
+        if held and b is not None and self.binding is b:
+            asyncio.get_running_loop().create_task(self.links.get(b.replica_address).send(
+                pb.Frame(epoch=b.epoch, replica=True, kv=held)))
 
     def _inline(self, frame: pb.Frame) -> bool:
         """Whether this frame's step may run on the event loop (see compute_lane.py)."""
