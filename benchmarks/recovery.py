@@ -144,6 +144,11 @@ def first(events, pattern: str) -> tuple[float, str] | None:
     return next(((t, msg) for t, msg in events if rx.search(msg)), None)
 
 
+def _most(lines: list[str], pattern: str) -> int:
+    """The largest count `pattern` finds in any of the lines (0 where none)."""
+    return max((int(m.group(1)) for line in lines if (m := re.search(pattern, line))), default=0)
+
+
 def breakdown(h, daemons: dict[int, object], head: int, victim: int, t_kill: float, t_next: float) -> dict:
     """Split kill -> next token using the survivors' log timestamps (seconds from the kill)."""
     coord = log_events(daemons[head].log_path, t_kill)
@@ -169,7 +174,9 @@ def breakdown(h, daemons: dict[int, object], head: int, victim: int, t_kill: flo
         "kv_rebuilt_at": None if kv_done is None else round(kv_done - t_kill, 3), "resumed_at": rel(resume),
         "next_token_at": round(t_next - t_kill, 3),
         "kv_lines": kv_lines, "loads": loads,
-        "replayed": int(re.search(r"\((\d+) sequences recompute some tokens\)", resume[1]).group(1)) if resume else None,
+        # per survivor's "KV for layers ...: N carried over, M partly (...), K to replay" line
+        "replayed": _most(kv_lines, r"(\d+) to replay") if resume else None,
+        "partly": _most(kv_lines, r"(\d+) partly") if resume else None,
         "proposal": propose[1] if propose else None,
     }
     marks = [("detection", 0.0, out["lost_at"]), ("replan", out["lost_at"], out["proposed_at"]),
@@ -357,7 +364,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "diverged_before_fault": sum(len(r["diverged_before_fault"]) for r in rs),
             "detection_s": phase("detection"), "replan_s": phase("replan"), "load_and_kv_s": phase("load_and_kv"),
             "commit_s": phase("commit"), "first_token_s": phase("first_token"),
-            "replayed": med("replayed"),
+            "replayed": med("replayed"), "partly": med("partly"),
             "replica_bytes_per_position": med("replica_bytes_per_position"),
             "replica_bytes_per_generated_token": med("replica_bytes_per_generated_token"),
             "replica_bytes_held_mid_stream": med("replica_bytes_held_mid_stream"),
@@ -378,7 +385,7 @@ def _median(xs: list) -> float | None:
 
 def markdown(rows: list[dict], coordinator: list[dict]) -> str:
     head = ("| fault | context | kv-replicas | fault → next token, s (worst) | client max gap (s) | detect | replan | "
-            "load + KV | commit | first token | replayed | unchanged by the fault (identical) | replica B / KV position | "
+            "load + KV | commit | first token | replayed (last token only) | unchanged by the fault (identical) | replica B / KV position | "
             "replica B / generated token |")
     out = [head, "|" + "---|" * 14]
     f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
@@ -386,7 +393,7 @@ def markdown(rows: list[dict], coordinator: list[dict]) -> str:
     for r in rows:
         out.append(f"| {r['fault']} | {r['context']} | {r['kv_replicas']} | **{f(r['kill_to_next_token_s'])}** ({f(r.get('max_kill_to_next_token_s'))}) | {f(r['client_max_gap_s'])} | "
                    f"{f(r['detection_s'])} | {f(r['replan_s'])} | {f(r['load_and_kv_s'])} | {f(r['commit_s'])} | "
-                   f"{f(r['first_token_s'])} | {g(r['replayed'])} | {r['unchanged_by_fault']} ({r['identical']}) | {r['replica_bytes_per_position']:,.0f} | "
+                   f"{f(r['first_token_s'])} | {g(r['replayed'])} ({g(r.get('partly'))}) | {r['unchanged_by_fault']} ({r['identical']}) | {r['replica_bytes_per_position']:,.0f} | "
                    f"{r['replica_bytes_per_generated_token']:,.0f} |")
     before = sum(r["diverged_before_fault"] for r in rows)
     if before:
@@ -472,7 +479,7 @@ def main() -> int:
                     r["repeat"] = rep
                     runs.append(r)
                     print(f"{fault}, context {context}, kv-replicas {replicas}, repeat {rep}: "
-                          f"{json.dumps({k: r.get(k) for k in ('kill_to_next_token_s', 'client_max_gap_s', 'phases', 'identical', 'replayed', 'rejoin', 'error')})}"
+                          f"{json.dumps({k: r.get(k) for k in ('kill_to_next_token_s', 'client_max_gap_s', 'phases', 'identical', 'replayed', 'partly', 'rejoin', 'error')})}"
                           f" ({time.monotonic() - t0:.0f}s)", file=sys.stderr, flush=True)
         if "coordinator" in faults:
             try:

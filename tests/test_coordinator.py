@@ -264,6 +264,9 @@ def test_plan_sources_point_at_owners_and_their_ring_successors():
     got = [(s.start, s.end, s.owner_address, s.replica_address) for s in plan_sources(running, True)]
     assert got == [(0, 3, "A", "B"), (3, 8, "B", "A")]
     assert all(s.replica_address == "" for s in plan_sources(running, False))
+    # a peer the coordinator found lost is no source: asking it would wait out a timeout
+    got = [(s.owner_address, s.replica_address) for s in plan_sources(running, True, lambda peer: peer != "y")]
+    assert got == [("A", ""), ("", "A")]
 
 
 def test_peer_caps_come_from_the_advertised_capabilities(table):

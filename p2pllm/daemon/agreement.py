@@ -171,7 +171,7 @@ class Agreement:
         proposal = coord.to_proposal(candidate, epoch, self.id, self.membership, self.spec.fingerprint)
         if sched is not None and self.committed is not None:
             proposal.resume.extend(pb.ResumeSeq(seq_id=s, positions=p) for s, p in sched.resume_points())
-        proposal.sources.extend(plan_sources(self.committed, bool(self.kv_replicas)))
+        proposal.sources.extend(plan_sources(self.committed, bool(self.kv_replicas), self.membership.is_live))
         proposal.kv_replicas = self.kv_replicas
         log.info("proposing plan epoch %d (%s): %s; carrying %s over", epoch, why,
                  _describe(proposal, self.membership), counted(len(proposal.resume), "sequence"))

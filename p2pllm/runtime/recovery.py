@@ -31,15 +31,19 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[str, pb.FetchKVRequest], Awaitable[list[pb.KVDelta]]]
 
 
-def plan_sources(proposal: pb.PlanProposal | None, replicas: bool) -> list[pb.KVSource]:
-    """Where each layer range's KV lives under the (currently committed) plan."""
+def plan_sources(proposal: pb.PlanProposal | None, replicas: bool,
+                 live: Callable[[str], bool] | None = None) -> list[pb.KVSource]:
+    """Where each layer range's KV lives under the (currently committed) plan. With `live` (peer id
+    -> whether it answers), a lost peer's address is left out: asking it would wait for a timeout
+    (a cut link resets nothing), and a replica one step short would wait for it at every failover."""
     if proposal is None:
         return []
     stages = list(proposal.stages)
+    here = (lambda s: s.address if live is None or live(s.peer_id) else "")  # noqa: E731
     out = []
     for i, s in enumerate(stages):
-        successor = stages[(i + 1) % len(stages)].address if replicas and len(stages) > 1 else ""
-        out.append(pb.KVSource(start=s.start, end=s.end, owner_address=s.address, replica_address=successor))
+        successor = here(stages[(i + 1) % len(stages)]) if replicas and len(stages) > 1 else ""
+        out.append(pb.KVSource(start=s.start, end=s.end, owner_address=here(s), replica_address=successor))
     return out
 
 
