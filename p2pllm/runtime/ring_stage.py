@@ -59,6 +59,7 @@ class RingStage:
         self._held: list[pb.KVDelta] = []  # deltas waiting for the next frame to the replica holder
         self._held_binding: Binding | None = None
         self._flush: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task] = set()  # held deltas going alone (a task the loop only weakly holds)
 
     def bind(self, binding: Binding | None) -> None:
         self.binding = binding
@@ -135,8 +136,10 @@ class RingStage:
         b = self._held_binding
         held = self._take_held()
         if held and b is not None and self.binding is b:
-            asyncio.get_running_loop().create_task(self.links.get(b.replica_address).send(
+            task = asyncio.get_running_loop().create_task(self.links.get(b.replica_address).send(
                 pb.Frame(epoch=b.epoch, replica=True, kv=held)))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     def _inline(self, frame: pb.Frame) -> bool:
         """Whether this frame's step may run on the event loop (see compute_lane.py)."""
