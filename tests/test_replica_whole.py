@@ -47,6 +47,7 @@ class Ring:
         self.replicas = ReplicaStore(self.spec, context)
         self.deltas: list[tuple[int, int, int, int]] = []  # (first layer, sequence, start, length)
         self.alone = 0  # replica frames (deltas that rode on no ring frame)
+        self.delta_bytes = 0
         self.sampled: list[int] = []
         self.epoch = epoch
         self.mb_ids = iter(range(1, 10_000))
@@ -59,6 +60,7 @@ class Ring:
     async def on_frame(self, frame: pb.Frame) -> pb.FrameAck:
         for d in frame.kv:  # alone, or riding on the stage's next frame here
             self.deltas.append((d.first_layer, d.seq_id, d.start, int(d.data.shape[2])))
+            self.delta_bytes += d.ByteSize()
             self.replicas.add(pb.KVDelta.FromString(d.SerializeToString()))
         if frame.replica:
             self.alone += 1
@@ -152,6 +154,9 @@ def test_a_prefix_cache_fork_reaches_the_replica_whole_and_a_takeover_carries_it
     finally:
         ring.first.compute.shutdown()
     assert_whole_replicas(ring, (first, last), FORKED, pos)
+    # the stages count what they sent (kv_replica_bytes_sent): the deltas, and the two frames that went alone
+    sent = ring.first.replica_bytes + ring.last.replica_bytes
+    assert ring.delta_bytes <= sent <= ring.delta_bytes + 2 * 64
 
     # the last stage's peer dies: its successor takes the layers over from the replica it holds
     fresh = stage(model, CUT, spec.n_layers, kv)

@@ -87,12 +87,13 @@ class RingStage:
         mb, outgoing = out
         mark("computed")
         target = b.head_address if b.stage.is_last else b.next_address
-        if target == b.replica_address and self._held_binding is b:
-            outgoing.kv.extend(self._take_held())
+        held = self._take_held() if target == b.replica_address and self._held_binding is b else []
+        outgoing.kv.extend(held)
         await self.links.get(target).send(outgoing)
         mark("sent")
-        # the replica after the result, off the critical path (a step whose replica never left is
-        # replayed); none once the epoch is over: its stage may be gone
+        self.replica_bytes += sum(d.ByteSize() for d in held)
+        # this step's deltas after the result, off the critical path (a failover recomputes a step
+        # whose deltas never left); none once the epoch is over: its stage may be gone
         if b.replica_address and target == self.links.local_address:
             # the result went to this peer's own head: let it take the answers and launch the next
             # micro-batch first (two loop turns: its task wakes, then the one it starts runs)
@@ -119,7 +120,6 @@ class RingStage:
         lags one step: a failover that needs it recomputes that step's token (docs/cluster.md)."""
         self._held.extend(deltas)
         self._held_binding = b
-        self.replica_bytes += sum(d.ByteSize() for d in deltas)
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(REPLICA_HOLD_SECONDS, self._send_held)
 
@@ -136,8 +136,7 @@ class RingStage:
         b = self._held_binding
         held = self._take_held()
         if held and b is not None and self.binding is b:
-            task = asyncio.get_running_loop().create_task(self.links.get(b.replica_address).send(
-                pb.Frame(epoch=b.epoch, replica=True, kv=held)))
+            task = asyncio.get_running_loop().create_task(self.send_replica(b, held))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
