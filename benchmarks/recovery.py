@@ -32,6 +32,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -340,7 +341,7 @@ def coordinator_run(model: Path, log_dir: Path, timeout: float = 30) -> dict:
                 "last_answer": json.dumps(r)[:300]}
 
 
-def kv_bytes_per_token_layer(kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+def kv_bytes_per_token_layer(kv_heads: int, head_dim: int, dtype_bytes: float) -> float:
     return 2 * kv_heads * head_dim * dtype_bytes
 
 
@@ -439,6 +440,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--client", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed benchmark still removes its namespaces and daemons
     if args.client:
         client_main(json.loads(args.client))
         return 0
@@ -452,6 +454,7 @@ def main() -> int:
     from p2pllm.model.demo import make_demo_model
     from p2pllm.model.spec import read_spec
 
+    load_at_start = os.getloadavg()[0]
     repeats = args.repeats or (1 if args.quick else 3)
     max_tokens = 24 if args.quick else 48
     work = Path(tempfile.mkdtemp(prefix="p2p-recovery-"))
@@ -492,27 +495,24 @@ def main() -> int:
     if args.keep_logs is None:
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(runs)
-    dtype_bytes = 4  # the CPU engine keeps KV in float32, and replicas travel in the KV dtype
+    # replicas travel in the stage's KV format: f16 by default on GGUF stages, q8_0 at 34/32 bytes
     computed = {
-        "demo-small (8 layers, 2 kv heads x 64, f32)": {
-            "per_token_per_layer": kv_bytes_per_token_layer(spec.n_kv_heads, spec.head_dim, dtype_bytes),
-            "per_token_all_layers": kv_bytes_per_token_layer(spec.n_kv_heads, spec.head_dim, dtype_bytes) * spec.n_layers},
-        "demo-125m (12 layers, 4 kv heads x 64, f32)": {
-            "per_token_per_layer": kv_bytes_per_token_layer(4, 64, 4),
-            "per_token_all_layers": kv_bytes_per_token_layer(4, 64, 4) * 12},
+        "demo-small (8 layers, 2 kv heads x 64, f16)": {
+            "per_token_per_layer": kv_bytes_per_token_layer(spec.n_kv_heads, spec.head_dim, 2),
+            "per_token_all_layers": kv_bytes_per_token_layer(spec.n_kv_heads, spec.head_dim, 2) * spec.n_layers},
         "llama-3-8b (32 layers, 8 kv heads x 128, f16)": {
             "per_token_per_layer": kv_bytes_per_token_layer(8, 128, 2),
             "per_token_all_layers": kv_bytes_per_token_layer(8, 128, 2) * 32},
-        "llama-3-8b on CPU (f32 KV)": {
-            "per_token_per_layer": kv_bytes_per_token_layer(8, 128, 4),
-            "per_token_all_layers": kv_bytes_per_token_layer(8, 128, 4) * 32},
+        "llama-3-8b (q8_0 KV)": {
+            "per_token_per_layer": kv_bytes_per_token_layer(8, 128, 34 / 32),
+            "per_token_all_layers": kv_bytes_per_token_layer(8, 128, 34 / 32) * 32},
     }
     result = {
         "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {"hosts": 3, "model": MODEL_NAME if args.model else "demo small (8 layers, hidden 256)",
                      "streams": STREAMS, "keep": KEEP, "max_tokens": max_tokens, "threads": 1, "strategy": "even",
                      "faults": faults, "repeats": repeats, "quick": args.quick,
-                     "load1_at_start": os.getloadavg()[0]},
+                     "load1_at_start": load_at_start, "load1_at_end": os.getloadavg()[0]},
         "summary": rows, "coordinator": coordinator, "computed_replica_bytes": computed, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -520,6 +520,10 @@ def main() -> int:
     print(markdown(rows, coordinator))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in runs + coordinator) else 1
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
