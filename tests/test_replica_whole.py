@@ -228,7 +228,8 @@ def test_a_takeover_while_the_last_step_waits_to_ride_rebuilds_all_but_that_step
     tokens = list(PROMPT)
 
     async def main() -> int:
-        tokens.append(await ring.run([Chunk(KEPT, 0, len(PROMPT), True)], PROMPT, [SeqStart(KEPT, 64, SamplingParams())]))
+        start = SeqStart(KEPT, 64, SamplingParams())
+        tokens.append(await ring.run([Chunk(KEPT, 0, len(PROMPT), True)], PROMPT, [start]))
         for _ in range(4):
             tokens.append(await ring.run([Chunk(KEPT, len(tokens) - 1, 1, True)], [tokens[-1]]))
         return ring.alone

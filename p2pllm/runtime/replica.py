@@ -1,14 +1,16 @@
 """KV replicas and moving KV when the plan changes.
 
 Each stage streams the KV entries it adds at every step to its ring successor (riding on its
-next frame there: RingStage._hold), which keeps them in host memory (ReplicaStore), as raw rows in the stage's KV format (f16, q8_0 or f32; see
-model/kvcache.py): a q8_0 cache replicates at about half the bytes of f16. A sequence's first
-delta in an epoch carries its KV from position 0 (RingStage._deltas), so KV no step computed there
-(a copy of the prefix cache or of another choice's prompt, KV rebuilt at a plan change) reaches the
-replica too; the holder keeps only replicas complete from position 0. When the plan changes, a stage taking layers [a, b) rebuilds the
-KV of every carried-over sequence from, in order: its own previous cache, the replicas it holds,
-and the previous owner of those layers (or that owner's replica holder) over FetchKV. A sequence
-whose KV cannot be rebuilt completely is replayed by the head instead (a prefill).
+next frame there: RingStage._hold), which keeps them in host memory (ReplicaStore), as raw rows
+in the stage's KV format (f16, q8_0 or f32; see model/kvcache.py): a q8_0 cache replicates at
+about half the bytes of f16. A sequence's first delta in an epoch carries its KV from position 0
+(RingStage._deltas), so KV no step computed there (a copy of the prefix cache or of another
+choice's prompt, KV rebuilt at a plan change) reaches the replica too; the holder keeps only
+replicas complete from position 0. When the plan changes, a stage taking layers [a, b) rebuilds
+the KV of every carried-over sequence from, in order: its own previous cache, the replicas it
+holds, and the previous owner of those layers (or that owner's replica holder) over FetchKV. What
+cannot be rebuilt is recomputed by the head: the last step where a replica lags one step, the
+whole history (a replay, a prefill) where none is left.
 """
 
 from __future__ import annotations
