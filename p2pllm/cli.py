@@ -64,17 +64,18 @@ def _refuse_partial_copy(path, n_layers: int, command: str) -> None:
 
 
 def cmd_run(args) -> int:
+    from .cluster.capability import resolve_device
     from .model.sampling import SamplingParams
-    from .runtime.local import LocalPipeline, parse_split
     from .model.spec import read_spec
 
-    from .cluster.capability import resolve_device
-
     resolve_device(args.device)  # before loading anything: a missing GPU is a usage error, not a crash
-    _set_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = read_spec(args.model)
     _refuse_partial_copy(args.model, spec.n_layers, "run")
+    # imported only now: it brings torch (a second), and the flags and the file above are refused without it
+    from .runtime.local import LocalPipeline, parse_split
+
+    _set_threads(args.threads)
     cuts = parse_split(args.split, spec.n_layers)
     _check_run_fits(args, spec, cuts)
     t0 = time.perf_counter()
@@ -243,8 +244,8 @@ def _add_make_demo_model(sub) -> None:
 
 def cmd_check_model(args) -> int:
     from .errors import UsageError
-    from .model.loader import check_model
     from .model.pieces import check_partial, is_partial
+    from .model.spec import read_spec
     from .model.tokenizer import load_tokenizer
 
     layers = getattr(args, "layers", None)
@@ -252,6 +253,9 @@ def cmd_check_model(args) -> int:
         spec, part = check_partial(args.path, layers)
         held = f"partial copy holding {part.describe()}"
     else:
+        read_spec(args.path)  # a bad header or metadata is refused before torch is imported (a second)
+        from .model.loader import check_model
+
         spec, held = check_model(args.path), ""
         if layers is not None and not 0 <= layers[0] < layers[1] <= spec.n_layers:
             raise UsageError(f"--layers {layers[0]}:{layers[1]} is not within the model's {spec.n_layers} layers")
@@ -294,9 +298,7 @@ def cmd_join(args) -> int:
 
     from .cluster.capability import max_memory_cap, resolve_device
     from .cluster.discovery import pick_interface_address
-    from .daemon import Daemon, DaemonConfig, peer_listen_hosts
     from .errors import UsageError
-    from .model.backends import choose_backend, stage_kv_dtype
     from .model.spec import read_spec
     from .model.tokenizer import load_tokenizer
     from .transport.security import resolve_secret
@@ -323,6 +325,10 @@ def cmd_join(args) -> int:
     if args.context is not None and args.context > spec.context:
         # the daemon clamped it to the model's context without a word (`plan` refuses it so)
         raise UsageError(f"--context {args.context} is beyond {spec.name}'s {spec.context} tokens")
+    # imported only now: they bring torch (a second), and the flags and the file above are refused without it
+    from .daemon import Daemon, DaemonConfig, peer_listen_hosts
+    from .model.backends import choose_backend, stage_kv_dtype
+
     stage_kv_dtype(spec, choose_backend(spec, args.backend, args.device), args.device, args.kv_dtype)
     # the daemon's first use of the tokenizer: a folder without tokenizer.json (or a corrupt vocabulary) was
     # refused only after the secret was made and the join command printed

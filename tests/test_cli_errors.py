@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("command", ["run", "join"])
@@ -289,3 +293,29 @@ def test_counts_in_messages_read_as_words():
     assert [counted(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
     assert counted(1, "sequence recomputes", "sequences recompute") == "1 sequence recomputes"
     assert counted(3, "sequence recomputes", "sequences recompute") == "3 sequences recompute"
+
+
+# Runs the CLI's main() and reports whether torch was imported: an error about a file or a flag
+# should come back at once, not after torch's second of importing.
+_TORCH_LOADED = """
+import sys
+from p2pllm.cli import main
+code = main(sys.argv[1:])
+print("torch" in sys.modules, code)
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["check-model", "{bad}"],
+    ["run", "--model", "{bad}", "--prompt", "hi"],
+    ["join", "--model", "{bad}", "--insecure", "--no-mdns", "--port", "17741", "--gateway-port", "17742"],
+    ["join", "--model", "{good}", "--max-memory", "8", "--insecure", "--no-mdns"],
+])
+def test_a_bad_file_or_flag_is_refused_before_torch_is_imported(demo_tiny_gguf, tmp_path, argv):
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(demo_tiny_gguf.read_bytes()[:1000])
+    argv = [a.format(bad=bad, good=demo_tiny_gguf) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", _TORCH_LOADED, *argv], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=dict(os.environ, HOME=str(tmp_path)))
+    assert proc.stdout.split() == ["False", "2"], (proc.stdout, proc.stderr)
+    assert "p2pllm: error:" in proc.stderr

@@ -316,11 +316,11 @@ def available_devices(torch) -> list[str]:
 
 def resolve_device(device: str) -> str:
     """`device` as torch names it, or a UsageError saying which devices this machine has."""
+    if device == "cpu":  # before importing torch (a second): flags checked next fail fast
+        return "cpu"
     import torch
 
     have = available_devices(torch)
-    if device == "cpu":
-        return "cpu"
     if device.startswith("cuda"):
         index = device.partition(":")[2] or "0"
         if f"cuda:{index}" in have:
