@@ -3,6 +3,7 @@
     python benchmarks/ring.py                # writes benchmarks/results/ring.json, prints markdown
     python benchmarks/ring.py --quick        # fewer tokens and repeats (a smoke test, not a result)
     python benchmarks/ring.py --only 1,3     # some parts only
+    python benchmarks/ring.py --only 1 --threads 2   # part 1's daemons with 2 compute threads each
 
 1. 125M demo model on loopback: single-stream decode tokens/s with 3 daemons (`--strategy even`)
    vs 1 daemon, and the latency one ring hop adds (p50/p99); the same two with 8 concurrent
@@ -473,7 +474,8 @@ def part1(model: Path, cfg: dict, secret: str | None, log_dir: Path) -> dict:
         if join_supports("--kv-replicas"):  # the same ring without streaming KV deltas to the successor
             configs["3-norep"] = (3, ["--kv-replicas", "0"])
         for key, (n, flags) in configs.items():
-            clusters[key] = stack.enter_context(start_cluster(model, n, extra=["--strategy", "even", *flags],
+            threads = ["--threads", str(cfg["threads1"])] if cfg.get("threads1") else []
+            clusters[key] = stack.enter_context(start_cluster(model, n, extra=["--strategy", "even", *threads, *flags],
                                                               secret=secret, log_dir=log_dir, tag=f"p1-{key}",
                                                               timeline=log_dir / f"timeline-p1-{key}.txt"))
         for c in clusters.values():  # warm-up: first-call allocations, ring streams opened
@@ -754,8 +756,11 @@ def markdown(res: dict) -> str:
     p1 = res.get("part1")
     if p1 and "configs" in p1:
         one, three = p1["configs"]["1"], p1["configs"]["3"]
+        threads = f"; every daemon with `--threads {res['config']['threads1']}`" \
+            if res.get("config", {}).get("threads1") else ""
         lines += ["", f"**1. Single stream, {res.get('model', 'the 125M demo model')}, loopback** ({p1['max_tokens']} tokens, median of "
-                      f"{p1['repeats']} alternating repeats; decode = tokens after the first over their time)", "",
+                      f"{p1['repeats']} alternating repeats; decode = tokens after the first over their time"
+                      f"{threads})", "",
                   "| daemons | layers | decode tok/s | ITL mean / p50 / p99 (ms) | compute ms/token (per stage) "
                   "| not computing, ms/token | ring messages/token | ring KiB/token | HTTP e2e tok/s "
                   "| gRPC Ping RTT p50 / p99 (ms) |",
@@ -874,6 +879,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="model (default: the 125m demo model, made once)")
     ap.add_argument("--insecure", action="store_true", help="plaintext peer traffic instead of a cluster secret")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="compute threads of part 1's daemons (default: the daemons' own, cores - 1)")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -883,7 +890,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a killed benchmark still stops its daemons
     only = {int(x) for x in args.only.split(",") if x.strip()}
     cfg = dict(tokens=64, tokens2=32, tokens3=32, repeats=3, pings=300, context3=256, mb3=[1, 3],
-               streams3={1: [1, 8], 3: [24]})
+               streams3={1: [1, 8], 3: [24]}, threads1=args.threads)
     if args.quick:
         cfg.update(tokens=24, tokens2=12, tokens3=12, repeats=1, pings=50, mb3=[1], streams3={1: [1, 8]})
     model = ensure_model(args.model)
