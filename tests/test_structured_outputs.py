@@ -65,6 +65,7 @@ def test_json_object_mode_and_plain_text_mode(smol):
     {"type": "xml"},
     {"type": "json_schema"},
     {"type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}},
+    {"type": "json_schema", "json_schema": {"name": "my schema!", "schema": {"type": "object"}}},  # OpenAI's name rule
     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"$ref": "#/$defs/missing"}}}}},
     "json",

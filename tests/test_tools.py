@@ -129,6 +129,7 @@ def test_a_function_without_parameters_is_called_with_no_arguments(smol_here):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),  # checked without tools too
     ({"messages": [{"role": "tool", "content": "21 C"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": 1}]}]}, "messages[0].tool_calls"),
 ])

@@ -43,6 +43,8 @@ class ToolPlan:
 def parse_tools(body: dict) -> ToolPlan | None:
     """The request's tools, or None when it has none (tool_choice "none" without tools is fine)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
+    if not isinstance(body.get("parallel_tool_calls", True), bool):  # checked with or without tools, as OpenAI does
+        raise bad("Invalid type for 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls", "invalid_type")
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
             raise bad("'tool_choice' needs 'tools'.", "tool_choice", "invalid_value")
@@ -73,10 +75,7 @@ def parse_tools(body: dict) -> ToolPlan | None:
                       f"tools[{i}].function.description", "invalid_type")
         checked.append({"type": "function", "function": {"name": name, "description": description,
                                                          "parameters": params}})
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise bad("Invalid type for 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls", "invalid_type")
-    return ToolPlan(tuple(checked), _choice(choice, seen), parallel)
+    return ToolPlan(tuple(checked), _choice(choice, seen), body.get("parallel_tool_calls", True))
 
 
 def _choice(choice: Any, names: set[str]) -> str:

@@ -10,6 +10,7 @@ is allowed, so the answer always parses.
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -48,6 +49,9 @@ def grammar_for_response_format(rf: dict) -> str:
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise GrammarError("response_format json_schema needs an object 'json_schema' with a 'name'")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec["name"]):  # OpenAI's rule for the name
+            raise GrammarError(f"response_format json_schema.name {spec['name'][:70]!r} must be 1-64 of a-z, A-Z, "
+                               "0-9, _ and -")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise GrammarError("response_format json_schema.schema must be a JSON schema object")
