@@ -511,8 +511,9 @@ def _add_join(sub) -> None:
                    help="external backends from a JSON list of {id, host, port, type, model, max_concurrent_requests}")
     p.add_argument("--max-memory", default=None, help="cap the memory this peer offers, e.g. 8GiB")
     p.add_argument("--threads", type=thread_count, default=None,
-                   help="compute threads (default: cores - 1); several daemons on one machine should split the "
-                        "cores between them: OpenMP threads spinning on shared cores slow every stage")
+                   help="compute threads (default: every core for a GGUF stage of the whole model, else cores - 1); "
+                        "several daemons on one machine should split the cores between them: OpenMP threads "
+                        "spinning on shared cores slow every stage")
     p.add_argument("--peer-timeout", type=seconds, default=2.0, help="seconds of silence before a peer is lost")
     p.add_argument("--strategy", default="optimal", choices=["optimal", "proportional", "even"])
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])

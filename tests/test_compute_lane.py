@@ -75,9 +75,9 @@ class _Head:
         return pb.FrameAck(micro_batch=frame.micro_batch)
 
 
-def _whole(path):
+def _whole(path, threads: int = 1):
     """A stage of every layer: its answers go to the head."""
-    return open_stage(path, 0, read_spec(path).n_layers, max_context=64, threads=1)
+    return open_stage(path, 0, read_spec(path).n_layers, max_context=64, threads=threads)
 
 
 def _where_steps_run(stage: Stage) -> list[tuple[int, str]]:
@@ -95,6 +95,8 @@ def _where_steps_run(stage: Stage) -> list[tuple[int, str]]:
 
 def test_a_small_step_runs_on_the_event_loop_and_a_prefill_on_the_compute_thread(demo_tiny_gguf):
     """With a core to spare (the stage computes with fewer threads than there are cores)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("a 1-core machine has no core to spare: every step runs on the compute thread")
     backend = _whole(demo_tiny_gguf)
     stage = Stage(backend)
     seen = _where_steps_run(stage)
@@ -140,11 +142,11 @@ def test_without_a_core_to_spare_every_step_runs_on_the_compute_thread(demo_tiny
     cores = os.cpu_count() or 1
     assert ComputeLane.for_threads(cores).inline is False
     assert ComputeLane.for_threads(cores - 1).inline is (cores > 1)
-    stage, head = Stage(_whole(demo_tiny_gguf)), _Head()
+    stage, head = Stage(_whole(demo_tiny_gguf, threads=cores)), _Head()
     seen = _where_steps_run(stage)
 
     async def main():
-        lane = ComputeLane(inline=False)
+        lane = ComputeLane(inline=True)  # the stage bound to it takes every core: the lane follows it
         rs = RingStage(stage.backend.spec, LinkPool(Security.insecure(), local=(HEAD, head)), lane)
         rs.bind(Binding(epoch=1, stage=stage, next_address=None, head_address=HEAD, context=64))
         mb = MicroBatch(1, 1, [Chunk(1, 0, 3, True)], [5, 6, 7], [SeqStart(1, 64, SamplingParams())])
@@ -186,3 +188,33 @@ def test_the_same_tokens_whichever_lane_computes_them(demo_tiny_gguf, monkeypatc
             stage.close()
 
     assert tokens(0) == tokens(64)
+
+
+def test_a_stage_of_the_whole_model_takes_every_core_and_a_ring_stage_leaves_one(demo_tiny_gguf):
+    """daemon/loading.py: a GGUF stage holding every layer computes with every core (nothing of a
+    ring waits on this machine's loop); a stage of a longer ring keeps cores - 1; --threads decides
+    alone. Loaded as a daemon loads them, on its compute lane."""
+    from p2pllm.daemon.loading import StageLoader
+    from p2pllm.model.tokenizer import load_tokenizer
+
+    spec, cores = read_spec(demo_tiny_gguf), os.cpu_count() or 1
+    tokenizer = load_tokenizer(demo_tiny_gguf)
+
+    def threads(rng, explicit: bool) -> int:
+        async def main():
+            lane = ComputeLane.for_threads(max(1, cores - 1))
+            loader = StageLoader(demo_tiny_gguf, spec, "auto", "cpu", "f16", 64, max(1, cores - 1), tokenizer,
+                                 lane, explicit_threads=explicit)
+            stage = await loader.load(rng)
+            try:
+                return stage.backend.threads
+            finally:
+                stage.close()
+                lane.shutdown()
+
+        return asyncio.run(main())
+
+    assert threads((0, spec.n_layers), explicit=False) == cores
+    assert threads((0, spec.n_layers - 1), explicit=False) == max(1, cores - 1)
+    assert threads((1, spec.n_layers), explicit=False) == max(1, cores - 1)
+    assert threads((0, spec.n_layers), explicit=True) == max(1, cores - 1)

@@ -130,7 +130,7 @@ class Daemon:
                               self.membership, self.compute, self.tokenizer, self.model_name, cfg.micro_batches,
                               cfg.wire_dtype, on_broken=self._connection_dropped)
         self.loader = StageLoader(cfg.model, self.spec, self.backend, cfg.device, self.kv_dtype, context,
-                                  self.threads, self.tokenizer, self.compute)
+                                  self.threads, self.tokenizer, self.compute, explicit_threads=bool(cfg.threads))
         self.pieces = PeerPieces(cfg.model, self.spec, self.id, self.membership, self.options, self.clients,
                                  cfg.fetch_from, cfg.model_cache, on_change=self._out_of_plan_changed,
                                  busy=self._ring_busy, busy_rate=cfg.fetch_serve_rate,

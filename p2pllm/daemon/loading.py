@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from ..model.backends import ggml_lib as gl
@@ -15,7 +16,7 @@ log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whol
 
 class StageLoader:
     def __init__(self, model, spec: ModelSpec, backend: str, device: str, kv_dtype: str, context: int,
-                 threads: int, tokenizer, compute: ComputeLane):
+                 threads: int, tokenizer, compute: ComputeLane, explicit_threads: bool = False):
         self.model = model
         self.spec = spec
         self.backend = backend
@@ -23,6 +24,7 @@ class StageLoader:
         self.kv_dtype = kv_dtype
         self.context = context
         self.threads = threads
+        self.explicit_threads = explicit_threads  # --threads given: every stage uses it
         self.tokenizer = tokenizer
         self.compute = compute
         self.loaded: tuple[tuple[int, int], object] | None = None  # ((start, end), Stage) reusable across epochs
@@ -36,6 +38,15 @@ class StageLoader:
         if self.loaded is not None and self.loaded[0] == rng:
             return self.loaded[1]
         return None
+
+    def stage_threads(self, rng: tuple[int, int]) -> int:
+        """A GGUF stage holding the whole model computes with every core: no other stage of the
+        ring waits on this machine's event loop, and one SmolLM2 daemon on 2 cores decoded 116
+        tok/s with 2 threads against 89 with 1 (docs/architecture.md, "Threads"). A stage of a
+        longer ring leaves a core to the loop that passes the ring's frames. --threads decides alone."""
+        if self.explicit_threads or rng != (0, self.spec.n_layers):
+            return self.threads
+        return max(self.threads, os.cpu_count() or 1)
 
     async def load(self, rng: tuple[int, int], shared=None):
         """A stage for `rng`; `shared` (layers_to_share of the stage this peer served): the layers
@@ -58,8 +69,9 @@ class StageLoader:
 
             return Stage(open_stage(self.model, rng[0], rng[1], spec=self.spec, backend=self.backend,
                                     device=self.device, kv_dtype=self.kv_dtype, max_context=self.context,
-                                    threads=self.threads, progress=progress, shared=shared), self.tokenizer)
+                                    threads=threads, progress=progress, shared=shared), self.tokenizer)
 
+        threads = self.stage_threads(rng)
         t0 = time.monotonic()
         stage = await self.compute.run(build)
         self.loaded = (rng, stage)
@@ -67,7 +79,7 @@ class StageLoader:
         self.load_seconds = time.monotonic() - t0
         backend = stage.backend
         read = getattr(backend, "loaded_bytes", backend.weight_bytes)
-        kernels = f"ggml {gl.version()}" if backend.name == "ggml" else backend.name
+        kernels = f"ggml {gl.version()}, {backend.threads} threads" if backend.name == "ggml" else backend.name
         log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, %.0f MiB of them read now, "
                  "KV %s)", rng[0], rng[1], self.load_seconds, kernels, backend.weight_bytes / 2**20,
                  read / 2**20, stage.kv.format.name)

@@ -59,8 +59,17 @@ class ComputeLane:
 
     @staticmethod
     def for_threads(threads: int) -> "ComputeLane":
-        """The lane of a stage computing with `threads` threads: inline only with a core to spare."""
-        return ComputeLane(inline=threads < (os.cpu_count() or 1))
+        """The lane of a stage computing with `threads` threads."""
+        return ComputeLane(inline=inline_with(threads))
+
+    def follow(self, threads: int) -> None:
+        """The stage now used on this lane computes with `threads` threads."""
+        self.inline = inline_with(threads)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def inline_with(threads: int) -> bool:
+    """Small steps may run on the loop only while the stage's threads leave a core to spare."""
+    return threads < (os.cpu_count() or 1)

@@ -63,6 +63,9 @@ class RingStage:
 
     def bind(self, binding: Binding | None) -> None:
         self.binding = binding
+        threads = getattr(binding.stage.backend, "threads", None) if binding and binding.stage else None
+        if threads is not None:  # a stage holding the whole model may have every core (daemon/loading.py)
+            self.compute.follow(threads)
         self._take_held()  # an old epoch's: its holder may be gone (a live owner serves FetchKV)
 
     async def handle(self, frame: pb.Frame) -> str:
