@@ -79,8 +79,9 @@ class StageLoader:
         self.load_seconds = time.monotonic() - t0
         backend = stage.backend
         read = getattr(backend, "loaded_bytes", backend.weight_bytes)
-        kernels = f"ggml {gl.version()}, {backend.threads} threads" if backend.name == "ggml" else backend.name
-        log.info("loaded layers [%d, %d) in %.1fs (%s backend, %.0f MiB of weights, %.0f MiB of them read now, "
+        kernels = f"ggml {gl.version()} backend, {backend.threads} threads" if backend.name == "ggml" \
+            else f"{backend.name} backend"
+        log.info("loaded layers [%d, %d) in %.1fs (%s, %.0f MiB of weights, %.0f MiB of them read now, "
                  "KV %s)", rng[0], rng[1], self.load_seconds, kernels, backend.weight_bytes / 2**20,
                  read / 2**20, stage.kv.format.name)
         return stage
