@@ -880,7 +880,8 @@ def main() -> int:
     ap.add_argument("--insecure", action="store_true", help="plaintext peer traffic instead of a cluster secret")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=None,
-                    help="compute threads of part 1's daemons (default: the daemons' own, cores - 1)")
+                    help="compute threads of part 1's daemons (default: the daemons' own: every core for "
+                         "the one daemon's whole-model stage, cores - 1 for a stage of the ring)")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
