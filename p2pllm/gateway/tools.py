@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..model.grammar import OPENAI_NAME
 from .schema import bad, short
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
 
 
@@ -58,7 +57,7 @@ def parse_tools(body: dict) -> ToolPlan | None:
             raise bad(f"Invalid 'tools[{i}]': expected {{\"type\": \"function\", \"function\": {{...}}}}.",
                       f"tools[{i}]", "invalid_value")
         name = fn.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in seen:
+        if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name) or name in seen:
             raise bad(f"Invalid 'tools[{i}].function.name': {short(repr(name))} (1-64 of a-z, A-Z, 0-9, _ and -; "
                       "unique).", f"tools[{i}].function.name", "invalid_value")
         seen.add(name)

@@ -34,6 +34,10 @@ class GrammarError(UsageError):
     """A response_format or grammar that cannot be used; one line naming why."""
 
 
+# OpenAI's rule for a name it lets a request give: a function's (tools) and a response schema's
+OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def grammar_for_response_format(rf: dict) -> str:
     """The llguidance grammar for an OpenAI `response_format` object ("" for plain text)."""
     import json
@@ -49,7 +53,7 @@ def grammar_for_response_format(rf: dict) -> str:
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise GrammarError("response_format json_schema needs an object 'json_schema' with a 'name'")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec["name"]):  # OpenAI's rule for the name
+        if not OPENAI_NAME.fullmatch(spec["name"]):
             raise GrammarError(f"response_format json_schema.name {spec['name'][:70]!r} must be 1-64 of a-z, A-Z, "
                                "0-9, _ and -")
         schema = spec.get("schema", {})
