@@ -116,10 +116,12 @@ def cmd_demo(args) -> int:
     procs: list[subprocess.Popen] = []
     keep_logs = False
     try:
+        threads = peer_threads(args.peers)
         say(f"starting {args.peers} peers on 127.0.0.1 (gRPC {_span(BASE_GRPC, args.peers)}, gateways "
-            f"{_span(BASE_GATEWAY, args.peers)}) serving {model.name} ...")
+            f"{_span(BASE_GATEWAY, args.peers)}, {threads} compute thread{'s' if threads > 1 else ''} each) "
+            f"serving {model.name} ...")
         for i in range(args.peers):
-            procs.append(_start_peer(i, model, logs))
+            procs.append(_start_peer(i, model, logs, threads))
         status = _wait_ready(procs, args.peers, logs, security_for(resolved), timeout=args.timeout)
         model_id = _model_id(BASE_GATEWAY)
         say(f"asking through the OpenAI gateway at http://127.0.0.1:{BASE_GATEWAY}/v1 ...")
@@ -168,11 +170,21 @@ def _check_ports_free(n: int) -> None:
                 raise UsageError(f"port {port} on 127.0.0.1 is in use ({hint})") from None
 
 
-def _start_peer(i: int, model: Path, logs: Path) -> subprocess.Popen:
+def peer_threads(peers: int, cores: int | None = None) -> int:
+    """Compute threads for each of `peers` daemons on one machine: its cores split between them.
+    Each daemon's own default (cores - 1 for a stage of a ring) would put `peers` OpenMP teams on
+    the same cores, and a team that has just finished its step keeps spinning on cores the next
+    stage's team needs (docs/performance.md, "Two threads a stage")."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // peers)
+
+
+def _start_peer(i: int, model: Path, logs: Path, threads: int) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "p2pllm", "join", "--model", str(model), "--name", f"demo-peer-{i + 1}",
         "--port", str(BASE_GRPC + i), "--gateway-port", str(BASE_GATEWAY + i), "--interface", "127.0.0.1",
         "--no-mdns", "--peer", f"127.0.0.1:{BASE_GRPC}", "--strategy", "even", "--cluster", CLUSTER,
+        "--threads", str(threads),
     ]
     log = open(logs / f"peer-{i + 1}.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "P2PLLM_SECRET"}  # the stored demo secret, not another

