@@ -78,7 +78,7 @@ GGUF_CASES = [
     (_gguf_token_a_merge_names_is_changed, ["its tokenizer cannot be built", "out of vocabulary"]),
     (_gguf_wrong_magic, ["magic"]),
     (_gguf_bad_version, ["version 99"]),
-    (_gguf_truncated_header, ["truncated GGUF header"]),
+    (_gguf_truncated_header, ["truncated or corrupt GGUF header"]),
     (_gguf_truncated_data, ["past the end of the file"]),
     (_gguf_offset_out_of_bounds, ["past the end of the file"]),
     (_gguf_misaligned_offset, ["data offset", "is not a multiple of the file's alignment (32)"]),

@@ -545,7 +545,7 @@ def test_gguf_truncated_in_header(tmp_path, good_gguf):
         bad.write_bytes(good_gguf.read_bytes()[:cut])
         with pytest.raises(ModelFileError) as e:
             check_model(bad)
-        _one_line(e, bad, "truncated GGUF header")
+        _one_line(e, bad, "truncated or corrupt GGUF header")
 
 
 def test_gguf_tensor_offset_out_of_bounds(tmp_path, good_gguf):

@@ -239,7 +239,9 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
             dims = [number("<u8") for _ in range(n_dims)]
             infos.append((name, dims, number("<u4"), number("<u8")))
     except _Short:
-        raise ModelFileError(path, f"truncated GGUF header: the file ends at byte {size}, inside the {section}") from None
+        where = f"the {section}" + (f" at key {key!r}" if key else "")
+        raise ModelFileError(path, f"truncated or corrupt GGUF header: {where} runs past the end of the file "
+                                   f"(byte {size})") from None
     except UnicodeDecodeError:
         raise ModelFileError(path, f"corrupt GGUF header: a string in the {section} after {key!r} is not UTF-8") from None
     except (ValueError, OverflowError) as e:
