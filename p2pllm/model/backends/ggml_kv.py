@@ -12,7 +12,7 @@ Memory. The head admits sequences against a KV budget counted in reserved positi
 max_tokens of every running sequence, scheduler.kv_budget), so the pool is sized by exactly
 those reservations (rounded up to WINDOW), never more: it grows (rarely: when sequences reserve
 more than it holds) to what they reserve, by reallocating; `generation` changes then, which tells
-the stage to rebuild its graphs. Its memory is an anonymous mapping, which the OS commits page by
+the stage to rebuild its graphs. Its memory is a private anonymous mapping, which the OS commits page by
 page as cells are first written: a reservation that is never used costs address space, not RAM.
 Growing copies only the cells below the highest one in use, layer by layer, handing each copied
 part of the old mapping back at once, so it never holds both pools; and when sequences end, the
@@ -56,7 +56,7 @@ class CellPool:
     def _grow(self, n_cells: int) -> None:
         """Move to a pool of n_cells (every cell in use must lie below it)."""
         size = n_cells * self.row_bytes * 2 * self.n_layers
-        mem = mmap.mmap(-1, size)  # anonymous: zero-filled, committed page by page as it is written
+        mem = _anonymous(size)
         address = ctypes.addressof(ctypes.c_char.from_buffer(mem))  # (the temporary export ends here)
         ctx = gl.Context(1)
         pool = ctx.tensor(self.type_name, (self.kv_dim, n_cells, 2, self.n_layers))
@@ -225,6 +225,16 @@ class CellPool:
             self.place([seq_id], [have], [n - held])
         cells = self._seq_cells[seq_id][start:start + n]
         self.rows[:, :, cells] = entries.data.numpy()
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    """Zero-filled memory the OS commits page by page as it is written. Private: a page handed back
+    (`_release`) is freed. Python's default for an anonymous map is a shared one, whose pages live
+    on in the kernel's shared memory (charged to the process's cgroup) after MADV_DONTNEED and read
+    back their old bytes: the pool would never give its memory back."""
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)  # (Windows: no flags; _release cannot hand pages back there)
 
 
 def _release(mem: mmap.mmap, start: int, end: int) -> None:
