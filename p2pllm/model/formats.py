@@ -239,7 +239,7 @@ def _parse_gguf_header(path: Path, buf: np.ndarray) -> tuple[dict[str, Any], lis
             dims = [number("<u8") for _ in range(n_dims)]
             infos.append((name, dims, number("<u4"), number("<u8")))
     except _Short:
-        where = f"the {section}" + (f" at key {key!r}" if key else "")
+        where = f"the {section}" + (f" at key {key!r}" if key and section == "metadata" else "")
         raise ModelFileError(path, f"truncated or corrupt GGUF header: {where} runs past the end of the file "
                                    f"(byte {size})") from None
     except UnicodeDecodeError:
