@@ -125,21 +125,22 @@ def _reset_peak() -> bool:
         return False
 
 
-def _shmem() -> int:
-    """The machine's shared memory (tmpfs, shared anonymous mappings) in bytes."""
-    with open("/proc/meminfo") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    """A "Field:   N kB" line of a /proc file, in bytes."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("Shmem:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no Shmem")
+    raise AssertionError(f"no {field} in {path}")
+
+
+def _shmem() -> int:
+    """The machine's shared memory (tmpfs, shared anonymous mappings)."""
+    return _proc_bytes("/proc/meminfo", "Shmem")
 
 
 def _peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak resident size")
