@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,10 @@ def _covers(s: dict, n_layers: int, n_peers: int) -> bool:
 
 def client(h: Hosts, i: int, job: dict, timeout: float = 120) -> dict:
     """Run tests/cluster_client.py inside host i against its own gateway; its JSON answer."""
-    proc = h.run(i, [sys.executable, str(CLIENT)], timeout=timeout, input=json.dumps(job))
+    try:
+        proc = h.run(i, [sys.executable, str(CLIENT)], timeout=timeout, input=json.dumps(job))
+    except subprocess.TimeoutExpired:  # say which gateway hung, with the daemons' logs to see why
+        pytest.fail(f"host {i}'s gateway gave no answer to {job.get('kind')} within {timeout}s\n{h.logs(12000)}")
     assert proc.returncode == 0, f"client failed: {proc.stderr[-3000:]}\n{h.logs()[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])  # the answer is the last line
 
