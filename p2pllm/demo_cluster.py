@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .argtypes import model_ref, utf8_text
 from .errors import P2PError, UsageError
+from .wording import counted
 
 BASE_GRPC = 7701
 BASE_GATEWAY = 8701
@@ -118,7 +119,7 @@ def cmd_demo(args) -> int:
     try:
         threads = peer_threads(args.peers)
         say(f"starting {args.peers} peers on 127.0.0.1 (gRPC {_span(BASE_GRPC, args.peers)}, gateways "
-            f"{_span(BASE_GATEWAY, args.peers)}, {threads} compute thread{'s' if threads > 1 else ''} each) "
+            f"{_span(BASE_GATEWAY, args.peers)}, {counted(threads, 'compute thread')} each) "
             f"serving {model.name} ...")
         for i in range(args.peers):
             procs.append(_start_peer(i, model, logs, threads))

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, shared_model
 from p2pllm.demo_cluster import installed_smollm2, peer_threads
+from p2pllm.wording import counted
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -72,9 +73,9 @@ def test_the_demo_answers_with_a_real_model_and_its_commands_work(tmp_path):
             assert step in demo.stderr, demo.stderr
         # the peers split the machine's cores instead of each taking all but one
         threads = peer_threads(3)
-        assert f"{threads} compute thread{'s' if threads > 1 else ''} each" in demo.stderr, demo.stderr
+        assert f"{counted(threads, 'compute thread')} each" in demo.stderr, demo.stderr
         logs = sorted((tmp_path / "tmp").glob("p2pllm-demo-*/peer-*.log"))
-        assert len(logs) == 3 and all(f"backend, {threads} threads" in log.read_text() for log in logs), logs
+        assert len(logs) == 3 and all(f"backend, {counted(threads, 'thread')}" in log.read_text() for log in logs), logs
         # (the first plan's epoch may be 2: a proposal made before every peer had met the others
         # is refused and made again)
         assert re.search(r"plan epoch \d+ agreed; peers load their layers", demo.stderr), demo.stderr

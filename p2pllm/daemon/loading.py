@@ -10,6 +10,7 @@ import time
 from ..model.backends import ggml_lib as gl
 from ..model.spec import ModelSpec
 from ..runtime.compute_lane import ComputeLane
+from ..wording import counted
 
 log = logging.getLogger(__package__)  # "p2pllm.daemon": one logger for the whole peer
 
@@ -79,7 +80,7 @@ class StageLoader:
         self.load_seconds = time.monotonic() - t0
         backend = stage.backend
         read = getattr(backend, "loaded_bytes", backend.weight_bytes)
-        kernels = f"ggml {gl.version()} backend, {backend.threads} threads" if backend.name == "ggml" \
+        kernels = f"ggml {gl.version()} backend, {counted(backend.threads, 'thread')}" if backend.name == "ggml" \
             else f"{backend.name} backend"
         log.info("loaded layers [%d, %d) in %.1fs (%s, %.0f MiB of weights, %.0f MiB of them read now, "
                  "KV %s)", rng[0], rng[1], self.load_seconds, kernels, backend.weight_bytes / 2**20,
