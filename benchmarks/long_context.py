@@ -46,7 +46,8 @@ if engine == "p2pllm":
     import torch
     from p2pllm.model.backends.ggml_stage import GGMLStage
     from p2pllm.model.batch import BatchMeta, SeqChunk
-    st = GGMLStage(path, 0, 30, threads=threads, max_context=context)
+    from p2pllm.model.spec import read_spec
+    st = GGMLStage(path, 0, read_spec(path).n_layers, threads=threads, max_context=context)
     st.kv.allocate(1, P + steps)
     ids = torch.tensor(prompt, dtype=torch.int32)
     for a in range(0, P, 512):
